@@ -1,0 +1,421 @@
+"""The ``fusejournal`` command line.
+
+Every command prints one clear line and exits non-zero on a user error (exit
+codes in :mod:`fusejournal.errors`).  Commands that take ``MOUNTPOINT|JOURNAL``
+accept a live journaled mount, a journal directory, or a source directory
+whose default journal exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__, layout
+from .errors import (EXIT_DAMAGED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNUSABLE, EXIT_USAGE,
+                     UserError)
+
+
+# ----------------------------------------------------------------- helpers
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower()
+    for suffix in ("ib", "b"):
+        if t.endswith(suffix) and len(t) > len(suffix) and t[-len(suffix) - 1] in units:
+            t = t[:-len(suffix)]
+            break
+    try:
+        v = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64M, 1G, 1048576)") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size: {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return v
+
+
+def _getxattr(path: Path, name: bytes) -> bytes | None:
+    try:
+        return os.getxattr(path, name)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.EPERM,
+                       errno.EACCES, errno.ENOTDIR):
+            return None
+        if e.errno == errno.ENOTCONN:
+            raise UserError(f"{path} is a dead FUSE mount (its daemon is gone): run "
+                            f"`fusermount3 -u -z {path}`, then mount again") from None
+        raise UserError(f"{path}: {e.strerror}") from None
+
+
+class Target:
+    """What a MOUNTPOINT|JOURNAL argument names."""
+
+    def __init__(self, arg: str) -> None:
+        from .journal import read_daemon_info, read_meta
+        path = Path(arg)
+        self.mountpoint: Path | None = None
+        if not os.path.lexists(path):
+            raise UserError(f"{arg} does not exist", EXIT_USAGE)
+        j = _getxattr(path, layout.XATTR_JOURNAL)
+        if j is not None:
+            self.mountpoint = path
+            self.journal = Path(os.fsdecode(j))
+        elif (path / layout.META).exists():
+            self.journal = path
+        else:
+            jdef, _ = layout.default_dirs(path)
+            if (jdef / layout.META).exists():
+                self.journal = jdef
+            else:
+                raise UserError(f"{arg} is neither a fusejournal mount nor a journal directory", EXIT_USAGE)
+        meta = read_meta(self.journal)
+        if meta is None:
+            raise UserError(f"{self.journal} is not a fusejournal journal", EXIT_USAGE)
+        self.meta = meta
+        self.shadow = Path(meta["shadow"])
+        if self.mountpoint is None:
+            info = read_daemon_info(self.journal)
+            if info and info.get("pid") and _alive(info["pid"]):
+                mp = Path(info.get("mountpoint", ""))
+                if _getxattr(mp, layout.XATTR_JOURNAL) is not None:
+                    self.mountpoint = mp
+
+    def live_status(self) -> dict | None:
+        if self.mountpoint is None:
+            return None
+        raw = _getxattr(self.mountpoint, layout.XATTR_STATUS)
+        return json.loads(raw) if raw else None
+
+    def offline_status(self) -> dict:
+        from .log import fsck
+        from .shadow import Shadow, ShadowError
+        rep = fsck(self.journal / layout.LOG_DIR, repair=False)
+        try:
+            applied = Shadow(self.shadow).applied
+        except ShadowError as e:
+            applied = None
+            shadow_error = str(e)
+        else:
+            shadow_error = None
+        return {"source": self.meta["source"]["path"], "mountpoint": None,
+                "journal": os.fspath(self.journal), "shadow": os.fspath(self.shadow), "pid": None,
+                "last_checkpoint": rep.last_checkpoint, "shadow_checkpoint": applied,
+                "log_damage": "; ".join(rep.damage) or None, "torn_tail": rep.torn_tail,
+                "shadow_error": shadow_error,
+                "pending_saved": (self.journal / "pending.fjrec").exists()}
+
+    def status(self) -> dict:
+        return self.live_status() or self.offline_status()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_mount(a: argparse.Namespace) -> int:
+    from .mount import MountConfig, run_daemon, spawn
+    source = Path(os.path.abspath(a.source))
+    mountpoint = Path(os.path.abspath(a.mountpoint or a.source))
+    jdef, sdef = layout.default_dirs(source)
+    journal = Path(os.path.abspath(a.journal)) if a.journal else jdef
+    shadow = Path(os.path.abspath(a.shadow)) if a.shadow else None
+    if shadow is None:
+        from .journal import read_meta
+        meta = read_meta(journal) if journal.exists() else None
+        shadow = Path(meta["shadow"]) if meta else sdef
+    for p, what in ((journal, "journal"), (shadow, "shadow")):
+        if os.path.abspath(p).startswith(os.fspath(source) + os.sep) or os.path.abspath(p) == os.fspath(source):
+            raise UserError(f"the {what} {p} must not be inside the source {source}", EXIT_USAGE)
+    cfg = MountConfig(source=source, mountpoint=mountpoint, journal=journal, shadow=shadow,
+                      options=a.o or [], memory_limit=a.memory_limit, halt_timeout=a.halt_timeout,
+                      segment_limit=a.segment_limit, debug=a.debug)
+    if a.foreground:
+        return run_daemon(cfg, a.ready_fd)
+    argv = ["mount", os.fspath(source), os.fspath(mountpoint), "--journal", os.fspath(journal),
+            "--shadow", os.fspath(shadow), "--memory-limit", str(a.memory_limit),
+            "--halt-timeout", str(a.halt_timeout), "--segment-limit", str(a.segment_limit)]
+    for o in a.o or []:
+        argv += ["-o", o]
+    if a.debug:
+        argv.append("--debug")
+    tty = sys.stderr.isatty()
+
+    def progress(n: int) -> None:
+        if tty:
+            print(f"\rseeding the shadow: {n} entries copied", end="", file=sys.stderr, flush=True)
+
+    info = spawn(argv, on_progress=progress, on_message=lambda m: print(m, file=sys.stderr))
+    if tty:
+        print(file=sys.stderr)
+    print(f"mounted {source} at {mountpoint} (journal {journal}, shadow {shadow}, "
+          f"checkpoint {info.get('last_checkpoint', 0)}, pid {info.get('pid')})")
+    return 0
+
+
+def cmd_browse(a: argparse.Namespace) -> int:
+    from .mount import run_browse, spawn
+    browsepoint = Path(os.path.abspath(a.browsepoint))
+    if a.tree:
+        tree = Path(a.target)
+    else:
+        t = Target(a.target)
+        tree = t.shadow / layout.SHADOW_TREE
+    if not tree.is_dir():
+        raise UserError(f"the shadow tree {tree} does not exist")
+    if a.foreground:
+        return run_browse(tree, browsepoint, a.o or [], a.ready_fd, a.debug)
+    argv = ["browse", os.fspath(tree), os.fspath(browsepoint), "--tree"]
+    for o in a.o or []:
+        argv += ["-o", o]
+    spawn(argv)
+    print(f"browsing the shadow {tree} at {browsepoint} (read-only)")
+    return 0
+
+
+def cmd_checkpoint(a: argparse.Namespace) -> int:
+    mp = Path(a.mountpoint)
+    if _getxattr(mp, layout.XATTR_JOURNAL) is None:
+        raise UserError(f"{mp} is not a journaled fusejournal mount", EXIT_USAGE)
+    label = a.label if a.label is not None else datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        os.setxattr(mp, layout.XATTR_UPDATE_PERMISSION, os.fsencode(label))
+    except OSError as e:
+        code = EXIT_USAGE if e.errno == errno.EINVAL else EXIT_FAILED
+        hint = {errno.EINVAL: " (labels: 1-200 bytes of printable UTF-8)",
+                errno.EPERM: " (only root or the owner of the mount root may)"}.get(e.errno, "; see the daemon log")
+        raise UserError(f"checkpoint failed: {e.strerror}{hint}", code) from None
+    print(_getxattr(mp, layout.XATTR_CHECKPOINT).decode())
+    return 0
+
+
+def cmd_wait(a: argparse.Namespace) -> int:
+    t = Target(a.target)
+    target = a.checkpoint
+    if target is None:
+        st = t.status()
+        target = st["last_checkpoint"]
+    deadline = None if a.timeout is None else time.monotonic() + a.timeout
+    from .shadow import Shadow, ShadowError
+    shadow = Shadow(t.shadow)
+    while True:
+        live = t.live_status()
+        if live is not None:
+            applied = live["shadow_checkpoint"]
+            if live.get("updater_error") and applied < target:
+                raise UserError(f"the updater is stopped: {live['updater_error']}", EXIT_DAMAGED)
+            if target > live["last_checkpoint"]:
+                raise UserError(f"checkpoint {target} does not exist (last is {live['last_checkpoint']})",
+                                EXIT_USAGE)
+        else:
+            try:
+                applied = shadow.applied
+            except ShadowError as e:
+                raise UserError(str(e)) from None
+            if applied < target:
+                raise UserError(f"the shadow stands at checkpoint {applied} and no daemon is running "
+                                f"to apply {target}: mount the source again", EXIT_FAILED)
+        if applied >= target:
+            print(applied)
+            return 0
+        if deadline is not None and time.monotonic() >= deadline:
+            raise UserError(f"timed out: the shadow stands at checkpoint {applied}, waiting for {target}",
+                            EXIT_TIMEOUT)
+        time.sleep(0.05)
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    t = Target(a.target)
+    st = t.status()
+    if a.json:
+        print(json.dumps(st, indent=1, sort_keys=True))
+    else:
+        for k in sorted(st):
+            print(f"{k}: {st[k]}")
+    bad = st.get("log_damage") or st.get("updater_error") or st.get("shadow_error")
+    return EXIT_DAMAGED if bad else 0
+
+
+def cmd_log(a: argparse.Namespace) -> int:
+    from .log import read_markers
+    journal = Path(a.journal)
+    if not (journal / layout.META).exists():
+        raise UserError(f"{journal} is not a fusejournal journal", EXIT_USAGE)
+    markers, damage = read_markers(journal / layout.LOG_DIR)
+    if a.json:
+        print(json.dumps([m.__dict__ for m in markers], default=str, indent=1))
+    else:
+        print(f"{'id':>6}  {'time (UTC)':20}  {'operations':>10}  {'raw bytes':>12}  {'stored bytes':>12}  label")
+        for m in markers:
+            when = datetime.fromtimestamp(m.time_ns / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{m.checkpoint:>6}  {when:20}  {m.operations:>10}  {m.raw_bytes:>12}  {m.stored_bytes:>12}  {m.label}")
+    if damage:
+        print(f"damage: {damage}", file=sys.stderr)
+        return EXIT_DAMAGED
+    return 0
+
+
+def cmd_fsck(a: argparse.Namespace) -> int:
+    from .log import fsck
+    from .mount import journal_is_free
+    journal = Path(a.journal)
+    if not (journal / layout.META).exists():
+        raise UserError(f"{journal} is not a fusejournal journal", EXIT_USAGE)
+    if a.repair and not journal_is_free(journal):
+        raise UserError(f"journal {journal} is in use: unmount before repairing", EXIT_FAILED)
+    rep = fsck(journal / layout.LOG_DIR, repair=a.repair)
+    print(f"checkpoints intact: {rep.checkpoints_ok} (last {rep.last_checkpoint})")
+    if rep.torn_tail:
+        print(f"torn tail: {rep.torn_tail}")
+    for d in rep.damage:
+        print(f"damage: {d}")
+    for r in rep.repaired:
+        print(f"repaired: {r}")
+    if (rep.damage or rep.torn_tail) and not a.repair:
+        print("run `fusejournal fsck --repair` to repair what can be repaired")
+        return EXIT_DAMAGED
+    return 0
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    mp = Path(os.path.abspath(a.mountpoint))
+    pid = None
+    st = None
+    raw = _getxattr(mp, layout.XATTR_STATUS)
+    if raw:
+        st = json.loads(raw)
+        pid = st.get("pid")
+    else:
+        raw = _getxattr(mp, layout.XATTR_PID)
+        pid = int(raw) if raw else None
+    from .mount import fuse_mount_at
+    if fuse_mount_at(mp) is None:
+        raise UserError(f"{mp} is not a FUSE mount", EXIT_USAGE)
+    r = subprocess.run(["fusermount3", "-u", os.fspath(mp)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"cannot unmount {mp}: {r.stderr.strip() or 'fusermount3 failed'}", EXIT_FAILED)
+    if pid:
+        deadline = time.monotonic() + a.timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise UserError(f"unmounted, but the daemon (pid {pid}) has not exited after {a.timeout:g} s",
+                                EXIT_TIMEOUT)
+            time.sleep(0.02)
+    print(f"unmounted {mp}")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fusejournal", description="Journaling FUSE filesystem for "
+                                "point-in-time consistent, continuously updated backups.")
+    p.add_argument("--version", action="version", version=f"fusejournal {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("mount", help="mount SOURCE (in place by default) and journal every change")
+    m.add_argument("source")
+    m.add_argument("mountpoint", nargs="?")
+    m.add_argument("--journal", help="journal directory (default: per-source state directory)")
+    m.add_argument("--shadow", help="shadow directory (default: per-source state directory)")
+    m.add_argument("--foreground", "-f", action="store_true", help="stay attached")
+    m.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="FUSE mount options")
+    m.add_argument("--memory-limit", type=_size, default=64 << 20, metavar="SIZE",
+                   help="temporary store memory before spilling to the journal (default 64M)")
+    m.add_argument("--halt-timeout", type=_positive_float, default=5.0, metavar="S",
+                   help="longest a halt may wait for in-flight operations (default 5)")
+    m.add_argument("--segment-limit", type=_size, default=64 << 20, metavar="SIZE",
+                   help="log segment size before rotation (default 64M)")
+    m.add_argument("--debug", action="store_true")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_mount)
+
+    b = sub.add_parser("browse", help="read-only mount of the shadow")
+    b.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
+    b.add_argument("browsepoint")
+    b.add_argument("--foreground", "-f", action="store_true")
+    b.add_argument("-o", action="append", metavar="OPT[,OPT...]")
+    b.add_argument("--debug", action="store_true")
+    b.add_argument("--tree", action="store_true", help=argparse.SUPPRESS)
+    b.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    b.set_defaults(func=cmd_browse)
+
+    c = sub.add_parser("checkpoint", help="grant update permission: take a checkpoint")
+    c.add_argument("mountpoint")
+    c.add_argument("--label", help="label (default: the UTC time)")
+    c.set_defaults(func=cmd_checkpoint)
+
+    w = sub.add_parser("wait", help="wait until the shadow has applied a checkpoint")
+    w.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
+    w.add_argument("--checkpoint", type=_nonneg_int, help="default: the latest confirmed one")
+    w.add_argument("--timeout", type=_positive_float, metavar="S")
+    w.set_defaults(func=cmd_wait)
+
+    s = sub.add_parser("status", help="checkpoints, pending operations, log size, halts")
+    s.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    lg = sub.add_parser("log", help="one line per checkpoint in the ordered log")
+    lg.add_argument("journal")
+    lg.add_argument("--json", action="store_true")
+    lg.set_defaults(func=cmd_log)
+
+    f = sub.add_parser("fsck", help="check (and repair) the ordered log")
+    f.add_argument("journal")
+    f.add_argument("--repair", action="store_true")
+    f.set_defaults(func=cmd_fsck)
+
+    u = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
+    u.add_argument("mountpoint")
+    u.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S")
+    u.set_defaults(func=cmd_umount)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"fusejournal: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

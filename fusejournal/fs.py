@@ -1,0 +1,693 @@
+"""The Operations: a pass-through filesystem that records every change.
+
+Only the FUSE request handlers live here; the lifecycle is in
+:mod:`fusejournal.mount`.  Design points (after libfuse's passthrough_hp):
+
+* An inode is the original's ``st_ino`` (the source root is swapped with FUSE
+  inode 1) with an ``O_PATH`` fd held while the kernel knows it.  Every
+  operation is ``*at()``-relative to such an fd, or goes through
+  ``/proc/self/fd/N``: no absolute paths, so mounting over the source itself
+  works, renames of open files and unlinked-but-open files keep working, and
+  no joined path can exceed PATH_MAX.
+* Every mutating handler passes the :class:`~fusejournal.halt.Halt` gate, makes
+  its system call inline, and, only if it succeeded, appends a record to the
+  :class:`~fusejournal.tempstore.TempStore` before replying.  There is no await
+  between the system call and the record, so each (operation, record) pair is
+  atomic with respect to the acquisition.
+* Records carry attributes read back from the original after the operation
+  (``fstat``), so the shadow reproduces exactly what the original did.
+* Directory paths are tracked from lookups (a directory has exactly one name);
+  non-directories are named by inode key.
+* No handler lets anything but :class:`pyfuse3.FUSEError` escape: OSErrors map
+  to their errno, anything else is logged and answered with EIO.
+
+With ``read_only=True`` the same class serves the browse mount of the shadow:
+every mutating request gets EROFS, attribute timeouts are short (the updater
+changes the shadow behind the kernel's back), and each non-directory's link
+count hides the shadow's hidden inode-key link.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyfuse3
+import trio
+
+from . import records as R
+from .halt import Halt
+from .layout import XATTR_PID, XATTR_PREFIX
+from .sysc import RENAME_EXCHANGE, fchown_path_fd, renameat2, utimens_path_fd
+from .tempstore import TempStore
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+_OPEN_STRIP = os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+_THREAD_IO = 256 * 1024   # reads at least this big go to a worker thread
+
+
+def _handler(fn: Callable) -> Callable:
+    """Map every exception of a handler to a FUSE error reply."""
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Inode:
+    __slots__ = ("fd", "ino", "lookups", "is_dir", "is_symlink")
+
+    def __init__(self, fd: int, st: os.stat_result) -> None:
+        self.fd = fd
+        self.ino = st.st_ino
+        self.lookups = 0
+        self.is_dir = stat.S_ISDIR(st.st_mode)
+        self.is_symlink = stat.S_ISLNK(st.st_mode)
+
+    @property
+    def proc(self) -> str:
+        return f"/proc/self/fd/{self.fd}"
+
+
+@dataclass
+class FileHandle:
+    fd: int
+    inode: Inode
+
+
+@dataclass
+class DirHandle:
+    fd: int
+    inode_id: int
+    names: list[bytes] | None = None
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False   # see docs/design.md: writes arrive in program order
+
+    def __init__(self, source_fd: int, *, store: TempStore | None = None,
+                 halt: Halt | None = None, control: Any = None,
+                 read_only: bool = False, timeout: float = 300.0) -> None:
+        super().__init__()
+        self.read_only = read_only
+        self.store = store
+        self.halt = halt or Halt()
+        self.control = control
+        self.timeout = 1.0 if read_only else timeout
+        self.is_root = os.geteuid() == 0
+        root_fd = os.open(".", os.O_PATH | os.O_DIRECTORY, dir_fd=source_fd)
+        st = os.fstat(root_fd)
+        self.dev = st.st_dev
+        self.root_ino = st.st_ino
+        root = Inode(root_fd, st)
+        root.lookups = 1 << 62       # never forgotten
+        self.inodes: dict[int, Inode] = {ROOT: root}
+        self.dirs: dict[int, tuple[int, bytes]] = {}   # dir fuse ino -> (parent fuse ino, name)
+        self.files: dict[int, FileHandle] = {}
+        self.dir_handles: dict[int, DirHandle] = {}
+        self._next_fh = 1
+
+    # ---------------------------------------------------------------- helpers
+
+    def _fuse_ino(self, st_ino: int) -> int:
+        if st_ino == self.root_ino:
+            return ROOT
+        if st_ino == ROOT:
+            return self.root_ino
+        return st_ino
+
+    def _inode(self, fino: int) -> Inode:
+        try:
+            return self.inodes[fino]
+        except KeyError:
+            log.error("request for unknown inode %d", fino)
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _attr(self, st: os.stat_result, fino: int) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = fino
+        e.generation = 0
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        e.st_mode = st.st_mode
+        nlink = st.st_nlink
+        if self.read_only and nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            nlink -= 1               # the shadow's hidden inode-key link
+        e.st_nlink = nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _remember(self, fd: int, st: os.stat_result, parent: int, name: bytes) -> tuple[int, Inode]:
+        """Register a looked-up object (takes ownership of ``fd``); adds one lookup."""
+        if st.st_dev != self.dev:
+            os.close(fd)
+            log.warning("%r is on another filesystem: not supported inside a journaled tree", name)
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        fino = self._fuse_ino(st.st_ino)
+        inode = self.inodes.get(fino)
+        if inode is None:
+            inode = self.inodes[fino] = Inode(fd, st)
+        else:
+            os.close(fd)
+        inode.lookups += 1
+        if inode.is_dir and fino != ROOT and name not in (b".", b".."):
+            self.dirs[fino] = (parent, name)
+        return fino, inode
+
+    def _lookup(self, parent: int, name: bytes) -> tuple[int, Inode, os.stat_result]:
+        p = self._inode(parent)
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=p.fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        fino, inode = self._remember(fd, st, parent, name)
+        return fino, inode, st
+
+    def _dir_path(self, fino: int) -> bytes | None:
+        """Path of a directory relative to the root, None if no longer reachable."""
+        parts = []
+        seen = 0
+        while fino != ROOT:
+            entry = self.dirs.get(fino)
+            if entry is None:
+                return None
+            fino, name = entry
+            parts.append(name)
+            seen += 1
+            if seen > 4096:
+                log.error("directory loop in name tracking")
+                return None
+        parts.reverse()
+        return b"/".join(parts)
+
+    def _path(self, parent: int, name: bytes) -> bytes | None:
+        d = self._dir_path(parent)
+        if d is None:
+            return None
+        return name if not d else d + b"/" + name
+
+    def _record(self, rec: R.Record) -> None:
+        if self.store is not None:
+            self.store.append(rec)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _owner(self, parent: Inode, ctx: pyfuse3.RequestContext) -> tuple[int, int] | None:
+        """Owner a new object must get: the caller's, gid from a setgid parent."""
+        if not self.is_root:
+            return None
+        gid = ctx.gid
+        pst = os.fstat(parent.fd)
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+        return ctx.uid, gid
+
+    def _created(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext,
+                 mode: int | None) -> tuple[int, Inode, os.stat_result]:
+        """After creating ``name``: give it the caller's ownership, register it."""
+        p = self._inode(parent)
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=p.fd)
+        try:
+            owner = self._owner(p, ctx)
+            if owner is not None:
+                fchown_path_fd(fd, *owner)
+                if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
+                    st = os.fstat(fd)
+                    if not stat.S_ISDIR(st.st_mode) and (st.st_mode & 0o7777) != (mode & 0o7777):
+                        os.chmod(f"/proc/self/fd/{fd}", mode & 0o7777)   # chown cleared set-id bits
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        fino, inode = self._remember(fd, st, parent, name)
+        return fino, inode, st
+
+    # ---------------------------------------------------------- non-mutating
+
+    @_handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        fino, _, st = self._lookup(parent_inode, name)
+        return self._attr(st, fino)
+
+    @_handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(os.fstat(self._inode(inode).fd), inode)
+
+    @_handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.readlink(b"", dir_fd=self._inode(inode).fd)
+
+    async def forget(self, inode_list) -> None:   # must not raise: there is no reply
+        try:
+            self._forget(inode_list)
+        except Exception:
+            log.exception("forget failed")
+
+    def _forget(self, inode_list) -> None:
+        for fino, nlookup in inode_list:
+            inode = self.inodes.get(fino)
+            if inode is None or fino == ROOT:
+                continue
+            inode.lookups -= nlookup
+            if inode.lookups <= 0:
+                del self.inodes[fino]
+                self.dirs.pop(fino, None)
+                try:
+                    os.close(inode.fd)
+                except OSError:
+                    pass
+
+    @_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self._inode(inode).fd)
+        fh = self._new_fh()
+        self.dir_handles[fh] = DirHandle(fd, inode)
+        return fh
+
+    @_handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self.dir_handles[fh]
+        if h.names is None or start_id == 0:
+            # one listing per open directory stream, served in chunks by index
+            h.names = [os.fsencode(n) for n in os.listdir(h.fd)]
+        names = h.names
+        for i in range(start_id, len(names)):
+            name = names[i]
+            try:
+                st = os.stat(name, dir_fd=h.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue             # removed since the listing
+            if st.st_dev != self.dev:
+                continue
+            fino = self._fuse_ino(st.st_ino)
+            if not pyfuse3.readdir_reply(token, name, self._attr(st, fino), i + 1):
+                return
+            known = self.inodes.get(fino)
+            if known is not None:
+                known.lookups += 1
+                if known.is_dir and fino != ROOT:
+                    self.dirs[fino] = (h.inode_id, name)
+            else:
+                try:
+                    self._lookup(h.inode_id, name)
+                except (OSError, pyfuse3.FUSEError):
+                    # gone between the reply and the open: the kernel will forget it
+                    log.debug("entry %r vanished during readdir", name)
+
+    @_handler
+    async def releasedir(self, fh: int) -> None:
+        h = self.dir_handles.pop(fh)
+        os.close(h.fd)
+
+    @_handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        h = self.dir_handles[fh]
+        await trio.to_thread.run_sync(os.fsync, h.fd)
+
+    @_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self.inodes[ROOT].proc)
+        d = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                  "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(d, f, getattr(sv, f))
+        return d
+
+    @_handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        ino = self._inode(inode)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            self._check_writable()
+            await self.halt.enter()
+            try:
+                fd = os.open(ino.proc, flags & ~_OPEN_STRIP)
+                st = os.fstat(fd)
+                self._record_attrs(ino, R.ATTR_SIZE, st)
+            finally:
+                self.halt.leave()
+        else:
+            if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            fd = os.open(ino.proc, flags & ~_OPEN_STRIP)
+        fh = self._new_fh()
+        self.files[fh] = FileHandle(fd, ino)
+        fi = pyfuse3.FileInfo(fh=fh)
+        fi.keep_cache = not self.read_only
+        return fi
+
+    @_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        fd = self.files[fh].fd
+        if size >= _THREAD_IO:
+            return await trio.to_thread.run_sync(os.pread, fd, size, off)
+        return os.pread(fd, size, off)
+
+    @_handler
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @_handler
+    async def release(self, fh: int) -> None:
+        h = self.files.pop(fh, None)
+        if h is not None:
+            os.close(h.fd)
+
+    @_handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self.files[fh].fd
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+
+    @_handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == ROOT and name.startswith(XATTR_PREFIX):
+            if name == XATTR_PID:
+                return str(os.getpid()).encode()
+            if self.control is not None:
+                return self.control.getxattr(name)
+        ino = self._inode(inode)
+        if ino.is_symlink:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return os.getxattr(ino.proc, name)
+
+    @_handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        ino = self._inode(inode)
+        if ino.is_symlink:
+            return []
+        return [os.fsencode(n) for n in os.listxattr(ino.proc)]
+
+    # -------------------------------------------------------------- mutating
+
+    def _ref(self, fino: int, ino: Inode) -> tuple[int, bytes] | None:
+        """(inode key, path) naming an object in a record; None if unreachable."""
+        if not ino.is_dir:
+            return ino.ino, b""
+        if fino == ROOT:
+            return 0, b""
+        path = self._dir_path(fino)
+        return None if path is None else (0, path)
+
+    def _record_attrs(self, ino: Inode, mask: int, st: os.stat_result, fino: int | None = None) -> None:
+        if self.store is None:
+            return
+        if ino.is_dir:
+            ref = self._ref(fino if fino is not None else self._fuse_ino(ino.ino), ino)
+        else:
+            ref = (ino.ino, b"") if st.st_nlink else None
+        if ref is None:
+            return
+        self._record(R.Setattr(ref[0], mask, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                               st.st_size, st.st_atime_ns, st.st_mtime_ns, ref[1]))
+
+    @_handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self._check_writable()
+        await self.halt.enter()
+        try:
+            h = self.files[fh]
+            n = os.pwrite(h.fd, buf, off)
+            if self.store is not None:
+                st = os.fstat(h.fd)
+                if st.st_nlink:      # writes to unlinked files can never be seen again
+                    self.store.append(R.Write(h.inode.ino, off, st.st_mtime_ns,
+                                              buf if n == len(buf) else buf[:n]))
+            return n
+        finally:
+            self.halt.leave()
+
+    @_handler
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        ino = self._inode(inode)
+        await self.halt.enter()
+        try:
+            mask = 0
+            if fields.update_size:
+                if fh is not None and fh in self.files:
+                    os.ftruncate(self.files[fh].fd, attr.st_size)
+                else:
+                    os.truncate(ino.proc, attr.st_size)
+                mask |= R.ATTR_SIZE
+            if fields.update_mode:
+                if ino.is_symlink:
+                    raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+                os.chmod(ino.proc, stat.S_IMODE(attr.st_mode))
+                mask |= R.ATTR_MODE
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else -1
+                gid = attr.st_gid if fields.update_gid else -1
+                fchown_path_fd(ino.fd, uid, gid)
+                mask |= (R.ATTR_UID if fields.update_uid else 0) | (R.ATTR_GID if fields.update_gid else 0)
+            if fields.update_atime or fields.update_mtime:
+                utimens_path_fd(ino.fd, attr.st_atime_ns if fields.update_atime else None,
+                                attr.st_mtime_ns if fields.update_mtime else None)
+                mask |= (R.ATTR_ATIME if fields.update_atime else 0) | (R.ATTR_MTIME if fields.update_mtime else 0)
+            st = os.fstat(ino.fd)
+            if mask:
+                self._record_attrs(ino, mask, st, inode)
+            return self._attr(st, inode)
+        finally:
+            self.halt.leave()
+
+    def _pmtime(self, parent: int) -> int:
+        return os.fstat(self.inodes[parent].fd).st_mtime_ns
+
+    @_handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_writable()
+        p = self._inode(parent_inode)
+        await self.halt.enter()
+        try:
+            fd = os.open(name, (flags | os.O_CREAT) & ~(os.O_APPEND | os.O_DIRECT | os.O_NOCTTY),
+                         stat.S_IMODE(mode), dir_fd=p.fd)
+            try:
+                fino, ino, st = self._created(parent_inode, name, ctx, mode)
+            except BaseException:
+                os.close(fd)
+                raise
+            path = self._path(parent_inode, name)
+            if path is not None:
+                self._record(R.Mknod(st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_rdev,
+                                     st.st_mtime_ns, self._pmtime(parent_inode), path))
+        finally:
+            self.halt.leave()
+        fh = self._new_fh()
+        self.files[fh] = FileHandle(fd, ino)
+        return pyfuse3.FileInfo(fh=fh), self._attr(st, fino)
+
+    @_handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        p = self._inode(parent_inode)
+        await self.halt.enter()
+        try:
+            os.mknod(name, mode, rdev, dir_fd=p.fd)
+            fino, ino, st = self._created(parent_inode, name, ctx, mode)
+            path = self._path(parent_inode, name)
+            if path is not None:
+                self._record(R.Mknod(st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_rdev,
+                                     st.st_mtime_ns, self._pmtime(parent_inode), path))
+            return self._attr(st, fino)
+        finally:
+            self.halt.leave()
+
+    @_handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        p = self._inode(parent_inode)
+        await self.halt.enter()
+        try:
+            os.mkdir(name, stat.S_IMODE(mode), dir_fd=p.fd)
+            fino, ino, st = self._created(parent_inode, name, ctx, None)
+            path = self._path(parent_inode, name)
+            if path is not None:
+                self._record(R.Mkdir(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                                     st.st_mtime_ns, self._pmtime(parent_inode), path))
+            return self._attr(st, fino)
+        finally:
+            self.halt.leave()
+
+    @_handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        p = self._inode(parent_inode)
+        await self.halt.enter()
+        try:
+            os.symlink(target, name, dir_fd=p.fd)
+            fino, ino, st = self._created(parent_inode, name, ctx, None)
+            path = self._path(parent_inode, name)
+            if path is not None:
+                self._record(R.Symlink(st.st_ino, st.st_uid, st.st_gid, st.st_mtime_ns,
+                                       self._pmtime(parent_inode), path, target))
+            return self._attr(st, fino)
+        finally:
+            self.halt.leave()
+
+    @_handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        ino = self._inode(inode)
+        np = self._inode(new_parent_inode)
+        await self.halt.enter()
+        try:
+            os.link(ino.proc, new_name, dst_dir_fd=np.fd, follow_symlinks=True)
+            st = os.fstat(ino.fd)
+            ino.lookups += 1
+            path = self._path(new_parent_inode, new_name)
+            if path is not None:
+                self._record(R.Link(ino.ino, self._pmtime(new_parent_inode), path))
+            return self._attr(st, inode)
+        finally:
+            self.halt.leave()
+
+    @_handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        p = self._inode(parent_inode)
+        await self.halt.enter()
+        try:
+            st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
+            os.unlink(name, dir_fd=p.fd)
+            path = self._path(parent_inode, name)
+            if path is not None:
+                self._record(R.Unlink(st.st_ino, self._pmtime(parent_inode), path))
+        finally:
+            self.halt.leave()
+
+    @_handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        p = self._inode(parent_inode)
+        await self.halt.enter()
+        try:
+            st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
+            path = self._path(parent_inode, name)
+            os.rmdir(name, dir_fd=p.fd)
+            self.dirs.pop(self._fuse_ino(st.st_ino), None)
+            if path is not None:
+                self._record(R.Rmdir(self._pmtime(parent_inode), path))
+        finally:
+            self.halt.leave()
+
+    @_handler
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._check_writable()
+        po = self._inode(parent_inode_old)
+        pn = self._inode(parent_inode_new)
+        await self.halt.enter()
+        try:
+            old_path = self._path(parent_inode_old, name_old)
+            new_path = self._path(parent_inode_new, name_new)
+            sto = os.stat(name_old, dir_fd=po.fd, follow_symlinks=False)
+            stn = None
+            if flags & RENAME_EXCHANGE:
+                stn = os.stat(name_new, dir_fd=pn.fd, follow_symlinks=False)
+            renameat2(po.fd, name_old, pn.fd, name_new, flags)
+            fo = self._fuse_ino(sto.st_ino)
+            if fo in self.dirs:
+                self.dirs[fo] = (parent_inode_new, name_new)
+            if stn is not None:
+                fn = self._fuse_ino(stn.st_ino)
+                if fn in self.dirs:
+                    self.dirs[fn] = (parent_inode_old, name_old)
+            if old_path is not None and new_path is not None:
+                ino = 0 if stat.S_ISDIR(sto.st_mode) else sto.st_ino
+                self._record(R.Rename(flags, ino, self._pmtime(parent_inode_old),
+                                      self._pmtime(parent_inode_new), old_path, new_path))
+            elif old_path is not None or new_path is not None:
+                log.error("rename %r -> %r: a parent is no longer reachable; not journaled",
+                          name_old, name_new)
+        finally:
+            self.halt.leave()
+
+    @_handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if inode == ROOT and name.startswith(XATTR_PREFIX) and self.control is not None:
+            await self.control.setxattr(name, value, ctx)
+            return
+        self._check_writable()
+        ino = self._inode(inode)
+        if ino.is_symlink:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await self.halt.enter()
+        try:
+            os.setxattr(ino.proc, name, value)
+            ref = self._ref(inode, ino)
+            if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
+                self._record(R.Setxattr(ref[0], ref[1], name, value))
+        finally:
+            self.halt.leave()
+
+    @_handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if inode == ROOT and name.startswith(XATTR_PREFIX) and self.control is not None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        self._check_writable()
+        ino = self._inode(inode)
+        if ino.is_symlink:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        await self.halt.enter()
+        try:
+            os.removexattr(ino.proc, name)
+            ref = self._ref(inode, ino)
+            if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
+                self._record(R.Removexattr(ref[0], ref[1], name))
+        finally:
+            self.halt.leave()
+
+    def close_all(self) -> None:
+        """Close every fd (after the session ended)."""
+        for h in list(self.files.values()):
+            os.close(h.fd)
+        for d in list(self.dir_handles.values()):
+            os.close(d.fd)
+        for ino in list(self.inodes.values()):
+            try:
+                os.close(ino.fd)
+            except OSError:
+                pass
+        self.files.clear()
+        self.dir_handles.clear()
+        self.inodes.clear()

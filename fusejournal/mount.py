@@ -1,0 +1,480 @@
+"""The daemon's lifecycle: check, open the journal, seed the shadow, mount,
+serve, run the updater, and shut down without losing anything captured.
+
+One FUSE session per process (pyfuse3 keeps module-level state), so the
+journaled mount and each browse mount are separate daemons.
+
+``fusejournal mount`` starts the daemon as a child process in its own session
+and waits on a pipe for it to report ``ready`` (or an error, or seeding
+progress), like sshfs: when the command returns 0 the mount is usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from . import layout
+from .errors import EXIT_BUG, EXIT_UNUSABLE, UserError
+from .fs import Operations
+from .halt import Halt
+from .journal import Journal, read_meta
+from .log import OrderedLog
+from .shadow import Shadow
+from .tempstore import TempStore
+
+log = logging.getLogger("fusejournal")
+
+
+@dataclass
+class MountConfig:
+    source: Path
+    mountpoint: Path
+    journal: Path
+    shadow: Path
+    options: list[str] = field(default_factory=list)
+    memory_limit: int = 64 << 20
+    halt_timeout: float = 5.0
+    segment_limit: int = 64 << 20
+    debug: bool = False
+
+
+# ------------------------------------------------------------------ checks
+
+def _unescape_mountinfo(s: str) -> str:
+    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def fuse_mount_at(path: Path) -> str | None:
+    """fsname of the FUSE filesystem mounted exactly at ``path``, else None."""
+    target = os.path.abspath(path)
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) < 5 or _unescape_mountinfo(fields[4]) != target:
+                    continue
+                fstype, fsname = (right.split() + ["", ""])[:2]
+                found = fsname if fstype.startswith("fuse") else None   # the topmost mount wins
+    except OSError:
+        return None
+    return found
+
+
+def lazy_unmount(path: Path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", os.fspath(path)], check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def check_dir(path: Path, what: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise UserError(f"{what} {path} is a dead FUSE mount: run `fusermount3 -u -z {path}`") from None
+        raise UserError(f"{what} {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{what} {path} is not a directory")
+
+
+def journal_is_free(journal: Path) -> bool:
+    """True if no daemon holds the journal's lock (or there is no journal yet)."""
+    import fcntl
+    try:
+        fd = os.open(Path(journal) / layout.LOCK, os.O_RDWR)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def check_mountpoint(mountpoint: Path, *, journal_free: bool) -> None:
+    """Refuse a mountpoint that already carries a FUSE mount.
+
+    A dead fusejournal mount (its daemon was killed: ENOTCONN) is cleared with
+    a lazy unmount when this journal is free, so a restart after a crash works.
+    """
+    fsname = fuse_mount_at(mountpoint)
+    if fsname is None:
+        return
+    dead = False
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        dead = e.errno == errno.ENOTCONN
+    if dead and journal_free and fsname.startswith("fusejournal"):
+        log.warning("clearing the dead fusejournal mount at %s", mountpoint)
+        lazy_unmount(mountpoint)
+        if fuse_mount_at(mountpoint) is None:
+            return
+    if dead:
+        raise UserError(f"mountpoint {mountpoint} is a dead FUSE mount: run `fusermount3 -u -z {mountpoint}`")
+    raise UserError(f"mountpoint {mountpoint} is already a FUSE mount ({fsname})")
+
+
+def mount_options(extra: list[str], *, fsname: str, read_only: bool = False) -> set[str]:
+    opts = {"default_permissions", f"fsname={fsname}", "subtype=fusejournal"}
+    if os.geteuid() == 0:
+        opts.add("allow_other")
+    if read_only:
+        opts.add("ro")
+    for o in extra:
+        for part in o.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if part.startswith("no_default_permissions"):
+                opts.discard("default_permissions")
+            elif part == "noallow_other":
+                opts.discard("allow_other")
+            else:
+                opts.add(part)
+    return opts
+
+
+def _fsname(source: Path, prefix: str) -> str:
+    s = os.fsdecode(source).replace(",", "_").replace(" ", "_")
+    return f"{prefix}:{s}"
+
+
+# ------------------------------------------------------------------ daemon
+
+class Reporter:
+    """Tells the waiting ``fusejournal mount`` how start-up goes (or stderr in the foreground)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self._last = 0.0
+
+    def _send(self, line: str) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, (line.replace("\n", " ") + "\n").encode())
+        except OSError:
+            pass
+
+    def progress(self, n: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= 0.2:
+            self._last = now
+            self._send(f"progress {n}")
+            if self.fd is None and sys.stderr.isatty():
+                print(f"\rseeding the shadow: {n} entries", end="", file=sys.stderr)
+
+    def message(self, text: str) -> None:
+        self._send(f"message {text}")
+        if self.fd is None:
+            print(text, file=sys.stderr)
+
+    def ready(self, info: dict) -> None:
+        self._send("ready " + json.dumps(info))
+        self.close()
+
+    def error(self, code: int, text: str) -> None:
+        self._send(f"error {code} {text}")
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def setup_logging(journal: Path | None, debug: bool, foreground: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    if journal is not None:
+        try:
+            h = logging.FileHandler(journal / "daemon.log")
+            h.setFormatter(fmt)
+            root.addHandler(h)
+        except OSError:
+            pass
+    if foreground:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        root.addHandler(h)
+
+
+class Daemon:
+    """One journaled mount: owns every resource through an ExitStack."""
+
+    def __init__(self, cfg: MountConfig, reporter: Reporter) -> None:
+        self.cfg = cfg
+        self.reporter = reporter
+        self.stack = contextlib.ExitStack()
+        self.shadow_applied = 0
+        self.updater_error: str | None = None
+        self._wake = trio.Event()
+
+    def prepare(self) -> None:
+        from .acquisition import Checkpointer
+        from .control import Control
+        from .updater import Updater
+
+        cfg = self.cfg
+        os.umask(0)
+        if fuse_mount_at(cfg.mountpoint) is not None:
+            check_mountpoint(cfg.mountpoint, journal_free=journal_is_free(cfg.journal))
+        check_dir(cfg.source, "source")
+        if cfg.mountpoint != cfg.source:
+            check_dir(cfg.mountpoint, "mountpoint")
+        source_fd = os.open(cfg.source, os.O_RDONLY | os.O_DIRECTORY)
+        self.stack.callback(os.close, source_fd)
+        self.source_fd = source_fd
+        source_st = os.fstat(source_fd)
+
+        self.journal = Journal.open(cfg.journal, cfg.source, source_st, cfg.shadow)
+        self.stack.callback(self.journal.close)
+        setup_logging(cfg.journal, cfg.debug, self.reporter.fd is None)
+        log.info("starting: source %s, mountpoint %s, journal %s, shadow %s",
+                 cfg.source, cfg.mountpoint, cfg.journal, self.journal.shadow_path)
+
+        self.log = OrderedLog(self.journal.log_dir, segment_limit=cfg.segment_limit)
+        for w in self.log.open():
+            log.warning("ordered log: %s", w)
+            self.reporter.message(f"warning: {w}")
+        self.stack.callback(self.log.close)
+
+        self.shadow = Shadow(self.journal.shadow_path)
+        if not self.shadow.exists():
+            if self.log.last_checkpoint:
+                raise UserError(f"the shadow {self.shadow.root} is missing but the journal has "
+                                f"{self.log.last_checkpoint} checkpoint(s): restore the shadow or "
+                                f"start over with a new journal")
+            self.reporter.message(f"seeding the shadow {self.shadow.root} from {cfg.source} (checkpoint 0)")
+            self.shadow.create()
+            n = self.shadow.seed(source_fd, self.reporter.progress)
+            log.info("shadow seeded: %d entries", n)
+        self.shadow_applied = self.shadow.applied
+        if self.shadow_applied > self.log.last_checkpoint:
+            raise UserError(f"the shadow stands at checkpoint {self.shadow_applied}, beyond the "
+                            f"journal's last ({self.log.last_checkpoint}): they do not belong together")
+
+        self.store = TempStore(self.journal.spill_dir, memory_limit=cfg.memory_limit)
+        pending = 0
+        for rec in self.journal.load_pending():
+            self.store.append(rec)
+            pending += 1
+        self.had_pending = pending > 0
+        if pending:
+            log.info("%d operation(s) pending from before the last unmount", pending)
+
+        self.halt = Halt()
+        self.checkpointer = Checkpointer(self.store, self.halt, self.log,
+                                         halt_timeout=cfg.halt_timeout,
+                                         on_confirmed=self._confirmed)
+        self.updater = Updater(self.log, self.shadow)
+        self.control = Control(self.checkpointer, root_uid=lambda: os.fstat(source_fd).st_uid,
+                               shadow_checkpoint=lambda: self.shadow_applied,
+                               status=self.status, journal_path=os.fspath(os.path.abspath(cfg.journal)))
+        self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control)
+        self.stack.callback(self.ops.close_all)
+
+    def _confirmed(self, info) -> None:
+        if self.had_pending:
+            self.journal.clear_pending()
+            self.had_pending = False
+        self._wake.set()
+
+    def status(self) -> dict:
+        cps = self.log.checkpoints(0)
+        hist = sorted(self.checkpointer.halt_history)
+        return {
+            "source": os.fspath(self.cfg.source),
+            "mountpoint": os.fspath(self.cfg.mountpoint),
+            "journal": os.fspath(os.path.abspath(self.cfg.journal)),
+            "shadow": os.fspath(self.shadow.root),
+            "pid": os.getpid(),
+            "last_checkpoint": self.log.last_checkpoint,
+            "shadow_checkpoint": self.shadow_applied,
+            "pending_operations": self.store.operations,
+            "pending_bytes": self.store.raw_bytes,
+            "pending_memory_bytes": self.store.memory_bytes,
+            "pending_spilled_bytes": self.store.spilled_bytes,
+            "log_raw_bytes": sum(c.marker.raw_bytes for c in cps),
+            "log_stored_bytes": sum(c.marker.stored_bytes for c in cps),
+            "log_segments": len(self.log.segments()),
+            "last_halt_ns": self.checkpointer.last_halt_ns,
+            "halt_p99_ns": hist[min(len(hist) - 1, int(len(hist) * 0.99))] if hist else 0,
+            "halts": len(hist),
+            "checkpoint_error": self.checkpointer.last_error,
+            "updater_error": self.updater_error,
+            "log_damage": str(self.log.damage) if getattr(self.log, "damage", None) else None,
+        }
+
+    async def _updater_loop(self) -> None:
+        while True:
+            self._wake = trio.Event()          # a fresh event per pass: no wake-up is lost
+            try:
+                self.shadow_applied = await trio.to_thread.run_sync(self.updater.run_once)
+                self.updater_error = None
+            except Exception as e:             # CorruptLog, OSError ...: reported by status
+                self.updater_error = str(e)
+                log.error("updater: %s", e)
+            await self._wake.wait()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+                return
+
+    async def serve(self) -> None:
+        cfg = self.cfg
+        opts = mount_options(cfg.options, fsname=_fsname(cfg.source, "fusejournal"))
+        try:
+            pyfuse3.init(self.ops, os.fspath(cfg.mountpoint), opts)
+        except RuntimeError as e:
+            raise UserError(f"cannot mount at {cfg.mountpoint}: {e}") from None
+        unmounted = False
+        try:
+            self.journal.write_daemon_info({"pid": os.getpid(), "mountpoint": os.fspath(os.path.abspath(cfg.mountpoint)),
+                                            "source": os.fspath(cfg.source)})
+            self.reporter.ready({"mountpoint": os.fspath(cfg.mountpoint), "journal": os.fspath(cfg.journal),
+                                 "shadow": os.fspath(self.shadow.root), "pid": os.getpid(),
+                                 "last_checkpoint": self.log.last_checkpoint})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._updater_loop)
+                nursery.start_soon(self._signals)
+                await pyfuse3.main()
+                unmounted = True
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=not unmounted)
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Keep what was captured after the last checkpoint for the next mount."""
+        try:
+            if self.store.operations:
+                n = self.journal.save_pending(self.store.take())
+                log.info("%d operation(s), %d bytes, kept pending for the next mount",
+                         self.store.operations, n)
+        except Exception:
+            log.exception("could not save the pending operations")
+        self.journal.remove_daemon_info()
+        log.info("stopped")
+
+
+def run_daemon(cfg: MountConfig, ready_fd: int | None) -> int:
+    """Run a journaled mount in this process until it is unmounted."""
+    reporter = Reporter(ready_fd)
+    daemon = Daemon(cfg, reporter)
+    try:
+        with daemon.stack:
+            daemon.prepare()
+            trio.run(daemon.serve)
+    except UserError as e:
+        log.error("%s", e)
+        reporter.error(e.exit_code, str(e))
+        if ready_fd is None:
+            raise
+        return e.exit_code
+    except Exception as e:
+        log.exception("daemon failed")
+        reporter.error(EXIT_BUG, f"internal error: {e!r} (see {cfg.journal}/daemon.log)")
+        if ready_fd is None:
+            raise
+        return EXIT_BUG
+    return 0
+
+
+def run_browse(tree: Path, browsepoint: Path, options: list[str], ready_fd: int | None, debug: bool) -> int:
+    """Serve a read-only view of a shadow tree until unmounted."""
+    reporter = Reporter(ready_fd)
+    setup_logging(None, debug, ready_fd is None)
+    try:
+        check_dir(browsepoint, "browse point")
+        check_mountpoint(browsepoint, journal_free=False)
+        fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+        ops = Operations(fd, read_only=True)
+
+        async def serve() -> None:
+            opts = mount_options(options, fsname=_fsname(tree, "fusejournal-browse"), read_only=True)
+            try:
+                pyfuse3.init(ops, os.fspath(browsepoint), opts)
+            except RuntimeError as e:
+                raise UserError(f"cannot mount at {browsepoint}: {e}") from None
+            unmounted = False
+            try:
+                reporter.ready({"browsepoint": os.fspath(browsepoint), "pid": os.getpid()})
+                async with trio.open_nursery() as nursery:
+                    async def sig() -> None:
+                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                            async for _ in sigs:
+                                pyfuse3.terminate()
+                                return
+                    nursery.start_soon(sig)
+                    await pyfuse3.main()
+                    unmounted = True
+                    nursery.cancel_scope.cancel()
+            finally:
+                pyfuse3.close(unmount=not unmounted)
+                ops.close_all()
+                os.close(fd)
+        trio.run(serve)
+    except UserError as e:
+        reporter.error(e.exit_code, str(e))
+        if ready_fd is None:
+            raise
+        return e.exit_code
+    return 0
+
+
+def spawn(argv: list[str], on_progress: Callable[[int], None] | None = None,
+          on_message: Callable[[str], None] | None = None) -> dict:
+    """Start ``python -m fusejournal.cli ARGV --ready-fd N`` detached; wait until it is ready.
+
+    Returns the ready info; raises UserError with the daemon's own message.
+    """
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "fusejournal.cli", *argv, "--foreground", "--ready-fd", str(w)]
+    proc = subprocess.Popen(cmd, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(w)
+    try:
+        with os.fdopen(r, "r", encoding="utf-8", errors="replace") as pipe:
+            for line in pipe:
+                kind, _, rest = line.rstrip("\n").partition(" ")
+                if kind == "progress" and on_progress is not None:
+                    on_progress(int(rest))
+                elif kind == "message" and on_message is not None:
+                    on_message(rest)
+                elif kind == "ready":
+                    return json.loads(rest)
+                elif kind == "error":
+                    code, _, msg = rest.partition(" ")
+                    raise UserError(msg, int(code))
+    except BaseException:
+        if proc.poll() is None and not isinstance(sys.exc_info()[1], UserError):
+            proc.terminate()
+        raise
+    rc = proc.wait()
+    raise UserError(f"the daemon exited (status {rc}) before the mount was ready", EXIT_UNUSABLE)

@@ -1,0 +1,227 @@
+"""Records: one per successful mutating operation, in the order received.
+
+A record names what it changed in two ways, chosen so the updater can replay it
+on the shadow without ever needing the original tree:
+
+* **inode keys** (``ino``): the original tree's ``st_ino`` of a non-directory.
+  The shadow keeps one hidden hard link per non-directory, named by its inode
+  key (``SHADOW/inodes/<ino>``), so writes and attribute changes reach every
+  hard link, and reach a file that was renamed while open.
+* **paths** (``path``): bytes relative to the tree root, components joined by
+  ``b"/"``, ``b""`` for the root itself.  Used for names (create, unlink,
+  rename ...) and for directories, which cannot be hard-linked.
+
+Attribute records use a *ref*: ``ino != 0`` selects the inode key, ``ino == 0``
+selects ``path`` (a directory).
+
+Every record carries the values the original tree reported *after* the
+operation (mode, ownership, mtimes of the object and of its parent
+directories), so replaying it reproduces the original exactly, including
+setgid inheritance, umask effects and timestamps.
+
+Records are plain ``NamedTuple`` objects (cheap to build in the write path).
+:func:`encode` / :func:`decode` turn a sequence of them into bytes and back.
+Layout of one encoded record (little endian)::
+
+    u8  opcode
+    u32 body length (bytes after this header)
+    fixed integer fields (per opcode struct)
+    for each bytes field: u32 length, then the bytes
+
+The format is versioned by :data:`RECORD_FORMAT`; see docs/format.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterable, Iterator, NamedTuple, Union
+
+RECORD_FORMAT = 1
+
+#: SETATTR mask bits (which attributes the operation set)
+ATTR_MODE = 1
+ATTR_UID = 2
+ATTR_GID = 4
+ATTR_SIZE = 8
+ATTR_ATIME = 16
+ATTR_MTIME = 32
+
+
+class Mknod(NamedTuple):
+    """A new non-directory (regular file, fifo, socket, device) at ``path``."""
+    ino: int
+    mode: int          # full st_mode including S_IFMT
+    uid: int
+    gid: int
+    rdev: int
+    mtime_ns: int
+    pmtime_ns: int     # parent directory mtime after the operation
+    path: bytes
+
+
+class Mkdir(NamedTuple):
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    pmtime_ns: int
+    path: bytes
+
+
+class Symlink(NamedTuple):
+    ino: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    pmtime_ns: int
+    path: bytes
+    target: bytes
+
+
+class Link(NamedTuple):
+    """A new name ``path`` for the existing non-directory ``ino``."""
+    ino: int
+    pmtime_ns: int
+    path: bytes
+
+
+class Unlink(NamedTuple):
+    ino: int           # inode key of the object that was removed
+    pmtime_ns: int
+    path: bytes
+
+
+class Rmdir(NamedTuple):
+    pmtime_ns: int
+    path: bytes
+
+
+class Rename(NamedTuple):
+    flags: int         # 0, RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2)
+    ino: int           # inode key of the source if a non-directory, else 0
+    old_pmtime_ns: int
+    new_pmtime_ns: int
+    old: bytes
+    new: bytes
+
+
+class Write(NamedTuple):
+    ino: int
+    offset: int
+    mtime_ns: int
+    data: bytes
+
+
+class Setattr(NamedTuple):
+    """Attributes after a chmod/chown/truncate/utimens (``mask``: ATTR_* bits set)."""
+    ino: int
+    mask: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    path: bytes
+
+
+class Setxattr(NamedTuple):
+    ino: int
+    path: bytes
+    name: bytes
+    value: bytes
+
+
+class Removexattr(NamedTuple):
+    ino: int
+    path: bytes
+    name: bytes
+
+
+Record = Union[Mknod, Mkdir, Symlink, Link, Unlink, Rmdir, Rename, Write,
+               Setattr, Setxattr, Removexattr]
+
+# opcode -> (class, struct of the leading integer fields, number of bytes fields)
+_SPEC: dict[int, tuple[type, struct.Struct, int]] = {
+    1: (Mknod, struct.Struct("<QIIIQqq"), 1),
+    2: (Mkdir, struct.Struct("<IIIqq"), 1),
+    3: (Symlink, struct.Struct("<QIIqq"), 2),
+    4: (Link, struct.Struct("<Qq"), 1),
+    5: (Unlink, struct.Struct("<Qq"), 1),
+    6: (Rmdir, struct.Struct("<q"), 1),
+    7: (Rename, struct.Struct("<IQqq"), 2),
+    8: (Write, struct.Struct("<QQq"), 1),
+    9: (Setattr, struct.Struct("<QIIIIQqq"), 1),
+    10: (Setxattr, struct.Struct("<Q"), 3),
+    11: (Removexattr, struct.Struct("<Q"), 2),
+}
+_OPCODE: dict[type, int] = {cls: op for op, (cls, _, _) in _SPEC.items()}
+_HEADER = struct.Struct("<BI")
+_LEN = struct.Struct("<I")
+
+
+class RecordError(ValueError):
+    """Encoded records that cannot be decoded (corrupt or from a newer format)."""
+
+
+def record_size(rec: Record) -> int:
+    """Bytes ``rec`` takes once encoded (used for accounting, cheaply)."""
+    op = _OPCODE[type(rec)]
+    _, fixed, nbytes = _SPEC[op]
+    n = _HEADER.size + fixed.size + 4 * nbytes
+    for field in rec[len(rec) - nbytes:]:
+        n += len(field)
+    return n
+
+
+def encode(records: Iterable[Record]) -> bytes:
+    """Encode records, in order, into one bytes object."""
+    parts: list[bytes] = []
+    append = parts.append
+    for rec in records:
+        op = _OPCODE[type(rec)]
+        _, fixed, nbytes = _SPEC[op]
+        nints = len(rec) - nbytes
+        tail = rec[nints:]
+        body_len = fixed.size + 4 * nbytes + sum(len(b) for b in tail)
+        append(_HEADER.pack(op, body_len))
+        append(fixed.pack(*rec[:nints]))
+        for b in tail:
+            append(_LEN.pack(len(b)))
+            append(b)
+    return b"".join(parts)
+
+
+def decode(buf: bytes | memoryview) -> Iterator[Record]:
+    """Decode records encoded by :func:`encode`; raise RecordError on bad input."""
+    mv = memoryview(buf)
+    pos, end = 0, len(mv)
+    while pos < end:
+        if end - pos < _HEADER.size:
+            raise RecordError(f"truncated record header at offset {pos}")
+        op, body_len = _HEADER.unpack_from(mv, pos)
+        pos += _HEADER.size
+        spec = _SPEC.get(op)
+        if spec is None:
+            raise RecordError(f"unknown record opcode {op} at offset {pos - _HEADER.size}")
+        if body_len > end - pos:
+            raise RecordError(f"record at offset {pos - _HEADER.size} runs past the end")
+        cls, fixed, nbytes = spec
+        body_end = pos + body_len
+        if fixed.size > body_len:
+            raise RecordError(f"record at offset {pos - _HEADER.size} too short")
+        fields = list(fixed.unpack_from(mv, pos))
+        p = pos + fixed.size
+        for _ in range(nbytes):
+            if p + 4 > body_end:
+                raise RecordError(f"record at offset {pos - _HEADER.size} too short")
+            (n,) = _LEN.unpack_from(mv, p)
+            p += 4
+            if p + n > body_end:
+                raise RecordError(f"record at offset {pos - _HEADER.size} field runs past its end")
+            fields.append(bytes(mv[p:p + n]))
+            p += n
+        if p != body_end:
+            raise RecordError(f"record at offset {pos - _HEADER.size} has trailing bytes")
+        pos = body_end
+        yield cls._make(fields)

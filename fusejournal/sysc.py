@@ -1,0 +1,64 @@
+"""Linux system calls the standard library does not expose (through ctypes).
+
+All functions raise :class:`OSError` with the right errno on failure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+
+def _check(ret: int, what: str, name: bytes | None = None) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", name)
+
+
+def renameat2(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int = 0) -> None:
+    _check(_libc.renameat2(olddirfd, old, newdirfd, new, flags), "renameat2", old)
+
+
+def fchown_path_fd(fd: int, uid: int, gid: int) -> None:
+    """chown the object an O_PATH fd refers to (symlinks included); -1 keeps a value."""
+    _check(_libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF,
+                          AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
+
+
+def _ts(ns: int | None) -> _Timespec:
+    if ns is None:
+        return _Timespec(0, UTIME_OMIT)
+    sec, nsec = divmod(ns, 1_000_000_000)
+    return _Timespec(sec, nsec)
+
+
+def utimens_path_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set times on the object an O_PATH fd refers to; None leaves a time alone."""
+    times = (_Timespec * 2)(_ts(atime_ns), _ts(mtime_ns))
+    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
+
+
+def syncfs(fd: int) -> None:
+    """Flush every dirty page and inode of the filesystem holding ``fd``."""
+    _check(_libc.syncfs(fd), "syncfs")

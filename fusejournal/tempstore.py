@@ -1,0 +1,173 @@
+"""The temporary store: ordered records of every successful mutating operation.
+
+Records are appended in the order the operations completed on the original
+tree.  The store is a list of *parts*: in-memory lists of records of about
+``chunk_bytes`` each, or :class:`SpillRef` ranges of a spill file.  When the
+records held in memory exceed ``memory_limit``, each newly filled chunk is
+encoded and written to the spill file (a few milliseconds per 4 MiB chunk),
+so the daemon's memory stays near the limit however much is pending.
+
+:meth:`TempStore.take` is the acquisition's primitive: it swaps the whole
+content out as a :class:`Batch` in O(1) (no record is copied or encoded), and
+the store starts empty with a new spill file.  :meth:`TempStore.restore` puts a
+batch whose checkpoint failed back in front, so nothing captured is lost.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+from . import records as rec_mod
+from .records import Record
+
+
+@dataclass
+class SpillFile:
+    """An anonymous (O_TMPFILE) file holding encoded records; closed when its last batch is dropped."""
+    fd: int
+    size: int = 0
+    refs: int = 1
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class SpillRef:
+    file: SpillFile
+    offset: int
+    length: int
+    count: int
+
+    def records(self) -> Iterator[Record]:
+        data = os.pread(self.file.fd, self.length, self.offset)
+        if len(data) != self.length:
+            raise OSError(f"spill file short read ({len(data)} of {self.length} bytes)")
+        return rec_mod.decode(data)
+
+
+Part = Union[list, SpillRef]
+
+
+@dataclass
+class Batch:
+    """What the acquisition took out of the store: records in order, not yet encoded."""
+    parts: list[Part] = field(default_factory=list)
+    operations: int = 0
+    raw_bytes: int = 0
+    spill_files: list[SpillFile] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[Record]:
+        for part in self.parts:
+            if isinstance(part, list):
+                yield from part
+            else:
+                yield from part.records()
+
+    def close(self) -> None:
+        """Drop the batch (after it is durably in the log): frees its spill files."""
+        for f in self.spill_files:
+            f.release()
+        self.spill_files = []
+        self.parts = []
+
+
+class TempStore:
+    def __init__(self, spill_dir: str | os.PathLike | None = None, *,
+                 memory_limit: int = 64 << 20, chunk_bytes: int = 4 << 20) -> None:
+        self.spill_dir = spill_dir
+        self.memory_limit = memory_limit
+        self.chunk_bytes = chunk_bytes
+        self._reset()
+
+    def _reset(self) -> None:
+        self._parts: list[Part] = []
+        self._cur: list[Record] = []
+        self._cur_bytes = 0
+        self._mem_bytes = 0          # bytes of records held in memory (all list parts)
+        self.operations = 0
+        self.raw_bytes = 0
+        self._spill: SpillFile | None = None
+        self._spill_files: list[SpillFile] = []
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._mem_bytes
+
+    @property
+    def spilled_bytes(self) -> int:
+        return self.raw_bytes - self._mem_bytes
+
+    def append(self, rec: Record) -> None:
+        """Record one successful mutating operation (called before the reply)."""
+        size = rec_mod.record_size(rec)
+        cur = self._cur
+        if not cur:
+            self._parts.append(cur)
+        cur.append(rec)
+        self._cur_bytes += size
+        self._mem_bytes += size
+        self.operations += 1
+        self.raw_bytes += size
+        if self._cur_bytes >= self.chunk_bytes:
+            if self._mem_bytes > self.memory_limit and self.spill_dir is not None:
+                self._spill_current()
+            self._cur = []
+            self._cur_bytes = 0
+
+    def _spill_file(self) -> SpillFile:
+        if self._spill is None:
+            d = os.fspath(self.spill_dir)
+            try:
+                fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o600)
+            except OSError:
+                import tempfile
+                fd, name = tempfile.mkstemp(dir=d, prefix="spill-")
+                os.unlink(name)
+            self._spill = SpillFile(fd)
+            self._spill_files.append(self._spill)
+        return self._spill
+
+    def _spill_current(self) -> None:
+        """Encode the current chunk into the spill file and replace it by a SpillRef.
+
+        On any error (e.g. ENOSPC) the chunk simply stays in memory.
+        """
+        cur = self._cur
+        try:
+            f = self._spill_file()
+            data = rec_mod.encode(cur)
+            off = f.size
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(f.fd, view, f.size)
+                f.size += n
+                view = view[n:]
+        except OSError:
+            return
+        assert self._parts[-1] is cur
+        self._parts[-1] = SpillRef(f, off, len(data), len(cur))
+        self._mem_bytes -= self._cur_bytes
+
+    def take(self) -> Batch:
+        """Acquisition: take everything out at once (O(1), nothing copied)."""
+        batch = Batch(self._parts, self.operations, self.raw_bytes, self._spill_files)
+        self._reset()
+        return batch
+
+    def restore(self, batch: Batch) -> None:
+        """Put back a batch whose checkpoint failed, in front of what came since."""
+        parts = [p for p in batch.parts if not (isinstance(p, list) and not p)]
+        mem = sum(rec_mod.record_size(r) for p in parts if isinstance(p, list) for r in p)
+        self._parts = parts + self._parts
+        self._mem_bytes += mem
+        self.operations += batch.operations
+        self.raw_bytes += batch.raw_bytes
+        self._spill_files = batch.spill_files + self._spill_files
+        batch.parts = []
+        batch.spill_files = []
