@@ -1,0 +1,137 @@
+"""Fixtures for real FUSE mounts.
+
+Every mount is started with the real CLI in its own process (the daemon never
+shares a process or a trio loop with the test), polled until ready by the
+CLI itself, and torn down in a ``finally`` even if the test failed:
+``fusermount3 -u -z`` and SIGKILL of the daemon if it is still alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+FJ = [sys.executable, "-m", "fusejournal.cli"]
+
+
+def can_mount() -> bool:
+    return os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+needs_fuse = pytest.mark.skipif(not can_mount(), reason="needs root, /dev/fuse and fusermount3")
+
+
+def fj(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([*FJ, *map(os.fspath, args)], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"fusejournal {' '.join(map(str, args))} failed ({r.returncode}): "
+                             f"{r.stdout}{r.stderr}")
+    return r
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def force_unmount(path: Path, pid: int | None = None) -> None:
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", os.fspath(path)], capture_output=True)
+    if pid:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return
+            time.sleep(0.02)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@dataclass
+class Mounted:
+    source: Path
+    mountpoint: Path
+    journal: Path
+    shadow: Path
+    extra: list[str] = field(default_factory=list)
+    pid: int | None = None
+
+    @property
+    def tree(self) -> Path:
+        return self.shadow / "tree"
+
+    def mount(self, *more: str) -> subprocess.CompletedProcess:
+        r = fj("mount", self.source, self.mountpoint, "--journal", self.journal, "--shadow", self.shadow,
+               *self.extra, *more)
+        self.pid = self.status()["pid"]
+        return r
+
+    def status(self) -> dict:
+        return json.loads(os.getxattr(self.mountpoint, b"user.fusejournal.status"))
+
+    def checkpoint(self, label: str = "t") -> int:
+        os.setxattr(self.mountpoint, b"user.fusejournal.update_permission", label.encode())
+        return int(os.getxattr(self.mountpoint, b"user.fusejournal.checkpoint"))
+
+    def wait(self, checkpoint: int | None = None, timeout: float = 60) -> None:
+        args = ["wait", self.mountpoint, "--timeout", str(timeout)]
+        if checkpoint is not None:
+            args += ["--checkpoint", str(checkpoint)]
+        fj(*args)
+
+    def umount(self) -> None:
+        fj("umount", self.mountpoint)
+        self.pid = None
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a crash) and clear the dead mount."""
+        if self.pid:
+            os.kill(self.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(self.pid, 0)
+                except OSError:
+                    break
+                time.sleep(0.01)
+        self.pid = None
+
+    def cleanup(self) -> None:
+        force_unmount(self.mountpoint, self.pid)
+        self.pid = None
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> Mounted:
+    src = tmp_path / "src"
+    mnt = tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    m = Mounted(src, mnt, tmp_path / "journal", tmp_path / "shadow")
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+@pytest.fixture
+def mounted(dirs: Mounted) -> Mounted:
+    """A fresh journaled mount of an empty source at a separate mountpoint."""
+    if not can_mount():
+        pytest.skip("needs root, /dev/fuse and fusermount3")
+    dirs.mount()
+    return dirs

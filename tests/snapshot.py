@@ -1,0 +1,89 @@
+"""Snapshots of a directory tree, to compare an original at checkpoint N with the shadow.
+
+A snapshot records, per path (bytes, relative): type, mode, uid, gid, size,
+mtime_ns, content digest (regular files), symlink target, rdev, user.* and
+trusted.* xattrs, and the hard-link group (the set of paths sharing one inode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+
+def _xattrs(path: bytes, is_link: bool) -> dict:
+    if is_link:
+        return {}
+    out = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    for n in sorted(names):
+        if n.startswith(("user.", "trusted.")) and not n.startswith("user.fusejournal."):
+            try:
+                out[n] = os.getxattr(path, n, follow_symlinks=False)
+            except OSError:
+                pass
+    return out
+
+
+def snapshot(root: os.PathLike | str, *, mtimes: bool = True, dir_mtimes: bool = True) -> dict:
+    root_b = os.fsencode(os.fspath(root))
+    entries: dict[bytes, tuple] = {}
+    inodes: dict[int, list[bytes]] = {}
+
+    def visit(rel: bytes) -> None:
+        full = root_b + (b"/" + rel if rel else b"")
+        st = os.lstat(full)
+        mode = st.st_mode
+        kind = stat.S_IFMT(mode)
+        digest = target = None
+        if stat.S_ISREG(mode):
+            h = hashlib.sha256()
+            with open(full, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = h.hexdigest()
+        elif stat.S_ISLNK(mode):
+            target = os.readlink(full)
+        mt = None
+        if mtimes and (dir_mtimes or not stat.S_ISDIR(mode)):
+            mt = st.st_mtime_ns
+        entries[rel] = (kind, stat.S_IMODE(mode) if not stat.S_ISLNK(mode) else None, st.st_uid, st.st_gid,
+                        st.st_size if not stat.S_ISDIR(mode) else None, mt, digest, target,
+                        st.st_rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None,
+                        tuple(sorted(_xattrs(full, stat.S_ISLNK(mode)).items())))
+        if not stat.S_ISDIR(mode):
+            inodes.setdefault(st.st_ino, []).append(rel)
+        else:
+            for name in sorted(os.listdir(full)):
+                visit(rel + b"/" + name if rel else name)
+
+    visit(b"")
+    links = sorted(tuple(sorted(v)) for v in inodes.values() if len(v) > 1)
+    return {"entries": entries, "links": links}
+
+
+def diff(a: dict, b: dict, limit: int = 20) -> list[str]:
+    out = []
+    ea, eb = a["entries"], b["entries"]
+    for k in sorted(set(ea) | set(eb)):
+        if k not in eb:
+            out.append(f"only in first: {k!r} {ea[k]}")
+        elif k not in ea:
+            out.append(f"only in second: {k!r} {eb[k]}")
+        elif ea[k] != eb[k]:
+            out.append(f"differs: {k!r}\n   {ea[k]}\n   {eb[k]}")
+        if len(out) >= limit:
+            break
+    if a["links"] != b["links"]:
+        out.append(f"hard links differ: {a['links']} vs {b['links']}")
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    d = diff(a, b)
+    assert not d, "trees differ:\n" + "\n".join(d)
