@@ -1,0 +1,878 @@
+"""The ordered log: checkpoint batches, durably appended to segment files.
+
+The log lives in ``journal/log/`` as numbered segment files
+(``0000000000000001.fjlog`` ...).  Each update permission appends one
+*checkpoint*: the batch of records (as one or more lz4-compressed BATCH
+entries) closed by one MARKER entry.  A checkpoint never spans two segments.
+The byte layout is specified in docs/format.md.
+
+What is durable when:
+
+* :meth:`OrderedLog.append` returns only after the marker has been written
+  and ``fdatasync``-ed (and, for a new segment file, the log directory
+  ``fsync``-ed).  A checkpoint whose append returned survives a crash.
+* A crash *during* an append leaves an uncommitted tail (a partial entry,
+  garbage, or batch entries without their marker) at the end of the last
+  segment.  :meth:`OrderedLog.open` cuts it off; nothing committed is lost.
+* Damage anywhere else (a bad checksum followed by further committed data,
+  or in an earlier segment) is never cut automatically: :attr:`OrderedLog.damage`
+  records it, the damaged checkpoint and everything after it are left out of
+  the index (so never applied), and appends are refused until
+  ``fsck(repair=True)`` truncates the log before the damage.
+
+Every checksum is checked before anything read from the log is used.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import errno
+import json
+import os
+import re
+import struct
+import threading
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from . import compression
+from .records import Record, RecordError, decode, encode, record_size
+
+LOG_FORMAT = 1
+SEGMENT_SUFFIX = ".fjlog"
+FILE_MAGIC = b"FJLOG\0"
+ENTRY_MAGIC = b"FJ"
+BATCH = 1
+MARKER = 2
+
+# magic, format version, segment index, base checkpoint, crc32 of the preceding 24 bytes
+_FILE_HEADER = struct.Struct("<6sHQQI")
+_FILE_VERSION = struct.Struct("<6sH")  # the part every format version keeps
+# magic, type, flags, payload length, checkpoint, payload crc32, crc32 of the preceding 20 bytes
+_ENTRY_HEADER = struct.Struct("<2sBBIQII")
+_MAX_PAYLOAD = 0xFFFFFFFF
+_READ_CHUNK = 1 << 20
+_NAME_RE = re.compile(r"([0-9]{16,})" + re.escape(SEGMENT_SUFFIX), re.ASCII)
+
+
+def format_segment_name(index: int) -> str:
+    """File name of segment ``index``: 16 decimal digits + ``.fjlog``."""
+    if index < 0:
+        raise ValueError(f"negative segment index {index}")
+    return f"{index:016d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> int | None:
+    """Segment index of a file name, or None if it is not a segment's name."""
+    m = _NAME_RE.fullmatch(name)
+    if m is None:
+        return None
+    index = int(m.group(1))
+    return index if format_segment_name(index) == name else None
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """A byte position in the log: segment index and offset in that file."""
+    segment: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Marker:
+    """The update-permission marker closing a batch.
+
+    On disk: compact JSON of all fields; ``extra`` keys are stored at the top
+    level next to them, and unknown keys read from a newer writer land in
+    ``extra``.  ``operations``, ``raw_bytes`` and ``stored_bytes`` are
+    computed by :meth:`OrderedLog.append` (the values passed in are replaced).
+    """
+    checkpoint: int
+    label: str
+    time_ns: int
+    operations: int
+    raw_bytes: int
+    stored_bytes: int
+    halt_ns: int = 0
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+_MARKER_FIELDS = ("checkpoint", "label", "time_ns", "operations", "raw_bytes",
+                  "stored_bytes", "halt_ns")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One complete checkpoint in the log."""
+    marker: Marker
+    start: Position  # first entry of its batch (the marker itself if the batch is empty)
+    end: Position    # just after its marker
+
+
+class LogError(Exception):
+    """Something is wrong with the ordered log or its use."""
+
+
+class CorruptLog(LogError):
+    """Data in the log failed a check (checksum, framing, order, decoding)."""
+
+    def __init__(self, segment: int, offset: int, checkpoint: int | None, reason: str):
+        self.segment = segment
+        self.offset = offset
+        self.checkpoint = checkpoint
+        self.reason = reason
+        cp = f"checkpoint {checkpoint}" if checkpoint is not None else "unknown checkpoint"
+        super().__init__(f"corrupt log: {format_segment_name(segment)} offset {offset} "
+                         f"({cp}): {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.segment, self.offset, self.checkpoint, self.reason)
+
+
+class FormatTooNew(LogError):
+    """A segment was written by a newer fusejournal (higher log format version)."""
+
+
+# ---------------------------------------------------------------- encoding
+
+def _file_header(index: int, base: int) -> bytes:
+    head = _FILE_HEADER.pack(FILE_MAGIC, LOG_FORMAT, index, base, 0)[:-4]
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def _entry_header(typ: int, checkpoint: int, payload: bytes) -> bytes:
+    if len(payload) > _MAX_PAYLOAD:
+        raise ValueError(f"log entry payload of {len(payload)} bytes is too large")
+    head = _ENTRY_HEADER.pack(ENTRY_MAGIC, typ, 0, len(payload), checkpoint,
+                              zlib.crc32(payload), 0)[:-4]
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def _marker_json(m: Marker) -> bytes:
+    d = {name: getattr(m, name) for name in _MARKER_FIELDS}
+    clash = set(m.extra) & set(d)
+    if clash:
+        raise ValueError(f"marker extra keys clash with fields: {sorted(clash)}")
+    d.update(m.extra)
+    return json.dumps(d, separators=(",", ":")).encode("ascii")
+
+
+class _Bad(Exception):
+    """Internal: the thing at hand fails a check (str() is the reason)."""
+
+
+def _parse_marker(payload: bytes, checkpoint: int) -> Marker:
+    try:
+        d = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _Bad(f"undecodable marker: {e}") from None
+    if not isinstance(d, dict):
+        raise _Bad("undecodable marker: not a JSON object")
+    d.setdefault("halt_ns", 0)
+    known = {}
+    for name in _MARKER_FIELDS:
+        v = d.pop(name, None)
+        ok = isinstance(v, str) if name == "label" else type(v) is int
+        if not ok:
+            raise _Bad(f"undecodable marker: bad or missing {name!r}")
+        known[name] = v
+    if known["checkpoint"] != checkpoint:
+        raise _Bad(f"marker says checkpoint {known['checkpoint']}")
+    return Marker(**known, extra=d)
+
+
+# ---------------------------------------------------------------- reading
+
+@dataclass
+class _Entry:
+    offset: int
+    type: int
+    length: int
+    checkpoint: int
+    crc: int
+
+    @property
+    def payload(self) -> int:
+        return self.offset + _ENTRY_HEADER.size
+
+    @property
+    def end(self) -> int:
+        return self.offset + _ENTRY_HEADER.size + self.length
+
+
+def _pread(fd: int, n: int, off: int) -> bytes:
+    """Read up to n bytes at off (fewer only at end of file)."""
+    parts = []
+    while n > 0:
+        b = os.pread(fd, n, off)
+        if not b:
+            break
+        parts.append(b)
+        n -= len(b)
+        off += len(b)
+    return b"".join(parts)
+
+
+def _crc_range(fd: int, off: int, length: int) -> int | None:
+    crc = 0
+    while length > 0:
+        b = os.pread(fd, min(length, _READ_CHUNK), off)
+        if not b:
+            return None
+        crc = zlib.crc32(b, crc)
+        off += len(b)
+        length -= len(b)
+    return crc
+
+
+def _read_entry(fd: int, off: int, limit: int, *, check_payload: bool = True) -> _Entry:
+    """The entry at ``off``, which must end by ``limit``; raise _Bad otherwise."""
+    if limit - off < _ENTRY_HEADER.size:
+        raise _Bad(f"truncated entry header ({limit - off} bytes)")
+    raw = _pread(fd, _ENTRY_HEADER.size, off)
+    if len(raw) < _ENTRY_HEADER.size:
+        raise _Bad(f"truncated entry header ({len(raw)} bytes)")
+    magic, typ, flags, length, cp, pcrc, hcrc = _ENTRY_HEADER.unpack(raw)
+    if magic != ENTRY_MAGIC:
+        raise _Bad("bad entry magic")
+    if zlib.crc32(raw[:-4]) != hcrc:
+        raise _Bad("entry header checksum mismatch")
+    if typ not in (BATCH, MARKER) or flags:
+        raise _Bad(f"unknown entry type {typ} (flags {flags})")
+    e = _Entry(off, typ, length, cp, pcrc)
+    if e.end > limit:
+        raise _Bad(f"entry of {length} payload bytes runs past the end ({limit})")
+    if check_payload and _crc_range(fd, e.payload, length) != pcrc:
+        raise _Bad("payload checksum mismatch")
+    return e
+
+
+def _find_magic(fd: int, pos: int, size: int) -> int | None:
+    keep = len(ENTRY_MAGIC) - 1
+    while pos < size:
+        buf = os.pread(fd, min(_READ_CHUNK, size - pos), pos)
+        if not buf:
+            return None
+        i = buf.find(ENTRY_MAGIC)
+        if i >= 0:
+            return pos + i
+        pos += max(len(buf) - keep, 1)
+    return None
+
+
+def _next_marker(fd: int, pos: int, size: int) -> _Entry | None:
+    """Resynchronise: the first intact MARKER entry at or after ``pos``."""
+    while (p := _find_magic(fd, pos, size)) is not None:
+        try:
+            e = _read_entry(fd, p, size)
+        except _Bad:
+            pos = p + 1
+            continue
+        if e.type == MARKER:
+            return e
+        pos = e.end
+    return None
+
+
+@dataclass
+class _SegScan:
+    index: int
+    path: Path
+    size: int
+    next_cp: int | None             # checkpoint the next entry belongs to
+    base: int | None = None         # None: the segment header is unusable
+    infos: list = field(default_factory=list)
+    good_end: int = 0               # end of the committed prefix
+    problem: tuple[int, str] | None = None  # (offset, reason) of the first bad thing
+
+
+def _check_version(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(_FILE_VERSION.size)
+    if len(head) == _FILE_VERSION.size:
+        magic, version = _FILE_VERSION.unpack(head)
+        if magic == FILE_MAGIC and version > LOG_FORMAT:
+            raise FormatTooNew(f"{path}: log format {version}; this fusejournal reads "
+                               f"format {LOG_FORMAT} only")
+
+
+def _scan_segment(fd: int, index: int, path: Path, expected: int | None) -> _SegScan:
+    """Check one segment (all checksums), collecting its complete checkpoints."""
+    size = os.fstat(fd).st_size
+    s = _SegScan(index, path, size, expected)
+    raw = _pread(fd, _FILE_HEADER.size, 0)
+    if len(raw) < _FILE_HEADER.size:
+        s.problem = (0, f"truncated segment header ({len(raw)} bytes)")
+        return s
+    magic, version, idx, base, crc = _FILE_HEADER.unpack(raw)
+    reason = None
+    if magic != FILE_MAGIC:
+        reason = "bad segment magic"
+    elif zlib.crc32(raw[:-4]) != crc:
+        reason = "segment header checksum mismatch"
+    elif version != LOG_FORMAT:
+        reason = f"bad format version {version}"
+    elif idx != index:
+        reason = f"segment header names segment {idx}"
+    elif base < 1 or (expected is not None and base != expected):
+        reason = f"segment starts at checkpoint {base}, expected {expected}"
+    if reason:
+        s.problem = (0, reason)
+        return s
+    s.base = s.next_cp = base
+    s.good_end = pos = _FILE_HEADER.size
+    start = None
+    try:
+        while pos < size:
+            e = _read_entry(fd, pos, size)
+            if e.checkpoint != s.next_cp:
+                raise _Bad(f"entry belongs to checkpoint {e.checkpoint}")
+            if start is None:
+                start = pos
+            if e.type == MARKER:
+                marker = _parse_marker(_pread(fd, e.length, e.payload), e.checkpoint)
+                if marker.stored_bytes != e.end - start:
+                    raise _Bad(f"marker says {marker.stored_bytes} stored bytes, "
+                               f"checkpoint has {e.end - start}")
+                s.infos.append(CheckpointInfo(marker, Position(index, start), Position(index, e.end)))
+                s.next_cp += 1
+                s.good_end = e.end
+                start = None
+            pos = e.end
+        if start is not None:
+            pos = start
+            raise _Bad("batch not closed by a marker")
+    except _Bad as e:
+        s.problem = (pos, str(e))
+    return s
+
+
+def _is_torn(fd: int, s: _SegScan) -> bool:
+    """Is the problem in the last segment an uncommitted tail?
+
+    Yes unless an intact marker follows it, other than the incomplete
+    checkpoint's own marker as the very last entry of the file (a crash
+    between writing and syncing may leave that one intact after a hole).
+    """
+    m = _next_marker(fd, s.problem[0], s.size)
+    return m is None or (m.checkpoint == s.next_cp and m.end == s.size)
+
+
+@dataclass
+class _LogScan:
+    paths: list[tuple[int, Path]]       # every segment file, in order
+    infos: list[CheckpointInfo]
+    last: int
+    damage: CorruptLog | None = None
+    damage_cut: tuple[int, int | None] | None = None  # (segment, offset); None: whole file
+    torn: str | None = None
+    torn_cut: tuple[int, int | None] | None = None
+
+
+def _list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """Segment files in order; none if the directory does not exist (yet)."""
+    out = []
+    try:
+        with os.scandir(directory) as it:
+            for de in it:
+                index = parse_segment_name(de.name)
+                if index is not None:
+                    out.append((index, Path(de.path)))
+    except FileNotFoundError:
+        return []
+    return sorted(out)
+
+
+def _scan_log(directory: Path) -> _LogScan:
+    """Read-only check of the whole log; decides torn tail vs damage."""
+    paths = _list_segments(directory)
+    for _, path in paths:
+        _check_version(path)
+    scan = _LogScan(paths, [], 0)
+    expected = prev = None
+    for i, (index, path) in enumerate(paths):
+        if prev is not None and index != prev + 1:
+            scan.damage = CorruptLog(index, 0, expected,
+                                     f"segment {format_segment_name(prev + 1)} is missing")
+            scan.damage_cut = (index, None)
+            break
+        prev = index
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            s = _scan_segment(fd, index, path, expected)
+            scan.infos.extend(s.infos)
+            expected = s.next_cp
+            if s.problem is None:
+                continue
+            offset, reason = s.problem
+            cut = (index, s.good_end if s.base is not None else None)
+            if i == len(paths) - 1 and _is_torn(fd, s):
+                what = (f"removed {path.name}" if cut[1] is None
+                        else f"cut {path.name} at offset {cut[1]} ({s.size - cut[1]} bytes)")
+                scan.torn = (f"torn tail: {what}: uncommitted checkpoint {s.next_cp}: "
+                             f"{reason} at offset {offset}")
+                scan.torn_cut = cut
+            else:
+                scan.damage = CorruptLog(index, offset, s.next_cp, reason)
+                scan.damage_cut = cut
+                break
+        finally:
+            os.close(fd)
+    scan.last = expected - 1 if expected is not None else 0
+    return scan
+
+
+def _iter_batches(path: Path, info: CheckpointInfo) -> Iterator[tuple[int, bytes]]:
+    """(offset, raw record bytes) of each BATCH entry of ``info``, all checked."""
+    seg, cp = info.start.segment, info.marker.checkpoint
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LogError(f"checkpoint {cp}: segment {path.name} no longer exists (pruned?)") from None
+    try:
+        pos, end = info.start.offset, info.end.offset
+        while True:
+            try:
+                e = _read_entry(fd, pos, end, check_payload=False)
+                if e.checkpoint != cp:
+                    raise _Bad(f"entry belongs to checkpoint {e.checkpoint}")
+                payload = _pread(fd, e.length, e.payload)
+                if len(payload) != e.length:
+                    raise _Bad("segment shorter than the checkpoint")
+                if zlib.crc32(payload) != e.crc:
+                    raise _Bad("payload checksum mismatch")
+                if e.type == MARKER:
+                    if e.end != end:
+                        raise _Bad("marker before the end of the checkpoint")
+                    if _parse_marker(payload, cp) != info.marker:
+                        raise _Bad("marker differs from the index")
+                    return
+                raw = compression.decompress(payload)
+            except (_Bad, compression.CompressionError) as x:
+                raise CorruptLog(seg, pos, cp, str(x)) from None
+            del payload
+            yield pos, raw
+            pos = e.end
+    finally:
+        os.close(fd)
+
+
+def _verify(path: Path, info: CheckpointInfo) -> None:
+    seg, cp, m = info.start.segment, info.marker.checkpoint, info.marker
+    ops = raw_bytes = 0
+    for offset, raw in _iter_batches(path, info):
+        raw_bytes += len(raw)
+        try:
+            ops += sum(1 for _ in decode(raw))
+        except RecordError as e:
+            raise CorruptLog(seg, offset, cp, f"undecodable records: {e}") from None
+    if (ops, raw_bytes) != (m.operations, m.raw_bytes):
+        raise CorruptLog(seg, info.start.offset, cp,
+                         f"batch holds {ops} records / {raw_bytes} bytes, marker says "
+                         f"{m.operations} / {m.raw_bytes}")
+
+
+# ---------------------------------------------------------------- writing
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _truncate(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.write(fd, mv)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write to log segment")
+        mv = mv[n:]
+
+
+def _write_entry(fd: int, typ: int, checkpoint: int, payload: bytes) -> int:
+    _write_all(fd, _entry_header(typ, checkpoint, payload))
+    _write_all(fd, payload)
+    return _ENTRY_HEADER.size + len(payload)
+
+
+def _chunked(records: Iterable[Record], limit: int) -> Iterator[list[Record]]:
+    chunk: list[Record] = []
+    n = 0
+    for rec in records:
+        try:
+            n += record_size(rec)
+        except KeyError:
+            raise TypeError(f"not a record: {rec!r}") from None
+        chunk.append(rec)
+        if n >= limit:
+            yield chunk
+            chunk, n = [], 0
+    if chunk:
+        yield chunk
+
+
+def _final_marker(marker: Marker, ops: int, raw: int, batch_bytes: int) -> tuple[Marker, bytes]:
+    """The marker with its counts filled in, and its payload.
+
+    stored_bytes includes the marker's own JSON, whose length depends on the
+    number's digits: iterate to the fixed point (two or three rounds).
+    """
+    stored = batch_bytes
+    for _ in range(20):
+        m = dataclasses.replace(marker, operations=ops, raw_bytes=raw,
+                                stored_bytes=stored, extra=dict(marker.extra))
+        payload = _marker_json(m)
+        total = batch_bytes + _ENTRY_HEADER.size + len(payload)
+        if total == stored:
+            return m, payload
+        stored = total
+    raise AssertionError("stored_bytes did not converge")
+
+
+# ---------------------------------------------------------------- the log
+
+class OrderedLog:
+    """The ordered log in one directory.  Call :meth:`open` before use.
+
+    One thread appends (:meth:`append`, :meth:`prune`); others may call
+    :meth:`checkpoints`, :meth:`verify`, :meth:`records` concurrently: the
+    index is guarded by a lock and readers use their own read-only fds.
+    """
+
+    def __init__(self, directory: str | Path, *, segment_limit: int = 64 << 20,
+                 chunk_bytes: int = 4 << 20):
+        self.directory = Path(directory)
+        self.segment_limit = segment_limit
+        self.chunk_bytes = max(1, chunk_bytes)
+        self.damage: CorruptLog | None = None
+        self._lock = threading.Lock()    # guards _infos, _segments, _last
+        self._wlock = threading.Lock()   # serialises append/prune/close
+        self._infos: list[CheckpointInfo] = []
+        self._segments: list[int] = []   # every segment file, in order
+        self._last = 0
+        self._wfd: int | None = None     # last segment, for appending
+        self._size = 0                   # committed size of the last segment
+        self._state = "new"              # new -> open -> closed; "broken" after a failed rollback
+
+    # -- opening
+
+    def open(self) -> list[str]:
+        """Create the directory if needed, scan and index the log.
+
+        Cuts an uncommitted (torn) tail off the last segment, durably, and
+        returns a warning for it.  Damage elsewhere is not cut: it is kept in
+        :attr:`damage` (and warned about); the index stops before the damaged
+        checkpoint and :meth:`append` refuses to write.  Raises
+        :class:`FormatTooNew` before touching anything if a segment has a
+        newer format.
+        """
+        if self._state != "new":
+            raise LogError("log already opened")
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True)
+            _fsync_dir(self.directory.parent)
+        scan = _scan_log(self.directory)
+        warnings = []
+        segments = [index for index, _ in scan.paths]
+        if scan.torn_cut is not None:
+            index, offset = scan.torn_cut
+            path = self.directory / format_segment_name(index)
+            if offset is None:
+                os.unlink(path)
+                _fsync_dir(self.directory)
+                segments.remove(index)
+            else:
+                _truncate(path, offset)
+            warnings.append(scan.torn)
+        if scan.damage is not None:
+            warnings.append(f"{scan.damage}; the damaged checkpoint and all later ones are "
+                            f"not used and appends are refused until fsck --repair")
+        with self._lock:
+            self._infos, self._last, self._segments = scan.infos, scan.last, segments
+            self.damage = scan.damage
+        if segments and self.damage is None:
+            self._wfd = os.open(self.directory / format_segment_name(segments[-1]),
+                                os.O_RDWR | os.O_CLOEXEC)
+            self._size = os.fstat(self._wfd).st_size
+        self._state = "open"
+        return warnings
+
+    # -- reading
+
+    @property
+    def last_checkpoint(self) -> int:
+        """Id of the last usable complete checkpoint (0 if none)."""
+        with self._lock:
+            return self._last
+
+    def checkpoints(self, after: int = 0) -> list[CheckpointInfo]:
+        """Complete, indexed checkpoints with id > ``after``, in order."""
+        with self._lock:
+            i = bisect.bisect_right(self._infos, after, key=lambda c: c.marker.checkpoint)
+            return self._infos[i:]
+
+    def _path(self, info: CheckpointInfo) -> Path:
+        return self.directory / format_segment_name(info.start.segment)
+
+    def verify(self, info: CheckpointInfo) -> None:
+        """Check every entry of a checkpoint: checksums, lz4 frames, record
+        decoding, and the marker's counts.  Raises :class:`CorruptLog`."""
+        _verify(self._path(info), info)
+
+    def records(self, info: CheckpointInfo) -> Iterator[Record]:
+        """The checkpoint's records, in order, one chunk in memory at a time.
+
+        Each chunk is checked (checksum, frame, decoding) before any of its
+        records is yielded, but a later chunk may still raise
+        :class:`CorruptLog` after earlier records were yielded: call
+        :meth:`verify` first when all-or-nothing matters.
+        """
+        seg, cp = info.start.segment, info.marker.checkpoint
+        for offset, raw in _iter_batches(self._path(info), info):
+            try:
+                recs = list(decode(raw))
+            except RecordError as e:
+                raise CorruptLog(seg, offset, cp, f"undecodable records: {e}") from None
+            del raw
+            yield from recs
+
+    def segments(self) -> list[tuple[int, Path, int]]:
+        """(index, path, size) of every segment file, in order."""
+        with self._lock:
+            indices = list(self._segments)
+        out = []
+        for index in indices:
+            path = self.directory / format_segment_name(index)
+            try:
+                out.append((index, path, path.stat().st_size))
+            except FileNotFoundError:
+                pass  # pruned meanwhile
+        return out
+
+    # -- writing
+
+    def append(self, records: Iterable[Record], marker: Marker) -> CheckpointInfo:
+        """Append one checkpoint (its records, then its marker), durably.
+
+        ``marker.checkpoint`` must be ``last_checkpoint + 1`` (ValueError).
+        The returned info's marker has operations, raw_bytes and stored_bytes
+        filled in.  Records are streamed in chunks of about ``chunk_bytes``.
+        Returns only once the checkpoint is durable.  On any exception the
+        segment is cut back to where it was (a segment file created here is
+        removed), the index is unchanged and the exception is re-raised.
+        """
+        with self._wlock:
+            if self._state != "open":
+                raise LogError(f"log is {self._state}; cannot append")
+            if self.damage is not None:
+                raise LogError(f"log is damaged, appends refused until repaired: {self.damage}")
+            cp = marker.checkpoint
+            if cp != self._last + 1:
+                raise ValueError(f"checkpoint {cp} appended after {self._last}")
+            _marker_json(marker)  # reject a bad marker before writing anything
+            new = self._wfd is None or (self._size >= self.segment_limit
+                                        and self._size > _FILE_HEADER.size)
+            if new:
+                index = self._segments[-1] + 1 if self._segments else 1
+                path = self.directory / format_segment_name(index)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                start = _FILE_HEADER.size
+            else:
+                index, fd, start = self._segments[-1], self._wfd, self._size
+                path = self.directory / format_segment_name(index)
+            try:
+                if new:
+                    _write_all(fd, _file_header(index, cp))
+                else:
+                    os.lseek(fd, start, os.SEEK_SET)
+                pos, ops, raw = start, 0, 0
+                for chunk in _chunked(records, self.chunk_bytes):
+                    data = encode(chunk)
+                    ops += len(chunk)
+                    raw += len(data)
+                    del chunk
+                    payload = compression.compress(data)
+                    del data
+                    pos += _write_entry(fd, BATCH, cp, payload)
+                    del payload
+                final, payload = _final_marker(marker, ops, raw, pos - start)
+                pos += _write_entry(fd, MARKER, cp, payload)
+                os.fdatasync(fd)
+                if new:
+                    _fsync_dir(self.directory)
+            except BaseException:
+                self._rollback(fd, new, path, start)
+                raise
+            info = CheckpointInfo(final, Position(index, start), Position(index, pos))
+            if new:
+                if self._wfd is not None:
+                    os.close(self._wfd)
+                self._wfd = fd
+            self._size = pos
+            with self._lock:
+                if new:
+                    self._segments.append(index)
+                self._infos.append(info)
+                self._last = cp
+            return info
+
+    def _rollback(self, fd: int, new: bool, path: Path, start: int) -> None:
+        try:
+            if new:
+                os.close(fd)
+                os.unlink(path)
+            else:
+                os.ftruncate(fd, start)
+        except OSError:
+            # The segment's tail is unknown now; open() will cut it on restart.
+            self._state = "broken"
+
+    def prune(self, up_to: int) -> list[Path]:
+        """Delete whole segments whose every checkpoint is <= ``up_to``.
+
+        Never the last segment (it records where the checkpoint ids continue)
+        and nothing from a damaged segment on.  Returns the removed paths,
+        after fsyncing the directory.
+        """
+        with self._wlock:
+            with self._lock:
+                segments, infos = list(self._segments), list(self._infos)
+            highest: dict[int, int] = {}
+            for info in infos:
+                highest[info.start.segment] = info.marker.checkpoint
+            removed = []
+            try:
+                for index in segments[:-1]:
+                    if self.damage is not None and index >= self.damage.segment:
+                        break
+                    if highest.get(index, 0) > up_to:
+                        break
+                    path = self.directory / format_segment_name(index)
+                    os.unlink(path)
+                    removed.append(path)
+                    with self._lock:
+                        self._segments.remove(index)
+                        self._infos = [i for i in self._infos if i.start.segment != index]
+            finally:
+                if removed:
+                    _fsync_dir(self.directory)
+            return removed
+
+    def close(self) -> None:
+        """Close the writer's fd.  Every returned append is already durable."""
+        with self._wlock:
+            if self._wfd is not None:
+                os.close(self._wfd)
+                self._wfd = None
+            self._state = "closed"
+
+
+# ---------------------------------------------------------------- fsck
+
+@dataclass
+class FsckReport:
+    checkpoints_ok: int             # complete checkpoints that passed every check
+    last_checkpoint: int            # last usable checkpoint (after repair, the log's last)
+    damage: list[str] = field(default_factory=list)
+    torn_tail: str | None = None
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.damage and self.torn_tail is None
+
+
+def _lost_checkpoints(scan: _LogScan) -> list[int]:
+    """Ids of intact markers from the damage on (best effort, for the report)."""
+    d = scan.damage
+    found = {d.checkpoint} if d.checkpoint is not None else set()
+    for index, path in scan.paths:
+        if index < d.segment:
+            continue
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            pos = d.offset if index == d.segment else 0
+            while (m := _next_marker(fd, pos, size)) is not None:
+                found.add(m.checkpoint)
+                pos = m.end
+        finally:
+            os.close(fd)
+    if d.checkpoint is not None:
+        found = {c for c in found if c >= d.checkpoint}
+    return sorted(found)
+
+
+def read_markers(directory: str | Path) -> tuple[list[Marker], str | None]:
+    """Markers of the complete checkpoints, read-only (nothing is cut), and a
+    description of damage (None if none; a torn tail is not damage)."""
+    scan = _scan_log(Path(directory))
+    return [i.marker for i in scan.infos], (str(scan.damage) if scan.damage else None)
+
+
+def fsck(directory: str | Path, repair: bool = False) -> FsckReport:
+    """Check the whole log: every checksum, every lz4 frame, every record.
+
+    Without ``repair`` nothing is modified (segments are opened read-only).
+    With ``repair``: a torn tail is cut; on damage, the log is truncated just
+    before the damaged checkpoint, and that checkpoint and all later ones are
+    dropped -- they are lost, and the report says which.  Run it only while
+    no daemon uses the journal.
+    """
+    directory = Path(directory)
+    scan = _scan_log(directory)
+    for n, info in enumerate(scan.infos):
+        try:
+            _verify(directory / format_segment_name(info.start.segment), info)
+        except CorruptLog as e:
+            scan.damage, scan.damage_cut = e, (info.start.segment, info.start.offset)
+            scan.infos, scan.last = scan.infos[:n], info.marker.checkpoint - 1
+            break
+    report = FsckReport(len(scan.infos), scan.last, torn_tail=scan.torn)
+    lost: list[int] = []
+    if scan.damage is not None:
+        lost = _lost_checkpoints(scan)
+        report.damage.append(str(scan.damage))
+        if lost:
+            report.damage.append(f"checkpoints {lost[0]}..{lost[-1]} ({len(lost)} found) "
+                                 f"are not usable")
+    if not repair:
+        return report
+    if scan.damage is not None:
+        index, offset = scan.damage_cut
+        for later, path in reversed(scan.paths):
+            if later > index or (later == index and offset is None):
+                os.unlink(path)
+                report.repaired.append(f"removed {path.name}")
+        if offset is not None:
+            path = directory / format_segment_name(index)
+            _truncate(path, offset)
+            report.repaired.append(f"truncated {path.name} to {offset} bytes")
+        _fsync_dir(directory)
+        what = f"checkpoints {lost[0]}..{lost[-1]}" if lost else "everything after it"
+        report.repaired.append(f"dropped {what} from the damage on: they are lost; "
+                               f"the log now ends at checkpoint {scan.last}")
+    elif scan.torn_cut is not None:
+        index, offset = scan.torn_cut
+        path = directory / format_segment_name(index)
+        if offset is None:
+            os.unlink(path)
+            _fsync_dir(directory)
+        else:
+            _truncate(path, offset)
+        report.repaired.append(scan.torn)
+    return report
