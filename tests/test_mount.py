@@ -28,6 +28,14 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+def make_traversable(path: Path) -> None:
+    """Let other users reach ``path`` (pytest's temp dirs are private to root)."""
+    for p in [path, *path.parents]:
+        if p == Path("/"):
+            break
+        os.chmod(p, os.stat(p).st_mode | 0o011)
+
+
 def checkpoint_and_compare(m: Mounted, label: str = "t") -> int:
     """Checkpoint, snapshot the original (quiescent), wait for the shadow, compare."""
     n = m.checkpoint(label)
@@ -273,6 +281,7 @@ def test_control_attributes(mounted: Mounted) -> None:
 
 
 def test_only_owner_or_root_may_checkpoint(mounted: Mounted) -> None:
+    make_traversable(mounted.mountpoint.parent)
     os.chmod(mounted.mountpoint, 0o777)
     code = ("import os,sys; os.setgid(4321); os.setuid(4321)\n"
             "try:\n os.setxattr(sys.argv[1], b'user.fusejournal.update_permission', b'x')\n"
@@ -286,6 +295,7 @@ def test_only_owner_or_root_may_checkpoint(mounted: Mounted) -> None:
 
 def test_created_with_caller_ownership(mounted: Mounted) -> None:
     mp = mounted.mountpoint
+    make_traversable(mp.parent)
     os.chmod(mp, 0o777)
     code = ("import os,sys; os.setgid(4321); os.setuid(1234); os.umask(0o022)\n"
             "p=sys.argv[1]; fd=os.open(p+'/u', os.O_CREAT|os.O_WRONLY, 0o640); os.close(fd)\n"
