@@ -6,10 +6,11 @@ The order of one checkpoint (docs/design.md, "The halt"):
 1. update permission arrives (setxattr on the mount root);
 2. the halt closes: new mutating operations wait, in-flight ones finish;
 3. the whole temporary store is taken out (:meth:`TempStore.take`, O(1));
-4. the halt opens: operations flow again;
+4. the halt opens: operations flow again (a new activity period has begun);
 5. outside the halt, in a worker thread, the batch is lz4-compressed and
    appended to the ordered log with its marker, then fdatasync'ed;
-6. only then the setxattr returns 0, and the updater is signalled.
+6. only then the setxattr returns 0, the activity periods it covers are
+   deleted, and the updater is signalled.
 
 If step 5 fails (ENOSPC, EIO, ...) the batch is put back in front of the
 temporary store: nothing captured is lost, it belongs to the next checkpoint.
@@ -27,6 +28,7 @@ from typing import Callable
 
 import trio
 
+from .faults import fault
 from .halt import Halt
 from .log import CheckpointInfo, Marker, OrderedLog
 from .tempstore import TempStore
@@ -36,12 +38,13 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, store: TempStore, halt: Halt, ordered_log: OrderedLog, *,
-                 halt_timeout: float = 5.0,
+                 halt_timeout: float = 5.0, activity=None,
                  on_confirmed: Callable[[CheckpointInfo], None] | None = None) -> None:
         self.store = store
         self.halt = halt
         self.log = ordered_log
         self.halt_timeout = halt_timeout
+        self.activity = activity
         self.on_confirmed = on_confirmed
         self._lock = trio.Lock()
         self.last_error: str | None = None
@@ -58,6 +61,9 @@ class Checkpointer:
             wall = time.time_ns()
             async with self.halt.halted(self.halt_timeout):
                 batch = self.store.take()
+                # a new activity period starts with the new temporary store
+                period = self.activity.new_period() if self.activity is not None else 0
+            fault("acquisition.after_take")
             self.last_halt_ns = self.halt.last_duration_ns
             self.halt_history.append(self.last_halt_ns)
             del self.halt_history[:-1000]
@@ -72,6 +78,8 @@ class Checkpointer:
                 log.error("%s; its %d operation(s) stay pending", self.last_error, marker.operations)
                 raise
             batch.close()
+            if self.activity is not None:
+                self.activity.confirmed(period)   # those intents are covered now
             self.last_error = None
             log.info("checkpoint %d %r: %d operation(s), %d bytes raw, %d stored, halt %.3f ms",
                      info.marker.checkpoint, label, info.marker.operations, info.marker.raw_bytes,

@@ -104,13 +104,14 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False   # see docs/design.md: writes arrive in program order
 
     def __init__(self, source_fd: int, *, store: TempStore | None = None,
-                 halt: Halt | None = None, control: Any = None,
+                 halt: Halt | None = None, control: Any = None, activity: Any = None,
                  read_only: bool = False, timeout: float = 300.0) -> None:
         super().__init__()
         self.read_only = read_only
         self.store = store
         self.halt = halt or Halt()
         self.control = control
+        self.activity = activity if activity is not None and activity.enabled else None
         self.timeout = 1.0 if read_only else timeout
         self.is_root = os.geteuid() == 0
         root_fd = os.open(".", os.O_PATH | os.O_DIRECTORY, dir_fd=source_fd)
@@ -213,6 +214,15 @@ class Operations(pyfuse3.Operations):
         if d is None:
             return None
         return name if not d else d + b"/" + name
+
+    def _touch(self, ino: Inode) -> None:
+        """Durable write intent before the first change to ``ino`` in this period."""
+        if self.activity is not None:
+            self.activity.touch(ino.ino, ino.fd, ino.is_dir)
+
+    def _created_obj(self, st_ino: int) -> None:
+        if self.activity is not None:
+            self.activity.created(st_ino)
 
     def _record(self, rec: R.Record) -> None:
         if self.store is not None:
@@ -355,6 +365,7 @@ class Operations(pyfuse3.Operations):
             self._check_writable()
             await self.halt.enter()
             try:
+                self._touch(ino)
                 fd = os.open(ino.proc, flags & ~_OPEN_STRIP)
                 st = os.fstat(fd)
                 self._record_attrs(ino, R.ATTR_SIZE, st)
@@ -440,6 +451,8 @@ class Operations(pyfuse3.Operations):
         await self.halt.enter()
         try:
             h = self.files[fh]
+            if self.activity is not None:
+                self._touch(h.inode)
             n = os.pwrite(h.fd, buf, off)
             if self.store is not None:
                 st = os.fstat(h.fd)
@@ -457,6 +470,7 @@ class Operations(pyfuse3.Operations):
         ino = self._inode(inode)
         await self.halt.enter()
         try:
+            self._touch(ino)
             mask = 0
             if fields.update_size:
                 if fh is not None and fh in self.files:
@@ -495,6 +509,7 @@ class Operations(pyfuse3.Operations):
         p = self._inode(parent_inode)
         await self.halt.enter()
         try:
+            self._touch(p)
             fd = os.open(name, (flags | os.O_CREAT) & ~(os.O_APPEND | os.O_DIRECT | os.O_NOCTTY),
                          stat.S_IMODE(mode), dir_fd=p.fd)
             try:
@@ -502,6 +517,7 @@ class Operations(pyfuse3.Operations):
             except BaseException:
                 os.close(fd)
                 raise
+            self._created_obj(st.st_ino)
             path = self._path(parent_inode, name)
             if path is not None:
                 self._record(R.Mknod(st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_rdev,
@@ -519,8 +535,10 @@ class Operations(pyfuse3.Operations):
         p = self._inode(parent_inode)
         await self.halt.enter()
         try:
+            self._touch(p)
             os.mknod(name, mode, rdev, dir_fd=p.fd)
             fino, ino, st = self._created(parent_inode, name, ctx, mode)
+            self._created_obj(st.st_ino)
             path = self._path(parent_inode, name)
             if path is not None:
                 self._record(R.Mknod(st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_rdev,
@@ -536,8 +554,10 @@ class Operations(pyfuse3.Operations):
         p = self._inode(parent_inode)
         await self.halt.enter()
         try:
+            self._touch(p)
             os.mkdir(name, stat.S_IMODE(mode), dir_fd=p.fd)
             fino, ino, st = self._created(parent_inode, name, ctx, None)
+            self._created_obj(st.st_ino)
             path = self._path(parent_inode, name)
             if path is not None:
                 self._record(R.Mkdir(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
@@ -553,8 +573,10 @@ class Operations(pyfuse3.Operations):
         p = self._inode(parent_inode)
         await self.halt.enter()
         try:
+            self._touch(p)
             os.symlink(target, name, dir_fd=p.fd)
             fino, ino, st = self._created(parent_inode, name, ctx, None)
+            self._created_obj(st.st_ino)
             path = self._path(parent_inode, name)
             if path is not None:
                 self._record(R.Symlink(st.st_ino, st.st_uid, st.st_gid, st.st_mtime_ns,
@@ -571,6 +593,7 @@ class Operations(pyfuse3.Operations):
         np = self._inode(new_parent_inode)
         await self.halt.enter()
         try:
+            self._touch(np)
             os.link(ino.proc, new_name, dst_dir_fd=np.fd, follow_symlinks=True)
             st = os.fstat(ino.fd)
             ino.lookups += 1
@@ -588,6 +611,7 @@ class Operations(pyfuse3.Operations):
         await self.halt.enter()
         try:
             st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
+            self._touch(p)
             os.unlink(name, dir_fd=p.fd)
             path = self._path(parent_inode, name)
             if path is not None:
@@ -603,6 +627,7 @@ class Operations(pyfuse3.Operations):
         try:
             st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
             path = self._path(parent_inode, name)
+            self._touch(p)
             os.rmdir(name, dir_fd=p.fd)
             self.dirs.pop(self._fuse_ino(st.st_ino), None)
             if path is not None:
@@ -624,6 +649,8 @@ class Operations(pyfuse3.Operations):
             stn = None
             if flags & RENAME_EXCHANGE:
                 stn = os.stat(name_new, dir_fd=pn.fd, follow_symlinks=False)
+            self._touch(po)
+            self._touch(pn)
             renameat2(po.fd, name_old, pn.fd, name_new, flags)
             fo = self._fuse_ino(sto.st_ino)
             if fo in self.dirs:
@@ -653,6 +680,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         await self.halt.enter()
         try:
+            self._touch(ino)
             os.setxattr(ino.proc, name, value)
             ref = self._ref(inode, ino)
             if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
@@ -670,6 +698,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         await self.halt.enter()
         try:
+            self._touch(ino)
             os.removexattr(ino.proc, name)
             ref = self._ref(inode, ino)
             if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import compression
+from .faults import fault
 from .records import Record, RecordError, decode, encode, record_size
 
 LOG_FORMAT = 1
@@ -711,9 +712,11 @@ class OrderedLog:
                     del payload
                 final, payload = _final_marker(marker, ops, raw, pos - start)
                 pos += _write_entry(fd, MARKER, cp, payload)
+                fault("log.before_fsync")
                 os.fdatasync(fd)
                 if new:
                     _fsync_dir(self.directory)
+                fault("log.after_fsync")
             except BaseException:
                 self._rollback(fd, new, path, start)
                 raise

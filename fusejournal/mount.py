@@ -32,7 +32,10 @@ from . import layout
 from .errors import EXIT_BUG, EXIT_UNUSABLE, UserError
 from .fs import Operations
 from .halt import Halt
-from .journal import Journal, read_meta
+
+ACTIVITY_DIR = "activity"
+from .activity import ActivityLog
+from .journal import PENDING, Journal, read_daemon_info, read_meta
 from .log import OrderedLog
 from .shadow import Shadow
 from .tempstore import TempStore
@@ -277,24 +280,51 @@ class Daemon:
                             f"journal's last ({self.log.last_checkpoint}): they do not belong together")
 
         self.store = TempStore(self.journal.spill_dir, memory_limit=cfg.memory_limit)
-        pending = 0
-        for rec in self.journal.load_pending():
-            self.store.append(rec)
-            pending += 1
-        self.had_pending = pending > 0
-        if pending:
-            log.info("%d operation(s) pending from before the last unmount", pending)
+        self.updater = Updater(self.log, self.shadow)
+        self.activity = ActivityLog(self.journal.path / ACTIVITY_DIR, enabled=os.geteuid() == 0)
+        intents = self.activity.open() if self.activity.enabled else []
+        crashed = read_daemon_info(self.journal.path) is not None
+        self.had_pending = (self.journal.path / PENDING).exists()
+        if crashed:
+            self.recover(intents)
+        else:
+            pending = 0
+            for rec in self.journal.load_pending():
+                self.store.append(rec)
+                pending += 1
+            if pending:
+                log.info("%d operation(s) pending from before the last unmount", pending)
 
         self.halt = Halt()
         self.checkpointer = Checkpointer(self.store, self.halt, self.log,
-                                         halt_timeout=cfg.halt_timeout,
+                                         halt_timeout=cfg.halt_timeout, activity=self.activity,
                                          on_confirmed=self._confirmed)
-        self.updater = Updater(self.log, self.shadow)
         self.control = Control(self.checkpointer, root_uid=lambda: os.fstat(source_fd).st_uid,
                                shadow_checkpoint=lambda: self.shadow_applied,
                                status=self.status, journal_path=os.fspath(os.path.abspath(cfg.journal)))
-        self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control)
+        self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control,
+                              activity=self.activity)
         self.stack.callback(self.ops.close_all)
+
+    def recover(self, intents: list) -> None:
+        """The last daemon did not stop cleanly: what its temporary store held is
+        lost, so resync exactly the objects its activity log names."""
+        from .resync import resync
+        if not self.activity.enabled:
+            msg = ("the last daemon did not stop cleanly and kept no activity log (it did not run "
+                   "as root): files changed since the last checkpoint may differ in the shadow; "
+                   "re-seed it (new journal and shadow) to be sure")
+            log.warning(msg)
+            self.reporter.message("warning: " + msg)
+            return
+        self.reporter.message(f"recovering after an unclean stop: applying checkpoints up to "
+                              f"{self.log.last_checkpoint}, then resyncing {len(intents)} object(s)")
+        self.shadow_applied = self.updater.run_once()     # the shadow at the last confirmed checkpoint
+        records = resync(self.source_fd, self.shadow, intents)
+        for rec in records:
+            self.store.append(rec)
+        log.info("recovery: %d intent(s) resynced into %d record(s); saved pending operations, "
+                 "if any, are superseded", len(intents), len(records))
 
     def _confirmed(self, info) -> None:
         if self.had_pending:
@@ -323,6 +353,7 @@ class Daemon:
             "last_halt_ns": self.checkpointer.last_halt_ns,
             "halt_p99_ns": hist[min(len(hist) - 1, int(len(hist) * 0.99))] if hist else 0,
             "halts": len(hist),
+            "activity_intents_written": self.activity.intents_written,
             "checkpoint_error": self.checkpointer.last_error,
             "updater_error": self.updater_error,
             "log_damage": str(self.log.damage) if getattr(self.log, "damage", None) else None,
@@ -373,12 +404,15 @@ class Daemon:
     def shutdown(self) -> None:
         """Keep what was captured after the last checkpoint for the next mount."""
         try:
-            if self.store.operations:
+            ops = self.store.operations
+            if ops:
                 n = self.journal.save_pending(self.store.take())
-                log.info("%d operation(s), %d bytes, kept pending for the next mount",
-                         self.store.operations, n)
+                log.info("%d operation(s), %d bytes, kept pending for the next mount", ops, n)
         except Exception:
-            log.exception("could not save the pending operations")
+            # daemon.json stays: the next mount treats this as a crash and resyncs
+            log.exception("could not save the pending operations; the next mount will resync")
+            return
+        self.activity.close()
         self.journal.remove_daemon_info()
         log.info("stopped")
 

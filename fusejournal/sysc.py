@@ -62,3 +62,42 @@ def utimens_path_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None
 def syncfs(fd: int) -> None:
     """Flush every dirty page and inode of the filesystem holding ``fd``."""
     _check(_libc.syncfs(fd), "syncfs")
+
+
+# File handles: persistent names for inodes (used by the activity log).
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_FileHandle),
+                                    ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+_libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.POINTER(_FileHandle), ctypes.c_int]
+
+
+def name_to_handle(fd: int) -> tuple[int, bytes]:
+    """(handle_type, handle) of the object an (O_PATH) fd refers to."""
+    fh = _FileHandle()
+    fh.handle_bytes = MAX_HANDLE_SZ
+    mount_id = ctypes.c_int()
+    _check(_libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), AT_EMPTY_PATH),
+           "name_to_handle_at")
+    return fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes])
+
+
+def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int = os.O_PATH) -> int:
+    """Open an object by its handle (needs CAP_DAC_READ_SEARCH); ESTALE if it is gone."""
+    if len(handle) > MAX_HANDLE_SZ:
+        raise OSError(22, "file handle too long")
+    fh = _FileHandle()
+    fh.handle_bytes = len(handle)
+    fh.handle_type = handle_type
+    ctypes.memmove(fh.f_handle, handle, len(handle))
+    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
+    return fd
