@@ -50,6 +50,8 @@ class Checkpointer:
         self.last_error: str | None = None
         self.last_halt_ns = 0
         self.halt_history: list[int] = []
+        self.confirmed_raw_bytes = 0      # since this daemon started
+        self.confirmed_stored_bytes = 0
 
     @property
     def busy(self) -> bool:
@@ -78,6 +80,8 @@ class Checkpointer:
                 log.error("%s; its %d operation(s) stay pending", self.last_error, marker.operations)
                 raise
             batch.close()
+            self.confirmed_raw_bytes += info.marker.raw_bytes
+            self.confirmed_stored_bytes += info.marker.stored_bytes
             if self.activity is not None:
                 self.activity.confirmed(period)   # those intents are covered now
             self.last_error = None

@@ -38,6 +38,8 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64M, 1G, 1048576)") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive size: {text!r}")
+    if v > 1 << 40:
+        raise argparse.ArgumentTypeError(f"too large (at most 1T): {text!r}")
     return v
 
 
@@ -46,7 +48,7 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0 or v != v or v == float("inf"):
+    if not 0 < v <= 1e7:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
     return v
 
@@ -339,11 +341,18 @@ def cmd_umount(a: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ parser
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2)."""
+
+    def error(self, message: str) -> None:   # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fusejournal", description="Journaling FUSE filesystem for "
-                                "point-in-time consistent, continuously updated backups.")
+    p = _Parser(prog="fusejournal", description="Journaling FUSE filesystem for "
+                "point-in-time consistent, continuously updated backups.")
     p.add_argument("--version", action="version", version=f"fusejournal {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     m = sub.add_parser("mount", help="mount SOURCE (in place by default) and journal every change")
     m.add_argument("source")

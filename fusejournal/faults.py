@@ -2,17 +2,19 @@
 
 ``FUSEJOURNAL_FAULT=NAME`` (or ``NAME:N``, the N-th time it is reached) in the
 daemon's environment makes :func:`fault` kill the process with SIGKILL at that
-point, exactly as a crash would.  Unset (always, in production) it costs one
-comparison.  The points are listed in docs/reliability.md.
+point, exactly as a crash would.  ``NAME:N:pause`` instead blocks the calling
+thread while the file named by ``FUSEJOURNAL_FAULT_PAUSE`` exists (to hold the
+updater still while a test damages the log).  Unset (always, in production)
+it costs one comparison.  The points are listed in docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
-_spec = os.environ.get("FUSEJOURNAL_FAULT", "")
-_name, _, _n = _spec.partition(":")
+_name, _n, _action = (os.environ.get("FUSEJOURNAL_FAULT", "").split(":") + ["", ""])[:3]
 _remaining = int(_n) if _n.isdigit() else 1
 
 
@@ -20,5 +22,9 @@ def fault(name: str) -> None:
     global _remaining
     if _name and name == _name:
         _remaining -= 1
-        if _remaining <= 0:
+        if _remaining == 0 and _action == "pause":
+            flag = os.environ.get("FUSEJOURNAL_FAULT_PAUSE", "")
+            while flag and os.path.exists(flag):
+                time.sleep(0.01)
+        elif _remaining <= 0 and _action != "pause":
             os.kill(os.getpid(), signal.SIGKILL)

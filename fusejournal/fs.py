@@ -451,6 +451,8 @@ class Operations(pyfuse3.Operations):
         await self.halt.enter()
         try:
             h = self.files[fh]
+            if self.store is not None:
+                self.store.check_space(len(buf))
             if self.activity is not None:
                 self._touch(h.inode)
             n = os.pwrite(h.fd, buf, off)

@@ -29,7 +29,7 @@ import pyfuse3
 import trio
 
 from . import layout
-from .errors import EXIT_BUG, EXIT_UNUSABLE, UserError
+from .errors import EXIT_BUG, EXIT_DAMAGED, EXIT_UNUSABLE, UserError
 from .fs import Operations
 from .halt import Halt
 
@@ -263,6 +263,10 @@ class Daemon:
             log.warning("ordered log: %s", w)
             self.reporter.message(f"warning: {w}")
         self.stack.callback(self.log.close)
+        if self.log.damage is not None:
+            raise UserError(f"the ordered log is damaged: {self.log.damage}. Checkpoints before it are "
+                            f"intact. Run `fusejournal fsck --repair {cfg.journal}` to cut the log "
+                            f"before the damage (it reports what is dropped)", EXIT_DAMAGED)
 
         self.shadow = Shadow(self.journal.shadow_path)
         if not self.shadow.exists():
@@ -350,6 +354,8 @@ class Daemon:
             "log_raw_bytes": sum(c.marker.raw_bytes for c in cps),
             "log_stored_bytes": sum(c.marker.stored_bytes for c in cps),
             "log_segments": len(self.log.segments()),
+            "session_raw_bytes": self.checkpointer.confirmed_raw_bytes,
+            "session_stored_bytes": self.checkpointer.confirmed_stored_bytes,
             "last_halt_ns": self.checkpointer.last_halt_ns,
             "halt_p99_ns": hist[min(len(hist) - 1, int(len(hist) * 0.99))] if hist else 0,
             "halts": len(hist),
@@ -365,6 +371,8 @@ class Daemon:
             try:
                 self.shadow_applied = await trio.to_thread.run_sync(self.updater.run_once)
                 self.updater_error = None
+                # the shadow holds it now: segments it has fully applied are not needed
+                await trio.to_thread.run_sync(self.log.prune, self.shadow_applied)
             except Exception as e:             # CorruptLog, OSError ...: reported by status
                 self.updater_error = str(e)
                 log.error("updater: %s", e)

@@ -15,7 +15,9 @@ batch whose checkpoint failed back in front, so nothing captured is lost.
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
@@ -78,11 +80,17 @@ class Batch:
 
 
 class TempStore:
+    #: journal space kept free beyond what the pending records need
+    RESERVE = 8 << 20
+
     def __init__(self, spill_dir: str | os.PathLike | None = None, *,
                  memory_limit: int = 64 << 20, chunk_bytes: int = 4 << 20) -> None:
         self.spill_dir = spill_dir
         self.memory_limit = memory_limit
         self.chunk_bytes = chunk_bytes
+        self._free = 0
+        self._free_at = -1.0
+        self._since_statvfs = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -102,6 +110,32 @@ class TempStore:
     @property
     def spilled_bytes(self) -> int:
         return self.raw_bytes - self._mem_bytes
+
+    def _journal_free(self) -> int:
+        sv = os.statvfs(self.spill_dir)
+        self._free = sv.f_bavail * sv.f_frsize
+        self._free_at = time.monotonic()
+        self._since_statvfs = 0
+        return self._free
+
+    def check_space(self, incoming: int) -> None:
+        """Refuse (ENOSPC) data the journal could not hold once it is checkpointed.
+
+        Called before a write touches the original tree: the journal's
+        filesystem must keep room for every pending record (in the worst case
+        it is stored uncompressed) plus this one plus :data:`RESERVE`.
+        statvfs is asked at most every 50 ms or 8 MiB, and again before refusing.
+        """
+        if self.spill_dir is None:
+            return
+        need = self.raw_bytes + incoming + self.RESERVE
+        self._since_statvfs += incoming
+        if time.monotonic() - self._free_at > 0.05 or self._since_statvfs > (8 << 20):
+            self._journal_free()
+        if self._free - self._since_statvfs >= need:
+            return
+        if self._journal_free() < need:
+            raise OSError(errno.ENOSPC, "the journal's filesystem is full")
 
     def append(self, rec: Record) -> None:
         """Record one successful mutating operation (called before the reply)."""

@@ -74,9 +74,9 @@ class Mounted:
     def tree(self) -> Path:
         return self.shadow / "tree"
 
-    def mount(self, *more: str) -> subprocess.CompletedProcess:
+    def mount(self, *more: str, env: dict | None = None) -> subprocess.CompletedProcess:
         r = fj("mount", self.source, self.mountpoint, "--journal", self.journal, "--shadow", self.shadow,
-               *self.extra, *more)
+               *self.extra, *more, env={**os.environ, **env} if env else None)
         self.pid = self.status()["pid"]
         return r
 
