@@ -163,7 +163,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
             raise UserError(f"the {what} {p} must not be inside the source {source}", EXIT_USAGE)
     cfg = MountConfig(source=source, mountpoint=mountpoint, journal=journal, shadow=shadow,
                       options=a.o or [], memory_limit=a.memory_limit, halt_timeout=a.halt_timeout,
-                      segment_limit=a.segment_limit, debug=a.debug)
+                      segment_limit=a.segment_limit, reseed=a.reseed, debug=a.debug)
     if a.foreground:
         return run_daemon(cfg, a.ready_fd)
     argv = ["mount", os.fspath(source), os.fspath(mountpoint), "--journal", os.fspath(journal),
@@ -173,6 +173,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
         argv += ["-o", o]
     if a.debug:
         argv.append("--debug")
+    if a.reseed:
+        argv.append("--reseed")
     tty = sys.stderr.isatty()
 
     def progress(n: int) -> None:
@@ -367,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest a halt may wait for in-flight operations (default 5)")
     m.add_argument("--segment-limit", type=_size, default=64 << 20, metavar="SIZE",
                    help="log segment size before rotation (default 64M)")
+    m.add_argument("--reseed", action="store_true",
+                   help="copy the shadow afresh from the original (after it was changed by hand or "
+                        "the log was repaired); stop the application first")
     m.add_argument("--debug", action="store_true")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)

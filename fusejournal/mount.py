@@ -53,6 +53,7 @@ class MountConfig:
     memory_limit: int = 64 << 20
     halt_timeout: float = 5.0
     segment_limit: int = 64 << 20
+    reseed: bool = False
     debug: bool = False
 
 
@@ -269,7 +270,9 @@ class Daemon:
                             f"before the damage (it reports what is dropped)", EXIT_DAMAGED)
 
         self.shadow = Shadow(self.journal.shadow_path)
-        if not self.shadow.exists():
+        if cfg.reseed:
+            self.reseed()
+        elif not self.shadow.exists():
             if self.log.last_checkpoint:
                 raise UserError(f"the shadow {self.shadow.root} is missing but the journal has "
                                 f"{self.log.last_checkpoint} checkpoint(s): restore the shadow or "
@@ -309,6 +312,33 @@ class Daemon:
         self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control,
                               activity=self.activity)
         self.stack.callback(self.ops.close_all)
+
+    def reseed(self) -> None:
+        """Throw the shadow away and copy it afresh from the original.
+
+        For a shadow modified by hand, damaged, or behind a repaired log.  The
+        copy stands for the last checkpoint in the log plus everything after
+        it, so saved pending operations and write intents are superseded.
+        """
+        import shutil
+        root = self.shadow.root
+        self.reporter.message(f"re-seeding the shadow {root} from {self.cfg.source}")
+        if root.exists():
+            for name in os.listdir(root):
+                p = root / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        self.shadow.create()
+        n = self.shadow.seed(self.source_fd, self.reporter.progress)
+        self.shadow.set_applied(self.log.last_checkpoint)
+        self.journal.clear_pending()
+        self.journal.remove_daemon_info()
+        act = self.journal.path / ACTIVITY_DIR
+        if act.exists():
+            shutil.rmtree(act)
+        log.info("shadow re-seeded: %d entries, standing at checkpoint %d", n, self.log.last_checkpoint)
 
     def recover(self, intents: list) -> None:
         """The last daemon did not stop cleanly: what its temporary store held is

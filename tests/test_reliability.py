@@ -373,3 +373,31 @@ def test_newer_journal_format_is_refused(dirs: Mounted) -> None:
            check=False)
     assert r.returncode == 3 and "newer" in r.stderr
     assert not is_mounted(dirs.mountpoint)
+
+
+def test_hand_modified_shadow_is_reported_and_reseeded(mounted: Mounted) -> None:
+    mp = mounted.mountpoint
+    (mp / "d").mkdir()
+    (mp / "d" / "f").write_text("one")
+    n = mounted.checkpoint()
+    mounted.wait(n)
+    # somebody "tidies up" the shadow by hand
+    os.unlink(mounted.tree / "d" / "f")
+    os.rmdir(mounted.tree / "d")
+    (mp / "d" / "g").write_text("two")
+    n = mounted.checkpoint()
+    deadline = time.monotonic() + 20
+    while not mounted.status()["updater_error"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    err = mounted.status()["updater_error"]
+    assert f"checkpoint {n}" in err and "--reseed" in err, err
+    assert mounted.status()["shadow_checkpoint"] == n - 1
+    mounted.umount()
+    r = mounted.mount("--reseed")
+    assert mounted.status()["shadow_checkpoint"] == n
+    assert_same(snapshot(mp), snapshot(mounted.tree))
+    (mp / "d" / "h").write_text("three")
+    n = mounted.checkpoint()
+    mounted.wait(n)
+    assert_same(snapshot(mp), snapshot(mounted.tree))
