@@ -90,7 +90,7 @@ class ActivityLog:
         self.enabled = enabled
         self.period = 1
         self._fd = -1
-        self._touched: set[int] = set()    # inode keys (files) and dir inode numbers, this period
+        self.touched: set[int] = set()    # inode keys (files) and dir inode numbers, this period
         self._created: set[int] = set()    # objects created this period (covered by the parent)
         self.intents_written = 0
 
@@ -119,9 +119,9 @@ class ActivityLog:
         if the intent cannot be made durable, so the operation fails before it
         touches the original tree.
         """
-        if not self.enabled or ino in self._touched:
+        if not self.enabled or ino in self.touched:
             return
-        self._touched.add(ino)
+        self.touched.add(ino)
         if ino in self._created:
             return
         try:
@@ -141,13 +141,13 @@ class ActivityLog:
                     os.close(dfd)
             self.intents_written += 1
         except OSError:
-            self._touched.discard(ino)
+            self.touched.discard(ino)
             raise
 
     def created(self, ino: int) -> None:
         if self.enabled:
             self._created.add(ino)
-            self._touched.add(ino)
+            self.touched.add(ino)
 
     def new_period(self) -> int:
         """Close the current period (under the halt, with the acquisition); return its number."""
@@ -156,7 +156,7 @@ class ActivityLog:
             os.close(self._fd)
             self._fd = -1
         self.period += 1
-        self._touched = set()
+        self.touched = set()
         self._created = set()
         return closed
 

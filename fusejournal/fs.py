@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 _OPEN_STRIP = os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 _THREAD_IO = 256 * 1024   # reads at least this big go to a worker thread
+_CAPS = b"security.capability"
 
 
 def _handler(fn: Callable) -> Callable:
@@ -125,6 +126,7 @@ class Operations(pyfuse3.Operations):
         self.files: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
+        self._no_caps: set[int] = set()      # inodes known to have no security.capability
 
     # ---------------------------------------------------------------- helpers
 
@@ -297,6 +299,7 @@ class Operations(pyfuse3.Operations):
             if inode.lookups <= 0:
                 del self.inodes[fino]
                 self.dirs.pop(fino, None)
+                self._no_caps.discard(fino)
                 try:
                     os.close(inode.fd)
                 except OSError:
@@ -413,6 +416,17 @@ class Operations(pyfuse3.Operations):
         ino = self._inode(inode)
         if ino.is_symlink:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if name == _CAPS:
+            # asked by the kernel before every write: remember "none" per inode
+            # (every setxattr/removexattr goes through this mount and clears it)
+            if inode in self._no_caps:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            try:
+                return os.getxattr(ino.proc, name)
+            except OSError as e:
+                if e.errno == pyfuse3.ENOATTR:
+                    self._no_caps.add(inode)
+                raise
         return os.getxattr(ino.proc, name)
 
     @_handler
@@ -445,25 +459,35 @@ class Operations(pyfuse3.Operations):
         self._record(R.Setattr(ref[0], mask, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                                st.st_size, st.st_atime_ns, st.st_mtime_ns, ref[1]))
 
-    @_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        self._check_writable()
-        await self.halt.enter()
+        # The hot path: error mapping inlined (no _handler layer), and no
+        # in-flight accounting, because nothing below awaits once the gate
+        # is passed: the halt cannot begin between the pwrite and the record.
+        if self.halt.is_halted:
+            await self.halt.wait_open()
         try:
+            if self.read_only:
+                raise pyfuse3.FUSEError(errno.EROFS)
             h = self.files[fh]
-            if self.store is not None:
-                self.store.check_space(len(buf))
-            if self.activity is not None:
-                self._touch(h.inode)
+            store = self.store
+            if store is None:
+                return os.pwrite(h.fd, buf, off)
+            store.check_space(len(buf))
+            act = self.activity
+            if act is not None and h.inode.ino not in act.touched:
+                act.touch(h.inode.ino, h.inode.fd, False)
             n = os.pwrite(h.fd, buf, off)
-            if self.store is not None:
-                st = os.fstat(h.fd)
-                if st.st_nlink:      # writes to unlinked files can never be seen again
-                    self.store.append(R.Write(h.inode.ino, off, st.st_mtime_ns,
-                                              buf if n == len(buf) else buf[:n]))
+            st = os.fstat(h.fd)
+            if st.st_nlink:      # writes to unlinked files can never be seen again
+                store.append_write(h.inode.ino, off, st.st_mtime_ns, buf if n == len(buf) else buf[:n])
             return n
-        finally:
-            self.halt.leave()
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("write failed")
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     @_handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -680,6 +704,7 @@ class Operations(pyfuse3.Operations):
         ino = self._inode(inode)
         if ino.is_symlink:
             raise pyfuse3.FUSEError(errno.EPERM)
+        self._no_caps.discard(inode)
         await self.halt.enter()
         try:
             self._touch(ino)
@@ -698,6 +723,7 @@ class Operations(pyfuse3.Operations):
         ino = self._inode(inode)
         if ino.is_symlink:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        self._no_caps.discard(inode)
         await self.halt.enter()
         try:
             self._touch(ino)

@@ -47,6 +47,11 @@ class Halt:
     def is_halted(self) -> bool:
         return self._gate is not None
 
+    async def wait_open(self) -> None:
+        """Wait until no halt is in progress (for handlers that never await after the gate)."""
+        while self._gate is not None:
+            await self._gate.wait()
+
     async def enter(self) -> None:
         """Wait until no halt is in progress, then count this operation as in flight."""
         while self._gate is not None:

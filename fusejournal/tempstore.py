@@ -54,6 +54,7 @@ class SpillRef:
 
 
 Part = Union[list, SpillRef]
+_WRITE_OVERHEAD = rec_mod.record_size(rec_mod.Write(0, 0, 0, b""))
 
 
 @dataclass
@@ -137,9 +138,15 @@ class TempStore:
         if self._journal_free() < need:
             raise OSError(errno.ENOSPC, "the journal's filesystem is full")
 
+    def append_write(self, ino: int, offset: int, mtime_ns: int, data: bytes) -> None:
+        """:meth:`append` of a Write record, sized without the generic lookup (the hot path)."""
+        self._add(rec_mod.Write(ino, offset, mtime_ns, data), _WRITE_OVERHEAD + len(data))
+
     def append(self, rec: Record) -> None:
         """Record one successful mutating operation (called before the reply)."""
-        size = rec_mod.record_size(rec)
+        self._add(rec, rec_mod.record_size(rec))
+
+    def _add(self, rec: Record, size: int) -> None:
         cur = self._cur
         if not cur:
             self._parts.append(cur)
