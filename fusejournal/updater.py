@@ -1,0 +1,864 @@
+"""The updater: applies each complete checkpoint batch of the ordered log to the shadow.
+
+After checkpoint N is applied, SHADOW/tree equals the original tree as it was
+at checkpoint N.  How (details in docs/updater.md):
+
+1. **Verify** the batch (``log.verify(info)``); a corrupt batch stops the
+   updater before it, with the shadow untouched.
+2. **Validate** every record of the batch (one full pass over
+   ``log.records(info)``) before applying any: paths must be relative, free
+   of ``.``/``..``/empty components and NUL bytes; inode keys must be
+   positive ints.  A crafted batch is rejected as a whole.
+3. **Apply** the records in order (second pass), writing the staging cursor
+   ``(N, next index)`` after each one.  Paths are resolved component by
+   component from an fd of tree/ with ``O_NOFOLLOW|O_DIRECTORY``, and the
+   final operation is done relative to the parent fd without following
+   symlinks: nothing outside tree/ and inodes/ is ever touched.
+4. **Finish**: set the file mtimes deferred from writes, drop hidden links
+   left without a name, ``set_applied(N)`` (syncfs + durable applied.json),
+   then remove the cursor.
+
+A killed updater resumes from the cursor: records before it are replayed
+without effects (only to rebuild the deferred mtimes), the record at the
+cursor is applied again (each record's effect is idempotent when repeated
+right after itself), and the batch continues.  The cursor is created
+durably but advanced without fsync: a batch interrupted by a power loss or
+kernel crash is detected (the cursor carries the boot id) and refused, as
+the shadow must then be seeded again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import struct
+import threading
+from collections import OrderedDict
+from typing import Iterable, NamedTuple
+
+from . import sysc
+from .records import (ATTR_ATIME, ATTR_GID, ATTR_MODE, ATTR_MTIME, ATTR_SIZE, ATTR_UID,
+                      Link, Mkdir, Mknod, Record, Removexattr, Rename, Rmdir, Setattr,
+                      Setxattr, Symlink, Unlink, Write)
+from .shadow import Shadow
+
+__all__ = ["UpdaterError", "Updater", "apply_records", "validate_record", "validate_records",
+           "Cursor", "read_cursor", "clear_cursor", "CURSOR"]
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_WRITE = os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+_ATTR_ALL = ATTR_MODE | ATTR_UID | ATTR_GID | ATTR_SIZE | ATTR_ATIME | ATTR_MTIME
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_NODE_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
+_U64 = (1 << 64) - 1
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_ID_MAX = (1 << 32) - 2         # (uid_t)-1 means "no change" to chown: never a real id
+
+#: number of open file descriptors kept for writes (per batch)
+FD_CACHE_SIZE = 64
+
+
+class UpdaterError(Exception):
+    """A batch could not be applied (rejected as unsafe, or the shadow disagrees with it)."""
+
+
+class _ApplyError(Exception):
+    """A record cannot be applied to the shadow (message completed by apply_records)."""
+
+
+# ------------------------------------------------------------------ validation
+
+def _check_int(value: object, what: str, lo: int, hi: int) -> None:
+    if type(value) is not int or not lo <= value <= hi:
+        raise ValueError(f"{what} {value!r} out of range")
+
+
+def _check_path(path: object, what: str = "path", allow_root: bool = False) -> None:
+    """Reject any path that could leave tree/ (see the module docstring)."""
+    if type(path) is not bytes:
+        raise ValueError(f"{what} is not bytes: {path!r}")
+    if path == b"":
+        if allow_root:
+            return
+        raise ValueError(f"{what} is empty")
+    if b"\0" in path:
+        raise ValueError(f"{what} {path!r} contains a NUL byte")
+    if path.startswith(b"/"):
+        raise ValueError(f"{what} {path!r} is absolute")
+    for comp in path.split(b"/"):
+        if comp in (b"", b".", b".."):
+            raise ValueError(f"{what} {path!r} has a {comp.decode() or 'empty'!r} component")
+        if len(comp) > 255:
+            raise ValueError(f"{what} {path!r} has a component longer than 255 bytes")
+
+
+def _check_key(ino: object) -> None:
+    _check_int(ino, "inode key", 1, _U64)
+
+
+def _check_ref(ino: object, path: object) -> None:
+    _check_int(ino, "inode key", 0, _U64)
+    _check_path(path, allow_root=True)
+
+
+def _check_perm(mode: object, allowed_types: tuple[int, ...]) -> None:
+    _check_int(mode, "mode", 0, 0xFFFFFFFF)
+    assert isinstance(mode, int)
+    if mode & ~(stat.S_IFMT(mode) | 0o7777):
+        raise ValueError(f"mode {mode:#o} has unknown bits")
+    if stat.S_IFMT(mode) not in allowed_types:
+        raise ValueError(f"mode {mode:#o} has an unexpected file type")
+
+
+def _check_ids(uid: object, gid: object) -> None:
+    _check_int(uid, "uid", 0, _ID_MAX)
+    _check_int(gid, "gid", 0, _ID_MAX)
+
+
+def _check_times(*times: object) -> None:
+    for t in times:
+        _check_int(t, "time", _I64_MIN, _I64_MAX)
+
+
+def _check_xattr_name(name: object) -> None:
+    if type(name) is not bytes or not name or b"\0" in name or len(name) > 255:
+        raise ValueError(f"bad xattr name {name!r}")
+
+
+def validate_record(rec: Record) -> None:
+    """Raise ValueError unless ``rec`` is a well-formed, safe record.
+
+    Checks types and ranges of every field and the safety of every path;
+    does not look at the shadow.
+    """
+    t = type(rec)
+    if t is Write:
+        ino, off, mtime, data = rec
+        if (type(ino) is int and type(off) is int and type(mtime) is int and type(data) is bytes
+                and 0 < ino <= _U64 and 0 <= off <= _I64_MAX - len(data)
+                and _I64_MIN <= mtime <= _I64_MAX):
+            return                                  # the common case, checked quickly
+        _check_key(rec.ino)
+        if type(rec.data) is not bytes:
+            raise ValueError("write data is not bytes")
+        _check_int(rec.offset, "offset", 0, _I64_MAX - len(rec.data))
+        _check_times(rec.mtime_ns)
+    elif t is Mknod:
+        _check_key(rec.ino)
+        _check_perm(rec.mode, _NODE_TYPES)
+        _check_ids(rec.uid, rec.gid)
+        _check_int(rec.rdev, "rdev", 0, _U64)
+        _check_times(rec.mtime_ns, rec.pmtime_ns)
+        _check_path(rec.path)
+    elif t is Mkdir:
+        _check_perm(rec.mode, (0, stat.S_IFDIR))
+        _check_ids(rec.uid, rec.gid)
+        _check_times(rec.mtime_ns, rec.pmtime_ns)
+        _check_path(rec.path)
+    elif t is Symlink:
+        _check_key(rec.ino)
+        _check_ids(rec.uid, rec.gid)
+        _check_times(rec.mtime_ns, rec.pmtime_ns)
+        _check_path(rec.path)
+        if type(rec.target) is not bytes or not rec.target or b"\0" in rec.target:
+            raise ValueError(f"bad symlink target {rec.target!r}")
+    elif t is Link or t is Unlink:
+        _check_key(rec.ino)
+        _check_times(rec.pmtime_ns)
+        _check_path(rec.path)
+    elif t is Rmdir:
+        _check_times(rec.pmtime_ns)
+        _check_path(rec.path)
+    elif t is Rename:
+        if rec.flags not in (0, _RENAME_NOREPLACE, _RENAME_EXCHANGE):
+            raise ValueError(f"bad rename flags {rec.flags!r}")
+        _check_int(rec.ino, "inode key", 0, _U64)
+        _check_times(rec.old_pmtime_ns, rec.new_pmtime_ns)
+        _check_path(rec.old, "old path")
+        _check_path(rec.new, "new path")
+    elif t is Setattr:
+        _check_ref(rec.ino, rec.path)
+        _check_int(rec.mask, "setattr mask", 0, _ATTR_ALL)
+        _check_int(rec.mode, "mode", 0, 0xFFFFFFFF)
+        if rec.mask & ATTR_MODE and rec.mode & ~(stat.S_IFMT(rec.mode) | 0o7777):
+            raise ValueError(f"mode {rec.mode:#o} has unknown bits")
+        _check_int(rec.uid, "uid", 0, 0xFFFFFFFF)
+        _check_int(rec.gid, "gid", 0, 0xFFFFFFFF)
+        if rec.mask & ATTR_UID:
+            _check_int(rec.uid, "uid", 0, _ID_MAX)
+        if rec.mask & ATTR_GID:
+            _check_int(rec.gid, "gid", 0, _ID_MAX)
+        _check_int(rec.size, "size", 0, _I64_MAX)
+        _check_times(rec.atime_ns, rec.mtime_ns)
+    elif t is Setxattr:
+        _check_ref(rec.ino, rec.path)
+        _check_xattr_name(rec.name)
+        if type(rec.value) is not bytes:
+            raise ValueError("xattr value is not bytes")
+    elif t is Removexattr:
+        _check_ref(rec.ino, rec.path)
+        _check_xattr_name(rec.name)
+    else:
+        raise ValueError(f"unknown record type {t.__name__}")
+
+
+def validate_records(checkpoint: int, records: Iterable[Record]) -> int:
+    """Validate a whole batch; UpdaterError names the first bad record. Returns the count."""
+    n = 0
+    for n, rec in enumerate(records, 1):
+        try:
+            validate_record(rec)
+        except ValueError as e:
+            raise UpdaterError(f"checkpoint {checkpoint}: record {n - 1} "
+                               f"({type(rec).__name__}) rejected: {e}") from None
+    return n
+
+
+# ------------------------------------------------------------------ staging cursor
+
+#: file name of the cursor under SHADOW/staging
+CURSOR = "cursor"
+_CURSOR_MAGIC = b"FJCURSR1"
+_CURSOR_FMT = struct.Struct("<8sqqQQ16s")
+_boot_id_cache: bytes | None = None
+
+
+def boot_id() -> bytes:
+    """This boot's random id (16 bytes; zeros if unknown): tells a restart from a reboot."""
+    global _boot_id_cache
+    if _boot_id_cache is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _boot_id_cache = bytes.fromhex(f.read().strip().replace("-", ""))[:16].ljust(16, b"\0")
+        except (OSError, ValueError):
+            _boot_id_cache = bytes(16)
+    return _boot_id_cache
+
+
+class Cursor(NamedTuple):
+    """Progress through the batch being applied.
+
+    ``index`` records of ``checkpoint`` have been applied completely.  For an
+    exchanging rename at ``index``, ``token`` is the (st_dev, st_ino) the old
+    path had just before the exchange was attempted ((0, 0) otherwise): the
+    exchange has happened iff the old path no longer holds that object.
+    ``boot`` is the :func:`boot_id` of the system that wrote the cursor.
+    """
+    checkpoint: int
+    index: int
+    token: tuple[int, int] = (0, 0)
+    boot: bytes = bytes(16)
+
+    def pack(self) -> bytes:
+        return _CURSOR_FMT.pack(_CURSOR_MAGIC, self.checkpoint, self.index, *self.token, self.boot)
+
+
+def read_cursor(shadow: Shadow) -> Cursor | None:
+    """The staging cursor, or None when no batch is in progress."""
+    try:
+        with open(shadow.staging / CURSOR, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    if len(data) != _CURSOR_FMT.size:
+        raise UpdaterError(f"staging cursor {shadow.staging / CURSOR} is damaged ({len(data)} bytes)")
+    magic, n, k, dev, ino, boot = _CURSOR_FMT.unpack(data)
+    if magic != _CURSOR_MAGIC or n < 1 or k < 0:
+        raise UpdaterError(f"staging cursor {shadow.staging / CURSOR} is damaged")
+    return Cursor(n, k, (dev, ino), boot)
+
+
+def clear_cursor(shadow: Shadow) -> None:
+    """Remove the staging cursor (no batch in progress)."""
+    try:
+        os.unlink(shadow.staging / CURSOR)
+    except FileNotFoundError:
+        pass
+
+
+def _samestat(a: os.stat_result, b: os.stat_result) -> bool:
+    return a.st_ino == b.st_ino and a.st_dev == b.st_dev
+
+
+# ------------------------------------------------------------------ applying
+
+class _Applier:
+    """Applies the records of one checkpoint to the shadow (one instance per batch)."""
+
+    def __init__(self, shadow: Shadow, checkpoint: int) -> None:
+        self.shadow = shadow
+        self.checkpoint = checkpoint
+        self.fds: OrderedDict[int, int] = OrderedDict()   # ino -> fd open for writing
+        self.deferred: dict[int, int] = {}                # ino -> mtime_ns to set at the end
+        self.replaced: set[tuple[int, int]] = set()       # objects that may have lost their last name
+        self.resumed = False
+        self.token: tuple[int, int, int] | None = None    # (index, st_dev, st_ino), see Cursor
+        self.cursor_fd = -1
+        self.tree_fd = self.inodes_fd = self.staging_fd = -1
+        try:
+            self.tree_fd = os.open(shadow.tree, _O_DIR)
+            self.inodes_fd = os.open(shadow.inodes, _O_DIR)
+            self.staging_fd = os.open(shadow.staging, _O_DIR)
+        except BaseException:
+            self.close()
+            raise
+        self.inodes_path = os.fsencode(shadow.inodes)
+        self._handlers = {
+            Mknod: self._mknod, Mkdir: self._mkdir, Symlink: self._symlink, Link: self._link,
+            Unlink: self._unlink, Rmdir: self._rmdir, Rename: self._rename, Write: self._write,
+            Setattr: self._setattr, Setxattr: self._setxattr, Removexattr: self._removexattr,
+        }
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        for name in ("cursor_fd", "tree_fd", "inodes_fd", "staging_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    # -------------------------------------------------------------- cursor
+
+    def begin(self, start: int) -> None:
+        """Open (or create) the cursor at (checkpoint, start)."""
+        cur = read_cursor(self.shadow)
+        if cur is not None and cur.checkpoint == self.checkpoint:
+            self.resumed = True
+            if cur.index == start:
+                if cur.token != (0, 0):
+                    self.token = (start, *cur.token)
+                self.cursor_fd = os.open(CURSOR, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                         dir_fd=self.staging_fd)
+                return
+        # A new cursor: atomic (a kill never leaves a half-written one) and
+        # durable before the first change to tree/, so that after a power
+        # loss an interrupted batch is always noticed (see Updater.run_once).
+        tmp = CURSOR + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self.staging_fd)
+        try:
+            os.pwrite(fd, Cursor(self.checkpoint, start, (0, 0), boot_id()).pack(), 0)
+            os.fsync(fd)
+            os.rename(tmp, CURSOR, src_dir_fd=self.staging_fd, dst_dir_fd=self.staging_fd)
+            os.fsync(self.staging_fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.cursor_fd = fd
+
+    def advance(self, index: int, token: tuple[int, int] = (0, 0)) -> None:
+        """Record that records before ``index`` are applied (in place, no fsync)."""
+        os.pwrite(self.cursor_fd, Cursor(self.checkpoint, index, token, boot_id()).pack(), 0)
+
+    # -------------------------------------------------------------- helpers
+
+    def _resolve(self, path: bytes) -> tuple[int, bytes]:
+        """(fd of the parent directory, last component) of a validated non-root path.
+
+        Each directory is opened relative to the previous one with O_NOFOLLOW
+        and O_DIRECTORY, starting at tree/: a symlink (or a non-directory)
+        on the way is an error, never followed.  The caller closes the fd
+        with _release.
+        """
+        comps = path.split(b"/")
+        fd = self.tree_fd
+        try:
+            for i, comp in enumerate(comps[:-1]):
+                flags = _O_DIR if i == len(comps) - 2 else _O_WALK
+                nfd = os.open(comp, flags, dir_fd=fd)
+                if fd != self.tree_fd:
+                    os.close(fd)
+                fd = nfd
+        except OSError as e:
+            if fd != self.tree_fd:
+                os.close(fd)
+            where = b"/".join(comps[:i + 1])
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise _ApplyError(f"{where!r} is not a directory in the shadow "
+                                  f"(a symlink is never followed)") from None
+            if e.errno == errno.ENOENT:
+                raise _ApplyError(f"directory {where!r} is missing in the shadow") from None
+            raise
+        return fd, comps[-1]
+
+    def _release(self, fd: int) -> None:
+        if fd != self.tree_fd:
+            os.close(fd)
+
+    def _open_dir(self, path: bytes) -> int:
+        """A readable fd of the directory at ``path`` (b"": the root); caller closes it."""
+        if path == b"":
+            return os.dup(self.tree_fd)
+        pfd, name = self._resolve(path)
+        try:
+            return os.open(name, _O_DIR, dir_fd=pfd)
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise _ApplyError(f"{path!r} is not a directory in the shadow") from None
+            raise
+        finally:
+            self._release(pfd)
+
+    @staticmethod
+    def _set_dir_mtime(fd: int, mtime_ns: int) -> None:
+        st = os.fstat(fd)
+        os.utime(fd, ns=(st.st_atime_ns, mtime_ns))
+
+    @staticmethod
+    def _lstat(dir_fd: int, name: bytes | str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _key_stat(self, ino: int) -> os.stat_result | None:
+        return self._lstat(self.inodes_fd, str(ino))
+
+    def _drop_fd(self, ino: int) -> None:
+        fd = self.fds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _write_fd(self, ino: int) -> int | None:
+        """A cached fd open for writing on inodes/<ino>, or None if not a regular file."""
+        fd = self.fds.get(ino)
+        if fd is not None:
+            self.fds.move_to_end(ino)
+            return fd
+        key = str(ino)
+        st = self._key_stat(ino)
+        if st is None or not stat.S_ISREG(st.st_mode):   # never open devices or fifos
+            return None
+        fd = os.open(key, _O_WRITE, dir_fd=self.inodes_fd)
+        if not _samestat(os.fstat(fd), st):
+            os.close(fd)
+            raise _ApplyError(f"inodes/{key} changed while being opened")
+        self.fds[ino] = fd
+        if len(self.fds) > FD_CACHE_SIZE:
+            _, old = self.fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def _note_removed(self, st: os.stat_result) -> None:
+        """A name of the non-directory ``st`` was removed: maybe only its hidden link is left."""
+        if st.st_nlink <= 2:
+            self.replaced.add((st.st_dev, st.st_ino))
+
+    def _clear_name(self, pfd: int, name: bytes, path: bytes) -> None:
+        """Remove a non-directory at name (replay of a creating record)."""
+        st = self._lstat(pfd, name)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise _ApplyError(f"{path!r} is a directory in the shadow")
+        os.unlink(name, dir_fd=pfd)
+        self._note_removed(st)
+
+    def _set_key(self, ino: int, pfd: int, name: bytes) -> None:
+        """Point inodes/<ino> at the object just created at (pfd, name)."""
+        key = str(ino)
+        self._drop_fd(ino)
+        try:
+            os.link(name, key, src_dir_fd=pfd, dst_dir_fd=self.inodes_fd, follow_symlinks=False)
+        except FileExistsError:                 # inode number reused (or replay)
+            os.unlink(key, dir_fd=self.inodes_fd)
+            os.link(name, key, src_dir_fd=pfd, dst_dir_fd=self.inodes_fd, follow_symlinks=False)
+        self.deferred.pop(ino, None)
+
+    # -------------------------------------------------------------- records
+
+    def note(self, rec: Record) -> None:
+        """Account for an already-applied record without applying it (resume)."""
+        t = type(rec)
+        if t is Write:
+            self.deferred[rec.ino] = rec.mtime_ns
+        elif t is Mknod or t is Symlink or (t is Setattr and rec.ino):
+            self.deferred.pop(rec.ino, None)
+
+    def apply_one(self, rec: Record, index: int) -> None:
+        """Apply one validated record to the shadow."""
+        self._handlers[type(rec)](rec, index)
+
+    def _write(self, r: Write, index: int) -> None:
+        fd = self._write_fd(r.ino)
+        if fd is None:              # unreachable in the original (unlinked while open)
+            return
+        data = r.data
+        n = os.pwrite(fd, data, r.offset)
+        if n < len(data):
+            mv = memoryview(data)
+            while n < len(mv):
+                n += os.pwrite(fd, mv[n:], r.offset + n)
+        self.deferred[r.ino] = r.mtime_ns
+
+    def _mknod(self, r: Mknod, index: int) -> None:
+        pfd, name = self._resolve(r.path)
+        try:
+            self._clear_name(pfd, name, r.path)
+            ftype = stat.S_IFMT(r.mode)
+            if ftype == stat.S_IFREG:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=pfd)
+                try:
+                    os.fchown(fd, r.uid, r.gid)
+                    os.fchmod(fd, stat.S_IMODE(r.mode))
+                    os.utime(fd, ns=(r.mtime_ns, r.mtime_ns))
+                finally:
+                    os.close(fd)
+            else:
+                os.mknod(name, ftype | 0o600, r.rdev, dir_fd=pfd)
+                os.chown(name, r.uid, r.gid, dir_fd=pfd, follow_symlinks=False)
+                os.chmod(name, stat.S_IMODE(r.mode), dir_fd=pfd)      # just created: no symlink
+                os.utime(name, ns=(r.mtime_ns, r.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+            self._set_key(r.ino, pfd, name)
+            self._set_dir_mtime(pfd, r.pmtime_ns)
+        finally:
+            self._release(pfd)
+
+    def _mkdir(self, r: Mkdir, index: int) -> None:
+        pfd, name = self._resolve(r.path)
+        try:
+            try:
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                st = self._lstat(pfd, name)
+                if st is None or not stat.S_ISDIR(st.st_mode):
+                    raise _ApplyError(f"{r.path!r} exists in the shadow and is not a directory") from None
+            fd = os.open(name, _O_DIR, dir_fd=pfd)
+            try:
+                os.fchown(fd, r.uid, r.gid)
+                os.fchmod(fd, stat.S_IMODE(r.mode))
+                os.utime(fd, ns=(os.fstat(fd).st_atime_ns, r.mtime_ns))
+            finally:
+                os.close(fd)
+            self._set_dir_mtime(pfd, r.pmtime_ns)
+        finally:
+            self._release(pfd)
+
+    def _symlink(self, r: Symlink, index: int) -> None:
+        pfd, name = self._resolve(r.path)
+        try:
+            self._clear_name(pfd, name, r.path)
+            os.symlink(r.target, name, dir_fd=pfd)
+            os.chown(name, r.uid, r.gid, dir_fd=pfd, follow_symlinks=False)
+            os.utime(name, ns=(r.mtime_ns, r.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+            self._set_key(r.ino, pfd, name)
+            self._set_dir_mtime(pfd, r.pmtime_ns)
+        finally:
+            self._release(pfd)
+
+    def _link(self, r: Link, index: int) -> None:
+        kst = self._key_stat(r.ino)
+        if kst is None:
+            raise _ApplyError(f"link to inode {r.ino}, which the shadow does not know "
+                              f"(a file re-linked after being unlinked?)")
+        pfd, name = self._resolve(r.path)
+        try:
+            st = self._lstat(pfd, name)
+            if st is None or not _samestat(st, kst):
+                self._clear_name(pfd, name, r.path)
+                os.link(str(r.ino), name, src_dir_fd=self.inodes_fd, dst_dir_fd=pfd,
+                        follow_symlinks=False)
+            self._set_dir_mtime(pfd, r.pmtime_ns)
+        finally:
+            self._release(pfd)
+
+    def _unlink(self, r: Unlink, index: int) -> None:
+        pfd, name = self._resolve(r.path)
+        try:
+            st = self._lstat(pfd, name)
+            if st is not None:
+                if stat.S_ISDIR(st.st_mode):
+                    raise _ApplyError(f"unlink of {r.path!r}, a directory in the shadow")
+                os.unlink(name, dir_fd=pfd)
+                self._note_removed(st)
+            kst = self._key_stat(r.ino)
+            if kst is not None and kst.st_nlink == 1:   # only the hidden link is left
+                self._drop_fd(r.ino)
+                os.unlink(str(r.ino), dir_fd=self.inodes_fd)
+            self._set_dir_mtime(pfd, r.pmtime_ns)
+        finally:
+            self._release(pfd)
+
+    def _rmdir(self, r: Rmdir, index: int) -> None:
+        pfd, name = self._resolve(r.path)
+        try:
+            try:
+                os.rmdir(name, dir_fd=pfd)
+            except FileNotFoundError:
+                pass
+            except NotADirectoryError:
+                raise _ApplyError(f"rmdir of {r.path!r}, not a directory in the shadow") from None
+            self._set_dir_mtime(pfd, r.pmtime_ns)
+        finally:
+            self._release(pfd)
+
+    def _rename(self, r: Rename, index: int) -> None:
+        opfd, oname = self._resolve(r.old)
+        try:
+            npfd, nname = self._resolve(r.new)
+            try:
+                self._do_rename(r, index, opfd, oname, npfd, nname)
+                self._set_dir_mtime(opfd, r.old_pmtime_ns)
+                self._set_dir_mtime(npfd, r.new_pmtime_ns)
+            finally:
+                self._release(npfd)
+        finally:
+            self._release(opfd)
+
+    def _do_rename(self, r: Rename, index: int, opfd: int, oname: bytes, npfd: int, nname: bytes) -> None:
+        ost = self._lstat(opfd, oname)
+        nst = self._lstat(npfd, nname)
+        kst = self._key_stat(r.ino) if r.ino else None
+        if r.flags & _RENAME_EXCHANGE:
+            if ost is None or nst is None:
+                raise _ApplyError(f"exchange of {r.old!r} and {r.new!r}: one is missing in the shadow")
+            if self.token is not None and self.token[0] == index:
+                done = (ost.st_dev, ost.st_ino) != self.token[1:]     # resumed after a kill
+            elif kst is not None:
+                done = _samestat(nst, kst) and not _samestat(ost, kst)
+            else:
+                done = False
+            if done:
+                return
+            self.advance(index, (ost.st_dev, ost.st_ino))              # token: see Cursor
+            sysc.renameat2(opfd, oname, npfd, nname, _RENAME_EXCHANGE)
+            return
+        if ost is None:
+            # already renamed (replay)?  new must exist, and be the object when known
+            if nst is not None and (kst is None or _samestat(nst, kst)):
+                return
+            raise _ApplyError(f"rename source {r.old!r} is missing in the shadow")
+        if nst is not None and not _samestat(ost, nst) and not stat.S_ISDIR(nst.st_mode):
+            self._note_removed(nst)
+        os.rename(oname, nname, src_dir_fd=opfd, dst_dir_fd=npfd)
+
+    def _setattr(self, r: Setattr, index: int) -> None:
+        mask = r.mask
+        if r.ino:
+            kst = self._key_stat(r.ino)
+            if kst is None:                 # unreachable in the original
+                return
+            key = str(r.ino)
+            if mask & ATTR_SIZE and stat.S_ISREG(kst.st_mode):
+                fd = self._write_fd(r.ino)
+                if fd is not None:
+                    os.ftruncate(fd, r.size)
+            if mask & (ATTR_UID | ATTR_GID):
+                os.chown(key, r.uid if mask & ATTR_UID else -1, r.gid if mask & ATTR_GID else -1,
+                         dir_fd=self.inodes_fd, follow_symlinks=False)
+            if mask & (ATTR_MODE | ATTR_UID | ATTR_GID) and not stat.S_ISLNK(kst.st_mode):
+                # after a chown the recorded mode tells which setuid/setgid bits it cleared
+                if mask & ATTR_MODE or stat.S_IMODE(self._key_stat(r.ino).st_mode) != stat.S_IMODE(r.mode):
+                    os.chmod(key, stat.S_IMODE(r.mode), dir_fd=self.inodes_fd)
+            atime = r.atime_ns if mask & ATTR_ATIME else kst.st_atime_ns
+            os.utime(key, ns=(atime, r.mtime_ns), dir_fd=self.inodes_fd, follow_symlinks=False)
+            self.deferred.pop(r.ino, None)
+            return
+        fd = self._open_dir(r.path)
+        try:
+            if mask & (ATTR_UID | ATTR_GID):
+                os.fchown(fd, r.uid if mask & ATTR_UID else -1, r.gid if mask & ATTR_GID else -1)
+            if mask & ATTR_MODE or (mask & (ATTR_UID | ATTR_GID)
+                                    and stat.S_IMODE(os.fstat(fd).st_mode) != stat.S_IMODE(r.mode)):
+                os.fchmod(fd, stat.S_IMODE(r.mode))
+            atime = r.atime_ns if mask & ATTR_ATIME else os.fstat(fd).st_atime_ns
+            os.utime(fd, ns=(atime, r.mtime_ns))
+        finally:
+            os.close(fd)
+
+    def _setxattr(self, r: Setxattr, index: int) -> None:
+        if r.ino:
+            if self._key_stat(r.ino) is None:
+                return
+            os.setxattr(self.inodes_path + b"/%d" % r.ino, r.name, r.value, follow_symlinks=False)
+            return
+        fd = self._open_dir(r.path)
+        try:
+            os.setxattr(fd, r.name, r.value)
+        finally:
+            os.close(fd)
+
+    def _removexattr(self, r: Removexattr, index: int) -> None:
+        try:
+            if r.ino:
+                if self._key_stat(r.ino) is None:
+                    return
+                os.removexattr(self.inodes_path + b"/%d" % r.ino, r.name, follow_symlinks=False)
+                return
+            fd = self._open_dir(r.path)
+            try:
+                os.removexattr(fd, r.name)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+
+    # -------------------------------------------------------------- end of batch
+
+    def finish(self) -> None:
+        """Apply deferred file mtimes and drop hidden links left without a name."""
+        for ino in list(self.fds):
+            self._drop_fd(ino)
+        for ino, mtime in self.deferred.items():
+            st = self._key_stat(ino)
+            if st is not None:
+                os.utime(str(ino), ns=(st.st_atime_ns, mtime), dir_fd=self.inodes_fd,
+                         follow_symlinks=False)
+        self.deferred.clear()
+        if self.resumed or self.replaced:
+            self._collect_garbage(everything=self.resumed)
+
+    def _collect_garbage(self, everything: bool) -> None:
+        """Remove inodes/ entries whose object has no name left in tree/ (st_nlink == 1).
+
+        Candidates are the objects that lost a name by being replaced
+        (``self.replaced``); after a resume, every entry is checked (the
+        candidates of the killed run are lost).
+        """
+        wanted = {ino for _, ino in self.replaced}
+        with os.scandir(self.inodes_fd) as it:
+            for entry in it:
+                if not everything and entry.inode() not in wanted:
+                    continue
+                st = self._lstat(self.inodes_fd, entry.name)
+                if st is None or st.st_nlink != 1 or stat.S_ISDIR(st.st_mode):
+                    continue
+                if not everything and (st.st_dev, st.st_ino) not in self.replaced:
+                    continue
+                os.unlink(entry.name, dir_fd=self.inodes_fd)
+        self.replaced.clear()
+
+
+def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], start: int = 0) -> int:
+    """Apply the records of ``checkpoint`` to ``shadow``'s tree, in order.
+
+    The first ``start`` records were applied by an earlier, interrupted run:
+    they are only accounted for (deferred mtimes), not applied again.  The
+    staging cursor is kept up to date after every record; at the end the
+    deferred mtimes are set and orphaned hidden links removed.  The caller
+    then calls ``shadow.set_applied(checkpoint)`` and :func:`clear_cursor`
+    (:meth:`Updater.run_once` does all of it).
+
+    Each record is validated just before it is applied; validate the whole
+    batch first (:func:`validate_records`) so that a bad batch changes
+    nothing.  Returns the number of records applied (``start`` excluded).
+    Raises UpdaterError naming the checkpoint and record index.
+    """
+    ap = _Applier(shadow, checkpoint)
+    applied = 0
+    try:
+        ap.begin(start)
+        index = -1
+        for index, rec in enumerate(records):
+            try:
+                validate_record(rec)
+            except ValueError as e:
+                raise UpdaterError(f"checkpoint {checkpoint}: record {index} "
+                                   f"({type(rec).__name__}) rejected: {e}") from None
+            if index < start:
+                ap.note(rec)
+                continue
+            try:
+                ap.apply_one(rec, index)
+            except (_ApplyError, OSError) as e:
+                raise UpdaterError(f"checkpoint {checkpoint}: record {index} "
+                                   f"({type(rec).__name__}) failed: {e}") from e
+            ap.advance(index + 1)
+            applied += 1
+        if index + 1 < start:
+            raise UpdaterError(f"checkpoint {checkpoint} has {index + 1} records, "
+                               f"but {start} were already applied")
+        try:
+            ap.finish()
+        except OSError as e:
+            raise UpdaterError(f"checkpoint {checkpoint}: finishing the batch failed: {e}") from e
+    finally:
+        ap.close()
+    return applied
+
+
+# ------------------------------------------------------------------ updater
+
+class Updater:
+    """Brings the shadow up to the last complete checkpoint of the ordered log.
+
+    ``log`` needs ``checkpoints(after)``, ``verify(info)`` and
+    ``records(info)`` (see fusejournal.log.OrderedLog).  :meth:`run_once` is
+    called by the daemon from a worker thread; calls are serialized.
+    """
+
+    def __init__(self, log, shadow: Shadow) -> None:
+        self.log = log
+        self.shadow = shadow
+        #: the last error (None after a successful run); shown by ``fusejournal status``
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._current: int | None = None
+
+    def run_once(self) -> int:
+        """Apply every complete checkpoint after ``shadow.applied``; return the new applied id.
+
+        A batch that fails verification (CorruptLog) or validation stops the
+        updater before that checkpoint (nothing of it applied); a failure
+        while applying leaves the staging cursor so the next call resumes.
+        Errors are stored in :attr:`error` and re-raised.
+        """
+        with self._lock:
+            self._current = None
+            try:
+                applied = self._run()
+            except Exception as e:
+                msg = str(e) if isinstance(e, UpdaterError) else f"{type(e).__name__}: {e}"
+                if self._current is not None and not msg.startswith("checkpoint"):
+                    msg = f"checkpoint {self._current}: {msg}"
+                self.error = msg
+                raise
+            self.error = None
+            return applied
+
+    def _run(self) -> int:
+        shadow = self.shadow
+        applied = shadow.applied
+        cursor = read_cursor(shadow)
+        if cursor is not None and cursor.checkpoint <= applied:
+            clear_cursor(shadow)            # killed after set_applied: the batch is complete
+            cursor = None
+        if cursor is not None and cursor.boot != boot_id() and any(cursor.boot) and any(boot_id()):
+            # The system went down (power loss, kernel crash) while this batch
+            # was being applied: the cursor and the changes after the last
+            # set_applied were not all written to disk, so resuming could
+            # silently diverge.
+            raise UpdaterError(f"checkpoint {cursor.checkpoint} was being applied when the system went "
+                               f"down: the shadow {shadow.root} may have lost part of it and must be "
+                               f"seeded again (fusejournal mount --reseed)")
+        for info in self.log.checkpoints(applied):
+            n = info.marker.checkpoint
+            if n <= applied:
+                continue
+            start = 0
+            if cursor is not None:
+                if cursor.checkpoint != n:
+                    raise UpdaterError(f"the staging cursor is for checkpoint {cursor.checkpoint}, "
+                                       f"but the next checkpoint to apply is {n}: the shadow is "
+                                       f"inconsistent and must be seeded again")
+                start = cursor.index
+                cursor = None
+            self._current = n
+            self.log.verify(info)           # CorruptLog: stop before this checkpoint
+            validate_records(n, self.log.records(info))
+            apply_records(shadow, n, self.log.records(info), start)
+            shadow.set_applied(n)
+            clear_cursor(shadow)
+            applied = n
+        if cursor is not None:
+            raise UpdaterError(f"the staging cursor is for checkpoint {cursor.checkpoint}, which the log "
+                               f"no longer holds: the shadow is half-way through it and must be seeded "
+                               f"again (fusejournal mount --reseed)")
+        return applied
