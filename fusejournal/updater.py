@@ -38,6 +38,7 @@ from collections import OrderedDict
 from typing import Iterable, NamedTuple
 
 from . import sysc
+from .faults import fault
 from .records import (ATTR_ATIME, ATTR_GID, ATTR_MODE, ATTR_MTIME, ATTR_SIZE, ATTR_UID,
                       Link, Mkdir, Mknod, Record, Removexattr, Rename, Rmdir, Setattr,
                       Setxattr, Symlink, Unlink, Write)
@@ -56,6 +57,9 @@ _NODE_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_I
 _U64 = (1 << 64) - 1
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _ID_MAX = (1 << 32) - 2         # (uid_t)-1 means "no change" to chown: never a real id
+
+#: appended to errors that mean the shadow is not what the log expects
+RESEED_HINT = "the shadow does not match the log (changed by hand?): fusejournal mount --reseed"
 
 #: number of open file descriptors kept for writes (per batch)
 FD_CACHE_SIZE = 64
@@ -769,16 +773,18 @@ def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], st
                 ap.apply_one(rec, index)
             except (_ApplyError, OSError) as e:
                 raise UpdaterError(f"checkpoint {checkpoint}: record {index} "
-                                   f"({type(rec).__name__}) failed: {e}") from e
+                                   f"({type(rec).__name__}) failed: {e}; {RESEED_HINT}") from e
             ap.advance(index + 1)
             applied += 1
+            fault("updater.mid_batch")
         if index + 1 < start:
             raise UpdaterError(f"checkpoint {checkpoint} has {index + 1} records, "
                                f"but {start} were already applied")
         try:
             ap.finish()
         except OSError as e:
-            raise UpdaterError(f"checkpoint {checkpoint}: finishing the batch failed: {e}") from e
+            raise UpdaterError(f"checkpoint {checkpoint}: finishing the batch failed: {e}; "
+                               f"{RESEED_HINT}") from e
     finally:
         ap.close()
     return applied
@@ -851,9 +857,11 @@ class Updater:
                 start = cursor.index
                 cursor = None
             self._current = n
+            fault("updater.before_batch")
             self.log.verify(info)           # CorruptLog: stop before this checkpoint
             validate_records(n, self.log.records(info))
             apply_records(shadow, n, self.log.records(info), start)
+            fault("updater.before_applied")
             shadow.set_applied(n)
             clear_cursor(shadow)
             applied = n

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -810,6 +811,22 @@ def test_corrupt_checkpoint_stops_the_updater_before_it(env):
     assert env.updater.run_once() == n2
     assert env.updater.error is None
     env.check()
+
+
+def test_shadow_changed_by_hand_stops_the_updater(env):
+    r = env.rec
+    r.mkdir(b"d")
+    r.create(b"d/f", 0o644, b"one")
+    env.sync()
+    shutil.rmtree(env.shadow.tree / "d")              # somebody "tidies up" the shadow
+    r.create(b"d/g", 0o644, b"two")
+    n = env.checkpoint()
+    for _ in range(2):                                # stays stopped at the same record
+        with pytest.raises(UpdaterError, match=f"checkpoint {n}: record 0 .*missing.*--reseed"):
+            env.updater.run_once()
+        assert env.shadow.applied == n - 1
+        assert read_cursor(env.shadow)[:2] == (n, 0)
+    assert "--reseed" in env.updater.error
 
 
 def test_nothing_to_do(env):
