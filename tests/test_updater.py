@@ -593,6 +593,27 @@ def test_inode_number_reuse(env):
     env.sync()
 
 
+def test_inode_key_reuse_handcrafted(env):
+    """The same as above with hand-built records, so it never depends on the filesystem."""
+    X = 4_000_000_001
+    env.log.add([Mknod(X, 0o100644, 0, 0, 0, 10, 11, b"a"), Write(X, 0, 12, b"first life"),
+                 Link(X, 13, b"a2"), Unlink(X, 14, b"a"), Unlink(X, 15, b"a2"),
+                 Mknod(X, 0o100600, 0, 0, 0, 16, 17, b"b"),              # the number is reused
+                 Mknod(X + 1, 0o100644, 0, 0, 0, 18, 19, b"c"), Write(X + 1, 0, 20, b"c"),
+                 Mknod(X + 2, 0o100644, 0, 0, 0, 21, 22, b"tmp"), Rename(0, X + 2, 23, 23, b"tmp", b"c"),
+                 Symlink(X + 1, 0, 0, 24, 25, b"s", b"b")])              # ... by a symlink
+    env.updater.run_once()
+    t = env.shadow.tree
+    b = os.lstat(t / "b")
+    assert (b.st_size, stat.S_IMODE(b.st_mode), b.st_mtime_ns, b.st_nlink) == (0, 0o600, 16, 2)
+    assert os.lstat(env.shadow.inodes / str(X)).st_ino == b.st_ino
+    s = os.lstat(t / "s")
+    assert s.st_mtime_ns == 24 and os.lstat(env.shadow.inodes / str(X + 1)).st_ino == s.st_ino
+    assert os.lstat(t / "c").st_ino == os.lstat(env.shadow.inodes / str(X + 2)).st_ino
+    assert env.inode_keys() == {str(X), str(X + 1), str(X + 2)}
+    assert sorted(os.listdir(t)) == ["b", "c", "s"] and os.stat(t).st_mtime_ns == 25
+
+
 def test_non_utf8_names(env):
     r = env.rec
     r.mkdir(b"\xff\xfe")
