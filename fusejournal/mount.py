@@ -126,7 +126,7 @@ def check_mountpoint(mountpoint: Path, *, journal_free: bool) -> None:
         return
     dead = False
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)       # never answered from the kernel's caches
     except OSError as e:
         dead = e.errno == errno.ENOTCONN
     if dead and journal_free and fsname.startswith("fusejournal"):

@@ -142,22 +142,48 @@ Record = Union[Mknod, Mkdir, Symlink, Link, Unlink, Rmdir, Rename, Write,
                Setattr, Setxattr, Removexattr]
 
 # opcode -> (class, struct of the leading integer fields, number of bytes fields)
-_SPEC: dict[int, tuple[type, struct.Struct, int]] = {
-    1: (Mknod, struct.Struct("<QIIIQqq"), 1),
-    2: (Mkdir, struct.Struct("<IIIqq"), 1),
-    3: (Symlink, struct.Struct("<QIIqq"), 2),
-    4: (Link, struct.Struct("<Qq"), 1),
-    5: (Unlink, struct.Struct("<Qq"), 1),
-    6: (Rmdir, struct.Struct("<q"), 1),
-    7: (Rename, struct.Struct("<IQqq"), 2),
-    8: (Write, struct.Struct("<QQq"), 1),
-    9: (Setattr, struct.Struct("<QIIIIQqq"), 1),
-    10: (Setxattr, struct.Struct("<Q"), 3),
-    11: (Removexattr, struct.Struct("<Q"), 2),
+# In these format strings "t" marks a time in nanoseconds: it is stored as
+# i64 seconds + u32 nanoseconds, so every time a filesystem can hold (ext4
+# goes to the year 2446) fits, not only the int64-nanosecond range (2262).
+_TIMES = "t"
+_FORMATS: dict[int, tuple[type, str, int]] = {
+    1: (Mknod, "QIIIQtt", 1),
+    2: (Mkdir, "IIItt", 1),
+    3: (Symlink, "QIItt", 2),
+    4: (Link, "Qt", 1),
+    5: (Unlink, "Qt", 1),
+    6: (Rmdir, "t", 1),
+    7: (Rename, "IQtt", 2),
+    8: (Write, "QQt", 1),
+    9: (Setattr, "QIIIIQtt", 1),
+    10: (Setxattr, "Q", 3),
+    11: (Removexattr, "Q", 2),
 }
-_OPCODE: dict[type, int] = {cls: op for op, (cls, _, _) in _SPEC.items()}
+_NS = 1_000_000_000
+
+
+def _compile(fmt: str) -> tuple[struct.Struct, tuple[int, ...]]:
+    return (struct.Struct("<" + fmt.replace(_TIMES, "qI")),
+            tuple(i for i, c in enumerate(fmt) if c == _TIMES))
+
+
+_SPEC: dict[int, tuple[type, struct.Struct, int, tuple[int, ...]]] = {}
+for _op, (_cls, _fmt, _nbytes) in _FORMATS.items():
+    _st, _times = _compile(_fmt)
+    _SPEC[_op] = (_cls, _st, _nbytes, _times)
+_OPCODE: dict[type, int] = {cls: op for op, (cls, _, _, _) in _SPEC.items()}
 _HEADER = struct.Struct("<BI")
 _LEN = struct.Struct("<I")
+
+
+def _split_times(ints: tuple, times: tuple[int, ...]) -> list:
+    out: list = []
+    for i, v in enumerate(ints):
+        if i in times:
+            out.extend(divmod(v, _NS))
+        else:
+            out.append(v)
+    return out
 
 
 class RecordError(ValueError):
@@ -167,7 +193,7 @@ class RecordError(ValueError):
 def record_size(rec: Record) -> int:
     """Bytes ``rec`` takes once encoded (used for accounting, cheaply)."""
     op = _OPCODE[type(rec)]
-    _, fixed, nbytes = _SPEC[op]
+    _, fixed, nbytes, _ = _SPEC[op]
     n = _HEADER.size + fixed.size + 4 * nbytes
     for field in rec[len(rec) - nbytes:]:
         n += len(field)
@@ -180,12 +206,15 @@ def encode(records: Iterable[Record]) -> bytes:
     append = parts.append
     for rec in records:
         op = _OPCODE[type(rec)]
-        _, fixed, nbytes = _SPEC[op]
+        _, fixed, nbytes, times = _SPEC[op]
         nints = len(rec) - nbytes
         tail = rec[nints:]
         body_len = fixed.size + 4 * nbytes + sum(len(b) for b in tail)
         append(_HEADER.pack(op, body_len))
-        append(fixed.pack(*rec[:nints]))
+        try:
+            append(fixed.pack(*_split_times(rec[:nints], times)))
+        except struct.error as e:
+            raise RecordError(f"{type(rec).__name__} record has a field out of range: {rec[:nints]} ({e})") from None
         for b in tail:
             append(_LEN.pack(len(b)))
             append(b)
@@ -206,11 +235,26 @@ def decode(buf: bytes | memoryview) -> Iterator[Record]:
             raise RecordError(f"unknown record opcode {op} at offset {pos - _HEADER.size}")
         if body_len > end - pos:
             raise RecordError(f"record at offset {pos - _HEADER.size} runs past the end")
-        cls, fixed, nbytes = spec
+        cls, fixed, nbytes, times = spec
         body_end = pos + body_len
         if fixed.size > body_len:
             raise RecordError(f"record at offset {pos - _HEADER.size} too short")
-        fields = list(fixed.unpack_from(mv, pos))
+        raw = fixed.unpack_from(mv, pos)
+        if times:
+            fields = []
+            j = 0
+            for i in range(len(raw) - len(times)):
+                if i in times:
+                    sec, ns = raw[j], raw[j + 1]
+                    if ns >= _NS:
+                        raise RecordError(f"record at offset {pos - _HEADER.size}: bad nanoseconds")
+                    fields.append(sec * _NS + ns)
+                    j += 2
+                else:
+                    fields.append(raw[j])
+                    j += 1
+        else:
+            fields = list(raw)
         p = pos + fixed.size
         for _ in range(nbytes):
             if p + 4 > body_end:
