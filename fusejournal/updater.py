@@ -56,6 +56,8 @@ _RENAME_EXCHANGE = 2
 _NODE_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
 _U64 = (1 << 64) - 1
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+# records keep times as i64 seconds + nanoseconds (records.py)
+_TIME_MIN, _TIME_MAX = _I64_MIN * 1_000_000_000, _I64_MAX * 1_000_000_000 + 999_999_999
 _ID_MAX = (1 << 32) - 2         # (uid_t)-1 means "no change" to chown: never a real id
 
 #: appended to errors that mean the shadow is not what the log expects
@@ -124,7 +126,7 @@ def _check_ids(uid: object, gid: object) -> None:
 
 def _check_times(*times: object) -> None:
     for t in times:
-        _check_int(t, "time", _I64_MIN, _I64_MAX)
+        _check_int(t, "time", _TIME_MIN, _TIME_MAX)
 
 
 def _check_xattr_name(name: object) -> None:
@@ -143,7 +145,7 @@ def validate_record(rec: Record) -> None:
         ino, off, mtime, data = rec
         if (type(ino) is int and type(off) is int and type(mtime) is int and type(data) is bytes
                 and 0 < ino <= _U64 and 0 <= off <= _I64_MAX - len(data)
-                and _I64_MIN <= mtime <= _I64_MAX):
+                and _TIME_MIN <= mtime <= _TIME_MAX):
             return                                  # the common case, checked quickly
         _check_key(rec.ino)
         if type(rec.data) is not bytes:
