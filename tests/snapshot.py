@@ -13,6 +13,46 @@ import stat
 from pathlib import Path
 
 
+_BLOCK = 1 << 16
+
+
+def content_digest(path: bytes, size: int) -> str:
+    """sha256 of a file's bytes, where holes and zero blocks hash alike (cheap on sparse files).
+
+    Blocks are aligned to the file offset, so two files with equal bytes hash
+    equally whatever their holes are.
+    """
+    h = hashlib.sha256()
+    zeros = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                data = size
+            data -= data % _BLOCK
+            if data > pos:
+                zeros += data - pos
+                pos = data
+                continue
+            block = os.pread(fd, min(_BLOCK, size - pos), pos)
+            if not block:
+                break
+            if block.count(0) == len(block):
+                zeros += len(block)
+            else:
+                h.update(b"Z%d;" % zeros)
+                zeros = 0
+                h.update(block)
+            pos += len(block)
+    finally:
+        os.close(fd)
+    h.update(b"Z%d;" % zeros)
+    return h.hexdigest()
+
+
 def _xattrs(path: bytes, is_link: bool) -> dict:
     if is_link:
         return {}
@@ -42,11 +82,7 @@ def snapshot(root: os.PathLike | str, *, mtimes: bool = True, dir_mtimes: bool =
         kind = stat.S_IFMT(mode)
         digest = target = None
         if stat.S_ISREG(mode):
-            h = hashlib.sha256()
-            with open(full, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            digest = h.hexdigest()
+            digest = content_digest(full, st.st_size)
         elif stat.S_ISLNK(mode):
             target = os.readlink(full)
         mt = None
