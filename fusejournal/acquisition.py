@@ -4,7 +4,10 @@ halt, then have the batch compressed and appended to the ordered log.
 The order of one checkpoint (docs/design.md, "The halt"):
 
 1. update permission arrives (setxattr on the mount root);
-2. the halt closes: new mutating operations wait, in-flight ones finish;
+2. with the kernel's writeback cache on, dirty pages are flushed to the
+   filesystem first (``syncfs`` of the mount, from a worker thread, while
+   WRITE requests are still served); then the halt closes: new mutating
+   operations wait, in-flight ones finish;
 3. the whole temporary store is taken out (:meth:`TempStore.take`, O(1));
 4. the halt opens: operations flow again (a new activity period has begun);
 5. outside the halt, in a worker thread, the batch is lz4-compressed and
@@ -38,13 +41,14 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, store: TempStore, halt: Halt, ordered_log: OrderedLog, *,
-                 halt_timeout: float = 5.0, activity=None,
+                 halt_timeout: float = 5.0, activity=None, flush=None,
                  on_confirmed: Callable[[CheckpointInfo], None] | None = None) -> None:
         self.store = store
         self.halt = halt
         self.log = ordered_log
         self.halt_timeout = halt_timeout
         self.activity = activity
+        self.flush = flush
         self.on_confirmed = on_confirmed
         self._lock = trio.Lock()
         self.last_error: str | None = None
@@ -61,6 +65,11 @@ class Checkpointer:
         """Take a checkpoint; return its marker once it is durable in the ordered log."""
         async with self._lock:        # one checkpoint at a time, in order
             wall = time.time_ns()
+            if self.flush is not None:
+                # writeback cache: what the application wrote before the trigger may
+                # still be dirty pages in the kernel; they reach us (and the store)
+                # now, while WRITE requests are still served, not during the halt
+                await self.flush()
             async with self.halt.halted(self.halt_timeout):
                 batch = self.store.take()
                 # a new activity period starts with the new temporary store

@@ -163,7 +163,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
             raise UserError(f"the {what} {p} must not be inside the source {source}", EXIT_USAGE)
     cfg = MountConfig(source=source, mountpoint=mountpoint, journal=journal, shadow=shadow,
                       options=a.o or [], memory_limit=a.memory_limit, halt_timeout=a.halt_timeout,
-                      segment_limit=a.segment_limit, reseed=a.reseed, debug=a.debug)
+                      segment_limit=a.segment_limit, reseed=a.reseed, writeback=a.writeback_cache,
+                      debug=a.debug)
     if a.foreground:
         return run_daemon(cfg, a.ready_fd)
     argv = ["mount", os.fspath(source), os.fspath(mountpoint), "--journal", os.fspath(journal),
@@ -175,6 +176,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
         argv.append("--debug")
     if a.reseed:
         argv.append("--reseed")
+    if a.writeback_cache:
+        argv.append("--writeback-cache")
     tty = sys.stderr.isatty()
 
     def progress(n: int) -> None:
@@ -372,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reseed", action="store_true",
                    help="copy the shadow afresh from the original (after it was changed by hand or "
                         "the log was repaired); stop the application first")
+    m.add_argument("--writeback-cache", action="store_true",
+                   help="let the kernel merge small writes (faster small writes and stats; but the "
+                        "kernel then owns mtimes, which can differ from the disk's by the write-back "
+                        "delay, and ENOSPC shows at fsync/close; see docs/design.md)")
     m.add_argument("--debug", action="store_true")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)

@@ -102,13 +102,17 @@ class DirHandle:
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = False   # see docs/design.md: writes arrive in program order
+    enable_writeback_cache = False   # per instance, see __init__ and docs/design.md
 
     def __init__(self, source_fd: int, *, store: TempStore | None = None,
                  halt: Halt | None = None, control: Any = None, activity: Any = None,
-                 read_only: bool = False, timeout: float = 300.0) -> None:
+                 read_only: bool = False, timeout: float = 300.0, writeback: bool = False) -> None:
         super().__init__()
         self.read_only = read_only
+        # With the kernel's writeback cache, small writes are merged into large
+        # WRITE requests and attributes stay cached; a checkpoint then has to
+        # flush the dirty pages before the halt (mount.Daemon.flush_mount).
+        self.enable_writeback_cache = writeback and not read_only
         self.store = store
         self.halt = halt or Halt()
         self.control = control
@@ -233,6 +237,15 @@ class Operations(pyfuse3.Operations):
     def _check_writable(self) -> None:
         if self.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
+
+    def _backing_flags(self, flags: int) -> int:
+        """Flags for the original file's fd: no O_APPEND (the kernel gives the offsets), no
+        O_DIRECT; write-only opened read-write under the writeback cache (the kernel reads
+        pages to fill partial ones)."""
+        flags &= ~_OPEN_STRIP
+        if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -369,7 +382,7 @@ class Operations(pyfuse3.Operations):
             await self.halt.enter()
             try:
                 self._touch(ino)
-                fd = os.open(ino.proc, flags & ~_OPEN_STRIP)
+                fd = os.open(ino.proc, self._backing_flags(flags))
                 st = os.fstat(fd)
                 self._record_attrs(ino, R.ATTR_SIZE, st)
             finally:
@@ -377,7 +390,7 @@ class Operations(pyfuse3.Operations):
         else:
             if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            fd = os.open(ino.proc, flags & ~_OPEN_STRIP)
+            fd = os.open(ino.proc, self._backing_flags(flags))
         fh = self._new_fh()
         self.files[fh] = FileHandle(fd, ino)
         fi = pyfuse3.FileInfo(fh=fh)
@@ -536,7 +549,7 @@ class Operations(pyfuse3.Operations):
         await self.halt.enter()
         try:
             self._touch(p)
-            fd = os.open(name, (flags | os.O_CREAT) & ~(os.O_APPEND | os.O_DIRECT | os.O_NOCTTY),
+            fd = os.open(name, self._backing_flags(flags) | os.O_CREAT | (flags & os.O_EXCL),
                          stat.S_IMODE(mode), dir_fd=p.fd)
             try:
                 fino, ino, st = self._created(parent_inode, name, ctx, mode)

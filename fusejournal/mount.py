@@ -38,6 +38,7 @@ from .activity import ActivityLog
 from .journal import PENDING, Journal, read_daemon_info, read_meta
 from .log import OrderedLog
 from .shadow import Shadow
+from .sysc import syncfs
 from .tempstore import TempStore
 
 log = logging.getLogger("fusejournal")
@@ -54,6 +55,7 @@ class MountConfig:
     halt_timeout: float = 5.0
     segment_limit: int = 64 << 20
     reseed: bool = False
+    writeback: bool = False
     debug: bool = False
 
 
@@ -305,12 +307,13 @@ class Daemon:
         self.halt = Halt()
         self.checkpointer = Checkpointer(self.store, self.halt, self.log,
                                          halt_timeout=cfg.halt_timeout, activity=self.activity,
+                                         flush=self.flush_mount if cfg.writeback else None,
                                          on_confirmed=self._confirmed)
         self.control = Control(self.checkpointer, root_uid=lambda: os.fstat(source_fd).st_uid,
                                shadow_checkpoint=lambda: self.shadow_applied,
                                status=self.status, journal_path=os.fspath(os.path.abspath(cfg.journal)))
         self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control,
-                              activity=self.activity)
+                              activity=self.activity, writeback=cfg.writeback)
         self.stack.callback(self.ops.close_all)
 
     def reseed(self) -> None:
@@ -359,6 +362,21 @@ class Daemon:
             self.store.append(rec)
         log.info("recovery: %d intent(s) resynced into %d record(s); saved pending operations, "
                  "if any, are superseded", len(intents), len(records))
+
+    async def flush_mount(self) -> None:
+        """Make the kernel send every dirty page of the mount to us (writeback cache).
+
+        From a worker thread (the trio thread must keep serving the WRITE
+        requests this causes); the mount is opened and closed each time, as a
+        held fd would make it busy for unmounting.
+        """
+        def sync() -> None:
+            fd = os.open(self.cfg.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                syncfs(fd)
+            finally:
+                os.close(fd)
+        await trio.to_thread.run_sync(sync)
 
     def _confirmed(self, info) -> None:
         if self.had_pending:
