@@ -10,8 +10,8 @@ of the rounds; writes docs/performance.md and docs/perf/*.png.
     python bench/run.py --render bench/results/run-XXXX.json   # re-render only
 
 Needs root (drop_caches, FUSE mounts), fio, dbench, fusermount3, setfattr.
-Run it with /opt/fjvenv/bin/python, or any python: it re-executes itself with
-/opt/fjvenv/bin/python when matplotlib is missing here but present there.
+Run it with .venv/bin/python, or any python: it re-executes itself with
+.venv/bin/python when matplotlib is missing here but present there.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VENV = Path("/opt/fjvenv")
+VENV = HERE.parent / ".venv"     # ./scripts/setup-venv.sh makes it
 
 
 def _maybe_reexec() -> None:
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--umount-timeout", type=float, default=300.0)
     p.add_argument("--fusejournal-cmd", metavar="CMD",
                    help="command line of the fusejournal CLI (default: python -m fusejournal.cli from "
-                        "this checkout, else /opt/fjvenv/bin/fusejournal)")
+                        "this checkout, else .venv/bin/fusejournal)")
     p.add_argument("--render", metavar="RESULTS.json", help="only re-render from a results file")
     args = p.parse_args(argv)
     args.command_line = "python bench/run.py" + "".join(" " + shlex.quote(a) for a in

@@ -52,7 +52,7 @@ def python_with_pyfuse3() -> str:
             r = subprocess.run([py, "-c", "import pyfuse3, trio"], capture_output=True, timeout=60)
             if r.returncode == 0:
                 return py
-    raise BenchError("no Python with pyfuse3 and trio found (tried this one and /opt/fjvenv)")
+    raise BenchError("no Python with pyfuse3 and trio found (tried this one and .venv: run ./scripts/setup-venv.sh)")
 
 
 def fetch_passthroughfs(py: str, cache: Path) -> Path:
@@ -90,7 +90,7 @@ def fetch_passthroughfs(py: str, cache: Path) -> Path:
 def fusejournal_cli() -> tuple[list[str], dict]:
     """How to run the fusejournal CLI of *this checkout*: `python -m
     fusejournal.cli` with the repo on PYTHONPATH (so a clone benchmarks its own
-    code), else the installed /opt/fjvenv/bin/fusejournal.  FJBENCH_FUSEJOURNAL
+    code), else .venv/bin/fusejournal.  FJBENCH_FUSEJOURNAL
     (a command line) overrides both."""
     env = dict(os.environ)
     if env.get("FJBENCH_FUSEJOURNAL"):
@@ -100,10 +100,10 @@ def fusejournal_cli() -> tuple[list[str], dict]:
         py = python_with_pyfuse3()
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         return [py, "-m", "fusejournal.cli"], env
-    exe = Path("/opt/fjvenv/bin/fusejournal")
+    exe = REPO / ".venv" / "bin" / "fusejournal"
     if exe.exists():
         return [str(exe)], env
-    raise BenchError("fusejournal CLI not found (no fusejournal/cli.py, no /opt/fjvenv/bin/fusejournal)")
+    raise BenchError("fusejournal CLI not found (no fusejournal/cli.py, no .venv/bin/fusejournal)")
 
 
 # --------------------------------------------------------------------------- targets

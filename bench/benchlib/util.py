@@ -18,7 +18,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent.parent
 REPO = BENCH_DIR.parent
-VENV_PYTHON = Path("/opt/fjvenv/bin/python")
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"    # ./scripts/setup-venv.sh makes it
 
 MiB = 1 << 20
 GiB = 1 << 30
