@@ -346,7 +346,7 @@ class Daemon:
     def recover(self, intents: list) -> None:
         """The last daemon did not stop cleanly: what its temporary store held is
         lost, so resync exactly the objects its activity log names."""
-        from .resync import resync
+        from .resync import resync_iter
         if not self.activity.enabled:
             msg = ("the last daemon did not stop cleanly and kept no activity log (it did not run "
                    "as root): files changed since the last checkpoint may differ in the shadow; "
@@ -357,11 +357,19 @@ class Daemon:
         self.reporter.message(f"recovering after an unclean stop: applying checkpoints up to "
                               f"{self.log.last_checkpoint}, then resyncing {len(intents)} object(s)")
         self.shadow_applied = self.updater.run_once()     # the shadow at the last confirmed checkpoint
-        records = resync(self.source_fd, self.shadow, intents)
-        for rec in records:
-            self.store.append(rec)
+        # when the last confirmed checkpoint was taken: directories changed before it
+        # (ctime) are known to the shadow already, so resync need not read them
+        cps = self.log.checkpoints(self.log.last_checkpoint - 1) if self.log.last_checkpoint else []
+        if cps:
+            since_ns = cps[-1].marker.time_ns
+        else:
+            since_ns = os.stat(self.shadow.applied_path).st_mtime_ns   # the seed (checkpoint 0)
+        n = 0
+        for rec in resync_iter(self.source_fd, self.shadow, intents, since_ns=since_ns):
+            self.store.append(rec)                        # spills beyond the memory limit
+            n += 1
         log.info("recovery: %d intent(s) resynced into %d record(s); saved pending operations, "
-                 "if any, are superseded", len(intents), len(records))
+                 "if any, are superseded", len(intents), n)
 
     async def flush_mount(self) -> None:
         """Make the kernel send every dirty page of the mount to us (writeback cache).
