@@ -304,6 +304,8 @@ def cmd_fsck(a: argparse.Namespace) -> int:
         raise UserError(f"journal {journal} is in use: unmount before repairing", EXIT_FAILED)
     rep = fsck(journal / layout.LOG_DIR, repair=a.repair)
     print(f"checkpoints intact: {rep.checkpoints_ok} (last {rep.last_checkpoint})")
+    if a.verify_shadow:
+        return _verify_shadow(journal, rep.last_checkpoint)
     if rep.torn_tail:
         print(f"torn tail: {rep.torn_tail}")
     for d in rep.damage:
@@ -313,6 +315,40 @@ def cmd_fsck(a: argparse.Namespace) -> int:
     if (rep.damage or rep.torn_tail) and not a.repair:
         print("run `fusejournal fsck --repair` to repair what can be repaired")
         return EXIT_DAMAGED
+    return 0
+
+
+def _verify_shadow(journal: Path, last: int) -> int:
+    """Compare the whole shadow with the original (unmounted, caught up, nothing pending)."""
+    from .journal import read_meta
+    from .mount import journal_is_free
+    from .shadow import Shadow, ShadowError
+    meta = read_meta(journal)
+    if not journal_is_free(journal):
+        raise UserError("the journal is in use: unmount first (the original must not change "
+                        "while it is compared)", EXIT_FAILED)
+    shadow = Shadow(Path(meta["shadow"]))
+    try:
+        applied = shadow.applied
+    except ShadowError as e:
+        raise UserError(str(e), EXIT_DAMAGED) from None
+    if applied != last or (journal / "pending.fjrec").exists() or (journal / layout.DAEMON).exists():
+        raise UserError(f"the shadow is not caught up (it stands at {applied}, the log at {last}, or "
+                        f"operations are pending): mount, checkpoint, wait, unmount, then verify",
+                        EXIT_FAILED)
+    source = meta["source"]["path"]
+    fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        diffs = shadow.verify_matches(fd)
+    finally:
+        os.close(fd)
+    for d in diffs[:50]:
+        print(f"differs: {d}")
+    if diffs:
+        print(f"the shadow differs from {source} in {len(diffs)} place(s): re-seed it with "
+              f"`fusejournal mount --reseed {source} ...` (application stopped)")
+        return EXIT_DAMAGED
+    print(f"the shadow equals {source} (checkpoint {applied})")
     return 0
 
 
@@ -417,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fsck", help="check (and repair) the ordered log")
     f.add_argument("journal")
     f.add_argument("--repair", action="store_true")
+    f.add_argument("--verify-shadow", action="store_true",
+                   help="also compare the whole shadow with the original (unmounted and caught up)")
     f.set_defaults(func=cmd_fsck)
 
     u = sub.add_parser("umount", help="unmount and wait for the daemon to exit")

@@ -406,3 +406,18 @@ def test_hand_modified_shadow_is_reported_and_reseeded(mounted: Mounted) -> None
     n = mounted.checkpoint()
     mounted.wait(n)
     assert_same(snapshot(mp), snapshot(mounted.tree))
+
+
+def test_fsck_verify_shadow_finds_hand_changes(mounted: Mounted) -> None:
+    mp = mounted.mountpoint
+    (mp / "f").write_text("one")
+    n = mounted.checkpoint()
+    mounted.wait(n)
+    r = fj("fsck", mounted.journal, "--verify-shadow", check=False)
+    assert r.returncode != 0 and "in use" in r.stderr          # not while mounted
+    mounted.umount()
+    r = fj("fsck", mounted.journal, "--verify-shadow")
+    assert "equals" in r.stdout
+    (mounted.tree / "f").write_text("tampered")
+    r = fj("fsck", mounted.journal, "--verify-shadow", check=False)
+    assert r.returncode == 7 and "--reseed" in r.stdout and "f" in r.stdout
