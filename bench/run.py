@@ -281,7 +281,8 @@ def main(argv=None) -> int:
     ex = results.get("fj_extras") or {}
     ex_failed = [k for k, v in ex.items() if isinstance(v, dict) and v.get("error")] + (
         ["fj_extras"] if ex.get("error") else [])
-    ok = len(results["runs"]) - len(failed)
+    ok = len(results["runs"]) - len(failed) + sum(
+        1 for k, v in ex.items() if isinstance(v, dict) and not v.get("error"))
     print(f"bench: {ok} passed, {len(failed) + len(ex_failed)} failed")
     if args.smoke and (failed or ex_failed):
         return 1

@@ -198,6 +198,9 @@ def render_markdown(results: dict, charts: list[tuple[str, str]], out: Path) -> 
              f"({(meta.get('elapsed_s') or 0) / 60:.1f} min); {meta.get('rounds')} round(s), targets "
              f"interleaved within each workload ({' → '.join(SHORT.get(t, t) for t in targets)}, repeated "
              "each round), median of the rounds.")
+    for note in meta.get("notes") or []:
+        L.append("")
+        L.append(f"> **Note:** {note}")
     L.append("")
     L.append("## Machine")
     L.append("")
@@ -391,7 +394,7 @@ def render_extras(L: list[str], results: dict) -> None:
         L.append("")
         L.append("Text-like data: an application log, 70% plain lines and 30% JSON lines with varying "
                  "timestamps, ids and numbers (`bench/benchlib/fjextras.py:text_block`); random data: "
-                 "os.urandom. One checkpoint after each.")
+                 "os.urandom. Each on a fresh mount, one checkpoint, sizes from that checkpoint's marker.")
         L.append("")
     cr = ex.get("cpu_rss") or {}
     if cr.get("error"):
