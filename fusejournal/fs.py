@@ -400,9 +400,20 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         fd = self.files[fh].fd
-        if size >= _THREAD_IO:
-            return await trio.to_thread.run_sync(os.pread, fd, size, off)
-        return os.pread(fd, size, off)
+        if size < _THREAD_IO:
+            return os.pread(fd, size, off)
+        # Large reads: inline when the page cache has the data (RWF_NOWAIT never
+        # waits for the disk), else in a worker thread so the disk's latency does
+        # not stall every other request.
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            n = 0
+        if n == size:
+            return bytes(buf)
+        rest = await trio.to_thread.run_sync(os.pread, fd, size - n, off + n)
+        return bytes(buf[:n]) + rest if n else rest
 
     @_handler
     async def flush(self, fh: int) -> None:
