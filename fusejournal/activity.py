@@ -37,7 +37,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sysc import name_to_handle
+from .sysc import fsync_dir, name_to_handle
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,7 @@ class ActivityLog:
             os.write(self._fd, data)
             os.fdatasync(self._fd)
             if new:
-                dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                fsync_dir(self.dir)
             self.intents_written += 1
         except OSError:
             self.touched.discard(ino)
@@ -173,11 +169,7 @@ class ActivityLog:
                 except FileNotFoundError:
                     pass
         if removed:
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.dir)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -138,11 +138,14 @@ class Target:
 
 
 def _alive(pid: int) -> bool:
+    """True while the process runs (an exited one not yet reaped, a zombie, counts as gone)."""
     try:
-        os.kill(int(pid), 0)
-        return True
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            stat_line = f.read()
     except (OSError, ValueError):
         return False
+    # the state follows the command name, which is in parentheses and may contain anything
+    return stat_line[stat_line.rfind(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 # ---------------------------------------------------------------- commands

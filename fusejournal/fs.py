@@ -400,9 +400,20 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         fd = self.files[fh].fd
-        if size >= _THREAD_IO:
-            return await trio.to_thread.run_sync(os.pread, fd, size, off)
-        return os.pread(fd, size, off)
+        if size < _THREAD_IO:
+            return os.pread(fd, size, off)
+        # Large reads: inline when the page cache has the data (RWF_NOWAIT never
+        # waits for the disk), else in a worker thread so the disk's latency does
+        # not stall every other request.
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            n = 0
+        if n == size:
+            return bytes(buf)
+        rest = await trio.to_thread.run_sync(os.pread, fd, size - n, off + n)
+        return bytes(buf[:n]) + rest if n else rest
 
     @_handler
     async def flush(self, fh: int) -> None:
@@ -541,28 +552,46 @@ class Operations(pyfuse3.Operations):
     def _pmtime(self, parent: int) -> int:
         return os.fstat(self.inodes[parent].fd).st_mtime_ns
 
-    @_handler
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def _new_entry(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
+                         mode: int | None, make: Callable[[Inode], Any],
+                         record: Callable[[os.stat_result, int, bytes], R.Record],
+                         undo: Callable[[Any], None] | None = None) -> tuple[int, Inode, os.stat_result, Any]:
+        """Create ``name`` in a directory: the write intent for the directory, the system
+        call ``make(parent)``, the caller's ownership, then the record built by
+        ``record(stat, parent mtime, path)``.  ``undo(made)`` runs if a step after
+        ``make`` fails.  Returns (fuse inode, inode, stat, what make returned)."""
         self._check_writable()
         p = self._inode(parent_inode)
         await self.halt.enter()
         try:
             self._touch(p)
-            fd = os.open(name, self._backing_flags(flags) | os.O_CREAT | (flags & os.O_EXCL),
-                         stat.S_IMODE(mode), dir_fd=p.fd)
+            made = make(p)
             try:
                 fino, ino, st = self._created(parent_inode, name, ctx, mode)
             except BaseException:
-                os.close(fd)
+                if undo is not None:
+                    undo(made)
                 raise
             self._created_obj(st.st_ino)
             path = self._path(parent_inode, name)
             if path is not None:
-                self._record(R.Mknod(st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_rdev,
-                                     st.st_mtime_ns, self._pmtime(parent_inode), path))
+                self._record(record(st, self._pmtime(parent_inode), path))
+            return fino, ino, st, made
         finally:
             self.halt.leave()
+
+    @staticmethod
+    def _mknod_record(st: os.stat_result, pmtime: int, path: bytes) -> R.Record:
+        return R.Mknod(st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_rdev, st.st_mtime_ns, pmtime, path)
+
+    @_handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fino, ino, st, fd = await self._new_entry(
+            parent_inode, name, ctx, mode,
+            lambda p: os.open(name, self._backing_flags(flags) | os.O_CREAT | (flags & os.O_EXCL),
+                              stat.S_IMODE(mode), dir_fd=p.fd),
+            self._mknod_record, undo=os.close)
         fh = self._new_fh()
         self.files[fh] = FileHandle(fd, ino)
         return pyfuse3.FileInfo(fh=fh), self._attr(st, fino)
@@ -570,59 +599,30 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self._check_writable()
-        p = self._inode(parent_inode)
-        await self.halt.enter()
-        try:
-            self._touch(p)
-            os.mknod(name, mode, rdev, dir_fd=p.fd)
-            fino, ino, st = self._created(parent_inode, name, ctx, mode)
-            self._created_obj(st.st_ino)
-            path = self._path(parent_inode, name)
-            if path is not None:
-                self._record(R.Mknod(st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_rdev,
-                                     st.st_mtime_ns, self._pmtime(parent_inode), path))
-            return self._attr(st, fino)
-        finally:
-            self.halt.leave()
+        fino, _, st, _ = await self._new_entry(
+            parent_inode, name, ctx, mode,
+            lambda p: os.mknod(name, mode, rdev, dir_fd=p.fd), self._mknod_record)
+        return self._attr(st, fino)
 
     @_handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self._check_writable()
-        p = self._inode(parent_inode)
-        await self.halt.enter()
-        try:
-            self._touch(p)
-            os.mkdir(name, stat.S_IMODE(mode), dir_fd=p.fd)
-            fino, ino, st = self._created(parent_inode, name, ctx, None)
-            self._created_obj(st.st_ino)
-            path = self._path(parent_inode, name)
-            if path is not None:
-                self._record(R.Mkdir(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                                     st.st_mtime_ns, self._pmtime(parent_inode), path))
-            return self._attr(st, fino)
-        finally:
-            self.halt.leave()
+        fino, _, st, _ = await self._new_entry(
+            parent_inode, name, ctx, None,
+            lambda p: os.mkdir(name, stat.S_IMODE(mode), dir_fd=p.fd),
+            lambda st, pmtime, path: R.Mkdir(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                                             st.st_mtime_ns, pmtime, path))
+        return self._attr(st, fino)
 
     @_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self._check_writable()
-        p = self._inode(parent_inode)
-        await self.halt.enter()
-        try:
-            self._touch(p)
-            os.symlink(target, name, dir_fd=p.fd)
-            fino, ino, st = self._created(parent_inode, name, ctx, None)
-            self._created_obj(st.st_ino)
-            path = self._path(parent_inode, name)
-            if path is not None:
-                self._record(R.Symlink(st.st_ino, st.st_uid, st.st_gid, st.st_mtime_ns,
-                                       self._pmtime(parent_inode), path, target))
-            return self._attr(st, fino)
-        finally:
-            self.halt.leave()
+        fino, _, st, _ = await self._new_entry(
+            parent_inode, name, ctx, None,
+            lambda p: os.symlink(target, name, dir_fd=p.fd),
+            lambda st, pmtime, path: R.Symlink(st.st_ino, st.st_uid, st.st_gid, st.st_mtime_ns,
+                                               pmtime, path, target))
+        return self._attr(st, fino)
 
     @_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,

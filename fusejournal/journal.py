@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 from . import compression, layout
 from . import records as rec_mod
 from .errors import EXIT_IN_USE, EXIT_UNUSABLE, UserError
+from .sysc import fsync_dir
 
 PENDING = "pending.fjrec"
 
@@ -35,11 +36,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 def read_meta(journal: Path) -> dict | None:
@@ -167,11 +164,7 @@ class Journal:
             os.unlink(self.path / PENDING)
         except FileNotFoundError:
             return
-        dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.path)
 
     def close(self) -> None:
         if self._lock_fd >= 0:

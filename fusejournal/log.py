@@ -40,6 +40,7 @@ from typing import Iterable, Iterator
 
 from . import compression
 from .faults import fault
+from .sysc import fsync_dir, pread_full
 from .records import Record, RecordError, decode, encode, record_size
 
 LOG_FORMAT = 1
@@ -204,19 +205,6 @@ class _Entry:
         return self.offset + _ENTRY_HEADER.size + self.length
 
 
-def _pread(fd: int, n: int, off: int) -> bytes:
-    """Read up to n bytes at off (fewer only at end of file)."""
-    parts = []
-    while n > 0:
-        b = os.pread(fd, n, off)
-        if not b:
-            break
-        parts.append(b)
-        n -= len(b)
-        off += len(b)
-    return b"".join(parts)
-
-
 def _crc_range(fd: int, off: int, length: int) -> int | None:
     crc = 0
     while length > 0:
@@ -233,7 +221,7 @@ def _read_entry(fd: int, off: int, limit: int, *, check_payload: bool = True) ->
     """The entry at ``off``, which must end by ``limit``; raise _Bad otherwise."""
     if limit - off < _ENTRY_HEADER.size:
         raise _Bad(f"truncated entry header ({limit - off} bytes)")
-    raw = _pread(fd, _ENTRY_HEADER.size, off)
+    raw = pread_full(fd, _ENTRY_HEADER.size, off)
     if len(raw) < _ENTRY_HEADER.size:
         raise _Bad(f"truncated entry header ({len(raw)} bytes)")
     magic, typ, flags, length, cp, pcrc, hcrc = _ENTRY_HEADER.unpack(raw)
@@ -304,7 +292,7 @@ def _scan_segment(fd: int, index: int, path: Path, expected: int | None) -> _Seg
     """Check one segment (all checksums), collecting its complete checkpoints."""
     size = os.fstat(fd).st_size
     s = _SegScan(index, path, size, expected)
-    raw = _pread(fd, _FILE_HEADER.size, 0)
+    raw = pread_full(fd, _FILE_HEADER.size, 0)
     if len(raw) < _FILE_HEADER.size:
         s.problem = (0, f"truncated segment header ({len(raw)} bytes)")
         return s
@@ -334,7 +322,7 @@ def _scan_segment(fd: int, index: int, path: Path, expected: int | None) -> _Seg
             if start is None:
                 start = pos
             if e.type == MARKER:
-                marker = _parse_marker(_pread(fd, e.length, e.payload), e.checkpoint)
+                marker = _parse_marker(pread_full(fd, e.length, e.payload), e.checkpoint)
                 if marker.stored_bytes != e.end - start:
                     raise _Bad(f"marker says {marker.stored_bytes} stored bytes, "
                                f"checkpoint has {e.end - start}")
@@ -440,7 +428,7 @@ def _iter_batches(path: Path, info: CheckpointInfo) -> Iterator[tuple[int, bytes
                 e = _read_entry(fd, pos, end, check_payload=False)
                 if e.checkpoint != cp:
                     raise _Bad(f"entry belongs to checkpoint {e.checkpoint}")
-                payload = _pread(fd, e.length, e.payload)
+                payload = pread_full(fd, e.length, e.payload)
                 if len(payload) != e.length:
                     raise _Bad("segment shorter than the checkpoint")
                 if zlib.crc32(payload) != e.crc:
@@ -477,14 +465,6 @@ def _verify(path: Path, info: CheckpointInfo) -> None:
 
 
 # ---------------------------------------------------------------- writing
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _truncate(path: Path, size: int) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -585,7 +565,7 @@ class OrderedLog:
             raise LogError("log already opened")
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True)
-            _fsync_dir(self.directory.parent)
+            fsync_dir(self.directory.parent)
         scan = _scan_log(self.directory)
         warnings = []
         segments = [index for index, _ in scan.paths]
@@ -594,7 +574,7 @@ class OrderedLog:
             path = self.directory / format_segment_name(index)
             if offset is None:
                 os.unlink(path)
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 segments.remove(index)
             else:
                 _truncate(path, offset)
@@ -715,7 +695,7 @@ class OrderedLog:
                 fault("log.before_fsync")
                 os.fdatasync(fd)
                 if new:
-                    _fsync_dir(self.directory)
+                    fsync_dir(self.directory)
                 fault("log.after_fsync")
             except BaseException:
                 self._rollback(fd, new, path, start)
@@ -772,7 +752,7 @@ class OrderedLog:
                         self._infos = [i for i in self._infos if i.start.segment != index]
             finally:
                 if removed:
-                    _fsync_dir(self.directory)
+                    fsync_dir(self.directory)
             return removed
 
     def close(self) -> None:
@@ -865,7 +845,7 @@ def fsck(directory: str | Path, repair: bool = False) -> FsckReport:
             path = directory / format_segment_name(index)
             _truncate(path, offset)
             report.repaired.append(f"truncated {path.name} to {offset} bytes")
-        _fsync_dir(directory)
+        fsync_dir(directory)
         what = f"checkpoints {lost[0]}..{lost[-1]}" if lost else "everything after it"
         report.repaired.append(f"dropped {what} from the damage on: they are lost; "
                                f"the log now ends at checkpoint {scan.last}")
@@ -874,7 +854,7 @@ def fsck(directory: str | Path, repair: bool = False) -> FsckReport:
         path = directory / format_segment_name(index)
         if offset is None:
             os.unlink(path)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         else:
             _truncate(path, offset)
         report.repaired.append(scan.torn)

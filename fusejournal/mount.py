@@ -168,6 +168,36 @@ def _fsname(source: Path, prefix: str) -> str:
 
 # ------------------------------------------------------------------ daemon
 
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for signum in sigs:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+async def serve_session(ops: Operations, mountpoint: Path, opts: set[str],
+                        on_ready: Callable[[], None], *background: Callable) -> None:
+    """Mount ``ops`` (one FUSE session per process), call ``on_ready``, serve until
+    unmounted or signalled, with ``background`` tasks alongside; always close the session."""
+    try:
+        pyfuse3.init(ops, os.fspath(mountpoint), opts)
+    except RuntimeError as e:
+        raise UserError(f"cannot mount at {mountpoint}: {e}") from None
+    unmounted = False
+    try:
+        on_ready()
+        async with trio.open_nursery() as nursery:
+            for task in background:
+                nursery.start_soon(task)
+            nursery.start_soon(_terminate_on_signal)
+            await pyfuse3.main()
+            unmounted = True
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=not unmounted)
+
+
 class Reporter:
     """Tells the waiting ``fusejournal mount`` how start-up goes (or stderr in the foreground)."""
 
@@ -434,36 +464,26 @@ class Daemon:
                 log.error("updater: %s", e)
             await self._wake.wait()
 
-    async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for signum in sigs:
-                log.info("signal %d: unmounting", signum)
-                pyfuse3.terminate()
-                return
-
     async def serve(self) -> None:
         cfg = self.cfg
-        opts = mount_options(cfg.options, fsname=_fsname(cfg.source, "fusejournal"))
-        try:
-            pyfuse3.init(self.ops, os.fspath(cfg.mountpoint), opts)
-        except RuntimeError as e:
-            raise UserError(f"cannot mount at {cfg.mountpoint}: {e}") from None
-        unmounted = False
-        try:
-            self.journal.write_daemon_info({"pid": os.getpid(), "mountpoint": os.fspath(os.path.abspath(cfg.mountpoint)),
+        mounted = False
+
+        def ready() -> None:
+            nonlocal mounted
+            mounted = True
+            self.journal.write_daemon_info({"pid": os.getpid(),
+                                            "mountpoint": os.fspath(os.path.abspath(cfg.mountpoint)),
                                             "source": os.fspath(cfg.source)})
             self.reporter.ready({"mountpoint": os.fspath(cfg.mountpoint), "journal": os.fspath(cfg.journal),
                                  "shadow": os.fspath(self.shadow.root), "pid": os.getpid(),
                                  "last_checkpoint": self.log.last_checkpoint})
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._updater_loop)
-                nursery.start_soon(self._signals)
-                await pyfuse3.main()
-                unmounted = True
-                nursery.cancel_scope.cancel()
+        try:
+            await serve_session(self.ops, cfg.mountpoint,
+                                mount_options(cfg.options, fsname=_fsname(cfg.source, "fusejournal")),
+                                ready, self._updater_loop)
         finally:
-            pyfuse3.close(unmount=not unmounted)
-            self.shutdown()
+            if mounted:
+                self.shutdown()
 
     def shutdown(self) -> None:
         """Keep what was captured after the last checkpoint for the next mount."""
@@ -515,26 +535,13 @@ def run_browse(tree: Path, browsepoint: Path, options: list[str], ready_fd: int 
         ops = Operations(fd, read_only=True)
 
         async def serve() -> None:
-            opts = mount_options(options, fsname=_fsname(tree, "fusejournal-browse"), read_only=True)
             try:
-                pyfuse3.init(ops, os.fspath(browsepoint), opts)
-            except RuntimeError as e:
-                raise UserError(f"cannot mount at {browsepoint}: {e}") from None
-            unmounted = False
-            try:
-                reporter.ready({"browsepoint": os.fspath(browsepoint), "pid": os.getpid()})
-                async with trio.open_nursery() as nursery:
-                    async def sig() -> None:
-                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                            async for _ in sigs:
-                                pyfuse3.terminate()
-                                return
-                    nursery.start_soon(sig)
-                    await pyfuse3.main()
-                    unmounted = True
-                    nursery.cancel_scope.cancel()
+                await serve_session(ops, browsepoint,
+                                    mount_options(options, fsname=_fsname(tree, "fusejournal-browse"),
+                                                  read_only=True),
+                                    lambda: reporter.ready({"browsepoint": os.fspath(browsepoint),
+                                                            "pid": os.getpid()}))
             finally:
-                pyfuse3.close(unmount=not unmounted)
                 ops.close_all()
                 os.close(fd)
         trio.run(serve)

@@ -173,18 +173,6 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(s, e) for s, e in merged]
 
 
-def _pread_full(fd: int, n: int, off: int) -> bytes:
-    parts = []
-    while n > 0:
-        b = os.pread(fd, n, off)
-        if not b:
-            break
-        parts.append(b)
-        n -= len(b)
-        off += len(b)
-    return b"".join(parts) if len(parts) != 1 else parts[0]
-
-
 def _open_read(dir_fd: int, name: bytes | str) -> int:
     try:
         return os.open(name, _O_READ | os.O_NOATIME, dir_fd=dir_fd)
@@ -439,8 +427,8 @@ class _Resync:
                 ranges = list(data_extents(ofd, size)) + list(data_extents(sfd, min(ssize, size)))
                 for start, end in _merge(ranges):
                     for off, nxt in _blocks(start, end):
-                        a = _pread_full(ofd, nxt - off, off)
-                        b = _pread_full(sfd, nxt - off, off) if off < ssize else b""
+                        a = sysc.pread_full(ofd, nxt - off, off)
+                        b = sysc.pread_full(sfd, nxt - off, off) if off < ssize else b""
                         if len(b) < len(a):
                             b += bytes(len(a) - len(b))     # beyond the shadow's end: zeros
                         if a != b:
@@ -456,7 +444,7 @@ class _Resync:
         try:
             for start, end in data_extents(ofd, size):
                 for off, nxt in _blocks(start, end):
-                    a = _pread_full(ofd, nxt - off, off)
+                    a = sysc.pread_full(ofd, nxt - off, off)
                     if a and not _all_zero(a):
                         self.stats["writes"] += 1
                         yield Write(key, off, mtime, a)

@@ -59,6 +59,33 @@ def utimens_path_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None
     _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
 
 
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """fsync a directory: makes the names created, renamed or removed in it durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pread_full(fd: int, n: int, off: int) -> bytes:
+    """Read n bytes at off (fewer only at the end of the file)."""
+    first = os.pread(fd, n, off)
+    if len(first) == n or not first:
+        return first
+    parts = [first]
+    n -= len(first)
+    off += len(first)
+    while n > 0:
+        b = os.pread(fd, n, off)
+        if not b:
+            break
+        parts.append(b)
+        n -= len(b)
+        off += len(b)
+    return b"".join(parts)
+
+
 def syncfs(fd: int) -> None:
     """Flush every dirty page and inode of the filesystem holding ``fd``."""
     _check(_libc.syncfs(fd), "syncfs")

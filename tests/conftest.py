@@ -38,6 +38,16 @@ def fj(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess
     return r
 
 
+def alive(pid: int) -> bool:
+    """True while the process runs; an exited, not yet reaped one (a zombie) is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            line = f.read()
+    except OSError:
+        return False
+    return line[line.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+
+
 def is_mounted(path: Path) -> bool:
     target = os.path.abspath(path)
     with open("/proc/self/mountinfo") as f:
@@ -50,9 +60,7 @@ def force_unmount(path: Path, pid: int | None = None) -> None:
     if pid:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
+            if not alive(pid):
                 return
             time.sleep(0.02)
         try:
@@ -102,11 +110,7 @@ class Mounted:
         if self.pid:
             os.kill(self.pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(self.pid, 0)
-                except OSError:
-                    break
+            while time.monotonic() < deadline and alive(self.pid):
                 time.sleep(0.01)
         self.pid = None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, fj, is_mounted, needs_fuse
+from conftest import Mounted, alive, fj, is_mounted, needs_fuse
 from snapshot import assert_same, snapshot
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -35,9 +35,7 @@ def segments(m: Mounted) -> list[Path]:
 def wait_dead(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError:
+        if not alive(pid):
             return
         time.sleep(0.01)
     raise AssertionError(f"daemon {pid} still alive")

@@ -309,6 +309,13 @@ def render_markdown(results: dict, charts: list[tuple[str, str]], out: Path) -> 
                         "max shadow lag (checkpoints)", "failures"], ck_rows, "lrrrrl"))
         L.append("")
 
+    # The hand-written analysis of the misses (profiles, design changes) lives beside the
+    # generated page and is included, so a re-run keeps it.
+    analysis = out.resolve().parent / "performance-analysis.md"
+    if analysis.exists() and results.get("meta", {}).get("mode") == "full":
+        L.append(analysis.read_text().rstrip())
+        L.append("")
+
     if charts:
         L.append("## Charts")
         L.append("")
