@@ -419,3 +419,28 @@ def test_fsck_verify_shadow_finds_hand_changes(mounted: Mounted) -> None:
     (mounted.tree / "f").write_text("tampered")
     r = fj("fsck", mounted.journal, "--verify-shadow", check=False)
     assert r.returncode == 7 and "--reseed" in r.stdout and "f" in r.stdout
+
+
+def test_updater_killed_mid_batch(dirs: Mounted) -> None:
+    """A crash in the middle of applying a batch: the shadow resumes to exactly that checkpoint."""
+    dirs.mount(env={"FUSEJOURNAL_FAULT": "updater.mid_batch:7"})
+    mp = dirs.mountpoint
+    (mp / "d").mkdir()
+    for i in range(10):
+        (mp / "d" / f"f{i}").write_bytes(bytes([i]) * 5000)
+    os.rename(mp / "d" / "f0", mp / "d" / "renamed")
+    os.link(mp / "d" / "f1", mp / "link")
+    os.unlink(mp / "d" / "f2")
+    pid = dirs.pid
+    n = dirs.checkpoint("applied in two goes")          # durable before the updater starts
+    expected = snapshot(dirs.source)
+    wait_dead(pid)                                      # the updater died after 7 records
+    dirs.pid = None
+    from fusejournal.shadow import Shadow
+    from fusejournal.updater import read_cursor
+    assert Shadow(dirs.shadow).applied == n - 1                # not yet claimed ...
+    assert (dirs.tree / "d").is_dir()                          # ... but partly applied
+    assert read_cursor(Shadow(dirs.shadow)) is not None        # and the cursor says where
+    dirs.mount()
+    dirs.wait(n)
+    assert_same(expected, snapshot(dirs.tree))
