@@ -379,14 +379,11 @@ class Operations(pyfuse3.Operations):
         ino = self._inode(inode)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             self._check_writable()
-            await self.halt.enter()
-            try:
+            async with self.halt.operation():
                 self._touch(ino)
                 fd = os.open(ino.proc, self._backing_flags(flags))
                 st = os.fstat(fd)
                 self._record_attrs(ino, R.ATTR_SIZE, st)
-            finally:
-                self.halt.leave()
         else:
             if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EROFS)
@@ -518,8 +515,7 @@ class Operations(pyfuse3.Operations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_writable()
         ino = self._inode(inode)
-        await self.halt.enter()
-        try:
+        async with self.halt.operation():
             self._touch(ino)
             mask = 0
             if fields.update_size:
@@ -546,8 +542,6 @@ class Operations(pyfuse3.Operations):
             if mask:
                 self._record_attrs(ino, mask, st, inode)
             return self._attr(st, inode)
-        finally:
-            self.halt.leave()
 
     def _pmtime(self, parent: int) -> int:
         return os.fstat(self.inodes[parent].fd).st_mtime_ns
@@ -562,8 +556,7 @@ class Operations(pyfuse3.Operations):
         ``make`` fails.  Returns (fuse inode, inode, stat, what make returned)."""
         self._check_writable()
         p = self._inode(parent_inode)
-        await self.halt.enter()
-        try:
+        async with self.halt.operation():
             self._touch(p)
             made = make(p)
             try:
@@ -577,8 +570,6 @@ class Operations(pyfuse3.Operations):
             if path is not None:
                 self._record(record(st, self._pmtime(parent_inode), path))
             return fino, ino, st, made
-        finally:
-            self.halt.leave()
 
     @staticmethod
     def _mknod_record(st: os.stat_result, pmtime: int, path: bytes) -> R.Record:
@@ -630,8 +621,7 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         ino = self._inode(inode)
         np = self._inode(new_parent_inode)
-        await self.halt.enter()
-        try:
+        async with self.halt.operation():
             self._touch(np)
             os.link(ino.proc, new_name, dst_dir_fd=np.fd, follow_symlinks=True)
             st = os.fstat(ino.fd)
@@ -640,30 +630,24 @@ class Operations(pyfuse3.Operations):
             if path is not None:
                 self._record(R.Link(ino.ino, self._pmtime(new_parent_inode), path))
             return self._attr(st, inode)
-        finally:
-            self.halt.leave()
 
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_writable()
         p = self._inode(parent_inode)
-        await self.halt.enter()
-        try:
+        async with self.halt.operation():
             st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
             self._touch(p)
             os.unlink(name, dir_fd=p.fd)
             path = self._path(parent_inode, name)
             if path is not None:
                 self._record(R.Unlink(st.st_ino, self._pmtime(parent_inode), path))
-        finally:
-            self.halt.leave()
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_writable()
         p = self._inode(parent_inode)
-        await self.halt.enter()
-        try:
+        async with self.halt.operation():
             st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
             path = self._path(parent_inode, name)
             self._touch(p)
@@ -671,8 +655,6 @@ class Operations(pyfuse3.Operations):
             self.dirs.pop(self._fuse_ino(st.st_ino), None)
             if path is not None:
                 self._record(R.Rmdir(self._pmtime(parent_inode), path))
-        finally:
-            self.halt.leave()
 
     @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -680,8 +662,7 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         po = self._inode(parent_inode_old)
         pn = self._inode(parent_inode_new)
-        await self.halt.enter()
-        try:
+        async with self.halt.operation():
             old_path = self._path(parent_inode_old, name_old)
             new_path = self._path(parent_inode_new, name_new)
             sto = os.stat(name_old, dir_fd=po.fd, follow_symlinks=False)
@@ -705,8 +686,6 @@ class Operations(pyfuse3.Operations):
             elif old_path is not None or new_path is not None:
                 log.error("rename %r -> %r: a parent is no longer reachable; not journaled",
                           name_old, name_new)
-        finally:
-            self.halt.leave()
 
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -718,15 +697,12 @@ class Operations(pyfuse3.Operations):
         if ino.is_symlink:
             raise pyfuse3.FUSEError(errno.EPERM)
         self._no_caps.discard(inode)
-        await self.halt.enter()
-        try:
+        async with self.halt.operation():
             self._touch(ino)
             os.setxattr(ino.proc, name, value)
             ref = self._ref(inode, ino)
             if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
                 self._record(R.Setxattr(ref[0], ref[1], name, value))
-        finally:
-            self.halt.leave()
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -737,15 +713,12 @@ class Operations(pyfuse3.Operations):
         if ino.is_symlink:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         self._no_caps.discard(inode)
-        await self.halt.enter()
-        try:
+        async with self.halt.operation():
             self._touch(ino)
             os.removexattr(ino.proc, name)
             ref = self._ref(inode, ino)
             if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
                 self._record(R.Removexattr(ref[0], ref[1], name))
-        finally:
-            self.halt.leave()
 
     def close_all(self) -> None:
         """Close every fd (after the session ended)."""

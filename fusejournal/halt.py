@@ -1,6 +1,7 @@
 """The halt: a gate that holds new mutating operations while in-flight ones finish.
 
-Every mutating handler runs inside ``async with halt.operation():``.  A
+Every mutating handler runs inside ``async with halt.operation():`` (the
+write path, which never awaits after the gate, only waits on it).  A
 checkpoint runs ``async with halt.halted(timeout):``; inside it no mutating
 operation is in flight and none can start, so the temporary store can be taken
 out atomically.  A fresh :class:`trio.Event` is used per halt, so an operation
