@@ -30,6 +30,13 @@ def can_mount() -> bool:
 needs_fuse = pytest.mark.skipif(not can_mount(), reason="needs root, /dev/fuse and fusermount3")
 
 
+def pytest_configure(config) -> None:
+    """CI (FJ_REQUIRE_MOUNTS=1, set by .ci/run) must run the real-mount tests, never skip them."""
+    if os.environ.get("FJ_REQUIRE_MOUNTS") == "1" and not can_mount():
+        raise pytest.UsageError("FJ_REQUIRE_MOUNTS=1 but real FUSE mounts are impossible here "
+                                "(needs root, /dev/fuse and fusermount3): the real-mount tests would be skipped")
+
+
 def fj(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     r = subprocess.run([*FJ, *map(os.fspath, args)], capture_output=True, text=True, timeout=timeout, **kw)
     if check and r.returncode != 0:

@@ -7,6 +7,7 @@ trusted.* xattrs, and the hard-link group (the set of paths sharing one inode).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -30,7 +31,9 @@ def content_digest(path: bytes, size: int) -> str:
         while pos < size:
             try:
                 data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
+            except OSError as e:
+                if e.errno != errno.ENXIO:       # ENXIO: no data after pos (a hole to the end)
+                    raise
                 data = size
             data -= data % _BLOCK
             if data > pos:
@@ -59,14 +62,13 @@ def _xattrs(path: bytes, is_link: bool) -> dict:
     out = {}
     try:
         names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
+    except OSError as e:
+        if e.errno != errno.EOPNOTSUPP:        # a filesystem without xattrs has none
+            raise
         return {}
     for n in sorted(names):
         if n.startswith(("user.", "trusted.")) and not n.startswith("user.fusejournal."):
-            try:
-                out[n] = os.getxattr(path, n, follow_symlinks=False)
-            except OSError:
-                pass
+            out[n] = os.getxattr(path, n, follow_symlinks=False)
     return out
 
 

@@ -849,7 +849,7 @@ def test_far_future_mtime_does_not_poison_checkpoints(mounted: Mounted) -> None:
     assert_same(expected, snapshot(m.tree))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the setxattr that grants update permission holds the mount "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: the setxattr that grants update permission holds the mount "
                    "root's i_rwsem in the kernel until the batch is durable, so every create/unlink/"
                    "rename in the root directory stalls for the whole compression + fdatasync, not just "
                    "for the microseconds of the halt")
