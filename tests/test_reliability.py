@@ -6,7 +6,8 @@
 - a flipped bit in a committed checkpoint;
 - memory under a multi-hundred-MiB burst.
 
-``FJ_CRASH_ITERATIONS`` (default 4) sets how many random kills the harness runs.
+``FJ_CRASH_ITERATIONS`` (default 6) sets how many kills the harness runs, aimed in turn at a
+checkpoint, the updater and a random moment; ``FJ_CRASH_SEED`` replays a run (the seed is printed).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def try_checkpoint(m: Mounted, label: str = "t") -> int | None:
     return int(os.getxattr(m.mountpoint, b"user.fusejournal.checkpoint"))
 
 
-def workload(root: Path, rng: random.Random, n: int) -> None:
-    """Random mutating operations; stops quietly when the mount dies."""
+def workload(root: Path, rng: random.Random, n: int, killed: threading.Event | None = None) -> None:
+    """Random mutating operations.  Once ``killed`` is set (the daemon was sent SIGKILL)
+    the errors of a dying mount end it quietly; any error before that fails the test."""
     try:
         root.mkdir(exist_ok=True)
         for _ in range(n):
@@ -84,7 +86,8 @@ def workload(root: Path, rng: random.Random, n: int) -> None:
                 if not dst.exists():
                     os.link(src, dst)
     except OSError as e:
-        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENOENT):
+        if killed is None or not killed.is_set() or \
+                e.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENOENT):
             raise
 
 
@@ -161,11 +164,17 @@ def test_power_loss_cuts_unsynced_log(dirs: Mounted) -> None:
 
 
 def test_random_kills(dirs: Mounted) -> None:
-    iterations = int(os.environ.get("FJ_CRASH_ITERATIONS", "4"))
-    rng = random.Random(int(os.environ.get("FJ_CRASH_SEED", "1234")))
+    """SIGKILL aimed in turn at a checkpoint being written, at the updater applying a
+    large batch, and at a random moment of the workload; after each restart the last
+    confirmed checkpoint is there and the next one equals the original exactly."""
+    iterations = int(os.environ.get("FJ_CRASH_ITERATIONS", "6"))
+    seed = int(os.environ.get("FJ_CRASH_SEED") or random.randrange(1 << 32))
+    print(f"random kills: FJ_CRASH_SEED={seed} FJ_CRASH_ITERATIONS={iterations}")
+    rng = random.Random(seed)
     dirs.mount()
     mp = dirs.mountpoint
     confirmed, snap = 0, snapshot(mp)
+    landed = {"checkpoint": 0, "updater": 0, "anywhere": 0}
     for it in range(iterations):
         # quiet phases with checkpoints we can check exactly ...
         for _ in range(rng.randrange(1, 3)):
@@ -173,24 +182,54 @@ def test_random_kills(dirs: Mounted) -> None:
             n = try_checkpoint(dirs, f"it{it}")
             assert n is not None
             confirmed, snap = n, snapshot(mp)
-        # ... then a kill at a random moment while work and a checkpoint are under way
+        # ... then a kill aimed at one phase while work and checkpoints are under way
+        aim = ("checkpoint", "updater", "anywhere")[it % 3]
         pid = dirs.pid
-        killer = threading.Timer(rng.uniform(0.01, 0.3), lambda: os.kill(pid, 9))
+        killed, checkpointing, applying = threading.Event(), threading.Event(), threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            os.kill(pid, 9)
+
+        if aim == "anywhere":
+            killer = threading.Timer(rng.uniform(0.01, 0.3), kill)
+        else:
+            trigger = checkpointing if aim == "checkpoint" else applying
+            delay = rng.uniform(0, 0.02)
+
+            def aimed(trigger: threading.Event = trigger, delay: float = delay) -> None:
+                trigger.wait(60)
+                time.sleep(delay)
+                kill()
+            killer = threading.Thread(target=aimed)
         killer.start()
         try:
+            # a batch big enough that compressing, writing and applying it takes a while
+            with open(mp / "w" / f"big{it % 2}", "wb") as f:
+                f.write(rng.randbytes(4 << 20))
             for _ in range(20):
-                workload(mp / "w", rng, 10)
+                workload(mp / "w", rng, 10, killed)
+                checkpointing.set()
                 n = try_checkpoint(dirs, f"racing{it}")
                 if n is None:
+                    landed[aim] += killed.is_set()
                     break
+                applying.set()
                 confirmed = n
                 try:
                     snap = snapshot(mp)
                 except OSError:               # killed while looking: state at n unknown
                     snap = None
                     break
+        except OSError:
+            if not killed.is_set():
+                raise
         finally:
+            if not killed.is_set():           # the aimed moment never came: kill now
+                checkpointing.set()
+                applying.set()
             killer.join()
+        assert killed.is_set()
         wait_dead(pid)
         dirs.pid = None
         expected_now = snapshot(dirs.source)
@@ -204,6 +243,7 @@ def test_random_kills(dirs: Mounted) -> None:
         dirs.wait(n)
         assert_same(expected_now, snapshot(dirs.tree))                # promise 2
         confirmed, snap = n, snapshot(mp)
+    print(f"random kills: seed {seed}; kills that failed a checkpoint in flight, by aim: {landed}")
 
 
 # ------------------------------------------------------------ bad log data

@@ -31,6 +31,7 @@ from fusejournal.records import (Link, Mkdir, Mknod, Rename, Rmdir, Setattr, Unl
 from fusejournal.resync import CHUNK, CTIME_MARGIN_NS, UNKNOWN_KEY, resync, resync_iter
 from fusejournal.shadow import Shadow
 from fusejournal.updater import apply_records, validate_records
+from snapshot import assert_same, snapshot
 
 ROOT = os.geteuid() == 0
 pytestmark = pytest.mark.skipif(not ROOT, reason="file handles (open_by_handle_at) need root")
@@ -114,6 +115,7 @@ class Env:
         diffs = self.shadow.verify_matches(self.src)
         assert diffs == [], "shadow differs after the resync:\n" + "\n".join(diffs) + \
             "\nrecords:\n" + "\n".join(_show(r) for r in recs)
+        assert_same(snapshot(self.orig), snapshot(self.shadow.tree))    # an independent comparer
         self.records = recs
         self.intents = []
         self.new_period()
