@@ -6,6 +6,10 @@ point, exactly as a crash would.  ``NAME:N:pause`` instead blocks the calling
 thread while the file named by ``FUSEJOURNAL_FAULT_PAUSE`` exists (to hold the
 updater still while a test damages the log).  Unset (always, in production)
 it costs one comparison.  The points are listed in docs/reliability.md.
+
+:func:`hold` is the same for a point inside a trio task (a mutating
+operation in flight): ``NAME:N:pause`` holds that one task, asynchronously,
+while every other request is still served.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+
+import trio
 
 _name, _n, _action = (os.environ.get("FUSEJOURNAL_FAULT", "").split(":") + ["", ""])[:3]
 _remaining = int(_n) if _n.isdigit() else 1
@@ -26,5 +32,23 @@ def fault(name: str) -> None:
             flag = os.environ.get("FUSEJOURNAL_FAULT_PAUSE", "")
             while flag and os.path.exists(flag):
                 time.sleep(0.01)
+        elif _remaining <= 0 and _action != "pause":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def armed(name: str) -> bool:
+    """True if ``name`` is the configured fault point (a cheap test for hot paths)."""
+    return _name == name
+
+
+async def hold(name: str) -> None:
+    """Like :func:`fault`, but ``pause`` awaits instead of blocking the thread."""
+    global _remaining
+    if _name and name == _name:
+        _remaining -= 1
+        if _remaining == 0 and _action == "pause":
+            flag = os.environ.get("FUSEJOURNAL_FAULT_PAUSE", "")
+            while flag and os.path.exists(flag):
+                await trio.sleep(0.01)
         elif _remaining <= 0 and _action != "pause":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -27,6 +27,8 @@ from typing import AsyncIterator
 
 import trio
 
+from . import faults
+
 
 class HaltTimeout(Exception):
     """In-flight mutating operations did not finish within the halt bound."""
@@ -68,6 +70,8 @@ class Halt:
     async def operation(self) -> AsyncIterator[None]:
         await self.enter()
         try:
+            if faults.armed("halt.in_operation"):     # tests: an operation that stays in flight
+                await faults.hold("halt.in_operation")
             yield
         finally:
             self.leave()

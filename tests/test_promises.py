@@ -344,3 +344,40 @@ def test_verifier_reports_owners(tmp_path: Path) -> None:
         assert "/d: owner 0:0 in the original, 0:4321 in the shadow" in diffs
     finally:
         os.close(fd)
+
+
+async def test_the_halt_does_no_data_io_whatever_is_pending(tmp_path: Path, monkeypatch) -> None:
+    """Promise 7: the halt's work does not grow with pending data.  Structurally: while
+    the gate is closed nothing is read, written or synced, with 40 MiB pending of
+    which most is spilled to disk."""
+    halt = Halt()
+    store = TempStore(tmp_path, memory_limit=1 << 20, chunk_bytes=256 << 10)
+    for i in range(160):
+        store.append(R.Write(7, i << 18, i, os.urandom(256 << 10)))
+    assert store.spilled_bytes > 30 << 20
+    io_while_halted: list[str] = []
+    for name in ("read", "write", "pread", "pwrite", "preadv", "pwritev", "fsync", "fdatasync",
+                 "sendfile", "copy_file_range"):
+        real = getattr(os, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            if halt.is_halted:
+                io_while_halted.append(_name)
+            return _real(*a, **kw)
+        monkeypatch.setattr(os, name, spy)
+
+    class Log:
+        last_checkpoint = 0
+
+        def append(self, records, marker):
+            assert sum(1 for _ in records) == 160
+            self.last_checkpoint = marker.checkpoint
+            return SimpleNamespace(marker=marker)
+
+    act = ActivityLog(tmp_path / "activity", enabled=True)
+    act.open()
+    cp = Checkpointer(store, halt, Log(), activity=act)
+    await cp.checkpoint("big")
+    act.close()
+    assert io_while_halted == []
+    assert halt.count == 1
