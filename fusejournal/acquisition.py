@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import trio
 
 from .faults import fault
 from .halt import Halt
 from .log import CheckpointInfo, Marker, OrderedLog
-from .tempstore import TempStore
+from .tempstore import Batch, TempStore
 
 log = logging.getLogger(__name__)
 
@@ -64,39 +65,94 @@ class Checkpointer:
     async def checkpoint(self, label: str) -> Marker:
         """Take a checkpoint; return its marker once it is durable in the ordered log."""
         async with self._lock:        # one checkpoint at a time, in order
-            wall = time.time_ns()
-            if self.flush is not None:
-                # writeback cache: what the application wrote before the trigger may
-                # still be dirty pages in the kernel; they reach us (and the store)
-                # now, while WRITE requests are still served, not during the halt
-                await self.flush()
-            async with self.halt.halted(self.halt_timeout):
-                batch = self.store.take()
-                # a new activity period starts with the new temporary store
-                period = self.activity.new_period() if self.activity is not None else 0
-            fault("acquisition.after_take")
-            self.last_halt_ns = self.halt.last_duration_ns
-            self.halt_history.append(self.last_halt_ns)
-            del self.halt_history[:-1000]
-            marker = Marker(checkpoint=self.log.last_checkpoint + 1, label=label, time_ns=wall,
-                            operations=batch.operations, raw_bytes=batch.raw_bytes,
-                            stored_bytes=0, halt_ns=self.last_halt_ns)
-            try:
-                info = await trio.to_thread.run_sync(self.log.append, batch, marker)
-            except BaseException as e:
-                self.store.restore(batch)
-                self.last_error = f"checkpoint {marker.checkpoint} ({label!r}) failed: {e}"
-                log.error("%s; its %d operation(s) stay pending", self.last_error, marker.operations)
-                raise
-            batch.close()
-            self.confirmed_raw_bytes += info.marker.raw_bytes
-            self.confirmed_stored_bytes += info.marker.stored_bytes
-            if self.activity is not None:
-                self.activity.confirmed(period)   # those intents are covered now
-            self.last_error = None
-            log.info("checkpoint %d %r: %d operation(s), %d bytes raw, %d stored, halt %.3f ms",
-                     info.marker.checkpoint, label, info.marker.operations, info.marker.raw_bytes,
-                     info.marker.stored_bytes, self.last_halt_ns / 1e6)
-            if self.on_confirmed is not None:
-                self.on_confirmed(info)
+            taken = await self.take(label)
+            info = await self.append(taken)
+            self.confirm(taken, info)
             return info.marker
+
+    # The phases of :meth:`checkpoint`, also driven one by one by a consistency
+    # group member (fusejournal/member.py), which holds :attr:`lock` throughout.
+
+    @property
+    def lock(self) -> trio.Lock:
+        return self._lock
+
+    async def take(self, label: str, hold: Callable[[], Awaitable[None]] | None = None) -> "Taken":
+        """Steps 2-4: halt, take the temporary store out, start a new activity period, open.
+
+        ``hold`` (a group member) is awaited with the gate still closed, after
+        the take; if it raises, the batch goes back into the store before the
+        gate opens, and the exception propagates.  It must bound itself.
+        """
+        wall = time.time_ns()
+        if self.flush is not None:
+            # writeback cache: what the application wrote before the trigger may
+            # still be dirty pages in the kernel; they reach us (and the store)
+            # now, while WRITE requests are still served, not during the halt
+            await self.flush()
+        closed_ns = time.monotonic_ns()
+        async with self.halt.halted(self.halt_timeout):
+            batch = self.store.take()
+            # a new activity period starts with the new temporary store
+            period = self.activity.new_period() if self.activity is not None else 0
+            if hold is not None:
+                try:
+                    await hold()
+                except BaseException:
+                    self.store.restore(batch)
+                    raise
+        opened_ns = time.monotonic_ns()
+        fault("acquisition.after_take")
+        self.last_halt_ns = self.halt.last_duration_ns
+        self.halt_history.append(self.last_halt_ns)
+        del self.halt_history[:-1000]
+        return Taken(label, wall, batch, period, closed_ns, opened_ns)
+
+    async def append(self, taken: "Taken", extra: dict | None = None) -> CheckpointInfo:
+        """Step 5: compress and append the batch with its marker, durably.
+
+        On failure the batch goes back in front of the temporary store."""
+        batch, label = taken.batch, taken.label
+        marker = Marker(checkpoint=self.log.last_checkpoint + 1, label=label, time_ns=taken.wall_ns,
+                        operations=batch.operations, raw_bytes=batch.raw_bytes,
+                        stored_bytes=0, halt_ns=self.last_halt_ns, extra=dict(extra or {}))
+        try:
+            return await trio.to_thread.run_sync(self.log.append, batch, marker)
+        except BaseException as e:
+            self.store.restore(batch)
+            self.last_error = f"checkpoint {marker.checkpoint} ({label!r}) failed: {e}"
+            log.error("%s; its %d operation(s) stay pending", self.last_error, marker.operations)
+            raise
+
+    def confirm(self, taken: "Taken", info: CheckpointInfo) -> None:
+        """Step 6: the checkpoint counts: drop the batch, close the activity period, wake the updater."""
+        taken.batch.close()
+        self.confirmed_raw_bytes += info.marker.raw_bytes
+        self.confirmed_stored_bytes += info.marker.stored_bytes
+        if self.activity is not None:
+            self.activity.confirmed(taken.period)   # those intents are covered now
+        self.last_error = None
+        log.info("checkpoint %d %r: %d operation(s), %d bytes raw, %d stored, halt %.3f ms",
+                 info.marker.checkpoint, taken.label, info.marker.operations, info.marker.raw_bytes,
+                 info.marker.stored_bytes, self.last_halt_ns / 1e6)
+        if self.on_confirmed is not None:
+            self.on_confirmed(info)
+
+    def restore(self, taken: "Taken", why: str) -> None:
+        """A durably appended batch that will never be applied (its group checkpoint
+        aborted): its records go back in front of the temporary store."""
+        ops = taken.batch.operations
+        self.store.restore(taken.batch)
+        self.last_error = why
+        log.error("%s; its %d operation(s) stay pending", why, ops)
+
+
+@dataclass
+class Taken:
+    """A batch taken out of the temporary store, not yet confirmed."""
+    label: str
+    wall_ns: int
+    batch: Batch
+    period: int
+    closed_ns: int      # CLOCK_MONOTONIC just before the gate closed
+    opened_ns: int      # ... just after it opened again

@@ -150,6 +150,24 @@ def _alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------- commands
 
+def _group_or(positional: str, group_fn: str):
+    """``--group FILE`` (fusejournal/groupcli.py) instead of the positional argument, not both."""
+    def wrap(single):
+        def cmd(a: argparse.Namespace) -> int:
+            if getattr(a, "group", None) and not getattr(a, "member", None):
+                if getattr(a, positional, None) is not None:
+                    raise UserError(f"give either --group FILE or {positional.upper()}, not both", EXIT_USAGE)
+                from . import groupcli
+                return getattr(groupcli, group_fn)(a)
+            if getattr(a, positional, None) is None:
+                raise UserError(f"{positional.upper()} (or --group FILE) is required", EXIT_USAGE)
+            return single(a)
+        return cmd
+    return wrap
+
+
+@_group_or("source", "mount_group")
+
 def cmd_mount(a: argparse.Namespace) -> int:
     from .mount import MountConfig, run_daemon, spawn
     source = Path(os.path.abspath(a.source))
@@ -167,7 +185,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
     cfg = MountConfig(source=source, mountpoint=mountpoint, journal=journal, shadow=shadow,
                       options=a.o or [], memory_limit=a.memory_limit, halt_timeout=a.halt_timeout,
                       segment_limit=a.segment_limit, reseed=a.reseed, writeback=a.writeback_cache,
-                      debug=a.debug)
+                      debug=a.debug, group=Path(os.path.abspath(a.group)) if a.group else None,
+                      member=a.member)
     if a.foreground:
         return run_daemon(cfg, a.ready_fd)
     argv = ["mount", os.fspath(source), os.fspath(mountpoint), "--journal", os.fspath(journal),
@@ -215,6 +234,7 @@ def cmd_browse(a: argparse.Namespace) -> int:
     return 0
 
 
+@_group_or("mountpoint", "checkpoint_group")
 def cmd_checkpoint(a: argparse.Namespace) -> int:
     mp = Path(a.mountpoint)
     if _getxattr(mp, layout.XATTR_JOURNAL) is None:
@@ -231,6 +251,7 @@ def cmd_checkpoint(a: argparse.Namespace) -> int:
     return 0
 
 
+@_group_or("target", "wait_group")
 def cmd_wait(a: argparse.Namespace) -> int:
     t = Target(a.target)
     target = a.checkpoint
@@ -266,6 +287,7 @@ def cmd_wait(a: argparse.Namespace) -> int:
         time.sleep(0.05)
 
 
+@_group_or("target", "status_group")
 def cmd_status(a: argparse.Namespace) -> int:
     t = Target(a.target)
     st = t.status()
@@ -355,6 +377,7 @@ def _verify_shadow(journal: Path, last: int) -> int:
     return 0
 
 
+@_group_or("mountpoint", "umount_group")
 def cmd_umount(a: argparse.Namespace) -> int:
     mp = Path(os.path.abspath(a.mountpoint))
     pid = None
@@ -399,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     m = sub.add_parser("mount", help="mount SOURCE (in place by default) and journal every change")
-    m.add_argument("source")
+    m.add_argument("source", nargs="?")
     m.add_argument("mountpoint", nargs="?")
     m.add_argument("--journal", help="journal directory (default: per-source state directory)")
     m.add_argument("--shadow", help="shadow directory (default: per-source state directory)")
@@ -420,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "delay, and ENOSPC shows at fsync/close; see docs/design.md)")
     m.add_argument("--debug", action="store_true")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--group", metavar="FILE", help="mount every member of a consistency group (TOML)")
+    m.add_argument("--member", help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
 
     b = sub.add_parser("browse", help="read-only mount of the shadow")
@@ -433,18 +458,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_browse)
 
     c = sub.add_parser("checkpoint", help="grant update permission: take a checkpoint")
-    c.add_argument("mountpoint")
+    c.add_argument("mountpoint", nargs="?")
     c.add_argument("--label", help="label (default: the UTC time)")
+    c.add_argument("--group", metavar="FILE", help="one checkpoint of the whole consistency group")
     c.set_defaults(func=cmd_checkpoint)
 
     w = sub.add_parser("wait", help="wait until the shadow has applied a checkpoint")
-    w.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
+    w.add_argument("target", metavar="MOUNTPOINT|JOURNAL", nargs="?")
+    w.add_argument("--group", metavar="FILE", help="wait until every member's shadow is at the checkpoint")
     w.add_argument("--checkpoint", type=_nonneg_int, help="default: the latest confirmed one")
     w.add_argument("--timeout", type=_positive_float, metavar="S")
     w.set_defaults(func=cmd_wait)
 
     s = sub.add_parser("status", help="checkpoints, pending operations, log size, halts")
-    s.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
+    s.add_argument("target", metavar="MOUNTPOINT|JOURNAL", nargs="?")
+    s.add_argument("--group", metavar="FILE", help="the group, its coordinator and every member")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
@@ -461,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fsck)
 
     u = sub.add_parser("umount", help="unmount and wait for the daemon to exit")
-    u.add_argument("mountpoint")
+    u.add_argument("mountpoint", nargs="?")
+    u.add_argument("--group", metavar="FILE", help="unmount every member and stop the coordinator")
     u.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S")
     u.set_defaults(func=cmd_umount)
     return p

@@ -25,7 +25,7 @@ import errno
 import json
 import logging
 import os
-from typing import Callable
+from typing import Awaitable, Callable
 
 import pyfuse3
 
@@ -56,8 +56,13 @@ def check_label(value: bytes) -> str:
 class Control:
     def __init__(self, checkpointer: Checkpointer, *, root_uid: Callable[[], int],
                  shadow_checkpoint: Callable[[], int], status: Callable[[], dict],
-                 journal_path: str) -> None:
+                 journal_path: str, checkpoint: Callable[[str], Awaitable[object]] | None = None,
+                 checkpoint_id: Callable[[], int] | None = None) -> None:
         self.checkpointer = checkpointer
+        # a consistency group member: update permission makes a group checkpoint,
+        # and the checkpoint attribute is the group's (fusejournal/member.py)
+        self.checkpoint = checkpoint or checkpointer.checkpoint
+        self.checkpoint_id = checkpoint_id or (lambda: checkpointer.log.last_checkpoint)
         self.root_uid = root_uid
         self.shadow_checkpoint = shadow_checkpoint
         self.status = status
@@ -76,7 +81,7 @@ class Control:
             log.warning("refused update permission: %s", e)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         try:
-            await self.checkpointer.checkpoint(label)
+            await self.checkpoint(label)
         except HaltTimeout as e:
             log.error("checkpoint %r failed: %s", label, e)
             raise pyfuse3.FUSEError(errno.EBUSY) from None
@@ -88,7 +93,7 @@ class Control:
 
     def getxattr(self, name: bytes) -> bytes:
         if name == layout.XATTR_CHECKPOINT:
-            return str(self.checkpointer.log.last_checkpoint).encode()
+            return str(self.checkpoint_id()).encode()
         if name == layout.XATTR_SHADOW_CHECKPOINT:
             return str(self.shadow_checkpoint()).encode()
         if name == layout.XATTR_STATUS:

@@ -57,6 +57,8 @@ class MountConfig:
     reseed: bool = False
     writeback: bool = False
     debug: bool = False
+    group: Path | None = None       # a consistency group's file (fusejournal/group.py) ...
+    member: str | None = None       # ... and this tree's member name in it
 
 
 # ------------------------------------------------------------------ checks
@@ -320,6 +322,12 @@ class Daemon:
 
         self.store = TempStore(self.journal.spill_dir, memory_limit=cfg.memory_limit)
         self.updater = Updater(self.log, self.shadow)
+        self.member = None
+        if cfg.group is not None:               # a consistency group member (member.py)
+            from .member import GroupMember
+            self.member = GroupMember(cfg.group, cfg.member)
+            self.stack.callback(self.member.close)
+            self.updater.committed = self.member.committed
         self.activity = ActivityLog(self.journal.path / ACTIVITY_DIR, enabled=os.geteuid() == 0)
         intents = self.activity.open() if self.activity.enabled else []
         crashed = read_daemon_info(self.journal.path) is not None
@@ -345,6 +353,8 @@ class Daemon:
         self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control,
                               activity=self.activity, writeback=cfg.writeback)
         self.stack.callback(self.ops.close_all)
+        if self.member is not None:
+            self.member.attach(self.checkpointer, self.control)
 
     def reseed(self) -> None:
         """Throw the shadow away and copy it afresh from the original.
@@ -389,7 +399,9 @@ class Daemon:
         self.shadow_applied = self.updater.run_once()     # the shadow at the last confirmed checkpoint
         # when the last confirmed checkpoint was taken: directories changed before it
         # (ctime) are known to the shadow already, so resync need not read them
-        cps = self.log.checkpoints(self.log.last_checkpoint - 1) if self.log.last_checkpoint else []
+        # (the last *applied* one: in a consistency group, later ones may be uncommitted)
+        cps = self.log.checkpoints(self.shadow_applied - 1) if self.shadow_applied else []
+        cps = [c for c in cps if c.marker.checkpoint == self.shadow_applied]
         if cps:
             since_ns = cps[-1].marker.time_ns
         else:
@@ -449,6 +461,7 @@ class Daemon:
             "checkpoint_error": self.checkpointer.last_error,
             "updater_error": self.updater_error,
             "log_damage": str(self.log.damage) if getattr(self.log, "damage", None) else None,
+            **(self.member.status() if self.member is not None else {}),
         }
 
     async def _updater_loop(self) -> None:
@@ -480,7 +493,8 @@ class Daemon:
         try:
             await serve_session(self.ops, cfg.mountpoint,
                                 mount_options(cfg.options, fsname=_fsname(cfg.source, "fusejournal")),
-                                ready, self._updater_loop)
+                                ready, self._updater_loop,
+                                *([self.member.serve] if self.member is not None else []))
         finally:
             if mounted:
                 self.shutdown()
@@ -488,6 +502,8 @@ class Daemon:
     def shutdown(self) -> None:
         """Keep what was captured after the last checkpoint for the next mount."""
         try:
+            if self.member is not None:
+                self.member.shutdown()           # a batch in doubt is confirmed or put back
             ops = self.store.operations
             if ops:
                 n = self.journal.save_pending(self.store.take())
@@ -554,13 +570,13 @@ def run_browse(tree: Path, browsepoint: Path, options: list[str], ready_fd: int 
 
 
 def spawn(argv: list[str], on_progress: Callable[[int], None] | None = None,
-          on_message: Callable[[str], None] | None = None) -> dict:
+          on_message: Callable[[str], None] | None = None, module: str = "fusejournal.cli") -> dict:
     """Start ``python -m fusejournal.cli ARGV --ready-fd N`` detached; wait until it is ready.
 
     Returns the ready info; raises UserError with the daemon's own message.
     """
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "fusejournal.cli", *argv, "--foreground", "--ready-fd", str(w)]
+    cmd = [sys.executable, "-m", module, *argv, "--foreground", "--ready-fd", str(w)]
     proc = subprocess.Popen(cmd, pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(w)

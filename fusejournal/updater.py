@@ -802,9 +802,12 @@ class Updater:
     called by the daemon from a worker thread; calls are serialized.
     """
 
-    def __init__(self, log, shadow: Shadow) -> None:
+    def __init__(self, log, shadow: Shadow, committed=None) -> None:
         self.log = log
         self.shadow = shadow
+        #: a consistency group member's rule (fusejournal/member.py): marker ->
+        #: True apply, False skip (its group checkpoint aborted), None stop here
+        self.committed = committed
         #: the last error (None after a successful run); shown by ``fusejournal status``
         self.error: str | None = None
         self._lock = threading.Lock()
@@ -850,6 +853,12 @@ class Updater:
             n = info.marker.checkpoint
             if n <= applied:
                 continue
+            if self.committed is not None:
+                verdict = self.committed(info.marker)
+                if verdict is None:
+                    break                   # its group checkpoint is not committed (yet)
+                if verdict is False:
+                    continue                # aborted: never applied; its records came again later
             start = 0
             if cursor is not None:
                 if cursor.checkpoint != n:

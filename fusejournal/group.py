@@ -1,0 +1,401 @@
+"""Consistency groups: the group file, its validation, and the group commit log.
+
+A group file (TOML, read with :mod:`tomllib`) declares several trees that are
+checkpointed together (docs/design.md, "Consistency groups")::
+
+    [group]
+    name = "shop"
+    journal = "/backup/shop/journal"   # the group journal: commit log, sockets,
+                                        # and by default each member's journal and shadow
+    halt_timeout = 5.0                  # optional: the bound of the group halt (s)
+    append_timeout = 60.0               # optional: the bound for every member's batch to be durable
+
+    [[member]]
+    name = "db"
+    source = "/srv/shop/db"             # mounted in place unless mountpoint is given
+    shadow = "/backup/shop/db"          # optional (default JOURNAL/members/NAME/shadow)
+    journal = "/backup/shop/db-journal" # optional (default JOURNAL/members/NAME/journal)
+    mountpoint = "/mnt/db"              # optional (default: the source, in place)
+
+Relative paths are relative to the group file's directory.  :func:`load_group`
+checks everything before anything is mounted, created or seeded and raises
+:class:`GroupFileError` with a one-line message.
+
+The group commit log (``JOURNAL/commits.jsonl``) is the one place that makes a
+group checkpoint count: one line per committed (or aborted) group checkpoint,
+``<crc32 hex> <json>\\n``, appended by the coordinator with ``O_APPEND`` and
+``fdatasync``-ed before a checkpoint is reported done.  A commit line names,
+for every member, the checkpoint id of that member's batch in its own ordered
+log; a member's updater applies a batch of a group checkpoint only when a
+commit line names it (:meth:`CommitLog.verdict`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import stat
+import tomllib
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+COMMITS = "commits.jsonl"
+RUN_DIR = "run"                 # 0700: the coordinator's and the members' sockets
+COORDINATOR_SOCK = "coordinator.sock"
+COORDINATOR_PID = "coordinator.pid"
+MEMBERS_DIR = "members"
+MAX_SOCKET_PATH = 107           # sun_path is 108 bytes with the NUL
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
+_GROUP_KEYS = {"name": str, "journal": str, "halt_timeout": (int, float), "append_timeout": (int, float)}
+_MEMBER_KEYS = {"name": str, "source": str, "shadow": str, "journal": str, "mountpoint": str}
+_REQUIRED_GROUP = ("name", "journal")
+_REQUIRED_MEMBER = ("name", "source")
+
+
+class GroupFileError(Exception):
+    """The group file is unusable; the message is one line, naming the file."""
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    source: Path
+    mountpoint: Path
+    journal: Path
+    shadow: Path
+
+
+@dataclass(frozen=True)
+class Group:
+    path: Path                  # the group file
+    name: str
+    journal: Path
+    members: tuple[Member, ...]
+    halt_timeout: float = 5.0
+    append_timeout: float = 60.0
+
+    @property
+    def run_dir(self) -> Path:
+        return self.journal / RUN_DIR
+
+    @property
+    def coordinator_socket(self) -> Path:
+        return self.run_dir / COORDINATOR_SOCK
+
+    def member_socket(self, name: str) -> Path:
+        return self.run_dir / f"m-{name}.sock"
+
+    @property
+    def commits_path(self) -> Path:
+        return self.journal / COMMITS
+
+    def member(self, name: str) -> Member:
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise GroupFileError(f"group file {self.path}: no member named {name!r}")
+
+
+def _type_name(t) -> str:
+    if isinstance(t, tuple):
+        return "a number"
+    return {str: "a string"}.get(t, t.__name__)
+
+
+def _check_table(where: str, table: object, keys: dict, required: tuple[str, ...]) -> dict:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table")
+    for k, v in table.items():
+        if k not in keys:
+            raise ValueError(f"unknown key {k!r} in {where} (known: {', '.join(sorted(keys))})")
+        t = keys[k]
+        if isinstance(v, bool) or not isinstance(v, t):
+            raise ValueError(f"{where}.{k} must be {_type_name(t)}, not {type(v).__name__}")
+        if isinstance(v, str) and ("\0" in v or not v):
+            raise ValueError(f"{where}.{k} must not be empty or contain NUL")
+    for k in required:
+        if k not in table:
+            raise ValueError(f"{where} has no {k!r}")
+    return table
+
+
+def _exists_dir(p: Path) -> str | None:
+    """None if ``p`` is a directory (or a dead FUSE mount, cleared at mount), else why not."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            return None
+        return e.strerror
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    return None
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """True if ``a`` is ``b`` or below it (both absolute, normalized)."""
+    return a == b or os.fspath(a).startswith(os.fspath(b).rstrip("/") + "/")
+
+
+def _real(p: Path) -> Path:
+    try:
+        return Path(os.path.realpath(p))
+    except OSError:
+        return Path(os.path.abspath(p))
+
+
+def parse_group(text: str, path: Path) -> Group:
+    """Parse and check a group file's text (no file system access but path arithmetic)."""
+    base = Path(os.path.abspath(path)).parent
+
+    def resolve(s: str) -> Path:
+        return Path(os.path.normpath(os.path.join(base, os.path.expanduser(s))))
+
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"not valid TOML: {e}") from None
+    for k in doc:
+        if k not in ("group", "member"):
+            raise ValueError(f"unknown key {k!r} (expected [group] and [[member]] tables)")
+    if "group" not in doc:
+        raise ValueError("no [group] table")
+    g = _check_table("[group]", doc["group"], _GROUP_KEYS, _REQUIRED_GROUP)
+    if not _NAME_RE.fullmatch(g["name"]):
+        raise ValueError(f"[group].name {g['name']!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    for k in ("halt_timeout", "append_timeout"):
+        if k in g and not 0 < g[k] <= 3600:
+            raise ValueError(f"[group].{k} must be a positive number of seconds (at most 3600)")
+    journal = resolve(g["journal"])
+    members_raw = doc.get("member")
+    if members_raw is None:
+        raise ValueError("no [[member]] tables")
+    if not isinstance(members_raw, list):
+        raise ValueError("member must be an array of tables ([[member]])")
+    if not members_raw:
+        raise ValueError("no [[member]] tables")
+    members: list[Member] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(members_raw, 1):
+        m = _check_table(f"[[member]] #{i}", raw, _MEMBER_KEYS, _REQUIRED_MEMBER)
+        name = m["name"]
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"member name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        if name in seen:
+            raise ValueError(f"duplicate member name {name!r} (members #{seen[name]} and #{i})")
+        seen[name] = i
+        source = resolve(m["source"])
+        mdir = journal / MEMBERS_DIR / name
+        members.append(Member(name=name, source=source,
+                              mountpoint=resolve(m["mountpoint"]) if "mountpoint" in m else source,
+                              journal=resolve(m["journal"]) if "journal" in m else mdir / "journal",
+                              shadow=resolve(m["shadow"]) if "shadow" in m else mdir / "shadow"))
+    return Group(path=Path(os.path.abspath(path)), name=g["name"], journal=journal,
+                 members=tuple(members), halt_timeout=float(g.get("halt_timeout", 5.0)),
+                 append_timeout=float(g.get("append_timeout", 60.0)))
+
+
+def check_group(group: Group) -> None:
+    """The checks that look at the file system: sources, nesting, journals, socket paths."""
+    for m in group.members:
+        why = _exists_dir(m.source)
+        if why is not None:
+            raise ValueError(f"member {m.name!r}: source {m.source} {why}")
+    real = {m.name: _real(m.source) for m in group.members}
+    for a in group.members:
+        for b in group.members:
+            if a is b:
+                continue
+            if real[a.name] == real[b.name]:
+                raise ValueError(f"members {a.name!r} and {b.name!r} have the same source {a.source}")
+            if _inside(real[a.name], real[b.name]):
+                raise ValueError(f"member {a.name!r} (source {a.source}) is inside member {b.name!r} "
+                                 f"(source {b.source})")
+    mps: dict[Path, str] = {}
+    for m in group.members:
+        if m.mountpoint in mps:
+            raise ValueError(f"members {mps[m.mountpoint]!r} and {m.name!r} have the same mountpoint "
+                             f"{m.mountpoint}")
+        mps[m.mountpoint] = m.name
+        if m.mountpoint != m.source:
+            why = _exists_dir(m.mountpoint)
+            if why is not None:
+                raise ValueError(f"member {m.name!r}: mountpoint {m.mountpoint} {why}")
+    state = [("the group journal", group.journal)]
+    for m in group.members:
+        state += [(f"member {m.name!r}'s journal", m.journal), (f"member {m.name!r}'s shadow", m.shadow)]
+    for what, p in state:
+        rp = _real(p)
+        for m in group.members:
+            if _inside(rp, real[m.name]) or _inside(p, m.source):
+                raise ValueError(f"{what} {p} must not be inside member {m.name!r}'s source {m.source}")
+    seen: dict[Path, str] = {}
+    for what, p in state[1:]:
+        if p in seen:
+            raise ValueError(f"{seen[p]} and {what} are the same directory {p}")
+        seen[p] = what
+    longest = max([os.fspath(group.coordinator_socket)] +
+                  [os.fspath(group.member_socket(m.name)) for m in group.members], key=len)
+    if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+        raise ValueError(f"the group journal path {group.journal} is too long for its sockets "
+                         f"({longest} exceeds {MAX_SOCKET_PATH} bytes)")
+
+
+def load_group(path: str | os.PathLike, *, check: bool = True) -> Group:
+    """Read, parse and check a group file; GroupFileError with one line on any problem."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise GroupFileError(f"group file {p} does not exist") from None
+    except IsADirectoryError:
+        raise GroupFileError(f"group file {p} is a directory") from None
+    except OSError as e:
+        raise GroupFileError(f"group file {p}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GroupFileError(f"group file {p}: not UTF-8") from None
+    try:
+        group = parse_group(text, p)
+        if check:
+            check_group(group)
+    except ValueError as e:
+        msg = " ".join(str(e).split())       # one line, whatever tomllib said
+        raise GroupFileError(f"group file {p}: {msg}") from None
+    return group
+
+
+def ensure_run_dir(group: Group) -> Path:
+    """Create the group journal and its 0700 socket directory, owned by this user; refuse a
+    socket directory someone else owns or others can enter."""
+    group.journal.mkdir(parents=True, exist_ok=True)
+    d = group.run_dir
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode):
+        raise GroupFileError(f"{d} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise GroupFileError(f"the socket directory {d} belongs to uid {st.st_uid}, not to this user")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(d, 0o700)
+    return d
+
+
+# ------------------------------------------------------------ the commit log
+
+def _line(rec: dict) -> bytes:
+    body = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
+    return b"%08x " % zlib.crc32(body) + body + b"\n"
+
+
+def _parse(line: bytes) -> dict | None:
+    if not line.endswith(b"\n") or len(line) < 10 or line[8:9] != b" ":
+        return None
+    body = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        rec = json.loads(body)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+@dataclass
+class CommitLog:
+    """The group commit log: read by everyone, appended by the coordinator only."""
+    path: Path
+    commits: list[dict] = field(default_factory=list)
+    aborts: list[dict] = field(default_factory=list)
+    _size: int = 0
+
+    def refresh(self) -> None:
+        """Read what was appended since the last call (a torn last line is left for later)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size < self._size:           # replaced: start over
+                self.commits, self.aborts, self._size = [], [], 0
+            if size == self._size:
+                return
+            data = os.pread(fd, size - self._size, self._size)
+        finally:
+            os.close(fd)
+        pos = 0
+        while True:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break
+            rec = _parse(data[pos:nl + 1])
+            pos = nl + 1
+            if rec is None:
+                continue                    # a torn line from a crash: never committed
+            if "commit" in rec:
+                self.commits.append(rec)
+            elif "abort" in rec:
+                self.aborts.append(rec)
+        self._size += pos
+
+    @property
+    def last_id(self) -> int:
+        ids = [r["commit"] for r in self.commits] + [r["abort"] for r in self.aborts]
+        return max(ids, default=0)
+
+    @property
+    def last_committed(self) -> int:
+        return max((r["commit"] for r in self.commits), default=0)
+
+    def commit_record(self, gid: int) -> dict | None:
+        for r in self.commits:
+            if r["commit"] == gid:
+                return r
+        return None
+
+    def verdict(self, member: str, local: int) -> bool | None:
+        """May ``member`` apply its own checkpoint ``local`` (a group checkpoint's batch)?
+
+        True: a commit names it.  False: aborted — an abort names it, or a later
+        batch of this member is committed (a batch is committed only in order,
+        so an uncommitted earlier one never will be).  None: not decided yet."""
+        latest = 0
+        for r in self.commits:
+            n = r["members"].get(member)
+            if n == local:
+                return True
+            if isinstance(n, int):
+                latest = max(latest, n)
+        if local < latest:
+            return False
+        for r in self.aborts:
+            if r.get("members", {}).get(member) == local:
+                return False
+        return None
+
+    def append(self, rec: dict, *, durable: bool) -> None:
+        new = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            data = _line(rec)
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.EIO, "short write to the group commit log")
+            if durable:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        if new:
+            from .sysc import fsync_dir
+            fsync_dir(self.path.parent)
+        self.refresh()

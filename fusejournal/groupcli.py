@@ -1,0 +1,248 @@
+"""``fusejournal mount|umount|checkpoint|status|wait --group FILE``: the consistency group commands.
+
+The group file is read and checked completely (fusejournal/group.py) before
+anything is started, created or seeded.  ``mount --group`` starts the
+coordinator (its own process) and then each member's daemon with the same
+spawn-and-wait-for-ready machinery as a single mount; a member already mounted
+is kept (so the same command brings a member back after its daemon died); if
+any member cannot be mounted, everything this command started is stopped
+again and the error says which member and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import layout
+from .errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, UserError
+from .group import COORDINATOR_PID, CommitLog, Group, GroupFileError, ensure_run_dir, load_group
+
+
+def _load(path: str, check: bool = True) -> Group:
+    try:
+        return load_group(path, check=check)
+    except GroupFileError as e:
+        raise UserError(str(e), EXIT_USAGE) from None
+
+
+def _coordinator(group: Group, obj: dict, timeout: float = 10.0) -> dict:
+    from .coordinator import ProtocolError, request
+    try:
+        return request(group.coordinator_socket, obj, timeout)
+    except ProtocolError as e:
+        raise UserError(f"group {group.name!r}: {e}", EXIT_FAILED) from None
+
+
+def _coordinator_alive(group: Group) -> bool:
+    try:
+        return bool(_coordinator(group, {"op": "status"}, 5.0).get("ok"))
+    except UserError:
+        return False
+
+
+def _member_mounted(m) -> bool:
+    """True if the member's mountpoint is a live fusejournal mount of its journal."""
+    from .cli import _getxattr
+    try:
+        j = _getxattr(m.mountpoint, layout.XATTR_JOURNAL)
+    except UserError:
+        return False                         # a dead mount: the member's daemon clears it
+    return j is not None and os.path.abspath(os.fsdecode(j)) == os.path.abspath(m.journal)
+
+
+def _unmount(mountpoint: Path, timeout: float = 60.0) -> None:
+    from .cli import cmd_umount
+    with open(os.devnull, "w") as null:
+        out, sys.stdout = sys.stdout, null
+        try:
+            cmd_umount(argparse.Namespace(mountpoint=os.fspath(mountpoint), timeout=timeout))
+        finally:
+            sys.stdout = out
+
+
+def _stop_coordinator(group: Group, timeout: float = 30.0) -> None:
+    from .cli import _alive
+    try:
+        pid = int((group.run_dir / COORDINATOR_PID).read_text())
+    except (OSError, ValueError):
+        pid = None
+    try:
+        _coordinator(group, {"op": "stop"}, 5.0)
+    except UserError:
+        return
+    deadline = time.monotonic() + timeout
+    while pid and _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def mount_group(a: argparse.Namespace) -> int:
+    from .mount import spawn
+    group = _load(a.group)
+    try:
+        ensure_run_dir(group)
+    except (GroupFileError, OSError) as e:
+        raise UserError(f"group journal {group.journal}: {e}") from None
+    started_coordinator = False
+    mounted: list = []
+    current = None
+    try:
+        if not _coordinator_alive(group):
+            spawn([os.fspath(group.path)], module="fusejournal.coordinator")
+            started_coordinator = True
+        for m in group.members:
+            current = m
+            if _member_mounted(m):
+                print(f"member {m.name}: already mounted at {m.mountpoint}")
+                continue
+            argv = ["mount", os.fspath(m.source), os.fspath(m.mountpoint), "--journal", os.fspath(m.journal),
+                    "--shadow", os.fspath(m.shadow), "--halt-timeout", str(group.halt_timeout),
+                    "--memory-limit", str(a.memory_limit), "--segment-limit", str(a.segment_limit),
+                    "--group", os.fspath(group.path), "--member", m.name]
+            for o in a.o or []:
+                argv += ["-o", o]
+            if a.debug:
+                argv.append("--debug")
+            info = spawn(argv, on_message=lambda t, n=m.name: print(f"member {n}: {t}", file=sys.stderr))
+            mounted.append(m)
+            print(f"member {m.name}: mounted {m.source} at {m.mountpoint} (journal {m.journal}, "
+                  f"shadow {m.shadow}, pid {info.get('pid')})")
+    except UserError as e:
+        for m in reversed(mounted):
+            try:
+                _unmount(m.mountpoint)
+            except UserError as ue:
+                print(f"fusejournal: could not unmount member {m.name}: {ue}", file=sys.stderr)
+        if started_coordinator:
+            _stop_coordinator(group)
+        who = f"member {current.name!r}" if current is not None else "the coordinator"
+        undone = f"; unmounted the {len(mounted)} member(s) this command had mounted" if mounted else ""
+        raise UserError(f"group {group.name!r}: {who}: {e}{undone}", e.exit_code) from None
+    print(f"group {group.name}: {len(group.members)} member(s) mounted")
+    return 0
+
+
+def umount_group(a: argparse.Namespace) -> int:
+    group = _load(a.group, check=False)
+    errors = []
+    for m in group.members:
+        from .mount import fuse_mount_at
+        if fuse_mount_at(m.mountpoint) is None:
+            continue
+        try:
+            _unmount(m.mountpoint, a.timeout)
+            print(f"member {m.name}: unmounted {m.mountpoint}")
+        except UserError as e:
+            errors.append(f"member {m.name!r}: {e}")
+    _stop_coordinator(group, a.timeout)
+    if errors:
+        raise UserError("; ".join(errors), EXIT_FAILED)
+    print(f"group {group.name}: unmounted")
+    return 0
+
+
+def checkpoint_group(a: argparse.Namespace) -> int:
+    group = _load(a.group, check=False)
+    label = a.label if a.label is not None else datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    r = _coordinator(group, {"op": "checkpoint", "label": label},
+                     3 * group.halt_timeout + group.append_timeout + 60)
+    if not r.get("ok"):
+        raise UserError(r.get("error", "group checkpoint failed"),
+                        EXIT_USAGE if r.get("errno") == 22 else EXIT_FAILED)
+    print(r["id"])
+    return 0
+
+
+def _member_status(m) -> dict:
+    from .cli import Target
+    try:
+        t = Target(os.fspath(m.mountpoint) if _member_mounted(m) else os.fspath(m.journal))
+        return t.status()
+    except UserError as e:
+        return {"error": str(e)}
+
+
+def status_group(a: argparse.Namespace) -> int:
+    group = _load(a.group, check=False)
+    commits = CommitLog(group.commits_path)
+    commits.refresh()
+    last = commits.commit_record(commits.last_committed)
+    st: dict = {"group": group.name, "last_group_checkpoint": commits.last_committed,
+                "last_group_halt_ns": last["halt_ns"] if last else 0,
+                "group_halts_committed": len(commits.commits), "group_aborted": len(commits.aborts),
+                "coordinator": None, "members": {}}
+    try:
+        r = _coordinator(group, {"op": "status"}, 5.0)
+        st["coordinator"] = r.get("status")
+    except UserError as e:
+        st["coordinator_error"] = str(e)
+    for m in group.members:
+        st["members"][m.name] = _member_status(m)
+    bad = any(s.get("error") or s.get("updater_error") or s.get("log_damage") or s.get("group_error")
+              for s in st["members"].values())
+    if a.json:
+        print(json.dumps(st, indent=1, sort_keys=True))
+    else:
+        for k in sorted(st):
+            if k not in ("members", "coordinator"):
+                print(f"{k}: {st[k]}")
+        for k, v in sorted((st["coordinator"] or {}).items()):
+            print(f"coordinator.{k}: {v}")
+        for name, ms in st["members"].items():
+            for k in sorted(ms):
+                print(f"{name}.{k}: {ms[k]}")
+    return EXIT_DAMAGED if bad else 0
+
+
+def wait_group(a: argparse.Namespace) -> int:
+    group = _load(a.group, check=False)
+    commits = CommitLog(group.commits_path)
+    commits.refresh()
+    target = a.checkpoint if a.checkpoint is not None else commits.last_committed
+    if target == 0:
+        print(0)
+        return 0
+    rec = commits.commit_record(target)
+    if rec is None:
+        if target <= commits.last_id:
+            raise UserError(f"group checkpoint {target} was not committed (it failed)", EXIT_USAGE)
+        raise UserError(f"group checkpoint {target} does not exist (last is {commits.last_committed})",
+                        EXIT_USAGE)
+    deadline = None if a.timeout is None else time.monotonic() + a.timeout
+    from .shadow import Shadow, ShadowError
+    while True:
+        behind = []
+        for m in group.members:
+            local = rec["members"].get(m.name)
+            if local is None:
+                raise UserError(f"group checkpoint {target} has no batch of member {m.name!r}")
+            st = _member_status(m)
+            if st.get("error"):
+                raise UserError(f"member {m.name!r}: {st['error']}", EXIT_FAILED)
+            applied = st.get("shadow_checkpoint")
+            if applied is None:
+                try:
+                    applied = Shadow(m.shadow).applied
+                except ShadowError as e:
+                    raise UserError(f"member {m.name!r}: {e}") from None
+            if applied < local:
+                if st.get("pid") is None:
+                    raise UserError(f"member {m.name!r}: its shadow is behind and no daemon is running "
+                                    f"to apply it: mount the group again", EXIT_FAILED)
+                if st.get("updater_error"):
+                    raise UserError(f"member {m.name!r}: the updater is stopped: {st['updater_error']}",
+                                    EXIT_DAMAGED)
+                behind.append(m.name)
+        if not behind:
+            print(target)
+            return 0
+        if deadline is not None and time.monotonic() >= deadline:
+            raise UserError(f"timed out: member(s) {', '.join(behind)} not yet at group checkpoint {target}",
+                            EXIT_TIMEOUT)
+        time.sleep(0.05)
