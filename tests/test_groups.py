@@ -1,0 +1,441 @@
+"""Consistency groups on real mounts, driven from other processes.
+
+Every test mounts a group with the real CLI (a coordinator process and one
+daemon per member, in place), and unmounts everything in a ``finally``:
+``umount --group``, then ``fusermount3 -u -z`` and SIGKILL of whatever is
+still alive.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FJ, alive, can_mount, fj, force_unmount, is_mounted
+from snapshot import assert_same, snapshot
+
+pytestmark = [pytest.mark.mount,
+              pytest.mark.skipif(not can_mount(), reason="needs root, /dev/fuse and fusermount3")]
+
+UP = b"user.fusejournal.update_permission"
+CP = b"user.fusejournal.checkpoint"
+STATUS = b"user.fusejournal.status"
+
+
+class Group:
+    def __init__(self, root: Path, sources: dict[str, Path], halt_timeout: float = 3.0,
+                 journal: Path | None = None) -> None:
+        self.root = root
+        self.sources = sources
+        self.journal = journal or root / "gj"
+        self.file = root / "group.toml"
+        text = f'[group]\nname = "bank"\njournal = "{self.journal}"\nhalt_timeout = {halt_timeout}\n'
+        for name, src in sources.items():
+            text += f'\n[[member]]\nname = "{name}"\nsource = "{src}"\n'
+        self.file.write_text(text)
+        self.pids: set[int] = set()
+
+    def mount(self, env: dict | None = None) -> subprocess.CompletedProcess:
+        r = fj("mount", "--group", self.file, env={**os.environ, **env} if env else None)
+        self.remember_pids()
+        return r
+
+    def remember_pids(self) -> None:
+        for name in self.sources:
+            try:
+                self.pids.add(self.status(name)["pid"])
+            except OSError:
+                pass
+        try:
+            self.pids.add(int((self.journal / "run" / "coordinator.pid").read_text()))
+        except (OSError, ValueError):
+            pass
+
+    def status(self, name: str) -> dict:
+        return json.loads(os.getxattr(self.sources[name], STATUS))
+
+    def checkpoint(self, name: str, label: str = "t") -> int:
+        os.setxattr(self.sources[name], UP, label.encode())
+        return int(os.getxattr(self.sources[name], CP))
+
+    def wait(self, gid: int) -> None:
+        fj("wait", "--group", self.file, "--checkpoint", str(gid), "--timeout", "60")
+
+    def tree(self, name: str) -> Path:
+        return self.journal / "members" / name / "shadow" / "tree"
+
+    def commits(self) -> list[dict]:
+        p = self.journal / "commits.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line.split(" ", 1)[1]) for line in p.read_text().splitlines()]
+
+    def assert_exact(self) -> None:
+        for name, src in self.sources.items():
+            assert_same(snapshot(src), snapshot(self.tree(name)))
+
+    def cleanup(self) -> None:
+        self.remember_pids()
+        subprocess.run([*FJ, "umount", "--group", os.fspath(self.file)], capture_output=True, timeout=120)
+        for src in self.sources.values():
+            force_unmount(src)
+        for pid in self.pids:
+            deadline = time.monotonic() + 10
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def group(tmp_path: Path):
+    srcs = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    for s in srcs.values():
+        s.mkdir()
+    g = Group(tmp_path, srcs)
+    try:
+        yield g
+    finally:
+        g.cleanup()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    d = tmp_path / "tmpfs"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m,mode=0755", "tmpfs", os.fspath(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", os.fspath(d)], check=False)
+
+
+def fs_type(path: Path) -> str:
+    best, kind = "", ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mp = left.split()[4]
+            if (os.fspath(path) + "/").startswith(mp.rstrip("/") + "/") and len(mp) >= len(best):
+                best, kind = mp, right.split()[0]
+    return kind
+
+
+# ------------------------------------------------------------ the bank-transfer workload
+
+WIDTH = 32
+START = 1000
+
+WORKER = r"""
+import os, sys
+a, b, w, direction, stop = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+def amount(w, k): return (w * 7919 + k * 104729) % 97 + 1
+fa = os.open(f"{a}/acct{w}", os.O_RDWR)
+fb = os.open(f"{b}/acct{w}", os.O_RDWR)
+src, dst = (fa, fb) if direction == 0 else (fb, fa)
+sbal = int(os.pread(src, 32, 0)[:16]); dbal = int(os.pread(dst, 32, 0)[:16])
+k = 0
+try:
+    while not os.path.exists(stop):
+        k += 1
+        amt = amount(w, k)
+        sbal -= amt
+        os.pwrite(src, b"%+016d%016d" % (sbal, k), 0)      # the debit: one completed write
+        dbal += amt
+        os.pwrite(dst, b"%+016d%016d" % (dbal, k), 0)      # then the credit, in the other tree
+except OSError as e:
+    print(f"worker {w}: {e}", file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def amount(w: int, k: int) -> int:
+    return (w * 7919 + k * 104729) % 97 + 1
+
+
+def read_acct(path: Path) -> tuple[int, int]:
+    raw = path.read_bytes()
+    assert len(raw) == WIDTH, (path, raw)
+    return int(raw[:16]), int(raw[16:])
+
+
+def check_bank(a: Path, b: Path, workers: int) -> int:
+    """Check one state of the two trees (shadows or originals); return the transfers in it."""
+    total, in_transit, transfers = 0, 0, 0
+    for w in range(workers):
+        src, dst = (a, b) if w % 2 == 0 else (b, a)
+        sbal, ks = read_acct(src / f"acct{w}")
+        dbal, kd = read_acct(dst / f"acct{w}")
+        # a state the workload passed through: every debit up to ks, every credit up to kd,
+        # and the credit of a transfer never without its debit
+        assert kd in (ks, ks - 1), f"worker {w}: credit {kd} without debit (debits {ks}): inconsistent cut"
+        assert sbal == START - sum(amount(w, k) for k in range(1, ks + 1)), (w, sbal, ks)
+        assert dbal == START + sum(amount(w, k) for k in range(1, kd + 1)), (w, dbal, kd)
+        if kd == ks - 1:
+            in_transit += amount(w, ks)
+        total += sbal + dbal
+        transfers += ks
+    assert total + in_transit == 2 * START * workers
+    return transfers
+
+
+def start_bank(g: Group, workers: int) -> tuple[list[subprocess.Popen], Path]:
+    a, b = g.sources["a"], g.sources["b"]
+    for w in range(workers):
+        for d in (a, b):
+            (d / f"acct{w}").write_bytes(b"%+016d%016d" % (START, 0))
+    stop = g.root / "stop"
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, os.fspath(a), os.fspath(b), str(w), str(w % 2),
+                               os.fspath(stop)], stderr=subprocess.PIPE, text=True)
+             for w in range(workers)]
+    return procs, stop
+
+
+def stop_bank(procs: list[subprocess.Popen], stop: Path) -> list[str]:
+    stop.touch()
+    errors = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        if p.returncode != 0:
+            errors.append(err.strip())
+    return errors
+
+
+def test_bank_transfers_across_a_tmpfs_and_the_disk(tmp_path: Path, tmpfs: Path) -> None:
+    """Debit in one member, credit in the other; checkpoints triggered at random on random
+    members: every checkpoint is a state the workload passed through, on both trees at once."""
+    a, b = tmp_path / "a", tmpfs / "b"
+    a.mkdir()
+    b.mkdir()
+    g = Group(tmp_path, {"a": a, "b": b})
+    workers = 4
+    procs: list[subprocess.Popen] = []
+    try:
+        assert fs_type(b) == "tmpfs" and fs_type(a) != "tmpfs"
+        g.mount()
+        seed = random.randrange(1 << 30)
+        rnd = random.Random(seed)
+        print("seed", seed)
+        procs, stop = start_bank(g, workers)
+        seen = []
+        for i in range(12):
+            time.sleep(rnd.uniform(0, 0.05))
+            gid = g.checkpoint(rnd.choice("ab"), f"cp{i}")
+            assert int(os.getxattr(a, CP)) == int(os.getxattr(b, CP)) == gid
+            g.wait(gid)
+            seen.append(check_bank(g.tree("a"), g.tree("b"), workers))
+        errors = stop_bank(procs, stop)
+        assert not errors, errors
+        assert seen[-1] > seen[0] > 0 or seen[-1] > 0, seen     # the workload did move money
+        gid = g.checkpoint("a", "final")
+        g.wait(gid)
+        check_bank(g.tree("a"), g.tree("b"), workers)
+        g.assert_exact()
+        commits = g.commits()
+        assert [c["commit"] for c in commits] == list(range(1, 14))
+        assert all(set(c["members"]) == {"a", "b"} and c["halt_ns"] > 0 for c in commits)
+        st = json.loads(fj("status", "--group", g.file, "--json").stdout)
+        assert st["last_group_checkpoint"] == 13 and st["coordinator"]["group_halts"] == 13
+        assert st["last_group_halt_ns"] == commits[-1]["halt_ns"]
+        assert {n: s["last_group_checkpoint"] for n, s in st["members"].items()} == {"a": 13, "b": 13}
+    finally:
+        if procs:
+            stop_bank(procs, g.root / "stop")
+        g.cleanup()
+
+
+def test_a_group_checkpoint_from_the_cli_and_status(group: Group) -> None:
+    group.mount()
+    a, b = group.sources["a"], group.sources["b"]
+    (a / "row").write_text("order 1")
+    (b / "upload").write_text("file of order 1")
+    os.setxattr(b / "upload", b"user.k", b"v")
+    r = fj("checkpoint", "--group", group.file, "--label", "first")
+    gid = int(r.stdout)
+    assert gid == 1 and int(os.getxattr(a, CP)) == 1 and int(os.getxattr(b, CP)) == 1
+    fj("wait", "--group", group.file, "--timeout", "60")
+    group.assert_exact()
+    out = fj("status", "--group", group.file).stdout
+    assert "last_group_checkpoint: 1" in out and "a.shadow_checkpoint: 1" in out
+    # the member logs carry the group checkpoint id in their markers
+    log = json.loads(fj("log", group.journal / "members" / "a" / "journal", "--json").stdout)
+    assert log[-1]["extra"]["group_checkpoint"] == 1 and log[-1]["label"] == "first"
+    # mounting again keeps what is mounted
+    r = fj("mount", "--group", group.file)
+    assert "already mounted" in r.stdout
+    fj("umount", "--group", group.file)
+    assert not is_mounted(a) and not is_mounted(b)
+    assert not (group.journal / "run" / "coordinator.sock").exists()
+
+
+# ------------------------------------------------------------ a member dies
+
+def remount_with_fault(g: Group, member: str, fault: str) -> None:
+    """Restart one member's daemon with a fault point armed (the others keep running)."""
+    fj("umount", g.sources[member])
+    g.mount(env={"FUSEJOURNAL_FAULT": fault})
+
+
+def expect_group_failure(g: Group, on: str) -> OSError:
+    with pytest.raises(OSError) as ei:
+        g.checkpoint(on, "doomed")
+    assert ei.value.errno in (errno.EIO, errno.EBUSY)
+    return ei.value
+
+
+@pytest.mark.parametrize("fault", ["group.member_taken", "group.member_durable"])
+def test_a_member_killed_during_a_group_checkpoint(group: Group, fault: str) -> None:
+    """b's daemon dies while halted (taken), or after its batch is durable but before it
+    reports: the group checkpoint fails everywhere, a's gate opens, a's batch (durable or not)
+    is never applied and its records stay pending; after b is remounted the next group
+    checkpoint is exact on both."""
+    g = group
+    a, b = g.sources["a"], g.sources["b"]
+    g.mount()
+    (a / "row1").write_text("1")
+    (b / "file1").write_text("1")
+    assert g.checkpoint("a") == 1
+    remount_with_fault(g, "b", fault)
+    (a / "row2").write_text("2")
+    (b / "file2").write_text("2")
+    before = g.status("a")
+    expect_group_failure(g, "a")
+    # a was released: it takes writes at once, and its batch is back in its temporary store
+    (a / "row3").write_text("3")
+    st = g.status("a")
+    assert st["pending_operations"] >= before["pending_operations"] + 1
+    assert st["last_group_checkpoint"] == 1 and st["shadow_checkpoint"] == 1
+    if fault == "group.member_durable":
+        assert st["last_checkpoint"] == 2             # a's batch was durable, then aborted
+    else:
+        assert st["last_checkpoint"] == 1
+    assert [c["commit"] for c in g.commits() if "commit" in c] == [1]
+    r = fj("checkpoint", "--group", g.file, check=False)
+    assert r.returncode != 0 and "member 'b'" in r.stderr and "not running" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # b comes back (a dead mount cleared, its activity log resynced)
+    g.mount()
+    (b / "file3").write_text("3")
+    gid = g.checkpoint("b", "after")
+    g.wait(gid)
+    g.assert_exact()
+    time.sleep(0.2)                                     # an aborted batch is never applied later
+    assert g.status("a")["shadow_checkpoint"] == g.commits()[-1]["members"]["a"]
+    g.assert_exact()
+
+
+def test_a_member_killed_at_random(group: Group) -> None:
+    g = group
+    g.mount()
+    workers = 4
+    procs, stop = start_bank(g, workers)
+    rnd = random.Random()
+    seed = rnd.randrange(1 << 30)
+    rnd.seed(seed)
+    print("seed", seed)
+    killed = False
+    try:
+        kill_at = time.monotonic() + rnd.uniform(0.05, 0.6)
+        ok = failed = 0
+        while time.monotonic() < kill_at + 0.5:
+            if not killed and time.monotonic() >= kill_at:
+                os.kill(g.status("b")["pid"], signal.SIGKILL)
+                killed = True
+            try:
+                g.checkpoint(rnd.choice("ab"))
+                ok += 1
+            except OSError:
+                failed += 1
+        assert killed
+    finally:
+        stop_bank(procs, stop)
+    assert failed >= 1                      # after the kill every group checkpoint fails
+    g.mount()                               # b back: recovers from its activity log
+    gid = g.checkpoint("a", "after")
+    g.wait(gid)
+    g.assert_exact()
+
+
+# ------------------------------------------------------------ who may use it; bad input
+
+def test_the_sockets_accept_only_the_mounting_user(tmp_path: Path) -> None:
+    import shutil
+    import tempfile
+    public = Path(tempfile.mkdtemp(prefix="fj-group-"))    # reachable by uid 65534 (tmp_path is not)
+    os.chmod(public, 0o755)
+    srcs = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    for d in srcs.values():
+        d.mkdir()
+    g = Group(tmp_path, srcs, journal=public / "gj")
+    try:
+        g.mount()
+        check_peer_refused(g)
+    finally:
+        g.cleanup()
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def check_peer_refused(g: Group) -> None:
+    run = g.journal / "run"
+    st = os.stat(run)
+    assert st.st_uid == os.geteuid() and (st.st_mode & 0o777) == 0o700
+    sock = run / "coordinator.sock"
+    # even with the directory opened up, the coordinator checks SO_PEERCRED
+    os.chmod(run, 0o755)
+    os.chmod(sock, 0o666)
+    try:
+        code = ("import socket, sys\n"
+                "s = socket.socket(socket.AF_UNIX)\n"
+                "s.connect(sys.argv[1])\n"
+                "try:\n"
+                "    s.sendall(b'{\"op\": \"checkpoint\", \"label\": \"x\"}\\n')\n"
+                "    print(repr(s.recv(100)))\n"
+                "except (BrokenPipeError, ConnectionResetError):\n"
+                "    print(repr(b''))\n")
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                            "-c", code, os.fspath(sock)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.strip() == "b''", (r.stdout, r.stderr)
+    finally:
+        os.chmod(run, 0o700)
+        os.chmod(sock, 0o600)
+    assert g.commits() == []
+    # the directory as it is: not even reachable
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *FJ,
+                        "checkpoint", "--group", os.fspath(g.file)], capture_output=True, text=True)
+    assert r.returncode != 0 and g.commits() == []
+
+
+def test_a_bad_group_file_mounts_nothing(group: Group) -> None:
+    g = group
+    g.file.write_text(g.file.read_text() + '\n[[member]]\nname = "a"\nsource = "/nonexistent"\n')
+    r = fj("mount", "--group", g.file, check=False)
+    assert r.returncode == 2 and "duplicate member name 'a'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not g.journal.exists() and not is_mounted(g.sources["a"])
+
+
+def test_a_member_that_cannot_mount_unmounts_the_others(group: Group) -> None:
+    g = group
+    bad = g.journal / "members" / "b" / "journal"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("not a directory")
+    r = fj("mount", "--group", g.file, check=False)
+    assert r.returncode != 0
+    msg = r.stderr.strip()
+    assert "member 'b'" in msg and "unmounted the 1 member(s)" in msg and len(msg.splitlines()) == 1, msg
+    assert not is_mounted(g.sources["a"]) and not is_mounted(g.sources["b"])
+    assert not (g.journal / "run" / "coordinator.sock").exists()
