@@ -35,6 +35,7 @@ import trio
 
 from .acquisition import Checkpointer, Taken
 from .coordinator import Channel, ProtocolError, listen_unix, serve_unix
+from . import faults
 from .faults import fault
 from .group import CommitLog, load_group
 from .halt import HaltTimeout
@@ -151,6 +152,8 @@ class GroupMember:
                     raise _Abort(f"no release within {bound:g} s")
                 if msg.get("op") != "release":
                     raise _Abort(f"aborted by the coordinator: {msg.get('error')}")
+            if faults.armed("group.member_before_halt"):     # tests: a member slow to halt
+                await faults.hold("group.member_before_halt")
             try:
                 taken = await self.cp.take(label, hold)
             except HaltTimeout as e:

@@ -258,6 +258,38 @@ def test_bank_transfers_across_a_tmpfs_and_the_disk(tmp_path: Path, tmpfs: Path)
         g.cleanup()
 
 
+def test_the_group_halt_is_one_interval(group: Group) -> None:
+    """Member b is slow to halt (held before its halt for a while): a must stay halted
+    until b has taken too, or money moved from a to b in between shows up credited in b's
+    shadow but not debited in a's.  (With each member released right after its own take,
+    this test fails.)"""
+    import threading
+    g = group
+    g.mount()
+    flag = g.root / "hold-b"
+    flag.touch()
+    remount_with_fault(g, "b", "group.member_before_halt:1:pause")
+    workers = 4
+    procs, stop = start_bank(g, workers)
+    result: dict = {}
+    try:
+        time.sleep(0.1)
+        t = threading.Thread(target=lambda: result.setdefault("id", g.checkpoint("a", "slow b")))
+        t.start()
+        time.sleep(0.5)
+        flag.unlink()
+        t.join(30)
+        assert result.get("id") == 1, result
+    finally:
+        if flag.exists():
+            flag.unlink()
+        errors = stop_bank(procs, stop)
+    assert not errors, errors
+    g.wait(1)
+    assert check_bank(g.tree("a"), g.tree("b"), workers) > 0
+    assert g.commits()[-1]["halt_ns"] >= 0.4e9      # one interval, covering b's late halt
+
+
 def test_a_group_checkpoint_from_the_cli_and_status(group: Group) -> None:
     group.mount()
     a, b = group.sources["a"], group.sources["b"]
@@ -287,7 +319,7 @@ def test_a_group_checkpoint_from_the_cli_and_status(group: Group) -> None:
 def remount_with_fault(g: Group, member: str, fault: str) -> None:
     """Restart one member's daemon with a fault point armed (the others keep running)."""
     fj("umount", g.sources[member])
-    g.mount(env={"FUSEJOURNAL_FAULT": fault})
+    g.mount(env={"FUSEJOURNAL_FAULT": fault, "FUSEJOURNAL_FAULT_PAUSE": os.fspath(g.root / "hold-b")})
 
 
 def expect_group_failure(g: Group, on: str) -> OSError:
