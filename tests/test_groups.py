@@ -343,6 +343,7 @@ def test_a_member_killed_during_a_group_checkpoint(group: Group, fault: str) -> 
     assert g.checkpoint("a") == 1
     remount_with_fault(g, "b", fault)
     (a / "row2").write_text("2")
+    os.rename(a / "row1", a / "row1-renamed")      # applied twice, a rename would fail
     (b / "file2").write_text("2")
     before = g.status("a")
     expect_group_failure(g, "a")
@@ -359,8 +360,18 @@ def test_a_member_killed_during_a_group_checkpoint(group: Group, fault: str) -> 
     r = fj("checkpoint", "--group", g.file, check=False)
     assert r.returncode != 0 and "member 'b'" in r.stderr and "not running" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    # b comes back (a dead mount cleared, its activity log resynced)
+    # a is remounted too (its restored batch saved as pending), and b comes back (a dead
+    # mount cleared, its activity log resynced): both updaters start with a pass over their
+    # logs, and neither applies its batch of the failed group checkpoint (a's is aborted,
+    # b's was never committed): both shadows stay at group checkpoint 1
+    fj("umount", a)
     g.mount()
+    for name in "ab":
+        assert g.status(name)["last_group_checkpoint"] == 1
+    time.sleep(0.3)                                     # (the updaters' first pass)
+    assert g.status("a")["shadow_checkpoint"] == 1 and g.status("b")["shadow_checkpoint"] == 1
+    assert not (g.tree("b") / "file2").exists()
+    assert (g.tree("a") / "row1").exists() and not (g.tree("a") / "row2").exists()
     (b / "file3").write_text("3")
     gid = g.checkpoint("b", "after")
     g.wait(gid)
