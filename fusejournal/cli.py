@@ -300,6 +300,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     return EXIT_DAMAGED if bad else 0
 
 
+@_group_or("journal", "log_group")
 def cmd_log(a: argparse.Namespace) -> int:
     from .log import read_markers
     journal = Path(a.journal)
@@ -319,6 +320,7 @@ def cmd_log(a: argparse.Namespace) -> int:
     return 0
 
 
+@_group_or("journal", "fsck_group")
 def cmd_fsck(a: argparse.Namespace) -> int:
     from .log import fsck
     from .mount import journal_is_free
@@ -477,12 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_status)
 
     lg = sub.add_parser("log", help="one line per checkpoint in the ordered log")
-    lg.add_argument("journal")
+    lg.add_argument("journal", nargs="?")
+    lg.add_argument("--group", metavar="FILE", help="the group checkpoints, committed and failed")
     lg.add_argument("--json", action="store_true")
     lg.set_defaults(func=cmd_log)
 
     f = sub.add_parser("fsck", help="check (and repair) the ordered log")
-    f.add_argument("journal")
+    f.add_argument("journal", nargs="?")
+    f.add_argument("--group", metavar="FILE", help="check every member's journal")
     f.add_argument("--repair", action="store_true")
     f.add_argument("--verify-shadow", action="store_true",
                    help="also compare the whole shadow with the original (unmounted and caught up)")

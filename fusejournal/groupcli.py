@@ -246,3 +246,41 @@ def wait_group(a: argparse.Namespace) -> int:
             raise UserError(f"timed out: member(s) {', '.join(behind)} not yet at group checkpoint {target}",
                             EXIT_TIMEOUT)
         time.sleep(0.05)
+
+
+def log_group(a: argparse.Namespace) -> int:
+    """One line per group checkpoint (committed or failed), with each member's own checkpoint id."""
+    group = _load(a.group, check=False)
+    commits = CommitLog(group.commits_path)
+    commits.refresh()
+    rows = sorted([("committed", r["commit"], r) for r in commits.commits] +
+                  [("failed", r["abort"], r) for r in commits.aborts], key=lambda x: x[1])
+    if a.json:
+        print(json.dumps([{"id": i, "state": s, **r} for s, i, r in rows], indent=1))
+        return 0
+    print(f"{'id':>6}  {'state':9}  {'time (UTC)':20}  {'group halt ms':>13}  members  label")
+    for state, gid, r in rows:
+        when = (datetime.fromtimestamp(r["time_ns"] / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+                if "time_ns" in r else "")
+        halt = f"{r['halt_ns'] / 1e6:.3f}" if "halt_ns" in r else ""
+        members = ",".join(f"{n}:{c}" for n, c in sorted(r.get("members", {}).items())) or "-"
+        extra = f"  ({r['error']})" if state == "failed" and r.get("error") else ""
+        print(f"{gid:>6}  {state:9}  {when:20}  {halt:>13}  {members}  {r.get('label', '')}{extra}")
+    return 0
+
+
+def fsck_group(a: argparse.Namespace) -> int:
+    """fsck every member's journal; the worst exit code."""
+    from .cli import cmd_fsck
+    group = _load(a.group, check=False)
+    worst = 0
+    for m in group.members:
+        print(f"member {m.name} ({m.journal}):")
+        try:
+            rc = cmd_fsck(argparse.Namespace(journal=os.fspath(m.journal), repair=a.repair,
+                                             verify_shadow=a.verify_shadow, group=None))
+        except UserError as e:
+            print(f"fusejournal: member {m.name!r}: {e}", file=sys.stderr)
+            rc = e.exit_code
+        worst = max(worst, rc)
+    return worst

@@ -306,6 +306,11 @@ def test_a_group_checkpoint_from_the_cli_and_status(group: Group) -> None:
     # the member logs carry the group checkpoint id in their markers
     log = json.loads(fj("log", group.journal / "members" / "a" / "journal", "--json").stdout)
     assert log[-1]["extra"]["group_checkpoint"] == 1 and log[-1]["label"] == "first"
+    out = fj("log", "--group", group.file).stdout.splitlines()
+    assert len(out) == 2 and out[1].split()[:2] == ["1", "committed"] and "a:1,b:1" in out[1]
+    assert out[1].endswith("first")
+    r = fj("fsck", "--group", group.file)
+    assert r.stdout.count("checkpoints intact: 1 (last 1)") == 2
     # mounting again keeps what is mounted
     r = fj("mount", "--group", group.file)
     assert "already mounted" in r.stdout
@@ -357,6 +362,8 @@ def test_a_member_killed_during_a_group_checkpoint(group: Group, fault: str) -> 
     else:
         assert st["last_checkpoint"] == 1
     assert [c["commit"] for c in g.commits() if "commit" in c] == [1]
+    failed = json.loads(fj("log", "--group", g.file, "--json").stdout)[-1]
+    assert failed["state"] == "failed" and "member 'b'" in failed["error"]
     r = fj("checkpoint", "--group", g.file, check=False)
     assert r.returncode != 0 and "member 'b'" in r.stderr and "not running" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
