@@ -66,6 +66,7 @@ from pathlib import Path
 
 import trio
 
+from .faults import fault
 from .group import COORDINATOR_PID, CommitLog, Group, GroupFileError, ensure_run_dir, load_group
 
 log = logging.getLogger("fusejournal.coordinator")
@@ -325,6 +326,7 @@ class Coordinator:
                        min(r["closed_ns"] for r in res.values()))
 
             # 5. the commit line, durably: from here the group checkpoint counts
+            fault("coordinator.before_commit")
             try:
                 await trio.to_thread.run_sync(lambda: self.commits.append(
                     {"commit": gid, "label": label, "time_ns": wall, "halt_ns": halt_ns,
@@ -334,6 +336,7 @@ class Coordinator:
                 await abort(err, durable)
                 raise GroupCheckpointError(err, e.errno or errno.EIO) from None
 
+            fault("coordinator.after_commit")
             # 6. tell every member; a missing ack does not undo the commit
             async def commit(name: str) -> None:
                 await chans[name].send({"op": "commit"})

@@ -388,6 +388,40 @@ def test_a_member_killed_during_a_group_checkpoint(group: Group, fault: str) -> 
     g.assert_exact()
 
 
+@pytest.mark.parametrize("fault", ["coordinator.before_commit", "coordinator.after_commit"])
+def test_the_coordinator_killed_around_the_commit(group: Group, fault: str) -> None:
+    """Every member's batch is durable, then the coordinator dies just before (or just after)
+    it writes the commit line: the caller gets an error; the members hold their batches in
+    doubt; the restarted coordinator's next checkpoint has them put back (not committed) or
+    confirmed (committed) first, and the shadows end exact."""
+    g = group
+    a, b = g.sources["a"], g.sources["b"]
+    g.mount(env={"FUSEJOURNAL_FAULT": fault})       # (only the coordinator reaches these points)
+    (a / "row1").write_text("1")
+    (b / "file1").write_text("1")
+    expect_group_failure(g, "b")
+    for name in "ab":
+        st = g.status(name)
+        assert st["group_in_doubt"] == 1 and st["last_group_checkpoint"] == 0
+    assert [c.get("commit") for c in g.commits()] == ([1] if fault.endswith("after_commit") else [])
+    r = fj("checkpoint", "--group", g.file, check=False)
+    assert r.returncode != 0 and "coordinator is not running" in r.stderr
+    (a / "row2").write_text("2")
+    g.mount()                                       # restarts the coordinator only
+    gid = g.checkpoint("a", "next")
+    assert gid == (2 if fault.endswith("after_commit") else 1)
+    for name in "ab":
+        st = g.status(name)
+        assert st["group_in_doubt"] is None and st["last_group_checkpoint"] == gid
+    # b wrote nothing since: its new batch holds its batch in doubt again only if that was
+    # not committed (put back), and nothing if it was (confirmed)
+    markers = json.loads(fj("log", g.journal / "members" / "b" / "journal", "--json").stdout)
+    assert [m["checkpoint"] for m in markers] == [1, 2]
+    assert (markers[1]["operations"] == 0) == fault.endswith("after_commit"), markers
+    g.wait(gid)
+    g.assert_exact()
+
+
 def test_a_member_killed_at_random(group: Group) -> None:
     g = group
     g.mount()
