@@ -12,6 +12,7 @@ again and the error says which member and why.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -135,6 +136,14 @@ def umount_group(a: argparse.Namespace) -> int:
         from .mount import fuse_mount_at
         if fuse_mount_at(m.mountpoint) is None:
             continue
+        try:
+            os.statvfs(m.mountpoint)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:          # its daemon died: clear the dead mount
+                from .mount import lazy_unmount
+                lazy_unmount(m.mountpoint)
+                print(f"member {m.name}: cleared the dead mount at {m.mountpoint}")
+                continue
         try:
             _unmount(m.mountpoint, a.timeout)
             print(f"member {m.name}: unmounted {m.mountpoint}")

@@ -448,6 +448,8 @@ def test_a_member_killed_at_random(group: Group) -> None:
     finally:
         stop_bank(procs, stop)
     assert failed >= 1                      # after the kill every group checkpoint fails
+    r = fj("umount", "--group", g.file)     # clears b's dead mount, unmounts a
+    assert "cleared the dead mount" in r.stdout and not is_mounted(g.sources["b"])
     g.mount()                               # b back: recovers from its activity log
     gid = g.checkpoint("a", "after")
     g.wait(gid)
