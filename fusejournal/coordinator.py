@@ -164,6 +164,9 @@ async def serve_unix(sock: socket.socket, handler) -> None:
             await handler(Channel(stream))
         except ProtocolError as e:
             log.info("connection: %s", e)
+        except Exception:
+            # never let one connection end the server (in a member: its FUSE daemon)
+            log.exception("connection handler failed")
         finally:
             with trio.CancelScope(shield=True):
                 try:
@@ -236,6 +239,8 @@ class Coordinator:
                 out[name] = ProtocolError(f"no answer to {what} within {timeout:g} s")
             except (ProtocolError, OSError, GroupCheckpointError) as e:
                 out[name] = e
+            except (KeyError, TypeError, ValueError) as e:     # a malformed answer
+                out[name] = ProtocolError(f"bad answer to {what}: {e!r}")
         async with trio.open_nursery() as n:
             for name in names:
                 n.start_soon(one, name)
