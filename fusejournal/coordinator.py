@@ -319,6 +319,8 @@ class Coordinator:
                 r = await chans[name].recv()
                 if not r.get("ok"):
                     raise GroupCheckpointError(r.get("error", "failed"), r.get("errno", errno.EIO))
+                if not all(type(r.get(k)) is int for k in ("local", "closed_ns", "opened_ns")):
+                    raise ProtocolError(f"bad durable answer {r!r}")
                 return r
             res = await self._each(names, release, g.append_timeout, "append")
             durable = {n: r["local"] for n, r in res.items() if isinstance(r, dict)}
