@@ -388,6 +388,45 @@ def test_a_member_killed_during_a_group_checkpoint(group: Group, fault: str) -> 
     g.assert_exact()
 
 
+def test_a_member_whose_journal_is_full(tmp_path: Path, tmpfs: Path) -> None:
+    """b's journal (on a small tmpfs) fills up after b's data was captured: b's append fails
+    with ENOSPC, so the group checkpoint fails everywhere with ENOSPC; a's batch, already
+    durable, is put back and never applied; once there is room, the next one is exact."""
+    srcs = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    for d in srcs.values():
+        d.mkdir()
+    g = Group(tmp_path, srcs)
+    text = g.file.read_text().replace('name = "b"\n', f'name = "b"\njournal = "{tmpfs}/bj"\n')
+    g.file.write_text(text)
+    try:
+        g.mount()
+        (srcs["a"] / "row").write_text("1")
+        (srcs["b"] / "blob").write_bytes(os.urandom(2 << 20))     # incompressible, in memory
+        filler = tmpfs / "filler"
+        with open(filler, "wb") as f:                                # now fill b's journal disk
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 16))
+                    f.flush()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+        with pytest.raises(OSError) as ei:
+            g.checkpoint("a", "full")
+        assert ei.value.errno == errno.ENOSPC
+        st = g.status("a")
+        assert st["last_checkpoint"] == 1 and st["pending_operations"] >= 1   # durable, then put back
+        assert st["last_group_checkpoint"] == 0 and g.status("b")["last_checkpoint"] == 0
+        failed = json.loads(fj("log", "--group", g.file, "--json").stdout)[-1]
+        assert failed["state"] == "failed" and "member 'b'" in failed["error"] and failed["members"] == {"a": 1}
+        filler.unlink()
+        gid = g.checkpoint("b", "room again")
+        g.wait(gid)
+        g.assert_exact()
+        assert g.commits()[-1]["members"] == {"a": 2, "b": 1}
+    finally:
+        g.cleanup()
+
+
 @pytest.mark.parametrize("fault", ["coordinator.before_commit", "coordinator.after_commit"])
 def test_the_coordinator_killed_around_the_commit(group: Group, fault: str) -> None:
     """Every member's batch is durable, then the coordinator dies just before (or just after)
