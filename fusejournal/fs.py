@@ -49,7 +49,13 @@ from .tempstore import TempStore
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
-_OPEN_STRIP = os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+# Caller flags never given to the backing fd (see Operations._backing_flags):
+# O_APPEND (the kernel gives the offsets), O_DIRECT (unaligned requests would
+# fail), O_CREAT/O_EXCL/O_TRUNC (the handler does those itself), O_NOCTTY, and
+# O_NOFOLLOW: the kernel already refused a symlink by name; the daemon opens
+# /proc/self/fd/N, a magic link that O_NOFOLLOW would refuse (ELOOP).
+_OPEN_STRIP = (os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
+               | os.O_TRUNC)
 _THREAD_IO = 256 * 1024   # reads at least this big go to a worker thread
 _CAPS = b"security.capability"
 
@@ -239,13 +245,35 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
 
     def _backing_flags(self, flags: int) -> int:
-        """Flags for the original file's fd: no O_APPEND (the kernel gives the offsets), no
-        O_DIRECT; write-only opened read-write under the writeback cache (the kernel reads
-        pages to fill partial ones)."""
-        flags &= ~_OPEN_STRIP
+        """Flags for the original file's fd, from the caller's open flags.
+
+        Stripped (:data:`_OPEN_STRIP`): O_APPEND (the kernel gives the offsets),
+        O_DIRECT (FUSE already bypasses the mount's page cache for such opens;
+        on the backing fd it would make unaligned requests fail, and it never
+        meant durability: fsync does, and is passed through), O_NOFOLLOW (the
+        kernel resolved the name; the backing open is through a magic link),
+        O_CREAT/O_EXCL/O_TRUNC/O_NOCTTY.  Kept: the access mode, O_SYNC and
+        O_DSYNC (the durability the application asked for), O_NOATIME (see
+        :meth:`_open_backing`), O_NONBLOCK, O_LARGEFILE.  Always added:
+        O_CLOEXEC.  Write-only is opened read-write under the writeback cache
+        (the kernel reads pages to fill partial ones)."""
+        flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC
         if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
+
+    def _open_backing(self, ino: Inode, flags: int, extra: int = 0) -> int:
+        """Open the original file for a caller.  O_NOATIME is the owner's (or
+        CAP_FOWNER's) privilege, which the kernel checked against the caller
+        already; a daemon not running as root may lack it for another user's
+        file, so it is dropped on EPERM rather than failing the caller's open."""
+        bflags = self._backing_flags(flags) | extra
+        try:
+            return os.open(ino.proc, bflags)
+        except PermissionError:
+            if not bflags & os.O_NOATIME:
+                raise
+            return os.open(ino.proc, bflags & ~os.O_NOATIME)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -381,13 +409,13 @@ class Operations(pyfuse3.Operations):
             self._check_writable()
             async with self.halt.operation():
                 self._touch(ino)
-                fd = os.open(ino.proc, self._backing_flags(flags))
+                fd = self._open_backing(ino, flags, os.O_TRUNC)
                 st = os.fstat(fd)
                 self._record_attrs(ino, R.ATTR_SIZE, st)
         else:
             if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            fd = os.open(ino.proc, self._backing_flags(flags))
+            fd = self._open_backing(ino, flags)
         fh = self._new_fh()
         self.files[fh] = FileHandle(fd, ino)
         fi = pyfuse3.FileInfo(fh=fh)
@@ -580,7 +608,9 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         fino, ino, st, fd = await self._new_entry(
             parent_inode, name, ctx, mode,
-            lambda p: os.open(name, self._backing_flags(flags) | os.O_CREAT | (flags & os.O_EXCL),
+            # O_NOFOLLOW: never create through a symlink planted in the original
+            lambda p: os.open(name, self._backing_flags(flags) | os.O_CREAT | os.O_NOFOLLOW
+                              | (flags & (os.O_EXCL | os.O_TRUNC)),
                               stat.S_IMODE(mode), dir_fd=p.fd),
             self._mknod_record, undo=os.close)
         fh = self._new_fh()
