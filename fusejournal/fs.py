@@ -457,11 +457,12 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT and name.startswith(XATTR_PREFIX):
-            if name == XATTR_PID:
+        if name.startswith(XATTR_PREFIX):
+            if inode == ROOT and name == XATTR_PID:
                 return str(os.getpid()).encode()
-            if self.control is not None:
+            if inode == ROOT and self.control is not None:
                 return self.control.getxattr(name)
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)    # reserved: never read from the original
         ino = self._inode(inode)
         if ino.is_symlink:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -483,7 +484,8 @@ class Operations(pyfuse3.Operations):
         ino = self._inode(inode)
         if ino.is_symlink:
             return []
-        return [os.fsencode(n) for n in os.listxattr(ino.proc)]
+        # the control names are never listed (one stored by an old version stays hidden)
+        return [n for n in map(os.fsencode, os.listxattr(ino.proc)) if not n.startswith(XATTR_PREFIX)]
 
     # -------------------------------------------------------------- mutating
 
@@ -717,11 +719,21 @@ class Operations(pyfuse3.Operations):
                 log.error("rename %r -> %r: a parent is no longer reachable; not journaled",
                           name_old, name_new)
 
+    def _reserved(self, inode: int, name: bytes) -> None:
+        """``user.fusejournal.*`` is the control namespace (see :mod:`fusejournal.control`):
+        set or removed anywhere but the root of a journaled mount it is refused with
+        EPERM, so it never reaches the original tree, the records or the shadow."""
+        log.warning("refused %r on inode %d: control attributes exist only on the mount root",
+                    name, inode)
+        raise pyfuse3.FUSEError(errno.EROFS if self.read_only else errno.EPERM)
+
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if inode == ROOT and name.startswith(XATTR_PREFIX) and self.control is not None:
-            await self.control.setxattr(name, value, ctx)
-            return
+        if name.startswith(XATTR_PREFIX):
+            if inode == ROOT and self.control is not None:
+                await self.control.setxattr(name, value, ctx)
+                return
+            self._reserved(inode, name)
         self._check_writable()
         ino = self._inode(inode)
         if ino.is_symlink:
@@ -736,8 +748,10 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if inode == ROOT and name.startswith(XATTR_PREFIX) and self.control is not None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+        if name.startswith(XATTR_PREFIX):
+            if inode == ROOT and self.control is not None:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            self._reserved(inode, name)
         self._check_writable()
         ino = self._inode(inode)
         if ino.is_symlink:
