@@ -452,7 +452,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         ino = self._inode(inode)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+        if flags & os.O_TRUNC:      # O_RDONLY|O_TRUNC truncates too on Linux
             self._check_writable()
             async with self.halt.operation():
                 self._touch(ino)

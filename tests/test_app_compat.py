@@ -270,3 +270,14 @@ def test_o_tmpfile_refused_cleanly_and_fallbacks_work(mounted: Mounted) -> None:
     assert sorted(os.listdir(mounted.source / "d")) == ["final"]
     checkpoint_and_compare(mounted)
     assert (mounted.tree / "d" / "final").read_bytes() == b"payload"
+
+
+def test_open_rdonly_trunc_truncates_and_is_journaled(mounted: Mounted) -> None:
+    """Linux truncates on O_RDONLY|O_TRUNC (given write permission); so must the mount."""
+    mp = mounted.mountpoint
+    (mp / "f").write_bytes(b"some data")
+    mounted.checkpoint("before")
+    fd = os.open(mp / "f", os.O_RDONLY | os.O_TRUNC)
+    os.close(fd)
+    assert os.stat(mounted.source / "f").st_size == 0
+    checkpoint_and_compare(mounted)
