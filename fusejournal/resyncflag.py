@@ -133,3 +133,4 @@ class ResyncFlag:
         fsync_dir(self.path.parent)
         self.loaded = []
         self._present = bool(keep)
+        self.recovered = False             # what is left (marked since) waits for the next mount

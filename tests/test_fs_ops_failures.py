@@ -341,3 +341,32 @@ async def test_control_names_refused_below_the_root(ops: Operations) -> None:
     assert await ops.listxattr(d, CTX) == []
     assert taken(ops) == []
     assert os.getxattr(ops.src / "d", b"user.fusejournal.checkpoint") == b"stale"   # untouched
+
+
+# ------------------------------------------------------------ caller's open flags
+
+async def test_open_flags_for_the_backing_fd(ops: Operations, monkeypatch) -> None:
+    """O_NOFOLLOW (the daemon opens /proc/self/fd/N, a magic link) and O_DIRECT never reach
+    the backing open; O_SYNC does; O_NOATIME is dropped when the backing open refuses it
+    (a daemon not running as root, another user's file) rather than failing the open."""
+    (ops.src / "f").write_bytes(b"data")
+    f = await lookup(ops, b"f")
+    seen = []
+    real_open = os.open
+
+    def spy(path, flags, *a, **kw):
+        seen.append(flags)
+        if flags & os.O_NOATIME:
+            raise PermissionError(errno.EPERM, "not the owner")
+        return real_open(path, flags, *a, **kw)
+    monkeypatch.setattr(fs_mod.os, "open", spy)
+    fi = await ops.open(f, os.O_RDWR | os.O_NOFOLLOW | os.O_NOATIME | os.O_SYNC | os.O_DIRECT, CTX)
+    monkeypatch.undo()
+    assert await ops.read(fi.fh, 0, 10) == b"data"
+    assert await ops.write(fi.fh, 4, b"!") == 1          # unaligned: fine without O_DIRECT
+    await ops.release(fi.fh)
+    assert len(seen) == 2 and seen[0] & os.O_NOATIME and not seen[1] & os.O_NOATIME
+    for fl in seen:
+        assert not fl & (os.O_NOFOLLOW | os.O_DIRECT | os.O_APPEND)
+        assert fl & os.O_SYNC == os.O_SYNC and fl & os.O_CLOEXEC and fl & os.O_ACCMODE == os.O_RDWR
+    assert (ops.src / "f").read_bytes() == b"data!"
