@@ -81,6 +81,13 @@ def test_open_nofollow_existing_file(mounted: Mounted) -> None:
     os.write(fd, b"new")
     os.close(fd)
     assert (mounted.source / "f").read_bytes() == b"new"
+    # creating with O_NOFOLLOW (and O_EXCL) works; an existing name with O_CREAT without O_EXCL opens it
+    fd = os.open(mp / "created", os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+    os.write(fd, b"c")
+    os.close(fd)
+    fd = os.open(mp / "created", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    assert os.read(fd, 10) == b"c"
+    os.close(fd)
     checkpoint_and_compare(mounted)
 
 
@@ -263,11 +270,17 @@ def test_o_tmpfile_refused_cleanly_and_fallbacks_work(mounted: Mounted) -> None:
     os.unlink(mp / "d" / ".scratch")
     os.write(fd, b"never visible")
     os.close(fd)
+    # or link(2) it into place (no replace), then drop the temporary name
+    fd = os.open(mp / "d" / ".tmp456", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+    os.write(fd, b"linked")
+    os.close(fd)
+    os.link(mp / "d" / ".tmp456", mp / "d" / "linked")
+    os.unlink(mp / "d" / ".tmp456")
     # python's tempfile does the same when O_TMPFILE is refused
     import tempfile
     with tempfile.TemporaryFile(dir=mp / "d") as f:
         f.write(b"anonymous")
-    assert sorted(os.listdir(mounted.source / "d")) == ["final"]
+    assert sorted(os.listdir(mounted.source / "d")) == ["final", "linked"]
     checkpoint_and_compare(mounted)
     assert (mounted.tree / "d" / "final").read_bytes() == b"payload"
 
