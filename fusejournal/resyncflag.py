@@ -50,6 +50,7 @@ class ResyncFlag:
         self.reasons: list[str] = []
         self.unsaved = False
         self.recovered = False             # the loaded entries were resynced (records pending)
+        self._present = False
 
     # ------------------------------------------------------------ state
 
@@ -79,7 +80,7 @@ class ResyncFlag:
     @property
     def present(self) -> bool:
         """The state file existed at :meth:`load` (even if none of its entries was readable)."""
-        return getattr(self, "_present", False)
+        return self._present
 
     def mark(self, fds: list[tuple[int, int, bool]], reason: str) -> None:
         """Name objects (``(inode number, fd, is_dir)``) that need a resync; never raises."""
