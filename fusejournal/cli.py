@@ -131,10 +131,21 @@ class Target:
                 "last_checkpoint": rep.last_checkpoint, "shadow_checkpoint": applied,
                 "log_damage": "; ".join(rep.damage) or None, "torn_tail": rep.torn_tail,
                 "shadow_error": shadow_error,
-                "pending_saved": (self.journal / "pending.fjrec").exists()}
+                "pending_saved": (self.journal / "pending.fjrec").exists(),
+                "needs_resync": _needs_resync(self.journal)}
 
     def status(self) -> dict:
         return self.live_status() or self.offline_status()
+
+
+def _needs_resync(journal: Path) -> int:
+    from .resyncflag import ResyncFlag
+    flag = ResyncFlag(journal / layout.NEEDS_RESYNC)
+    try:
+        n = len(flag.load())
+    except OSError:
+        return 1
+    return n or int(flag.present)
 
 
 def _alive(pid: int) -> bool:
@@ -274,6 +285,10 @@ def cmd_status(a: argparse.Namespace) -> int:
     else:
         for k in sorted(st):
             print(f"{k}: {st[k]}")
+        if st.get("needs_resync"):
+            print(f"warning: {st['needs_resync']} object(s) changed in the original could not be "
+                  f"journaled; the shadow differs from the original there until the next mount "
+                  f"resyncs them (umount, then mount)", file=sys.stderr)
     bad = st.get("log_damage") or st.get("updater_error") or st.get("shadow_error")
     return EXIT_DAMAGED if bad else 0
 

@@ -7,6 +7,9 @@ Journal (``--journal DIR``)::
     daemon.json    pid and mountpoint of the running daemon (removed at exit)
     log/           the ordered log: segment files, see fusejournal.log
     spill/         temporary-store spill files (never needed after a restart)
+    needs_resync   objects the original changed that could not be recorded: the
+                   next mount resyncs them (fusejournal.resyncflag); absent
+                   when there are none
 
 Shadow (``--shadow DIR``)::
 
@@ -32,6 +35,7 @@ LOCK = "lock"
 DAEMON = "daemon.json"
 LOG_DIR = "log"
 SPILL_DIR = "spill"
+NEEDS_RESYNC = "needs_resync"
 
 SHADOW_TREE = "tree"
 SHADOW_INODES = "inodes"

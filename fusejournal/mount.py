@@ -37,6 +37,7 @@ ACTIVITY_DIR = "activity"
 from .activity import ActivityLog
 from .journal import PENDING, Journal, read_daemon_info, read_meta
 from .log import OrderedLog
+from .resyncflag import NO_HANDLE, ResyncFlag
 from .shadow import Shadow
 from .sysc import syncfs
 from .tempstore import TempStore
@@ -324,8 +325,18 @@ class Daemon:
         intents = self.activity.open() if self.activity.enabled else []
         crashed = read_daemon_info(self.journal.path) is not None
         self.had_pending = (self.journal.path / PENDING).exists()
-        if crashed:
-            self.recover(intents)
+        self.resync_flag = ResyncFlag(self.journal.path / layout.NEEDS_RESYNC)
+        flagged = self.resync_flag.load()
+        if self.resync_flag.present and not crashed and not self.activity.enabled:
+            msg = (f"{self.resync_flag.count or 'some'} object(s) changed in the original could not "
+                   f"be journaled (see {layout.NEEDS_RESYNC} in the journal, daemon.log) and without "
+                   f"an activity log (not root) they cannot be resynced: re-seed the shadow "
+                   f"(mount --reseed) to be sure")
+            log.warning(msg)
+            self.reporter.message("warning: " + msg)
+        if crashed or (self.resync_flag.present and self.activity.enabled):
+            # changes the last run could not record: recover as after a crash, with those objects
+            self.recover(intents + [i for i in flagged if i.handle_type != NO_HANDLE])
         else:
             pending = 0
             for rec in self.journal.load_pending():
@@ -343,7 +354,8 @@ class Daemon:
                                shadow_checkpoint=lambda: self.shadow_applied,
                                status=self.status, journal_path=os.fspath(os.path.abspath(cfg.journal)))
         self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control,
-                              activity=self.activity, writeback=cfg.writeback)
+                              activity=self.activity, writeback=cfg.writeback,
+                              resync_flag=self.resync_flag)
         self.stack.callback(self.ops.close_all)
 
     def reseed(self) -> None:
@@ -371,6 +383,7 @@ class Daemon:
         act = self.journal.path / ACTIVITY_DIR
         if act.exists():
             shutil.rmtree(act)
+        (self.journal.path / layout.NEEDS_RESYNC).unlink(missing_ok=True)   # the copy is whole
         log.info("shadow re-seeded: %d entries, standing at checkpoint %d", n, self.log.last_checkpoint)
 
     def recover(self, intents: list) -> None:
@@ -400,6 +413,9 @@ class Daemon:
             n += 1
         log.info("recovery: %d intent(s) resynced into %d record(s); saved pending operations, "
                  "if any, are superseded", len(intents), n)
+        flag = getattr(self, "resync_flag", None)
+        if flag is not None and not any(i.handle_type == NO_HANDLE for i in flag.loaded):
+            flag.recovered = True          # cleared once the next checkpoint is durable
 
     async def flush_mount(self) -> None:
         """Make the kernel send every dirty page of the mount to us (writeback cache).
@@ -420,6 +436,10 @@ class Daemon:
         if self.had_pending:
             self.journal.clear_pending()
             self.had_pending = False
+        try:
+            self.resync_flag.settle()
+        except OSError as e:
+            log.error("could not clear the needs-resync state: %s", e)
         self._wake.set()
 
     def status(self) -> dict:
@@ -446,6 +466,8 @@ class Daemon:
             "halt_p99_ns": hist[min(len(hist) - 1, int(len(hist) * 0.99))] if hist else 0,
             "halts": len(hist),
             "activity_intents_written": self.activity.intents_written,
+            "needs_resync": self.resync_flag.count,
+            "needs_resync_reason": self.resync_flag.reason,
             "checkpoint_error": self.checkpointer.last_error,
             "updater_error": self.updater_error,
             "log_damage": str(self.log.damage) if getattr(self.log, "damage", None) else None,
@@ -497,6 +519,10 @@ class Daemon:
             log.exception("could not save the pending operations; the next mount will resync")
             return
         self.activity.close()
+        if self.resync_flag.unsaved:
+            log.error("the needs-resync state is not on disk: daemon.json stays, so the next "
+                      "mount recovers as after a crash")
+            return
         self.journal.remove_daemon_info()
         log.info("stopped")
 
