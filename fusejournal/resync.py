@@ -166,16 +166,6 @@ def _blocks(start: int, end: int) -> Iterator[tuple[int, int]]:
         off = nxt
 
 
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[list[int]] = []
-    for s, e in sorted(ranges):
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    return [(s, e) for s, e in merged]
-
-
 def _first_stale(omap: list[tuple[int, int]], smap: list[tuple[int, int]], end: int,
                  blk: int) -> int | None:
     """The lowest offset below ``end`` where the shadow holds data (``smap``) inside a
