@@ -126,6 +126,22 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         off = end
 
 
+def data_map(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """The data extents of ``fd`` in [0, size), exactly as SEEK_DATA/SEEK_HOLE report them.
+
+    Everything else in [0, size) is a hole.  None where the filesystem
+    refuses SEEK_DATA (it cannot tell holes: there is no map to keep).
+    """
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, *_NOTSUP):
+            return None
+        if e.errno != errno.ENXIO:              # ENXIO: nothing but a hole
+            raise
+    return list(data_extents(fd, size))
+
+
 def _copy_range(src: int, dst: int, start: int, end: int) -> None:
     """Copy bytes [start, end) from src to dst at the same offsets."""
     off = start
