@@ -240,12 +240,22 @@ def cmd_wait(a: argparse.Namespace) -> int:
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
     from .shadow import Shadow, ShadowError
     shadow = Shadow(t.shadow)
+    said = False
     while True:
         live = t.live_status()
         if live is not None:
             applied = live["shadow_checkpoint"]
-            if live.get("updater_error") and applied < target:
+            state = live.get("updater_state")
+            # a stopped updater fails the wait; one that is applying (perhaps retrying after
+            # an error, on a new checkpoint) or waiting for space is waited for
+            stopped = state.startswith("stopped") if state is not None else bool(live.get("updater_error"))
+            if stopped and applied < target:
                 raise UserError(f"the updater is stopped: {live['updater_error']}", EXIT_DAMAGED)
+            waiting = bool(state and state.startswith("waiting")) and applied < target
+            if waiting and not said:
+                print(f"fusejournal: the updater is {state}; still waiting (free space there)",
+                      file=sys.stderr, flush=True)
+            said = waiting
             if target > live["last_checkpoint"]:
                 raise UserError(f"checkpoint {target} does not exist (last is {live['last_checkpoint']})",
                                 EXIT_USAGE)

@@ -266,6 +266,8 @@ class Daemon:
         self.stack = contextlib.ExitStack()
         self.shadow_applied = 0
         self.updater_error: str | None = None
+        self.updater_waiting: str | None = None     # a full shadow filesystem: waited out
+        self.updater_busy = False                   # a pass is running or about to run
         self._wake = trio.Event()
 
     def prepare(self) -> None:
@@ -420,6 +422,7 @@ class Daemon:
         if self.had_pending:
             self.journal.clear_pending()
             self.had_pending = False
+        self.updater_busy = True                    # status/wait: catching up, not stopped
         self._wake.set()
 
     def status(self) -> dict:
@@ -448,21 +451,79 @@ class Daemon:
             "activity_intents_written": self.activity.intents_written,
             "checkpoint_error": self.checkpointer.last_error,
             "updater_error": self.updater_error,
+            "updater_state": self.updater_state(),
             "log_damage": str(self.log.damage) if getattr(self.log, "damage", None) else None,
         }
 
+    def updater_state(self) -> str:
+        """One line for status: idle, applying, waiting for space, or stopped (an error)."""
+        if self.updater_busy:
+            return (f"applying checkpoints {self.shadow_applied + 1}..{self.log.last_checkpoint}"
+                    if self.log.last_checkpoint > self.shadow_applied else "applying")
+        if self.updater_waiting:
+            return self.updater_waiting
+        if self.updater_error:
+            return f"stopped: {self.updater_error}"
+        return "idle"
+
+    def _shadow_space(self) -> str:
+        try:
+            st = os.statvfs(self.shadow.root)
+            dev = os.stat(self.shadow.root).st_dev
+        except OSError:
+            return f"the shadow's filesystem ({self.shadow.root})"
+        return (f"the shadow's filesystem ({self.shadow.root}, device {os.major(dev)}:{os.minor(dev)}): "
+                f"{st.f_bavail * st.f_frsize} bytes, {st.f_favail} inodes free")
+
     async def _updater_loop(self) -> None:
+        """Apply each confirmed checkpoint to the shadow.
+
+        1. Run the updater (a worker thread) up to the last checkpoint; prune
+           the segments the shadow has fully applied.
+        2. A full shadow filesystem (NoSpace) is a state to wait out, not an
+           error: status says "waiting for space", and the pass is retried on
+           every new checkpoint and by itself after 0.5 s, doubling up to 8 s;
+           the staging cursor makes it resume exactly where it stopped.
+        3. Any other error stops the updater (status: "stopped: ..."); it is
+           retried on each new checkpoint only.
+        Cancellation (unmount) may interrupt the wait, never a running pass.
+        """
+        from .updater import NoSpace
+        delay: float | None = None
         while True:
             self._wake = trio.Event()          # a fresh event per pass: no wake-up is lost
+            self.updater_busy = True
             try:
                 self.shadow_applied = await trio.to_thread.run_sync(self.updater.run_once)
+                if self.updater_waiting:
+                    log.info("updater: space is back; caught up to checkpoint %d", self.shadow_applied)
+                self.updater_error = self.updater_waiting = None
+                delay = None
+            except NoSpace as e:
+                with contextlib.suppress(Exception):
+                    self.shadow_applied = self.shadow.applied     # earlier batches may have landed
+                if not self.updater_waiting:
+                    log.warning("updater: %s; waiting for space", e)
+                self.updater_waiting = f"waiting for space on {self._shadow_space()} ({e})"
                 self.updater_error = None
-                # the shadow holds it now: segments it has fully applied are not needed
-                await trio.to_thread.run_sync(self.log.prune, self.shadow_applied)
+                delay = 0.5 if delay is None else min(delay * 2, 8.0)
             except Exception as e:             # CorruptLog, OSError ...: reported by status
                 self.updater_error = str(e)
+                self.updater_waiting = None
+                delay = None
                 log.error("updater: %s", e)
-            await self._wake.wait()
+            try:
+                # the shadow holds it now: segments it has fully applied are not needed
+                # (this also frees space when the journal shares the shadow's filesystem)
+                await trio.to_thread.run_sync(self.log.prune, self.shadow_applied)
+            except Exception as e:
+                log.error("pruning the ordered log: %s", e)
+            self.updater_busy = self._wake.is_set()     # woken meanwhile: another pass follows
+            if delay is None:
+                await self._wake.wait()
+            else:
+                with trio.move_on_after(delay):
+                    await self._wake.wait()
 
     async def serve(self) -> None:
         cfg = self.cfg
