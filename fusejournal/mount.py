@@ -143,13 +143,13 @@ def check_mountpoint(mountpoint: Path, *, journal_free: bool) -> None:
 
 #: ``-o`` options libfuse 3.14 accepts (lib/mount.c fuse_mount_opts, fuse_lowlevel.c
 #: fuse_ll_opts; probed with pyfuse3.init), plus our own two; blkdev/blksize need a
-#: block device and are refused too
+#: block device, and with max_read the session dies at the first read: refused
 _FLAG_OPTIONS = frozenset({
     "allow_other", "allow_root", "auto_unmount", "default_permissions", "debug",
     "ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync", "dirsync",
     "atime", "noatime", "no_default_permissions", "noallow_other"})
-_VALUE_OPTIONS = frozenset({"fsname", "subtype", "max_read", "context", "fscontext", "defcontext",
-                            "rootcontext", "user"})
+_VALUE_OPTIONS = frozenset({"fsname", "subtype", "context", "fscontext", "defcontext",
+                            "rootcontext", "user"})     # max_read: pyfuse3 then dies on reads
 
 
 def check_options(extra: list[str]) -> None:
@@ -162,8 +162,6 @@ def check_options(extra: list[str]) -> None:
             name, eq, value = part.partition("=")
             if eq:
                 ok = name in _VALUE_OPTIONS and value != "" and "\0" not in value
-                if ok and name == "max_read":
-                    ok = value.isascii() and value.isdigit() and int(value) < 1 << 32
             else:
                 ok = part in _FLAG_OPTIONS
             if not ok:
