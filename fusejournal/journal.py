@@ -205,6 +205,13 @@ class Journal:
                     raise UserError(
                         f"journal {path} belongs to another source ({src.get('path')}), "
                         f"not {ident['path']}")
+                named = meta.get("shadow")
+                if (shadow is not None and os.path.abspath(shadow) != named and isinstance(named, str)
+                        and os.path.islink(named)
+                        and os.path.realpath(named) == os.path.realpath(shadow)):
+                    # a shadow path that was a symlink (now refused): the real directory named
+                    meta = {**meta, "shadow": os.fsdecode(os.path.abspath(shadow))}
+                    j._write_meta(meta)
                 if shadow is not None and os.path.abspath(shadow) != meta.get("shadow"):
                     raise UserError(f"journal {path} keeps its shadow at {meta.get('shadow')}, "
                                     f"not {os.path.abspath(shadow)}")

@@ -109,7 +109,8 @@ def check_dir_stat(lst: os.stat_result, path: str | Path, what: str) -> None:
     directory, or owned by a user other than this one or root (``lst``: its lstat)."""
     if stat.S_ISLNK(lst.st_mode):
         raise LayoutError(f"{what} {path} is a symlink: name the real directory "
-                          f"(a symlink could be swapped to send the data elsewhere)")
+                          f"(--{what} {os.path.realpath(path)}; a symlink could be swapped to send "
+                          f"the data elsewhere)")
     if not stat.S_ISDIR(lst.st_mode):
         raise LayoutError(f"{what} {path} is not a directory")
     euid = os.geteuid()

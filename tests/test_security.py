@@ -436,3 +436,43 @@ def test_shadow_from_before_identities_still_mounts(world: Mounted) -> None:
     _refused(world, text="without an identity")
     _refused(world, "--reseed", text="without an identity")
     assert_same(before, snapshot(world.shadow))
+
+
+def test_symlink_planted_in_a_journal_is_refused(world: Mounted) -> None:
+    """A journal left loose by an older version may hold a symlink another user planted
+    (log/ pointing at their directory): the mount refuses it instead of following it."""
+    world.mount()
+    world.umount()
+    elsewhere = world.source.parent / "elsewhere"
+    os.rename(world.journal / "log", elsewhere)
+    (world.journal / "log").symlink_to(elsewhere)
+    before = snapshot(elsewhere)
+    r = fj("mount", world.source, world.mountpoint, "--journal", world.journal, "--shadow", world.shadow,
+           check=False)
+    assert r.returncode == 3 and "log is a symlink" in r.stderr, r.stderr
+    assert_same(before, snapshot(elsewhere))
+
+
+def test_symlinked_shadow_of_an_existing_journal_can_be_renamed(world: Mounted) -> None:
+    """A journal whose shadow path was a symlink (accepted before): the mount names the real
+    directory in its refusal, and mounting with that path re-points the journal to it."""
+    base = world.source.parent
+    real = base / "real-shadow"
+    world.shadow = real
+    world.mount()
+    world.umount()
+    link = base / "shadow-link"
+    link.symlink_to(real)
+    meta = json.loads((world.journal / "meta.json").read_text())
+    meta["shadow"] = os.fspath(link)                 # as an older version would have kept it
+    (world.journal / "meta.json").write_text(json.dumps(meta))
+    world.shadow = link
+    r = fj("mount", world.source, world.mountpoint, "--journal", world.journal, "--shadow", link,
+           check=False)
+    assert r.returncode == 3 and f"--shadow {real}" in r.stderr, r.stderr
+    world.shadow = real
+    world.mount()
+    try:
+        assert json.loads((world.journal / "meta.json").read_text())["shadow"] == os.fspath(real)
+    finally:
+        world.umount()
