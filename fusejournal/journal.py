@@ -76,6 +76,10 @@ def _check_journal_dir(path: Path) -> bool:
     or changed.
     """
     try:
+        layout.check_ancestors(path, "journal")
+    except layout.LayoutError as e:
+        raise UserError(str(e)) from None
+    try:
         lst = os.lstat(path)
     except FileNotFoundError:
         return False

@@ -120,6 +120,38 @@ def check_dir_stat(lst: os.stat_result, path: str | Path, what: str) -> None:
                           f"of your own")
 
 
+def check_ancestors(path: str | Path, what: str) -> None:
+    """Refuse (LayoutError) a journal or shadow whose parent directories another user can change.
+
+    Whoever may write a parent (without the sticky bit) can move the journal
+    or shadow away and put their own in its place, whatever the modes inside.
+    Like OpenSSH's StrictModes: every existing directory above ``path``
+    (symlinks resolved) must be owned by this user or root and not writable
+    by group or others, unless sticky (/tmp).
+    """
+    euid = os.geteuid()
+    d = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    while True:
+        try:
+            st = os.stat(d)
+        except OSError:
+            st = None                               # not created yet: checked once it exists
+        if st is not None:
+            why = None
+            if st.st_uid not in (euid, 0):
+                why = f"is owned by uid {st.st_uid}"
+            elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+                why = "is writable by other users"
+            if why:
+                raise LayoutError(f"{what} {path}: the directory {d} above it {why}, who could move the "
+                                  f"{what} away and put another in its place; use a location that only "
+                                  f"you and root can change (or `chmod go-w {d}`)")
+        parent = os.path.dirname(d)
+        if parent == d:
+            return
+        d = parent
+
+
 def open_private_dir(path: str | Path, what: str) -> int:
     """Open the directory ``path`` without following a symlink and make it private.
 

@@ -340,6 +340,10 @@ class Shadow:
         """
         root = self.root
         try:
+            layout.check_ancestors(root, "shadow")
+        except layout.LayoutError as e:
+            raise ShadowError(str(e)) from None
+        try:
             lst = os.lstat(root)
         except FileNotFoundError:
             return "missing"

@@ -476,3 +476,22 @@ def test_symlinked_shadow_of_an_existing_journal_can_be_renamed(world: Mounted) 
         assert json.loads((world.journal / "meta.json").read_text())["shadow"] == os.fspath(real)
     finally:
         world.umount()
+
+
+def test_journal_or_shadow_in_a_directory_others_can_write_is_refused(world: Mounted) -> None:
+    """Whoever may write a parent can move the journal away and put their own in its place."""
+    base = world.source.parent
+    shared = base / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    r = fj("mount", world.source, world.mountpoint, "--journal", shared / "j", "--shadow", world.shadow,
+           check=False)
+    assert r.returncode == 3 and "writable by other users" in r.stderr, r.stderr
+    r = fj("mount", world.source, world.mountpoint, "--journal", world.journal, "--shadow", shared / "s",
+           check=False)
+    assert r.returncode == 3 and "writable by other users" in r.stderr, r.stderr
+    assert os.listdir(shared) == [] and not world.journal.exists()
+    os.chmod(shared, 0o1777)                         # sticky, like /tmp: others cannot move our entries
+    world.journal, world.shadow = shared / "j", shared / "s"
+    world.mount()
+    world.umount()
