@@ -306,6 +306,7 @@ class Daemon:
                             f"before the damage (it reports what is dropped)", EXIT_DAMAGED)
 
         self.shadow = Shadow(self.journal.shadow_path, identity=self.journal.shadow_identity)
+        self.stack.callback(self.shadow.close)
         if cfg.reseed:
             self.reseed()
         elif not self.shadow.exists():
@@ -366,9 +367,10 @@ class Daemon:
         if self.journal.shadow_verdict not in ("missing", "empty", "ours", "legacy", "reseed"):
             raise UserError(f"shadow {root}: refusing to re-seed a directory that is not a shadow "
                             f"of {self.cfg.source} (nothing was changed)")
+        if self.journal.shadow_verdict != "missing":
+            self.shadow.attach()              # private, pinned, locked: not in use, not a swapped symlink
         self.reporter.message(f"re-seeding the shadow {root} from {self.cfg.source}")
         if self.journal.shadow_verdict != "missing":
-            self.shadow.attach()              # private and pinned: not through a swapped symlink
             rfd = self.shadow.open_root()
             try:
                 for name in os.listdir(rfd):

@@ -33,6 +33,7 @@ Names are bytes throughout; non-UTF-8 names are copied unchanged.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import layout, sysc
+from .errors import UserError
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -54,6 +56,11 @@ _NOTSUP = {errno.ENOTSUP, errno.EOPNOTSUPP}
 
 class ShadowError(Exception):
     """The shadow directory is missing, damaged, or not in the expected state."""
+
+
+class ShadowRefused(ShadowError, UserError):
+    """A directory that must not be used as this shadow (a symlink, another user's, another
+    source's shadow, in use ...): a one-line user error, nothing was changed."""
 
 
 # ------------------------------------------------------------------ helpers
@@ -226,6 +233,13 @@ class Shadow:
         #: the shadow.json this shadow gets when created or adopted (see new_identity)
         self.identity = identity
         self._pinned: tuple[int, int] | None = None
+        self._lock_fd = -1
+
+    def close(self) -> None:
+        """Release the claim taken by :meth:`attach` (the flock on the root)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def __repr__(self) -> str:
         return f"Shadow({os.fspath(self.root)!r})"
@@ -243,14 +257,14 @@ class Shadow:
             fd = os.open(self.root, _O_DIR)
         except OSError as e:
             if e.errno in (errno.ENOTDIR, errno.ELOOP) and os.path.islink(self.root):
-                raise ShadowError(f"the shadow {self.root} has been replaced by a symlink: refusing "
+                raise ShadowRefused(f"the shadow {self.root} has been replaced by a symlink: refusing "
                                   f"to follow it") from None
             raise
         if self._pinned is not None:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != self._pinned:
                 os.close(fd)
-                raise ShadowError(f"the shadow {self.root} has been replaced by another directory: "
+                raise ShadowRefused(f"the shadow {self.root} has been replaced by another directory: "
                                   f"refusing to write there")
         return fd
 
@@ -342,7 +356,7 @@ class Shadow:
         try:
             layout.check_ancestors(root, "shadow")
         except layout.LayoutError as e:
-            raise ShadowError(str(e)) from None
+            raise ShadowRefused(str(e)) from None
         try:
             lst = os.lstat(root)
         except FileNotFoundError:
@@ -350,7 +364,7 @@ class Shadow:
         try:
             layout.check_dir_stat(lst, root, "shadow")
         except layout.LayoutError as e:
-            raise ShadowError(str(e)) from None
+            raise ShadowRefused(str(e)) from None
         names = os.listdir(root)
         if not names:
             return "empty"
@@ -359,22 +373,22 @@ class Shadow:
         if ident is None:
             looks = layout.SHADOW_TREE in names or layout.SHADOW_APPLIED in names
             if not looks or not all(layout.known_name(n, layout.SHADOW_NAMES) for n in names):
-                raise ShadowError(f"shadow {root} is not empty and is not a fusejournal shadow: refusing to "
+                raise ShadowRefused(f"shadow {root} is not empty and is not a fusejournal shadow: refusing to "
                                   f"use it as the shadow ({nothing}); name a new or empty directory")
             if named_by_journal:
                 return "legacy"
-            raise ShadowError(f"shadow {root} is a fusejournal shadow without an identity (made by an older "
+            raise ShadowRefused(f"shadow {root} is a fusejournal shadow without an identity (made by an older "
                               f"version) that this journal does not name: refusing to use it "
                               f"({nothing}); remove it or name another --shadow")
         src = ident["source"]
         if src.get("path") != source["path"] or src.get("ino") != source["ino"]:
-            raise ShadowError(f"shadow {root} is the shadow of another source ({src.get('path')}), not of "
+            raise ShadowRefused(f"shadow {root} is the shadow of another source ({src.get('path')}), not of "
                               f"{source['path']}: refusing to use it ({nothing}); name another --shadow")
         if shadow_id is not None and ident["id"] == shadow_id:
             return "ours"
         if reseed:
             return "reseed"
-        raise ShadowError(f"shadow {root} is a shadow of {source['path']} kept by another journal (not "
+        raise ShadowRefused(f"shadow {root} is a shadow of {source['path']} kept by another journal (not "
                           f"{'this new one' if shadow_id is None else 'this one'}): it need not match "
                           f"the original; refusing to use it ({nothing}); copy it afresh with "
                           f"--reseed or name another --shadow")
@@ -387,6 +401,9 @@ class Shadow:
         1. Open the root without following a symlink; refuse another user's
            (:func:`layout.open_private_dir`), make it 0700, and pin it:
            from now on :meth:`open_root` refuses any other directory there.
+           Take an exclusive flock on it, held until :meth:`close`: a
+           shadow in use by another daemon (another journal of the same
+           source) is refused, never re-seeded under it.
         2. Make inodes/, staging/ (and its files), applied.json and
            shadow.json private (0700/0600); tree/ keeps the original's modes.
            A symlink among them is refused.
@@ -398,15 +415,26 @@ class Shadow:
         try:
             fd = layout.open_private_dir(self.root, "shadow")
         except layout.LayoutError as e:
-            raise ShadowError(str(e)) from None
+            raise ShadowRefused(str(e)) from None
         try:
             st = os.fstat(fd)
+            if self._lock_fd < 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise ShadowRefused(f"the shadow {self.root} is in use by another fusejournal "
+                                          f"daemon (nothing was changed)") from None
+                    raise
+                self._lock_fd, fd = fd, os.dup(fd)
+            elif self._pinned != (st.st_dev, st.st_ino):
+                raise ShadowRefused(f"the shadow {self.root} has been replaced by another directory")
             self._pinned = (st.st_dev, st.st_ino)
             try:
                 layout.tighten_entries(fd, os.fspath(self.root), skip=frozenset({layout.SHADOW_TREE}),
                                        recurse=frozenset({layout.SHADOW_STAGING}))
             except layout.LayoutError as e:
-                raise ShadowError(str(e)) from None
+                raise ShadowRefused(str(e)) from None
             if self.identity is not None and self.read_identity() is None:
                 self._write_atomic(fd, layout.SHADOW_IDENTITY,
                                    json.dumps(self.identity, indent=1).encode() + b"\n")

@@ -495,3 +495,28 @@ def test_journal_or_shadow_in_a_directory_others_can_write_is_refused(world: Mou
     world.journal, world.shadow = shared / "j", shared / "s"
     world.mount()
     world.umount()
+
+
+def test_shadow_in_use_is_not_reseeded_by_another_journal(world: Mounted) -> None:
+    """A second journal of the same source may not re-seed a shadow a running daemon uses."""
+    (world.source / "a").write_text("a")
+    world.mount()
+    try:
+        world.wait(world.checkpoint())
+        before = snapshot(world.shadow)
+        mnt2 = world.source.parent / "mnt2"
+        mnt2.mkdir()
+        second = Mounted(world.source, mnt2, world.source.parent / "journal2", world.shadow)
+        try:
+            r = fj("mount", second.source, mnt2, "--journal", second.journal, "--shadow", world.shadow,
+                   "--reseed", check=False)
+            assert r.returncode == 3 and "in use by another fusejournal daemon" in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        finally:
+            second.cleanup()
+        assert_same(before, snapshot(world.shadow))
+        (world.mountpoint / "b").write_text("b")
+        world.wait(world.checkpoint())                # the running daemon is unaffected
+        assert (world.tree / "b").read_text() == "b"
+    finally:
+        world.umount()
