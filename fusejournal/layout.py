@@ -120,6 +120,18 @@ def check_dir_stat(lst: os.stat_result, path: str | Path, what: str) -> None:
                           f"of your own")
 
 
+def _private_group(gid: int, uid: int) -> bool:
+    """True for a user-private group (named like its user, no other member): group write
+    permission there gives nobody else access (umask 002 setups)."""
+    import grp
+    import pwd
+    try:
+        g, user = grp.getgrgid(gid), pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    return g.gr_name == user and set(g.gr_mem) <= {user} and pwd.getpwuid(uid).pw_gid == gid
+
+
 def check_ancestors(path: str | Path, what: str) -> None:
     """Refuse (LayoutError) a journal or shadow whose parent directories another user can change.
 
@@ -127,7 +139,8 @@ def check_ancestors(path: str | Path, what: str) -> None:
     or shadow away and put their own in its place, whatever the modes inside.
     Like OpenSSH's StrictModes: every existing directory above ``path``
     (symlinks resolved) must be owned by this user or root and not writable
-    by group or others, unless sticky (/tmp).
+    by group or others, unless sticky (/tmp); group write is allowed for the
+    owner's own user-private group.
     """
     euid = os.geteuid()
     d = os.path.realpath(os.path.dirname(os.path.abspath(path)))
@@ -140,7 +153,8 @@ def check_ancestors(path: str | Path, what: str) -> None:
             why = None
             if st.st_uid not in (euid, 0):
                 why = f"is owned by uid {st.st_uid}"
-            elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            elif (st.st_mode & 0o002 or st.st_mode & 0o020 and not _private_group(st.st_gid, st.st_uid)) \
+                    and not st.st_mode & stat.S_ISVTX:
                 why = "is writable by other users"
             if why:
                 raise LayoutError(f"{what} {path}: the directory {d} above it {why}, who could move the "
