@@ -617,7 +617,7 @@ class OrderedLog:
         if self._state != "new":
             raise LogError("log already opened")
         if not self.directory.is_dir():
-            self.directory.mkdir(parents=True)
+            self.directory.mkdir(mode=0o700, parents=True)
             fsync_dir(self.directory.parent)
         scan = _scan_log(self.directory)
         warnings = []

@@ -33,7 +33,7 @@ from .errors import EXIT_BUG, EXIT_DAMAGED, EXIT_UNUSABLE, EXIT_USAGE, UserError
 from .fs import Operations
 from .halt import Halt
 
-ACTIVITY_DIR = "activity"
+ACTIVITY_DIR = layout.ACTIVITY_DIR
 from .activity import ActivityLog
 from .journal import PENDING, Journal, read_daemon_info, read_meta
 from .log import OrderedLog
@@ -378,7 +378,11 @@ def setup_logging(journal: Path | None, debug: bool, foreground: bool) -> None:
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     if journal is not None:
         try:
-            h = logging.FileHandler(journal / "daemon.log")
+            # 0600 and never through a symlink: the daemon runs with umask 0
+            fd = os.open(journal / layout.DAEMON_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                         | os.O_NOFOLLOW | os.O_CLOEXEC, layout.PRIVATE_FILE_MODE)
+            os.fchmod(fd, layout.PRIVATE_FILE_MODE)
+            h = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace"))
             h.setFormatter(fmt)
             root.addHandler(h)
         except OSError:
@@ -420,7 +424,7 @@ class Daemon:
         self.source_fd = source_fd
         source_st = os.fstat(source_fd)
 
-        self.journal = Journal.open(cfg.journal, cfg.source, source_st, cfg.shadow)
+        self.journal = Journal.open(cfg.journal, cfg.source, source_st, cfg.shadow, reseed=cfg.reseed)
         self.stack.callback(self.journal.close)
         setup_logging(cfg.journal, cfg.debug, self.reporter.fd is None)
         log.info("starting: source %s, mountpoint %s, journal %s, shadow %s",
@@ -436,7 +440,8 @@ class Daemon:
                             f"intact. Run `fusejournal fsck --repair {cfg.journal}` to cut the log "
                             f"before the damage (it reports what is dropped)", EXIT_DAMAGED)
 
-        self.shadow = Shadow(self.journal.shadow_path)
+        self.shadow = Shadow(self.journal.shadow_path, identity=self.journal.shadow_identity)
+        self.stack.callback(self.shadow.close)
         if cfg.reseed:
             self.reseed()
         elif not self.shadow.exists():
@@ -447,6 +452,8 @@ class Daemon:
             self.reporter.message(f"seeding the shadow {self.shadow.root} from {cfg.source} (checkpoint 0)")
             n = self._seed_or_discard(source_fd)
             log.info("shadow seeded: %d entries", n)
+        else:
+            self.shadow.attach()          # private, pinned; a shadow from before identities gets one
         self.shadow_applied = self.shadow.applied
         if self.shadow_applied > self.log.last_checkpoint:
             raise UserError(f"the shadow stands at checkpoint {self.shadow_applied}, beyond the "
@@ -520,14 +527,25 @@ class Daemon:
         """
         import shutil
         root = self.shadow.root
+        # Journal.open checked (before anything was created) that this is a shadow of
+        # this source, an empty directory or nothing: anything else was refused
+        if self.journal.shadow_verdict not in ("missing", "empty", "ours", "legacy", "reseed"):
+            raise UserError(f"shadow {root}: refusing to re-seed a directory that is not a shadow "
+                            f"of {self.cfg.source} (nothing was changed)")
+        if self.journal.shadow_verdict != "missing":
+            self.shadow.attach()              # private, pinned, locked: not in use, not a swapped symlink
         self.reporter.message(f"re-seeding the shadow {root} from {self.cfg.source}")
-        if root.exists():
-            for name in os.listdir(root):
-                p = root / name
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
+        if self.journal.shadow_verdict != "missing":
+            rfd = self.shadow.open_root()
+            try:
+                for name in os.listdir(rfd):
+                    st = os.stat(name, dir_fd=rfd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        shutil.rmtree(name, dir_fd=rfd)
+                    else:
+                        os.unlink(name, dir_fd=rfd)
+            finally:
+                os.close(rfd)
         self.shadow.create()
         n = self.shadow.seed(self.source_fd, self.reporter.progress)
         self.shadow.set_applied(self.log.last_checkpoint)

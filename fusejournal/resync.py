@@ -51,7 +51,7 @@ import os
 import stat
 from typing import Callable, Iterable, Iterator
 
-from . import sysc
+from . import layout, sysc
 from .activity import Intent
 from .records import (ATTR_GID, ATTR_MODE, ATTR_MTIME, ATTR_SIZE, ATTR_UID, Link, Mkdir, Mknod,
                       Record, Removexattr, Rename, Rmdir, Setattr, Setxattr, Symlink, Unlink, Write)
@@ -281,8 +281,8 @@ class _Resync:
         self.dev = st.st_dev
         self.base = os.readlink(b"/proc/self/fd/%d" % source_fd)
         try:
-            self.tree_fd = os.open(shadow.tree, _O_DIR)
-            self.inodes_fd = os.open(shadow.inodes, _O_DIR)
+            self.tree_fd = shadow.open_sub(layout.SHADOW_TREE)      # never through a symlink
+            self.inodes_fd = shadow.open_sub(layout.SHADOW_INODES)
         except OSError as e:
             self.close()
             raise ResyncError(f"cannot open the shadow {shadow.root}: {e}") from None

@@ -39,6 +39,7 @@ from typing import Iterable, NamedTuple
 
 from . import sysc
 from .faults import fault
+from .layout import SHADOW_INODES, SHADOW_STAGING, SHADOW_TREE
 from .records import (ATTR_ATIME, ATTR_GID, ATTR_MODE, ATTR_MTIME, ATTR_SIZE, ATTR_UID,
                       Link, Mkdir, Mknod, Record, Removexattr, Rename, Rmdir, Setattr,
                       Setxattr, Symlink, Unlink, Write)
@@ -291,10 +292,19 @@ class Cursor(NamedTuple):
 def read_cursor(shadow: Shadow) -> Cursor | None:
     """The staging cursor, or None when no batch is in progress."""
     try:
-        with open(shadow.staging / CURSOR, "rb") as f:
-            data = f.read()
+        sfd = shadow.open_sub(SHADOW_STAGING)         # never through a symlink
     except FileNotFoundError:
         return None
+    try:
+        fd = os.open(CURSOR, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(sfd)
+    try:
+        data = os.read(fd, _CURSOR_FMT.size + 1)
+    finally:
+        os.close(fd)
     if len(data) != _CURSOR_FMT.size:
         raise UpdaterError(f"staging cursor {shadow.staging / CURSOR} is damaged ({len(data)} bytes)")
     magic, n, k, dev, ino, boot = _CURSOR_FMT.unpack(data)
@@ -305,10 +315,13 @@ def read_cursor(shadow: Shadow) -> Cursor | None:
 
 def clear_cursor(shadow: Shadow) -> None:
     """Remove the staging cursor (no batch in progress)."""
+    sfd = shadow.open_sub(SHADOW_STAGING)
     try:
-        os.unlink(shadow.staging / CURSOR)
+        os.unlink(CURSOR, dir_fd=sfd)
     except FileNotFoundError:
         pass
+    finally:
+        os.close(sfd)
 
 
 def _samestat(a: os.stat_result, b: os.stat_result) -> bool:
@@ -331,13 +344,15 @@ class _Applier:
         self.cursor_fd = -1
         self.tree_fd = self.inodes_fd = self.staging_fd = -1
         try:
-            self.tree_fd = os.open(shadow.tree, _O_DIR)
-            self.inodes_fd = os.open(shadow.inodes, _O_DIR)
-            self.staging_fd = os.open(shadow.staging, _O_DIR)
+            # from the shadow root opened with O_NOFOLLOW (and pinned): never a swapped symlink
+            self.tree_fd = shadow.open_sub(SHADOW_TREE)
+            self.inodes_fd = shadow.open_sub(SHADOW_INODES)
+            self.staging_fd = shadow.open_sub(SHADOW_STAGING)
         except BaseException:
             self.close()
             raise
-        self.inodes_path = os.fsencode(shadow.inodes)
+        # the xattr calls need a path: this one reaches inodes/ through its fd, not its name
+        self.inodes_path = b"/proc/self/fd/%d" % self.inodes_fd
         self._handlers = {
             Mknod: self._mknod, Mkdir: self._mkdir, Symlink: self._symlink, Link: self._link,
             Unlink: self._unlink, Rmdir: self._rmdir, Rename: self._rename, Write: self._write,
