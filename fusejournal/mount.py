@@ -261,7 +261,7 @@ def discard_seed(root: Path, made: list[str]) -> None:
         p = root / name
         if name == "":
             continue
-        if name == layout.SHADOW_APPLIED:
+        if name in (layout.SHADOW_APPLIED, layout.SHADOW_IDENTITY):
             for q in (p, root / (name + ".tmp")):
                 with contextlib.suppress(OSError):
                     os.unlink(q)
@@ -505,7 +505,7 @@ class Daemon:
         from .shadow import ShadowError
         root = self.shadow.root
         made = [n for n in ("", layout.SHADOW_TREE, layout.SHADOW_INODES, layout.SHADOW_STAGING,
-                            layout.SHADOW_APPLIED) if not os.path.lexists(root / n)]
+                            layout.SHADOW_APPLIED, layout.SHADOW_IDENTITY) if not os.path.lexists(root / n)]
         try:
             self.shadow.create()
             return self.shadow.seed(source_fd, self.reporter.progress)
