@@ -96,7 +96,7 @@ class ActivityLog:
 
     def open(self) -> list[Intent]:
         """Read every period left by earlier runs; new periods number after them."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         intents: list[Intent] = []
         last = 0
         for name in sorted(os.listdir(self.dir)):

@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -76,6 +77,46 @@ def _getxattr(path: Path, name: bytes) -> bytes | None:
         raise UserError(f"{path}: {e.strerror}") from None
 
 
+def _denied(path: os.PathLike | str) -> UserError:
+    try:
+        st = os.stat(path)
+        who = f" (owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})"
+    except OSError:
+        who = ""
+    return UserError(f"permission denied: {os.fsdecode(path)}{who}: run this as its owner or root",
+                     EXIT_UNUSABLE)
+
+
+def _exists(path: Path) -> bool:
+    """Like Path.exists, but a path that cannot be checked is a clear error, not False."""
+    try:
+        os.stat(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        raise _denied(path.parent if path.parent != path else path) from None
+    except OSError as e:
+        raise UserError(f"{os.fsdecode(path)}: {e.strerror}", EXIT_USAGE) from None
+
+
+def _journal_arg(arg: str) -> Path:
+    """The JOURNAL argument of log/fsck: an existing, readable journal directory."""
+    journal = Path(arg)
+    if not _exists(journal):
+        raise UserError(f"{arg} does not exist", EXIT_USAGE)
+    if not journal.is_dir():
+        raise UserError(f"{arg} is not a directory (a journal directory is expected)", EXIT_USAGE)
+    if not os.access(journal, os.R_OK | os.X_OK):
+        raise _denied(journal)
+    if not _exists(journal / layout.META):
+        raise UserError(f"{arg} is not a fusejournal journal", EXIT_USAGE)
+    for p in (journal / layout.META, journal / layout.LOG_DIR):
+        if os.path.exists(p) and not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):
+            raise _denied(p)
+    return journal
+
+
 class Target:
     """What a MOUNTPOINT|JOURNAL argument names."""
 
@@ -83,17 +124,23 @@ class Target:
         from .journal import read_daemon_info, read_meta
         path = Path(arg)
         self.mountpoint: Path | None = None
-        if not os.path.lexists(path):
-            raise UserError(f"{arg} does not exist", EXIT_USAGE)
+        try:
+            os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise UserError(f"{arg} does not exist", EXIT_USAGE) from None
+        except PermissionError:
+            raise _denied(path.parent) from None
+        except OSError as e:
+            raise UserError(f"{arg}: {e.strerror}", EXIT_USAGE) from None
         j = _getxattr(path, layout.XATTR_JOURNAL)
         if j is not None:
             self.mountpoint = path
             self.journal = Path(os.fsdecode(j))
-        elif (path / layout.META).exists():
-            self.journal = path
+        elif _exists(path / layout.META):
+            self.journal = _journal_arg(arg)
         else:
             jdef, _ = layout.default_dirs(path)
-            if (jdef / layout.META).exists():
+            if _exists(jdef / layout.META):
                 self.journal = jdef
             else:
                 raise UserError(f"{arg} is neither a fusejournal mount nor a journal directory", EXIT_USAGE)
@@ -119,6 +166,9 @@ class Target:
         from .log import fsck
         from .shadow import Shadow, ShadowError
         rep = fsck(self.journal / layout.LOG_DIR, repair=False)
+        first = rep.last_checkpoint - rep.checkpoints_ok + 1 if rep.checkpoints_ok else None
+        damage = rep.damage + _lost_checkpoints(self.journal, self.meta, first, rep.last_checkpoint,
+                                                rep.torn_tail)
         try:
             applied = Shadow(self.shadow).applied
         except ShadowError as e:
@@ -129,12 +179,49 @@ class Target:
         return {"source": self.meta["source"]["path"], "mountpoint": None,
                 "journal": os.fspath(self.journal), "shadow": os.fspath(self.shadow), "pid": None,
                 "last_checkpoint": rep.last_checkpoint, "shadow_checkpoint": applied,
-                "log_damage": "; ".join(rep.damage) or None, "torn_tail": rep.torn_tail,
+                "log_damage": "; ".join(damage) or None, "torn_tail": rep.torn_tail,
                 "shadow_error": shadow_error,
-                "pending_saved": (self.journal / "pending.fjrec").exists()}
+                "pending_saved": (self.journal / "pending.fjrec").exists(),
+                "needs_resync": _needs_resync(self.journal)}
 
     def status(self) -> dict:
         return self.live_status() or self.offline_status()
+
+
+def _needs_resync(journal: Path) -> int:
+    from .resyncflag import ResyncFlag
+    flag = ResyncFlag(journal / layout.NEEDS_RESYNC)
+    try:
+        n = len(flag.load())
+    except OSError:
+        return 1
+    return n or int(flag.present)
+def _cps(a: int, b: int) -> str:
+    return f"checkpoint {a} is" if a == b else f"checkpoints {a}..{b} are"
+
+
+def _lost_checkpoints(journal: Path, meta: dict, first: int | None, last: int,
+                      torn: str | None) -> list[str]:
+    """What the log alone does not call damage, but the journal as a whole shows:
+    confirmed checkpoints missing from the log (truncated or removed segments)."""
+    from .journal import read_daemon_info
+    from .shadow import Shadow, ShadowError
+    out = []
+    try:
+        applied = Shadow(Path(meta["shadow"])).applied
+    except (ShadowError, KeyError, TypeError, OSError):
+        applied = None
+    if applied is not None and applied > last:
+        out.append(f"the shadow has applied checkpoint {applied} but the log ends at {last}: "
+                   f"confirmed {_cps(last + 1, applied)} missing from the log "
+                   f"(a segment was truncated or removed)")
+    if applied is not None and first is not None and first > applied + 1:
+        out.append(f"{_cps(applied + 1, first - 1)} missing from the log, and the "
+                   f"shadow (at checkpoint {applied}) has not applied them (a segment was removed)")
+    if torn and read_daemon_info(journal) is None:
+        out.append(f"{torn}; the daemon stopped cleanly, so this was a confirmed checkpoint: "
+                   f"the segment was truncated or damaged")
+    return out
 
 
 def _alive(pid: int) -> bool:
@@ -261,12 +348,22 @@ def cmd_wait(a: argparse.Namespace) -> int:
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
     from .shadow import Shadow, ShadowError
     shadow = Shadow(t.shadow)
+    said = False
     while True:
         live = t.live_status()
         if live is not None:
             applied = live["shadow_checkpoint"]
-            if live.get("updater_error") and applied < target:
+            state = live.get("updater_state")
+            # a stopped updater fails the wait; one that is applying (perhaps retrying after
+            # an error, on a new checkpoint) or waiting for space is waited for
+            stopped = state.startswith("stopped") if state is not None else bool(live.get("updater_error"))
+            if stopped and applied < target:
                 raise UserError(f"the updater is stopped: {live['updater_error']}", EXIT_DAMAGED)
+            waiting = bool(state and state.startswith("waiting")) and applied < target
+            if waiting and not said:
+                print(f"fusejournal: the updater is {state}; still waiting (free space there)",
+                      file=sys.stderr, flush=True)
+            said = waiting
             if target > live["last_checkpoint"]:
                 raise UserError(f"checkpoint {target} does not exist (last is {live['last_checkpoint']})",
                                 EXIT_USAGE)
@@ -296,17 +393,22 @@ def cmd_status(a: argparse.Namespace) -> int:
     else:
         for k in sorted(st):
             print(f"{k}: {st[k]}")
+        if st.get("needs_resync"):
+            print(f"warning: {st['needs_resync']} object(s) changed in the original could not be "
+                  f"journaled; the shadow differs from the original there until the next mount "
+                  f"resyncs them (umount, then mount)", file=sys.stderr)
     bad = st.get("log_damage") or st.get("updater_error") or st.get("shadow_error")
     return EXIT_DAMAGED if bad else 0
 
 
 @_group_or("journal", "log_group")
 def cmd_log(a: argparse.Namespace) -> int:
-    from .log import read_markers
-    journal = Path(a.journal)
-    if not (journal / layout.META).exists():
-        raise UserError(f"{journal} is not a fusejournal journal", EXIT_USAGE)
-    markers, damage = read_markers(journal / layout.LOG_DIR)
+    from .journal import read_meta
+    from .log import read_log
+    journal = _journal_arg(a.journal)
+    markers, damage, torn, last = read_log(journal / layout.LOG_DIR)
+    problems = ([damage] if damage else []) + _lost_checkpoints(
+        journal, read_meta(journal) or {}, markers[0].checkpoint if markers else None, last, torn)
     if a.json:
         print(json.dumps([m.__dict__ for m in markers], default=str, indent=1))
     else:
@@ -314,8 +416,11 @@ def cmd_log(a: argparse.Namespace) -> int:
         for m in markers:
             when = datetime.fromtimestamp(m.time_ns / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
             print(f"{m.checkpoint:>6}  {when:20}  {m.operations:>10}  {m.raw_bytes:>12}  {m.stored_bytes:>12}  {m.label}")
-    if damage:
-        print(f"damage: {damage}", file=sys.stderr)
+    for p in problems:
+        print(f"damage: {p}", file=sys.stderr)
+    if problems:
+        print(f"fusejournal: checkpoints are missing or damaged: see `fusejournal fsck {journal}`",
+              file=sys.stderr)
         return EXIT_DAMAGED
     return 0
 
@@ -324,9 +429,7 @@ def cmd_log(a: argparse.Namespace) -> int:
 def cmd_fsck(a: argparse.Namespace) -> int:
     from .log import fsck
     from .mount import journal_is_free
-    journal = Path(a.journal)
-    if not (journal / layout.META).exists():
-        raise UserError(f"{journal} is not a fusejournal journal", EXIT_USAGE)
+    journal = _journal_arg(a.journal)
     if a.repair and not journal_is_free(journal):
         raise UserError(f"journal {journal} is in use: unmount before repairing", EXIT_FAILED)
     rep = fsck(journal / layout.LOG_DIR, repair=a.repair)
@@ -339,8 +442,17 @@ def cmd_fsck(a: argparse.Namespace) -> int:
         print(f"damage: {d}")
     for r in rep.repaired:
         print(f"repaired: {r}")
+    from .journal import read_meta
+    first = rep.last_checkpoint - rep.checkpoints_ok + 1 if rep.checkpoints_ok else None
+    lost = _lost_checkpoints(journal, read_meta(journal) or {}, first, rep.last_checkpoint, None)
+    for d in lost:
+        print(f"damage: {d}")
     if (rep.damage or rep.torn_tail) and not a.repair:
         print("run `fusejournal fsck --repair` to repair what can be repaired")
+        return EXIT_DAMAGED
+    if lost:
+        print("the shadow no longer matches the log: re-seed it (stop the application, "
+              "`fusejournal umount`, then `fusejournal mount --reseed ...`)")
         return EXIT_DAMAGED
     return 0
 
@@ -514,6 +626,15 @@ def main(argv: list[str] | None = None) -> int:
         # `fusejournal status | head`: the reader went away; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except PermissionError as e:
+        print(f"fusejournal: {_denied(e.filename) if e.filename else 'permission denied'}",
+              file=sys.stderr)
+        return EXIT_UNUSABLE
+    except OSError as e:
+        # anything the checks above did not foresee: still one line, never a traceback
+        where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+        print(f"fusejournal: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE if e.errno == errno.ENAMETOOLONG else EXIT_UNUSABLE
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@ name                                   op    meaning
 ``user.fusejournal.journal``           get   absolute path of the journal directory
 =====================================  ====  ==========================================
 
-Errors: setting any other ``user.fusejournal.*`` name, or a label that is
+Errors (raised as :class:`OSError` with the errno; the FUSE handler that
+calls in maps it to the reply, so this module does not depend on pyfuse3):
+setting or removing any ``user.fusejournal.*`` name anywhere but the
+mount root → EPERM (the name is reserved; it is never stored on a file or a
+subdirectory; reading one there → ENODATA).  On the root: setting any other
+``user.fusejournal.*`` name, removing one, or a label that is
 empty, longer than 200 bytes, not UTF-8 or has control characters → EINVAL;
 a caller that is neither root nor the owner of the mount root → EPERM; a
 checkpoint that fails → the errno of the failure (ENOSPC, EIO ...), or EBUSY
@@ -26,8 +31,6 @@ import json
 import logging
 import os
 from typing import Awaitable, Callable
-
-import pyfuse3
 
 from . import layout
 from .acquisition import Checkpointer
@@ -68,28 +71,28 @@ class Control:
         self.status = status
         self.journal_path = journal_path
 
-    async def setxattr(self, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(self, name: bytes, value: bytes, ctx) -> None:
         if name != layout.XATTR_UPDATE_PERMISSION:
             log.warning("refused setxattr of %r: not a settable control attribute", name)
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise OSError(errno.EINVAL, "not a settable control attribute")
         if ctx.uid != 0 and ctx.uid != self.root_uid():
             log.warning("refused update permission from uid %d: only root or the owner may", ctx.uid)
-            raise pyfuse3.FUSEError(errno.EPERM)
+            raise OSError(errno.EPERM, "only root or the owner of the mount root may checkpoint")
         try:
             label = check_label(value)
         except ValueError as e:
             log.warning("refused update permission: %s", e)
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
+            raise OSError(errno.EINVAL, str(e)) from None
         try:
             await self.checkpoint(label)
         except HaltTimeout as e:
             log.error("checkpoint %r failed: %s", label, e)
-            raise pyfuse3.FUSEError(errno.EBUSY) from None
+            raise OSError(errno.EBUSY, str(e)) from None
         except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            raise OSError(e.errno or errno.EIO, str(e)) from None
         except Exception:
             log.exception("checkpoint %r failed", label)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise OSError(errno.EIO, "checkpoint failed") from None
 
     def getxattr(self, name: bytes) -> bytes:
         if name == layout.XATTR_CHECKPOINT:
@@ -100,4 +103,4 @@ class Control:
             return json.dumps(self.status(), sort_keys=True).encode()
         if name == layout.XATTR_JOURNAL:
             return os.fsencode(self.journal_path)
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        raise OSError(errno.ENODATA, "no such control attribute")

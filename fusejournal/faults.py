@@ -4,8 +4,10 @@
 daemon's environment makes :func:`fault` kill the process with SIGKILL at that
 point, exactly as a crash would.  ``NAME:N:pause`` instead blocks the calling
 thread while the file named by ``FUSEJOURNAL_FAULT_PAUSE`` exists (to hold the
-updater still while a test damages the log).  Unset (always, in production)
-it costs one comparison.  The points are listed in docs/reliability.md.
+updater still while a test damages the log).  ``NAME:N:error`` raises
+OSError(EIO) there, the N-th time only (a step failing after a change reached
+the original).  Unset (always, in production) it costs one comparison.  The
+points are listed in docs/reliability.md.
 
 :func:`hold` is the same for a point inside a trio task (a mutating
 operation in flight): ``NAME:N:pause`` holds that one task, asynchronously,
@@ -14,6 +16,7 @@ while every other request is still served.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -32,6 +35,9 @@ def fault(name: str) -> None:
             flag = os.environ.get("FUSEJOURNAL_FAULT_PAUSE", "")
             while flag and os.path.exists(flag):
                 time.sleep(0.01)
+        elif _action == "error":
+            if _remaining == 0:
+                raise OSError(errno.EIO, f"injected fault at {name}")
         elif _remaining <= 0 and _action != "pause":
             os.kill(os.getpid(), signal.SIGKILL)
 

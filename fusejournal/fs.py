@@ -41,6 +41,7 @@ import pyfuse3
 import trio
 
 from . import records as R
+from .faults import fault
 from .halt import Halt
 from .layout import XATTR_PID, XATTR_PREFIX
 from .sysc import RENAME_EXCHANGE, fchown_path_fd, renameat2, utimens_path_fd
@@ -49,7 +50,13 @@ from .tempstore import TempStore
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
-_OPEN_STRIP = os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+# Caller flags never given to the backing fd (see Operations._backing_flags):
+# O_APPEND (the kernel gives the offsets), O_DIRECT (unaligned requests would
+# fail), O_CREAT/O_EXCL/O_TRUNC (the handler does those itself), O_NOCTTY, and
+# O_NOFOLLOW: the kernel already refused a symlink by name; the daemon opens
+# /proc/self/fd/N, a magic link that O_NOFOLLOW would refuse (ELOOP).
+_OPEN_STRIP = (os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW
+               | os.O_TRUNC)
 _THREAD_IO = 256 * 1024   # reads at least this big go to a worker thread
 _CAPS = b"security.capability"
 
@@ -106,7 +113,8 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, source_fd: int, *, store: TempStore | None = None,
                  halt: Halt | None = None, control: Any = None, activity: Any = None,
-                 read_only: bool = False, timeout: float = 300.0, writeback: bool = False) -> None:
+                 read_only: bool = False, timeout: float = 300.0, writeback: bool = False,
+                 resync_flag: Any = None) -> None:
         super().__init__()
         self.read_only = read_only
         # With the kernel's writeback cache, small writes are merged into large
@@ -117,6 +125,7 @@ class Operations(pyfuse3.Operations):
         self.halt = halt or Halt()
         self.control = control
         self.activity = activity if activity is not None and activity.enabled else None
+        self.resync_flag = resync_flag   # fusejournal.resyncflag.ResyncFlag: the needs-resync state
         self.timeout = 1.0 if read_only else timeout
         self.is_root = os.geteuid() == 0
         root_fd = os.open(".", os.O_PATH | os.O_DIRECTORY, dir_fd=source_fd)
@@ -232,20 +241,86 @@ class Operations(pyfuse3.Operations):
 
     def _record(self, rec: R.Record) -> None:
         if self.store is not None:
+            fault("fs.record")
             self.store.append(rec)
+
+    # A failed step after the change reached the original (docs/design.md, "A failed
+    # step after the change"): creations are taken back out of the original; every
+    # other change is recorded from what the original holds, and if even that fails,
+    # its objects are named in the needs-resync state and the caller gets the result
+    # of the change it made.
+
+    def _needs_resync(self, objs: list[Inode], what: str, exc: BaseException) -> None:
+        """The original holds a change the store lacks: name ``objs`` for a targeted
+        resync at the next mount (never raises)."""
+        if self.store is None:
+            return
+        if self.resync_flag is None:
+            log.error("%s: %r after the change reached the original; not journaled", what, exc)
+            return
+        self.resync_flag.mark([(o.ino, o.fd, o.is_dir) for o in objs],
+                              f"{what}: {exc!r} after the change reached the original")
+
+    def _undo_entry(self, p: Inode, name: bytes, is_dir: bool, pmtime_ns: int, what: str,
+                    exc: BaseException) -> None:
+        """Take a just-made entry ``name`` of ``p`` back out of the original after a later
+        step failed, and give ``p`` back its mtime, so the original is as it was (but for
+        ctimes) and nothing needs a record; if that fails, needs-resync ``p``."""
+        try:
+            if is_dir:
+                os.rmdir(name, dir_fd=p.fd)
+            else:
+                os.unlink(name, dir_fd=p.fd)
+            utimens_path_fd(p.fd, None, pmtime_ns)
+        except Exception as e:
+            self._needs_resync([p], f"{what} {name!r} failed ({exc!r}) and could not be undone", e)
+        else:
+            log.warning("%s %r failed after it reached the original (%r): taken back out", what, name, exc)
+
+    def _record_reached(self, ino: Inode, fino: int, mask: int, what: str) -> None:
+        """Record the attribute changes in ``mask`` that reached the original before a later
+        step of the same request failed; needs-resync ``ino`` if that fails too."""
+        if not mask:
+            return
+        try:
+            self._record_attrs(ino, mask, os.fstat(ino.fd), fino)
+        except Exception as e:
+            self._needs_resync([ino], what, e)
 
     def _check_writable(self) -> None:
         if self.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
 
     def _backing_flags(self, flags: int) -> int:
-        """Flags for the original file's fd: no O_APPEND (the kernel gives the offsets), no
-        O_DIRECT; write-only opened read-write under the writeback cache (the kernel reads
-        pages to fill partial ones)."""
-        flags &= ~_OPEN_STRIP
+        """Flags for the original file's fd, from the caller's open flags.
+
+        Stripped (:data:`_OPEN_STRIP`): O_APPEND (the kernel gives the offsets),
+        O_DIRECT (FUSE already bypasses the mount's page cache for such opens;
+        on the backing fd it would make unaligned requests fail, and it never
+        meant durability: fsync does, and is passed through), O_NOFOLLOW (the
+        kernel resolved the name; the backing open is through a magic link),
+        O_CREAT/O_EXCL/O_TRUNC/O_NOCTTY.  Kept: the access mode, O_SYNC and
+        O_DSYNC (the durability the application asked for), O_NOATIME (see
+        :meth:`_open_backing`), O_NONBLOCK, O_LARGEFILE.  Always added:
+        O_CLOEXEC.  Write-only is opened read-write under the writeback cache
+        (the kernel reads pages to fill partial ones)."""
+        flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC
         if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
+
+    def _open_backing(self, ino: Inode, flags: int, extra: int = 0) -> int:
+        """Open the original file for a caller.  O_NOATIME is the owner's (or
+        CAP_FOWNER's) privilege, which the kernel checked against the caller
+        already; a daemon not running as root may lack it for another user's
+        file, so it is dropped on EPERM rather than failing the caller's open."""
+        bflags = self._backing_flags(flags) | extra
+        try:
+            return os.open(ino.proc, bflags)
+        except PermissionError:
+            if not bflags & os.O_NOATIME:
+                raise
+            return os.open(ino.proc, bflags & ~os.O_NOATIME)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -377,17 +452,19 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         ino = self._inode(inode)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+        if flags & os.O_TRUNC:      # O_RDONLY|O_TRUNC truncates too on Linux
             self._check_writable()
             async with self.halt.operation():
                 self._touch(ino)
-                fd = os.open(ino.proc, self._backing_flags(flags))
-                st = os.fstat(fd)
-                self._record_attrs(ino, R.ATTR_SIZE, st)
+                fd = self._open_backing(ino, flags, os.O_TRUNC)
+                try:
+                    self._record_attrs(ino, R.ATTR_SIZE, os.fstat(fd))
+                except Exception as e:
+                    self._needs_resync([ino], "open with O_TRUNC", e)
         else:
             if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            fd = os.open(ino.proc, self._backing_flags(flags))
+            fd = self._open_backing(ino, flags)
         fh = self._new_fh()
         self.files[fh] = FileHandle(fd, ino)
         fi = pyfuse3.FileInfo(fh=fh)
@@ -429,11 +506,12 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT and name.startswith(XATTR_PREFIX):
-            if name == XATTR_PID:
+        if name.startswith(XATTR_PREFIX):
+            if inode == ROOT and name == XATTR_PID:
                 return str(os.getpid()).encode()
-            if self.control is not None:
+            if inode == ROOT and self.control is not None:
                 return self.control.getxattr(name)
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)    # reserved: never read from the original
         ino = self._inode(inode)
         if ino.is_symlink:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -455,7 +533,8 @@ class Operations(pyfuse3.Operations):
         ino = self._inode(inode)
         if ino.is_symlink:
             return []
-        return [os.fsencode(n) for n in os.listxattr(ino.proc)]
+        # the control names are never listed (one stored by an old version stays hidden)
+        return [n for n in map(os.fsencode, os.listxattr(ino.proc)) if not n.startswith(XATTR_PREFIX)]
 
     # -------------------------------------------------------------- mutating
 
@@ -498,9 +577,12 @@ class Operations(pyfuse3.Operations):
             if act is not None and h.inode.ino not in act.touched:
                 act.touch(h.inode.ino, h.inode.fd, False)
             n = os.pwrite(h.fd, buf, off)
-            st = os.fstat(h.fd)
-            if st.st_nlink:      # writes to unlinked files can never be seen again
-                store.append_write(h.inode.ino, off, st.st_mtime_ns, buf if n == len(buf) else buf[:n])
+            try:
+                st = os.fstat(h.fd)
+                if st.st_nlink:      # writes to unlinked files can never be seen again
+                    store.append_write(h.inode.ino, off, st.st_mtime_ns, buf if n == len(buf) else buf[:n])
+            except Exception as e:
+                self._needs_resync([h.inode], "write", e)
             return n
         except pyfuse3.FUSEError:
             raise
@@ -518,29 +600,40 @@ class Operations(pyfuse3.Operations):
         async with self.halt.operation():
             self._touch(ino)
             mask = 0
-            if fields.update_size:
-                if fh is not None and fh in self.files:
-                    os.ftruncate(self.files[fh].fd, attr.st_size)
-                else:
-                    os.truncate(ino.proc, attr.st_size)
-                mask |= R.ATTR_SIZE
-            if fields.update_mode:
-                if ino.is_symlink:
-                    raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-                os.chmod(ino.proc, stat.S_IMODE(attr.st_mode))
-                mask |= R.ATTR_MODE
-            if fields.update_uid or fields.update_gid:
-                uid = attr.st_uid if fields.update_uid else -1
-                gid = attr.st_gid if fields.update_gid else -1
-                fchown_path_fd(ino.fd, uid, gid)
-                mask |= (R.ATTR_UID if fields.update_uid else 0) | (R.ATTR_GID if fields.update_gid else 0)
-            if fields.update_atime or fields.update_mtime:
-                utimens_path_fd(ino.fd, attr.st_atime_ns if fields.update_atime else None,
-                                attr.st_mtime_ns if fields.update_mtime else None)
-                mask |= (R.ATTR_ATIME if fields.update_atime else 0) | (R.ATTR_MTIME if fields.update_mtime else 0)
-            st = os.fstat(ino.fd)
-            if mask:
-                self._record_attrs(ino, mask, st, inode)
+            try:
+                if fields.update_size:
+                    if fh is not None and fh in self.files:
+                        os.ftruncate(self.files[fh].fd, attr.st_size)
+                    else:
+                        os.truncate(ino.proc, attr.st_size)
+                    mask |= R.ATTR_SIZE
+                if fields.update_mode:
+                    if ino.is_symlink:
+                        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+                    os.chmod(ino.proc, stat.S_IMODE(attr.st_mode))
+                    mask |= R.ATTR_MODE
+                if fields.update_uid or fields.update_gid:
+                    uid = attr.st_uid if fields.update_uid else -1
+                    gid = attr.st_gid if fields.update_gid else -1
+                    fchown_path_fd(ino.fd, uid, gid)
+                    mask |= (R.ATTR_UID if fields.update_uid else 0) | (R.ATTR_GID if fields.update_gid else 0)
+                if fields.update_atime or fields.update_mtime:
+                    utimens_path_fd(ino.fd, attr.st_atime_ns if fields.update_atime else None,
+                                    attr.st_mtime_ns if fields.update_mtime else None)
+                    mask |= (R.ATTR_ATIME if fields.update_atime else 0) | (R.ATTR_MTIME if fields.update_mtime else 0)
+            except Exception:
+                # a later step failed: the earlier ones reached the original
+                self._record_reached(ino, inode, mask, "setattr")
+                raise
+            st = None
+            try:
+                st = os.fstat(ino.fd)
+                if mask:
+                    self._record_attrs(ino, mask, st, inode)
+            except Exception as e:
+                self._needs_resync([ino], "setattr", e)
+                if st is None:
+                    raise
             return self._attr(st, inode)
 
     def _pmtime(self, parent: int) -> int:
@@ -549,26 +642,43 @@ class Operations(pyfuse3.Operations):
     async def _new_entry(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
                          mode: int | None, make: Callable[[Inode], Any],
                          record: Callable[[os.stat_result, int, bytes], R.Record],
-                         undo: Callable[[Any], None] | None = None) -> tuple[int, Inode, os.stat_result, Any]:
+                         undo: Callable[[Any], None] | None = None, *, what: str,
+                         is_dir: bool = False) -> tuple[int, Inode, os.stat_result, Any]:
         """Create ``name`` in a directory: the write intent for the directory, the system
         call ``make(parent)``, the caller's ownership, then the record built by
-        ``record(stat, parent mtime, path)``.  ``undo(made)`` runs if a step after
-        ``make`` fails.  Returns (fuse inode, inode, stat, what make returned)."""
+        ``record(stat, parent mtime, path)``.  If a step after ``make`` fails:
+        ``undo(made)`` (closes what make opened; returns False if
+        make did not create the entry), the new entry is taken back out
+        of the original and the directory's mtime restored (:meth:`_undo_entry`),
+        and the error is the reply.  Returns (fuse inode, inode, stat, what make
+        returned)."""
         self._check_writable()
         p = self._inode(parent_inode)
         async with self.halt.operation():
             self._touch(p)
+            pmtime = os.fstat(p.fd).st_mtime_ns      # to give back if the creation is undone
             made = make(p)
+            fino = None
             try:
                 fino, ino, st = self._created(parent_inode, name, ctx, mode)
-            except BaseException:
+                self._created_obj(st.st_ino)
+                path = self._path(parent_inode, name)
+                if path is not None:
+                    self._record(record(st, self._pmtime(parent_inode), path))
+            except Exception as e:
+                remove = True
                 if undo is not None:
-                    undo(made)
+                    try:
+                        remove = undo(made) is not False
+                    except OSError:
+                        pass
+                if fino is not None:
+                    self._forget([(fino, 1)])      # the kernel never learns of it
+                if remove:
+                    self._undo_entry(p, name, is_dir, pmtime, what, e)
+                else:
+                    self._needs_resync([p], f"{what} {name!r} (an existing file)", e)
                 raise
-            self._created_obj(st.st_ino)
-            path = self._path(parent_inode, name)
-            if path is not None:
-                self._record(record(st, self._pmtime(parent_inode), path))
             return fino, ino, st, made
 
     @staticmethod
@@ -578,11 +688,26 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fino, ino, st, fd = await self._new_entry(
-            parent_inode, name, ctx, mode,
-            lambda p: os.open(name, self._backing_flags(flags) | os.O_CREAT | (flags & os.O_EXCL),
-                              stat.S_IMODE(mode), dir_fd=p.fd),
-            self._mknod_record, undo=os.close)
+        made_new = True
+
+        def make(p: Inode) -> int:
+            nonlocal made_new
+            # O_NOFOLLOW: never create through a symlink planted in the original
+            base = self._backing_flags(flags) | os.O_CREAT | os.O_NOFOLLOW | (flags & os.O_TRUNC)
+            try:
+                return os.open(name, base | os.O_EXCL, stat.S_IMODE(mode), dir_fd=p.fd)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+            made_new = False     # made behind the mount's back since the kernel's lookup
+            return os.open(name, base, stat.S_IMODE(mode), dir_fd=p.fd)
+
+        def undo(fd: int) -> bool:
+            os.close(fd)
+            return made_new      # never remove a file this request did not make
+
+        fino, ino, st, fd = await self._new_entry(parent_inode, name, ctx, mode, make,
+                                                  self._mknod_record, undo=undo, what="create")
         fh = self._new_fh()
         self.files[fh] = FileHandle(fd, ino)
         return pyfuse3.FileInfo(fh=fh), self._attr(st, fino)
@@ -592,7 +717,7 @@ class Operations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         fino, _, st, _ = await self._new_entry(
             parent_inode, name, ctx, mode,
-            lambda p: os.mknod(name, mode, rdev, dir_fd=p.fd), self._mknod_record)
+            lambda p: os.mknod(name, mode, rdev, dir_fd=p.fd), self._mknod_record, what="mknod")
         return self._attr(st, fino)
 
     @_handler
@@ -602,7 +727,7 @@ class Operations(pyfuse3.Operations):
             parent_inode, name, ctx, None,
             lambda p: os.mkdir(name, stat.S_IMODE(mode), dir_fd=p.fd),
             lambda st, pmtime, path: R.Mkdir(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                                             st.st_mtime_ns, pmtime, path))
+                                             st.st_mtime_ns, pmtime, path), what="mkdir", is_dir=True)
         return self._attr(st, fino)
 
     @_handler
@@ -612,7 +737,7 @@ class Operations(pyfuse3.Operations):
             parent_inode, name, ctx, None,
             lambda p: os.symlink(target, name, dir_fd=p.fd),
             lambda st, pmtime, path: R.Symlink(st.st_ino, st.st_uid, st.st_gid, st.st_mtime_ns,
-                                               pmtime, path, target))
+                                               pmtime, path, target), what="symlink")
         return self._attr(st, fino)
 
     @_handler
@@ -623,12 +748,21 @@ class Operations(pyfuse3.Operations):
         np = self._inode(new_parent_inode)
         async with self.halt.operation():
             self._touch(np)
+            pmtime = os.fstat(np.fd).st_mtime_ns     # to give back if the link is undone
             os.link(ino.proc, new_name, dst_dir_fd=np.fd, follow_symlinks=True)
-            st = os.fstat(ino.fd)
-            ino.lookups += 1
-            path = self._path(new_parent_inode, new_name)
-            if path is not None:
-                self._record(R.Link(ino.ino, self._pmtime(new_parent_inode), path))
+            counted = False
+            try:
+                st = os.fstat(ino.fd)
+                ino.lookups += 1
+                counted = True
+                path = self._path(new_parent_inode, new_name)
+                if path is not None:
+                    self._record(R.Link(ino.ino, self._pmtime(new_parent_inode), path))
+            except Exception as e:
+                if counted:
+                    ino.lookups -= 1
+                self._undo_entry(np, new_name, False, pmtime, "link", e)
+                raise
             return self._attr(st, inode)
 
     @_handler
@@ -639,9 +773,12 @@ class Operations(pyfuse3.Operations):
             st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
             self._touch(p)
             os.unlink(name, dir_fd=p.fd)
-            path = self._path(parent_inode, name)
-            if path is not None:
-                self._record(R.Unlink(st.st_ino, self._pmtime(parent_inode), path))
+            try:
+                path = self._path(parent_inode, name)
+                if path is not None:
+                    self._record(R.Unlink(st.st_ino, self._pmtime(parent_inode), path))
+            except Exception as e:
+                self._needs_resync([p], f"unlink {name!r}", e)
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -653,8 +790,11 @@ class Operations(pyfuse3.Operations):
             self._touch(p)
             os.rmdir(name, dir_fd=p.fd)
             self.dirs.pop(self._fuse_ino(st.st_ino), None)
-            if path is not None:
-                self._record(R.Rmdir(self._pmtime(parent_inode), path))
+            try:
+                if path is not None:
+                    self._record(R.Rmdir(self._pmtime(parent_inode), path))
+            except Exception as e:
+                self._needs_resync([p], f"rmdir {name!r}", e)
 
     @_handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -681,17 +821,31 @@ class Operations(pyfuse3.Operations):
                     self.dirs[fn] = (parent_inode_old, name_old)
             if old_path is not None and new_path is not None:
                 ino = 0 if stat.S_ISDIR(sto.st_mode) else sto.st_ino
-                self._record(R.Rename(flags, ino, self._pmtime(parent_inode_old),
-                                      self._pmtime(parent_inode_new), old_path, new_path))
+                try:
+                    self._record(R.Rename(flags, ino, self._pmtime(parent_inode_old),
+                                          self._pmtime(parent_inode_new), old_path, new_path))
+                except Exception as e:
+                    self._needs_resync([po, pn] if po is not pn else [po],
+                                       f"rename {name_old!r} -> {name_new!r}", e)
             elif old_path is not None or new_path is not None:
                 log.error("rename %r -> %r: a parent is no longer reachable; not journaled",
                           name_old, name_new)
 
+    def _reserved(self, inode: int, name: bytes) -> None:
+        """``user.fusejournal.*`` is the control namespace (see :mod:`fusejournal.control`):
+        set or removed anywhere but the root of a journaled mount it is refused with
+        EPERM, so it never reaches the original tree, the records or the shadow."""
+        log.warning("refused %r on inode %d: control attributes exist only on the mount root",
+                    name, inode)
+        raise pyfuse3.FUSEError(errno.EROFS if self.read_only else errno.EPERM)
+
     @_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if inode == ROOT and name.startswith(XATTR_PREFIX) and self.control is not None:
-            await self.control.setxattr(name, value, ctx)
-            return
+        if name.startswith(XATTR_PREFIX):
+            if inode == ROOT and self.control is not None:
+                await self.control.setxattr(name, value, ctx)
+                return
+            self._reserved(inode, name)
         self._check_writable()
         ino = self._inode(inode)
         if ino.is_symlink:
@@ -700,14 +854,19 @@ class Operations(pyfuse3.Operations):
         async with self.halt.operation():
             self._touch(ino)
             os.setxattr(ino.proc, name, value)
-            ref = self._ref(inode, ino)
-            if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
-                self._record(R.Setxattr(ref[0], ref[1], name, value))
+            try:
+                ref = self._ref(inode, ino)
+                if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
+                    self._record(R.Setxattr(ref[0], ref[1], name, value))
+            except Exception as e:
+                self._needs_resync([ino], f"setxattr {name!r}", e)
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if inode == ROOT and name.startswith(XATTR_PREFIX) and self.control is not None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+        if name.startswith(XATTR_PREFIX):
+            if inode == ROOT and self.control is not None:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            self._reserved(inode, name)
         self._check_writable()
         ino = self._inode(inode)
         if ino.is_symlink:
@@ -716,9 +875,12 @@ class Operations(pyfuse3.Operations):
         async with self.halt.operation():
             self._touch(ino)
             os.removexattr(ino.proc, name)
-            ref = self._ref(inode, ino)
-            if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
-                self._record(R.Removexattr(ref[0], ref[1], name))
+            try:
+                ref = self._ref(inode, ino)
+                if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
+                    self._record(R.Removexattr(ref[0], ref[1], name))
+            except Exception as e:
+                self._needs_resync([ino], f"removexattr {name!r}", e)
 
     def close_all(self) -> None:
         """Close every fd (after the session ended)."""

@@ -58,6 +58,48 @@ _ENTRY_HEADER = struct.Struct("<2sBBIQII")
 _MAX_PAYLOAD = 0xFFFFFFFF
 _READ_CHUNK = 1 << 20
 _NAME_RE = re.compile(r"([0-9]{16,})" + re.escape(SEGMENT_SUFFIX), re.ASCII)
+#: written at each clean close: the last confirmed checkpoint then.  The log only
+#: grows (prune keeps the last segment), so a later scan that ends before it means
+#: confirmed checkpoints were cut off (a truncated or removed segment).
+END_FILE = "end.json"
+
+
+def _span(a: int, b: int) -> str:
+    return f"checkpoint {a} was" if a == b else f"checkpoints {a}..{b} were"
+
+
+def read_end(directory: str | Path) -> int | None:
+    """The last checkpoint recorded by the last clean close (None if unknown)."""
+    try:
+        with open(Path(directory) / END_FILE, "rb") as f:
+            doc = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+    n = doc.get("last_checkpoint") if isinstance(doc, dict) else None
+    return n if type(n) is int and n >= 0 else None
+
+
+def _write_end(directory: Path, last: int) -> None:
+    tmp = directory / (END_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, json.dumps({"last_checkpoint": last}).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, directory / END_FILE)
+    fsync_dir(directory)
+
+
+def _remove_end(directory: Path) -> bool:
+    try:
+        os.unlink(directory / END_FILE)
+    except FileNotFoundError:
+        return False
+    fsync_dir(directory)
+    return True
 
 
 def format_segment_name(index: int) -> str:
@@ -359,6 +401,7 @@ class _LogScan:
     damage_cut: tuple[int, int | None] | None = None  # (segment, offset); None: whole file
     torn: str | None = None
     torn_cut: tuple[int, int | None] | None = None
+    end: int | None = None              # read_end(): the last checkpoint at the last clean close
 
 
 def _list_segments(directory: Path) -> list[tuple[int, Path]]:
@@ -411,6 +454,16 @@ def _scan_log(directory: Path) -> _LogScan:
         finally:
             os.close(fd)
     scan.last = expected - 1 if expected is not None else 0
+    scan.end = read_end(directory)
+    if scan.damage is None and scan.end is not None and scan.last < scan.end:
+        index = paths[-1][0] if paths else 1
+        size = paths[-1][1].stat().st_size if paths else 0
+        what = (f"the log ends at checkpoint {scan.last}" if paths else "every segment is gone")
+        scan.damage = CorruptLog(index, size, scan.last + 1,
+                                 f"{_span(scan.last + 1, scan.end)} confirmed but "
+                                 f"missing ({what}): a segment was truncated or removed")
+        scan.damage_cut = None
+        scan.torn = scan.torn_cut = None    # not a crash's uncommitted tail: cut nothing
     return scan
 
 
@@ -564,7 +617,7 @@ class OrderedLog:
         if self._state != "new":
             raise LogError("log already opened")
         if not self.directory.is_dir():
-            self.directory.mkdir(parents=True)
+            self.directory.mkdir(mode=0o700, parents=True)
             fsync_dir(self.directory.parent)
         scan = _scan_log(self.directory)
         warnings = []
@@ -756,11 +809,21 @@ class OrderedLog:
             return removed
 
     def close(self) -> None:
-        """Close the writer's fd.  Every returned append is already durable."""
+        """Close the writer's fd.  Every returned append is already durable.
+
+        An open, undamaged log records its last checkpoint in END_FILE
+        (durably), so that a later scan notices confirmed checkpoints cut off
+        while it was closed.
+        """
         with self._wlock:
             if self._wfd is not None:
                 os.close(self._wfd)
                 self._wfd = None
+            if self._state == "open" and self.damage is None and self._last:
+                try:
+                    _write_end(self.directory, self._last)
+                except OSError:
+                    pass        # only a safety check is lost; the log itself is intact
             self._state = "closed"
 
 
@@ -800,6 +863,14 @@ def _lost_checkpoints(scan: _LogScan) -> list[int]:
     return sorted(found)
 
 
+def read_log(directory: str | Path) -> tuple[list[Marker], str | None, str | None, int]:
+    """Like :func:`read_markers`, plus the torn tail's description (None if none) and
+    the last usable checkpoint id (known from segment headers even with no markers left)."""
+    scan = _scan_log(Path(directory))
+    return ([i.marker for i in scan.infos], (str(scan.damage) if scan.damage else None), scan.torn,
+            scan.last)
+
+
 def read_markers(directory: str | Path) -> tuple[list[Marker], str | None]:
     """Markers of the complete checkpoints, read-only (nothing is cut), and a
     description of damage (None if none; a torn tail is not damage)."""
@@ -828,14 +899,22 @@ def fsck(directory: str | Path, repair: bool = False) -> FsckReport:
     report = FsckReport(len(scan.infos), scan.last, torn_tail=scan.torn)
     lost: list[int] = []
     if scan.damage is not None:
-        lost = _lost_checkpoints(scan)
+        lost = _lost_checkpoints(scan) if scan.damage_cut is not None else []
         report.damage.append(str(scan.damage))
         if lost:
             report.damage.append(f"checkpoints {lost[0]}..{lost[-1]} ({len(lost)} found) "
                                  f"are not usable")
     if not repair:
         return report
+    if scan.damage is not None and scan.damage_cut is None:
+        # confirmed checkpoints are gone from the end: nothing to cut, accept the loss
+        _remove_end(directory)
+        report.repaired.append(f"accepted the loss: {_span(scan.last + 1, scan.end)} dropped; the "
+                               f"log now ends at checkpoint {scan.last}; re-seed the shadow if it "
+                               f"went beyond (fusejournal mount --reseed)")
+        return report
     if scan.damage is not None:
+        _remove_end(directory)          # the repair drops checkpoints: END_FILE is stale
         index, offset = scan.damage_cut
         for later, path in reversed(scan.paths):
             if later > index or (later == index and offset is None):

@@ -29,14 +29,15 @@ import pyfuse3
 import trio
 
 from . import layout
-from .errors import EXIT_BUG, EXIT_DAMAGED, EXIT_UNUSABLE, UserError
+from .errors import EXIT_BUG, EXIT_DAMAGED, EXIT_UNUSABLE, EXIT_USAGE, UserError
 from .fs import Operations
 from .halt import Halt
 
-ACTIVITY_DIR = "activity"
+ACTIVITY_DIR = layout.ACTIVITY_DIR
 from .activity import ActivityLog
 from .journal import PENDING, Journal, read_daemon_info, read_meta
 from .log import OrderedLog
+from .resyncflag import NO_HANDLE, ResyncFlag
 from .shadow import Shadow
 from .sysc import syncfs
 from .tempstore import TempStore
@@ -143,6 +144,136 @@ def check_mountpoint(mountpoint: Path, *, journal_free: bool) -> None:
     raise UserError(f"mountpoint {mountpoint} is already a FUSE mount ({fsname})")
 
 
+#: ``-o`` options libfuse 3.14 accepts (lib/mount.c fuse_mount_opts, fuse_lowlevel.c
+#: fuse_ll_opts; probed with pyfuse3.init), plus our own two; blkdev/blksize need a
+#: block device, and with max_read the session dies at the first read: refused
+_FLAG_OPTIONS = frozenset({
+    "allow_other", "allow_root", "auto_unmount", "default_permissions", "debug",
+    "ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync", "dirsync",
+    "atime", "noatime", "no_default_permissions", "noallow_other"})
+_VALUE_OPTIONS = frozenset({"fsname", "subtype", "context", "fscontext", "defcontext",
+                            "rootcontext", "user"})     # max_read: pyfuse3 then dies on reads
+
+
+def check_options(extra: list[str]) -> None:
+    """Refuse any ``-o`` option libfuse would reject, before anything touches the disk."""
+    for o in extra:
+        for part in o.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, eq, value = part.partition("=")
+            if eq:
+                ok = name in _VALUE_OPTIONS and value != "" and "\0" not in value
+            else:
+                ok = part in _FLAG_OPTIONS
+            if not ok:
+                raise UserError(f"unknown or invalid mount option {part!r} (-o accepts "
+                                f"{', '.join(sorted(_FLAG_OPTIONS))}, and "
+                                f"{'=, '.join(sorted(_VALUE_OPTIONS))}=VALUE)", EXIT_USAGE)
+
+
+def _mount_points() -> list[tuple[str, str, str]]:
+    """(mount point, fstype, fsname) of every mount this process sees."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) >= 5:
+                    fstype, fsname = (right.split() + ["", ""])[:2]
+                    out.append((_unescape_mountinfo(fields[4]), fstype, fsname))
+    except OSError:
+        pass
+    return out
+
+
+def _within(p: str, d: str) -> bool:
+    """``p`` is ``d`` or lies below it (both real, absolute paths)."""
+    return p == d or p.startswith(d.rstrip("/") + "/")
+
+
+def validate_config(cfg: MountConfig) -> None:
+    """Check everything about a mount request before anything is created or changed.
+
+    Options, the source (a directory, not a FUSE mount, no other filesystem
+    mounted inside it), the mountpoint, and how source, mountpoint, journal
+    and shadow lie relative to each other.  Raises UserError (one line).
+    """
+    check_options(cfg.options)
+    for o in mount_options(cfg.options, fsname=_fsname(cfg.source, "fusejournal")):
+        if not o.isascii():
+            raise UserError(f"mount option {o!r} is not ASCII (libfuse takes ASCII options only)",
+                            EXIT_USAGE)
+    check_dir(cfg.source, "source")
+    if cfg.mountpoint != cfg.source:
+        check_dir(cfg.mountpoint, "mountpoint")
+    for p, what in ((cfg.journal, "journal"), (cfg.shadow, "shadow")):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            continue                                # created at the mount
+        except OSError as e:
+            raise UserError(f"the {what} {p} is not writable: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise UserError(f"the {what} {p} exists and is not a directory (--{what} names the "
+                            f"directory to keep it in)", EXIT_USAGE)
+    src, mp, jr, sh = (os.path.realpath(os.fsdecode(p)) for p in
+                       (cfg.source, cfg.mountpoint, cfg.journal, cfg.shadow))
+    if jr == sh:
+        raise UserError(f"the journal and the shadow must be different directories (both {jr})",
+                        EXIT_USAGE)
+    if _within(sh, jr) or _within(jr, sh):
+        raise UserError(f"the journal {jr} and the shadow {sh} must not lie inside one another",
+                        EXIT_USAGE)
+    for p, what in ((jr, "journal"), (sh, "shadow")):
+        if _within(p, src):
+            raise UserError(f"the {what} {p} must not be inside the source {src}", EXIT_USAGE)
+        if _within(src, p):
+            raise UserError(f"the source {src} must not be inside the {what} {p}", EXIT_USAGE)
+        if _within(mp, p):
+            raise UserError(f"the mountpoint {mp} must not be inside the {what} {p}", EXIT_USAGE)
+    if mp != src and _within(mp, src):
+        raise UserError(f"the mountpoint {mp} must not be inside the source {src} (mount over the "
+                        f"source itself, or outside it)", EXIT_USAGE)
+    mounts = _mount_points()
+    if mp != src and fuse_mount_at(Path(src)) is not None:
+        raise UserError(f"the source {src} is a FUSE mount ({fuse_mount_at(Path(src))}): journal the "
+                        f"directory underneath it instead")
+    below = [(m, t) for m, t, _ in mounts if m != src and _within(m, src) and m != mp]
+    if below:
+        m, t = below[0]
+        more = f" (and {len(below) - 1} more)" if len(below) > 1 else ""
+        raise UserError(f"{m} is a mount point ({t}) inside the source {src}{more}: a source must be "
+                        f"one filesystem; unmount it, or journal it separately")
+    # the filesystem the source lies on: the longest mount point above it
+    home = max((x for x in mounts if _within(src, x[0])), key=lambda x: len(x[0]), default=None)
+    if home is not None and home[0] != src and home[1].startswith("fuse") \
+            and home[2].startswith("fusejournal"):
+        raise UserError(f"the source {src} lies inside the fusejournal mount {home[0]}: journal the "
+                        f"original directory instead")
+
+
+def discard_seed(root: Path, made: list[str]) -> None:
+    """Remove what an aborted seed made in the shadow directory ``root``: only the
+    entries named in ``made`` (those that did not exist before it; "" is ``root`` itself)."""
+    import shutil
+    for name in made:
+        p = root / name
+        if name == "":
+            continue
+        if name in (layout.SHADOW_APPLIED, layout.SHADOW_IDENTITY):
+            for q in (p, root / (name + ".tmp")):
+                with contextlib.suppress(OSError):
+                    os.unlink(q)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    if "" in made:
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+
+
 def mount_options(extra: list[str], *, fsname: str, read_only: bool = False) -> set[str]:
     opts = {"default_permissions", f"fsname={fsname}", "subtype=fusejournal"}
     if os.geteuid() == 0:
@@ -164,7 +295,8 @@ def mount_options(extra: list[str], *, fsname: str, read_only: bool = False) -> 
 
 
 def _fsname(source: Path, prefix: str) -> str:
-    s = os.fsdecode(source).replace(",", "_").replace(" ", "_")
+    # libfuse takes options as ASCII: show other bytes (non-UTF-8 or not) as \xNN
+    s = os.fsencode(source).decode("ascii", "backslashreplace").replace(",", "_").replace(" ", "_")
     return f"{prefix}:{s}"
 
 
@@ -211,7 +343,7 @@ class Reporter:
         if self.fd is None:
             return
         try:
-            os.write(self.fd, (line.replace("\n", " ") + "\n").encode())
+            os.write(self.fd, (line.replace("\n", " ") + "\n").encode("utf-8", "surrogateescape"))
         except OSError:
             pass
 
@@ -248,7 +380,11 @@ def setup_logging(journal: Path | None, debug: bool, foreground: bool) -> None:
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     if journal is not None:
         try:
-            h = logging.FileHandler(journal / "daemon.log")
+            # 0600 and never through a symlink: the daemon runs with umask 0
+            fd = os.open(journal / layout.DAEMON_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                         | os.O_NOFOLLOW | os.O_CLOEXEC, layout.PRIVATE_FILE_MODE)
+            os.fchmod(fd, layout.PRIVATE_FILE_MODE)
+            h = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace"))
             h.setFormatter(fmt)
             root.addHandler(h)
         except OSError:
@@ -268,6 +404,8 @@ class Daemon:
         self.stack = contextlib.ExitStack()
         self.shadow_applied = 0
         self.updater_error: str | None = None
+        self.updater_waiting: str | None = None     # a full shadow filesystem: waited out
+        self.updater_busy = False                   # a pass is running or about to run
         self._wake = trio.Event()
 
     def prepare(self) -> None:
@@ -279,6 +417,7 @@ class Daemon:
         os.umask(0)
         if fuse_mount_at(cfg.mountpoint) is not None:
             check_mountpoint(cfg.mountpoint, journal_free=journal_is_free(cfg.journal))
+        validate_config(cfg)                 # nothing is created or changed before this
         check_dir(cfg.source, "source")
         if cfg.mountpoint != cfg.source:
             check_dir(cfg.mountpoint, "mountpoint")
@@ -287,7 +426,7 @@ class Daemon:
         self.source_fd = source_fd
         source_st = os.fstat(source_fd)
 
-        self.journal = Journal.open(cfg.journal, cfg.source, source_st, cfg.shadow)
+        self.journal = Journal.open(cfg.journal, cfg.source, source_st, cfg.shadow, reseed=cfg.reseed)
         self.stack.callback(self.journal.close)
         setup_logging(cfg.journal, cfg.debug, self.reporter.fd is None)
         log.info("starting: source %s, mountpoint %s, journal %s, shadow %s",
@@ -303,7 +442,8 @@ class Daemon:
                             f"intact. Run `fusejournal fsck --repair {cfg.journal}` to cut the log "
                             f"before the damage (it reports what is dropped)", EXIT_DAMAGED)
 
-        self.shadow = Shadow(self.journal.shadow_path)
+        self.shadow = Shadow(self.journal.shadow_path, identity=self.journal.shadow_identity)
+        self.stack.callback(self.shadow.close)
         if cfg.reseed:
             self.reseed()
         elif not self.shadow.exists():
@@ -312,13 +452,16 @@ class Daemon:
                                 f"{self.log.last_checkpoint} checkpoint(s): restore the shadow or "
                                 f"start over with a new journal")
             self.reporter.message(f"seeding the shadow {self.shadow.root} from {cfg.source} (checkpoint 0)")
-            self.shadow.create()
-            n = self.shadow.seed(source_fd, self.reporter.progress)
+            n = self._seed_or_discard(source_fd)
             log.info("shadow seeded: %d entries", n)
+        else:
+            self.shadow.attach()          # private, pinned; a shadow from before identities gets one
         self.shadow_applied = self.shadow.applied
         if self.shadow_applied > self.log.last_checkpoint:
             raise UserError(f"the shadow stands at checkpoint {self.shadow_applied}, beyond the "
-                            f"journal's last ({self.log.last_checkpoint}): they do not belong together")
+                            f"journal's last ({self.log.last_checkpoint}): confirmed checkpoints are "
+                            f"missing from the log, or they do not belong together; re-seed the "
+                            f"shadow (`fusejournal mount --reseed`, application stopped)")
 
         self.store = TempStore(self.journal.spill_dir, memory_limit=cfg.memory_limit)
         self.updater = Updater(self.log, self.shadow)
@@ -332,8 +475,18 @@ class Daemon:
         intents = self.activity.open() if self.activity.enabled else []
         crashed = read_daemon_info(self.journal.path) is not None
         self.had_pending = (self.journal.path / PENDING).exists()
-        if crashed:
-            self.recover(intents)
+        self.resync_flag = ResyncFlag(self.journal.path / layout.NEEDS_RESYNC)
+        flagged = self.resync_flag.load()
+        if self.resync_flag.present and not crashed and not self.activity.enabled:
+            msg = (f"{self.resync_flag.count or 'some'} object(s) changed in the original could not "
+                   f"be journaled (see {layout.NEEDS_RESYNC} in the journal, daemon.log) and without "
+                   f"an activity log (not root) they cannot be resynced: re-seed the shadow "
+                   f"(mount --reseed) to be sure")
+            log.warning(msg)
+            self.reporter.message("warning: " + msg)
+        if crashed or (self.resync_flag.present and self.activity.enabled):
+            # changes the last run could not record: recover as after a crash, with those objects
+            self.recover(intents + [i for i in flagged if i.handle_type != NO_HANDLE])
         else:
             pending = 0
             for rec in self.journal.load_pending():
@@ -351,10 +504,29 @@ class Daemon:
                                shadow_checkpoint=lambda: self.shadow_applied,
                                status=self.status, journal_path=os.fspath(os.path.abspath(cfg.journal)))
         self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control,
-                              activity=self.activity, writeback=cfg.writeback)
+                              activity=self.activity, writeback=cfg.writeback,
+                              resync_flag=self.resync_flag)
         self.stack.callback(self.ops.close_all)
         if self.member is not None:
             self.member.attach(self.checkpointer, self.control)
+
+    def _seed_or_discard(self, source_fd: int) -> int:
+        """Seed a new shadow; on any failure remove what the seed made (never a half-seeded shadow)."""
+        from .shadow import ShadowError
+        root = self.shadow.root
+        made = [n for n in ("", layout.SHADOW_TREE, layout.SHADOW_INODES, layout.SHADOW_STAGING,
+                            layout.SHADOW_APPLIED, layout.SHADOW_IDENTITY) if not os.path.lexists(root / n)]
+        try:
+            self.shadow.create()
+            return self.shadow.seed(source_fd, self.reporter.progress)
+        except BaseException as e:
+            discard_seed(root, made)
+            if isinstance(e, (OSError, ShadowError)):
+                why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else (
+                    e.strerror if isinstance(e, OSError) else str(e))
+                raise UserError(f"seeding the shadow {root} from {self.cfg.source} failed ({why}); "
+                                f"the partial copy was removed: fix that and mount again") from None
+            raise
 
     def reseed(self) -> None:
         """Throw the shadow away and copy it afresh from the original.
@@ -365,14 +537,25 @@ class Daemon:
         """
         import shutil
         root = self.shadow.root
+        # Journal.open checked (before anything was created) that this is a shadow of
+        # this source, an empty directory or nothing: anything else was refused
+        if self.journal.shadow_verdict not in ("missing", "empty", "ours", "legacy", "reseed"):
+            raise UserError(f"shadow {root}: refusing to re-seed a directory that is not a shadow "
+                            f"of {self.cfg.source} (nothing was changed)")
+        if self.journal.shadow_verdict != "missing":
+            self.shadow.attach()              # private, pinned, locked: not in use, not a swapped symlink
         self.reporter.message(f"re-seeding the shadow {root} from {self.cfg.source}")
-        if root.exists():
-            for name in os.listdir(root):
-                p = root / name
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
+        if self.journal.shadow_verdict != "missing":
+            rfd = self.shadow.open_root()
+            try:
+                for name in os.listdir(rfd):
+                    st = os.stat(name, dir_fd=rfd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        shutil.rmtree(name, dir_fd=rfd)
+                    else:
+                        os.unlink(name, dir_fd=rfd)
+            finally:
+                os.close(rfd)
         self.shadow.create()
         n = self.shadow.seed(self.source_fd, self.reporter.progress)
         self.shadow.set_applied(self.log.last_checkpoint)
@@ -381,6 +564,7 @@ class Daemon:
         act = self.journal.path / ACTIVITY_DIR
         if act.exists():
             shutil.rmtree(act)
+        (self.journal.path / layout.NEEDS_RESYNC).unlink(missing_ok=True)   # the copy is whole
         log.info("shadow re-seeded: %d entries, standing at checkpoint %d", n, self.log.last_checkpoint)
 
     def recover(self, intents: list) -> None:
@@ -412,6 +596,9 @@ class Daemon:
             n += 1
         log.info("recovery: %d intent(s) resynced into %d record(s); saved pending operations, "
                  "if any, are superseded", len(intents), n)
+        flag = getattr(self, "resync_flag", None)
+        if flag is not None and not any(i.handle_type == NO_HANDLE for i in flag.loaded):
+            flag.recovered = True          # cleared once the next checkpoint is durable
 
     async def flush_mount(self) -> None:
         """Make the kernel send every dirty page of the mount to us (writeback cache).
@@ -432,6 +619,11 @@ class Daemon:
         if self.had_pending:
             self.journal.clear_pending()
             self.had_pending = False
+        try:
+            self.resync_flag.settle()
+        except OSError as e:
+            log.error("could not clear the needs-resync state: %s", e)
+        self.updater_busy = True                    # status/wait: catching up, not stopped
         self._wake.set()
 
     def status(self) -> dict:
@@ -458,24 +650,84 @@ class Daemon:
             "halt_p99_ns": hist[min(len(hist) - 1, int(len(hist) * 0.99))] if hist else 0,
             "halts": len(hist),
             "activity_intents_written": self.activity.intents_written,
+            "needs_resync": self.resync_flag.count,
+            "needs_resync_reason": self.resync_flag.reason,
             "checkpoint_error": self.checkpointer.last_error,
             "updater_error": self.updater_error,
+            "updater_state": self.updater_state(),
             "log_damage": str(self.log.damage) if getattr(self.log, "damage", None) else None,
             **(self.member.status() if self.member is not None else {}),
         }
 
+    def updater_state(self) -> str:
+        """One line for status: idle, applying, waiting for space, or stopped (an error)."""
+        if self.updater_busy:
+            return (f"applying checkpoints {self.shadow_applied + 1}..{self.log.last_checkpoint}"
+                    if self.log.last_checkpoint > self.shadow_applied else "applying")
+        if self.updater_waiting:
+            return self.updater_waiting
+        if self.updater_error:
+            return f"stopped: {self.updater_error}"
+        return "idle"
+
+    def _shadow_space(self) -> str:
+        try:
+            st = os.statvfs(self.shadow.root)
+            dev = os.stat(self.shadow.root).st_dev
+        except OSError:
+            return f"the shadow's filesystem ({self.shadow.root})"
+        return (f"the shadow's filesystem ({self.shadow.root}, device {os.major(dev)}:{os.minor(dev)}): "
+                f"{st.f_bavail * st.f_frsize} bytes, {st.f_favail} inodes free")
+
     async def _updater_loop(self) -> None:
+        """Apply each confirmed checkpoint to the shadow.
+
+        1. Run the updater (a worker thread) up to the last checkpoint; prune
+           the segments the shadow has fully applied.
+        2. A full shadow filesystem (NoSpace) is a state to wait out, not an
+           error: status says "waiting for space", and the pass is retried on
+           every new checkpoint and by itself after 0.5 s, doubling up to 8 s;
+           the staging cursor makes it resume exactly where it stopped.
+        3. Any other error stops the updater (status: "stopped: ..."); it is
+           retried on each new checkpoint only.
+        Cancellation (unmount) may interrupt the wait, never a running pass.
+        """
+        from .updater import NoSpace
+        delay: float | None = None
         while True:
             self._wake = trio.Event()          # a fresh event per pass: no wake-up is lost
+            self.updater_busy = True
             try:
                 self.shadow_applied = await trio.to_thread.run_sync(self.updater.run_once)
+                if self.updater_waiting:
+                    log.info("updater: space is back; caught up to checkpoint %d", self.shadow_applied)
+                self.updater_error = self.updater_waiting = None
+                delay = None
+            except NoSpace as e:
+                with contextlib.suppress(Exception):
+                    self.shadow_applied = self.shadow.applied     # earlier batches may have landed
+                if not self.updater_waiting:
+                    log.warning("updater: %s; waiting for space", e)
+                self.updater_waiting = f"waiting for space on {self._shadow_space()} ({e})"
                 self.updater_error = None
-                # the shadow holds it now: segments it has fully applied are not needed
-                await trio.to_thread.run_sync(self.log.prune, self.shadow_applied)
+                delay = 0.5 if delay is None else min(delay * 2, 8.0)
             except Exception as e:             # CorruptLog, OSError ...: reported by status
                 self.updater_error = str(e)
+                self.updater_waiting = None
+                delay = None
                 log.error("updater: %s", e)
-            await self._wake.wait()
+            try:
+                # the shadow holds it now: segments it has fully applied are not needed
+                # (this also frees space when the journal shares the shadow's filesystem)
+                await trio.to_thread.run_sync(self.log.prune, self.shadow_applied)
+            except Exception as e:
+                log.error("pruning the ordered log: %s", e)
+            self.updater_busy = self._wake.is_set()     # woken meanwhile: another pass follows
+            if delay is None:
+                await self._wake.wait()
+            else:
+                with trio.move_on_after(delay):
+                    await self._wake.wait()
 
     async def serve(self) -> None:
         cfg = self.cfg
@@ -513,6 +765,10 @@ class Daemon:
             log.exception("could not save the pending operations; the next mount will resync")
             return
         self.activity.close()
+        if self.resync_flag.unsaved:
+            log.error("the needs-resync state is not on disk: daemon.json stays, so the next "
+                      "mount recovers as after a crash")
+            return
         self.journal.remove_daemon_info()
         log.info("stopped")
 

@@ -20,7 +20,10 @@ crash"):
 * **Files** (non-directory intents): the shadow's ``inodes/<ino>`` is compared
   block by block (1 MiB, holes skipped) with the original; a ``Write`` for
   each differing block, a truncating ``Setattr`` first if the file shrank, a
-  final ``Setattr`` (size, mode, owner, mtime) and xattr diffs.
+  final ``Setattr`` (size, mode, owner, mtime) and xattr diffs.  Holes stay
+  holes: only the original's data extents are ever written (zeros included,
+  where the shadow has a hole), and where the shadow has data in a hole of
+  the original it is cut there first (see :meth:`_Resync.diff_data`).
 * **Directories** are opened by handle and found by path
   (``/proc/self/fd``); their entries are compared with the shadow directory at
   the same path.  New objects are copied whole (a ``Link`` when the inode is
@@ -48,11 +51,11 @@ import os
 import stat
 from typing import Callable, Iterable, Iterator
 
-from . import sysc
+from . import layout, sysc
 from .activity import Intent
 from .records import (ATTR_GID, ATTR_MODE, ATTR_MTIME, ATTR_SIZE, ATTR_UID, Link, Mkdir, Mknod,
                       Record, Removexattr, Rename, Rmdir, Setattr, Setxattr, Symlink, Unlink, Write)
-from .shadow import Shadow, data_extents, read_xattrs
+from .shadow import Shadow, data_map, read_xattrs
 
 __all__ = ["resync", "resync_iter", "ResyncError", "CHUNK", "UNKNOWN_KEY", "CTIME_MARGIN_NS"]
 
@@ -163,14 +166,56 @@ def _blocks(start: int, end: int) -> Iterator[tuple[int, int]]:
         off = nxt
 
 
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[list[int]] = []
-    for s, e in sorted(ranges):
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    return [(s, e) for s, e in merged]
+def _first_stale(omap: list[tuple[int, int]], smap: list[tuple[int, int]], end: int,
+                 blk: int) -> int | None:
+    """The lowest offset below ``end`` where the shadow holds data (``smap``) inside a
+    hole of the original (not in ``omap``), in whole shadow blocks of ``blk`` bytes; or None.
+
+    Through the mount a hole can only appear where the file was truncated below
+    it (there is no punch): everything of the original above that offset was
+    written since.  So the shadow is cut there and rewritten from the original.
+    """
+    holes: list[tuple[int, int]] = []
+    pos = 0
+    for s, e in [*omap, (end, end)]:
+        s = min(s, end)
+        if s > pos:
+            holes.append((pos, s))
+        pos = max(pos, e)
+        if pos >= end:
+            break
+    j = 0
+    for hs, he in holes:
+        a = -(-hs // blk) * blk                 # whole blocks of the shadow only (another
+        b = he if he >= end else he // blk * blk    # block size cannot match exactly anyway)
+        if a >= b:
+            continue
+        while j < len(smap) and smap[j][1] <= a:
+            j += 1
+        if j < len(smap) and smap[j][0] < b:
+            return max(smap[j][0], a)
+    return None
+
+
+def _segments(omap: list[tuple[int, int]], smap: list[tuple[int, int]],
+              end: int) -> Iterator[tuple[int, int, bool, bool]]:
+    """Cut [0, end) where either map changes between data and hole; yield
+    ``(start, stop, data in the original, data in the shadow)`` where either holds data."""
+    points = {0, end}
+    for s, e in (*omap, *smap):
+        points.add(min(s, end))
+        points.add(min(e, end))
+    pts = sorted(points)
+    i = j = 0
+    for a, b in zip(pts, pts[1:]):
+        while i < len(omap) and omap[i][1] <= a:
+            i += 1
+        while j < len(smap) and smap[j][1] <= a:
+            j += 1
+        in_o = i < len(omap) and omap[i][0] <= a
+        in_s = j < len(smap) and smap[j][0] <= a
+        if in_o or in_s:
+            yield a, b, in_o, in_s
 
 
 def _open_read(dir_fd: int, name: bytes | str) -> int:
@@ -236,8 +281,8 @@ class _Resync:
         self.dev = st.st_dev
         self.base = os.readlink(b"/proc/self/fd/%d" % source_fd)
         try:
-            self.tree_fd = os.open(shadow.tree, _O_DIR)
-            self.inodes_fd = os.open(shadow.inodes, _O_DIR)
+            self.tree_fd = shadow.open_sub(layout.SHADOW_TREE)      # never through a symlink
+            self.inodes_fd = shadow.open_sub(layout.SHADOW_INODES)
         except OSError as e:
             self.close()
             raise ResyncError(f"cannot open the shadow {shadow.root}: {e}") from None
@@ -403,7 +448,7 @@ class _Resync:
                 out.append(Setattr(key, ATTR_SIZE | ATTR_MTIME, mode, o.st_uid, o.st_gid, o.st_size,
                                    0, o.st_mtime_ns, b""))
             if always or o.st_size != k.st_size or o.st_mtime_ns != k.st_mtime_ns:
-                out.append(_Lazy(lambda: self.diff_data(key, o.st_size, o.st_mtime_ns, loc)))
+                out.append(_Lazy(lambda: self.diff_data(key, o, loc)))
             out.append(Setattr(key, _FILE_MASK, mode, o.st_uid, o.st_gid, o.st_size, 0, o.st_mtime_ns, b""))
         elif stat.S_ISLNK(o.st_mode):
             out.append(Setattr(key, _LINK_MASK, mode, o.st_uid, o.st_gid, 0, 0, o.st_mtime_ns, b""))
@@ -417,21 +462,53 @@ class _Resync:
         out.extend(_xattr_diff(key, b"", _xattrs(path_fd, True), have))
         return out
 
-    def diff_data(self, key: int, size: int, mtime: int, loc: _Locator) -> Iterator[Record]:
-        """Write records for the blocks of [0, size) where the shadow differs."""
+    def diff_data(self, key: int, o: os.stat_result, loc: _Locator) -> Iterator[Record]:
+        """Records making [0, size) of the shadow's inodes/<key> the original's, holes included.
+
+        1. Read both sparse maps (SEEK_DATA/SEEK_HOLE).  If the shadow holds
+           data where the original has a hole (the file was truncated below
+           it and extended again), a truncating ``Setattr`` cuts the shadow
+           at the first such place; from there on it counts as empty.
+        2. Visit every range that is data on either side, in blocks of at most
+           CHUNK: data in the original where the shadow has a hole (or
+           nothing) is written as it is, zeros included, so the shadow
+           allocates it too; data on both sides is written where it differs;
+           a hole in the original where the shadow keeps data (a larger
+           shadow block) gets zeros if the shadow's bytes are not.
+        Holes of the original are never written.  Where a filesystem cannot
+        tell holes (no SEEK_DATA) only the bytes are compared, as in step 2
+        with every range taken for data.
+        """
+        size, mtime = o.st_size, o.st_mtime_ns
         ofd = loc.open_read(self.src, key)
         try:
             sfd = _open_read(self.inodes_fd, str(key))
             try:
-                ssize = os.fstat(sfd).st_size
-                ranges = list(data_extents(ofd, size)) + list(data_extents(sfd, min(ssize, size)))
-                for start, end in _merge(ranges):
-                    for off, nxt in _blocks(start, end):
-                        a = sysc.pread_full(ofd, nxt - off, off)
-                        b = sysc.pread_full(sfd, nxt - off, off) if off < ssize else b""
-                        if len(b) < len(a):
-                            b += bytes(len(a) - len(b))     # beyond the shadow's end: zeros
-                        if a != b:
+                sst = os.fstat(sfd)
+                send = min(sst.st_size, size)   # what the shadow holds of [0, size)
+                omap, smap = data_map(ofd, size), data_map(sfd, send)
+                exact = omap is not None and smap is not None
+                if omap is None:
+                    omap = [(0, size)] if size else []
+                if smap is None:
+                    smap = [(0, send)] if send else []
+                cut = _first_stale(omap, smap, send, sst.st_blksize or 4096) if exact else None
+                if cut is not None:
+                    yield Setattr(key, ATTR_SIZE | ATTR_MTIME, stat.S_IMODE(o.st_mode), o.st_uid, o.st_gid,
+                                  cut, 0, mtime, b"")
+                    smap = [(s, min(e, cut)) for s, e in smap if s < cut]
+                for start, stop, in_o, in_s in _segments(omap, smap, size):
+                    for off, nxt in _blocks(start, stop):
+                        n = nxt - off
+                        a = sysc.pread_full(ofd, n, off) if in_o else bytes(n)
+                        if len(a) < n:
+                            a += bytes(n - len(a))
+                        if not in_s:
+                            differs = exact or not _all_zero(a)
+                        else:
+                            b = sysc.pread_full(sfd, n, off)
+                            differs = a != b + bytes(n - len(b))
+                        if differs:
                             self.stats["writes"] += 1
                             yield Write(key, off, mtime, a)
             finally:
@@ -440,12 +517,15 @@ class _Resync:
             os.close(ofd)
 
     def copy_data(self, key: int, size: int, mtime: int, loc: _Locator) -> Iterator[Record]:
+        """Write records for the data extents of a new file (zeros included: the shadow
+        allocates what the original does); holes are left to the final size."""
         ofd = loc.open_read(self.src, key)
         try:
-            for start, end in data_extents(ofd, size):
+            omap = data_map(ofd, size)
+            for start, end in (omap if omap is not None else [(0, size)] if size else []):
                 for off, nxt in _blocks(start, end):
                     a = sysc.pread_full(ofd, nxt - off, off)
-                    if a and not _all_zero(a):
+                    if a and (omap is not None or not _all_zero(a)):
                         self.stats["writes"] += 1
                         yield Write(key, off, mtime, a)
         finally:

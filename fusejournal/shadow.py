@@ -9,6 +9,15 @@ Layout (names from :mod:`fusejournal.layout`)::
     SHADOW/staging/       the updater's cursor (see fusejournal.updater)
     SHADOW/applied.json   {"applied": N}: tree/ equals the original at
                           checkpoint N (written durably, after syncfs)
+    SHADOW/shadow.json    the identity: {"id": ..., "source": {...}}, the id
+                          shared with the journal's meta.json (``shadow_id``)
+
+The shadow root and everything in it but tree/'s contents are private to the
+mounting user (0700 directories, 0600 files).  The root is opened with
+O_NOFOLLOW|O_DIRECTORY (:meth:`Shadow.open_root`) and, once the daemon has
+claimed it, must stay the same directory (dev, inode): a shadow path swapped
+for a symlink or another directory is refused, never followed.  Every other
+access is relative to an fd opened from it, without following symlinks.
 
 :class:`Shadow` creates that layout, seeds it (checkpoint 0) from a directory
 fd of the original tree, records the applied checkpoint durably, and compares
@@ -24,14 +33,17 @@ Names are bytes throughout; non-UTF-8 names are copied unchanged.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import secrets
 import stat
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from . import layout, sysc
+from .errors import UserError
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -44,6 +56,11 @@ _NOTSUP = {errno.ENOTSUP, errno.EOPNOTSUPP}
 
 class ShadowError(Exception):
     """The shadow directory is missing, damaged, or not in the expected state."""
+
+
+class ShadowRefused(ShadowError, UserError):
+    """A directory that must not be used as this shadow (a symlink, another user's, another
+    source's shadow, in use ...): a one-line user error, nothing was changed."""
 
 
 # ------------------------------------------------------------------ helpers
@@ -126,6 +143,22 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         off = end
 
 
+def data_map(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """The data extents of ``fd`` in [0, size), exactly as SEEK_DATA/SEEK_HOLE report them.
+
+    Everything else in [0, size) is a hole.  None where the filesystem
+    refuses SEEK_DATA (it cannot tell holes: there is no map to keep).
+    """
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, *_NOTSUP):
+            return None
+        if e.errno != errno.ENXIO:              # ENXIO: nothing but a hole
+            raise
+    return list(data_extents(fd, size))
+
+
 def _copy_range(src: int, dst: int, start: int, end: int) -> None:
     """Copy bytes [start, end) from src to dst at the same offsets."""
     off = start
@@ -206,32 +239,245 @@ def _files_equal(a: int, b: int, size: int) -> int | None:
 class Shadow:
     """The shadow directory of one journal (see the module docstring)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, identity: dict | None = None) -> None:
         self.root = Path(root)
         self.tree = self.root / layout.SHADOW_TREE
         self.inodes = self.root / layout.SHADOW_INODES
         self.staging = self.root / layout.SHADOW_STAGING
         self.applied_path = self.root / layout.SHADOW_APPLIED
+        self.identity_path = self.root / layout.SHADOW_IDENTITY
+        #: the shadow.json this shadow gets when created or adopted (see new_identity)
+        self.identity = identity
+        self._pinned: tuple[int, int] | None = None
+        self._lock_fd = -1
+
+    def close(self) -> None:
+        """Release the claim taken by :meth:`attach` (the flock on the root)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def __repr__(self) -> str:
         return f"Shadow({os.fspath(self.root)!r})"
 
+    # -------------------------------------------------------------- root
+
+    def open_root(self) -> int:
+        """An fd of the shadow root, opened without following a symlink.
+
+        Once pinned (:meth:`create`, :meth:`attach`), the root must be the
+        very directory the daemon claimed: a path swapped for another
+        directory is refused (ShadowError).  The caller closes the fd.
+        """
+        try:
+            fd = os.open(self.root, _O_DIR)
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP) and os.path.islink(self.root):
+                raise ShadowRefused(f"the shadow {self.root} has been replaced by a symlink: refusing "
+                                  f"to follow it") from None
+            raise
+        if self._pinned is not None:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._pinned:
+                os.close(fd)
+                raise ShadowRefused(f"the shadow {self.root} has been replaced by another directory: "
+                                  f"refusing to write there")
+        return fd
+
+    def open_sub(self, name: str, flags: int = _O_DIR) -> int:
+        """An fd of ``name`` in the shadow root (tree, inodes, staging), never through a symlink."""
+        root = self.open_root()
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW, dir_fd=root)
+        finally:
+            os.close(root)
+
+    def _read_json(self, name: str) -> bytes:
+        """Contents of the file ``name`` in the root (FileNotFoundError if absent)."""
+        fd = self.open_sub(name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = []
+            while True:
+                b = os.read(fd, 1 << 16)
+                if not b:
+                    return b"".join(chunks)
+                chunks.append(b)
+        finally:
+            os.close(fd)
+
+    def _write_atomic(self, root_fd: int, name: str, data: bytes) -> None:
+        """Durably replace ``name`` in the root (0600, temp + fsync + rename + fsync of the root)."""
+        tmp = name + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     layout.PRIVATE_FILE_MODE, dir_fd=root_fd)
+        try:
+            os.fchmod(fd, layout.PRIVATE_FILE_MODE)
+            mv = memoryview(data)
+            while mv:
+                mv = mv[os.write(fd, mv):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+        os.fsync(root_fd)
+
+    # -------------------------------------------------------------- identity
+
+    @staticmethod
+    def new_identity(source: dict, shadow_id: str) -> dict:
+        """The shadow.json of a shadow of ``source`` (path, dev, ino) kept by the journal whose
+        meta.json names ``shadow_id``."""
+        return {"format": 1, "id": shadow_id, "source": dict(source)}
+
+    @staticmethod
+    def new_id() -> str:
+        return secrets.token_hex(16)
+
+    def read_identity(self) -> dict | None:
+        """The shadow's shadow.json, or None if it has none (ShadowError if unreadable)."""
+        try:
+            doc = json.loads(self._read_json(layout.SHADOW_IDENTITY))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise ShadowError(f"{self.identity_path} is unreadable: {e}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str) \
+                or not isinstance(doc.get("source"), dict):
+            raise ShadowError(f"{self.identity_path} is not a fusejournal shadow identity")
+        return doc
+
+    def check_claim(self, source: dict, shadow_id: str | None, *, named_by_journal: bool,
+                    reseed: bool) -> str:
+        """May this directory serve as the shadow of the journal of ``source``?  Reads only.
+
+        ``shadow_id``: the journal's (None for a new journal or one from
+        before identities); ``named_by_journal``: an existing journal's
+        meta.json names this path.  Returns
+
+        - ``"missing"`` / ``"empty"``: nothing there yet, create it;
+        - ``"ours"``: its shadow.json carries this journal's id and source;
+        - ``"legacy"``: a shadow from before identities (tree/ or
+          applied.json, no shadow.json) that this journal's meta.json names:
+          adopt it and write its identity;
+        - ``"reseed"``: a shadow of this source kept by another journal;
+          only returned with ``reseed`` (it is then seeded afresh).
+
+        Anything else is refused with ShadowError and nothing changed: a
+        symlink, a non-directory, another user's directory, the shadow of
+        another source, a non-empty directory that is not a shadow, a
+        shadow without identity that this journal does not name, or
+        (without ``reseed``) another journal's shadow of this source.
+        """
+        root = self.root
+        try:
+            layout.check_ancestors(root, "shadow")
+        except layout.LayoutError as e:
+            raise ShadowRefused(str(e)) from None
+        try:
+            lst = os.lstat(root)
+        except FileNotFoundError:
+            return "missing"
+        try:
+            layout.check_dir_stat(lst, root, "shadow")
+        except layout.LayoutError as e:
+            raise ShadowRefused(str(e)) from None
+        names = os.listdir(root)
+        if not names:
+            return "empty"
+        ident = self.read_identity()
+        nothing = "nothing was changed"
+        if ident is None:
+            looks = layout.SHADOW_TREE in names or layout.SHADOW_APPLIED in names
+            if not looks or not all(layout.known_name(n, layout.SHADOW_NAMES) for n in names):
+                raise ShadowRefused(f"shadow {root} is not empty and is not a fusejournal shadow: refusing to "
+                                  f"use it as the shadow ({nothing}); name a new or empty directory")
+            if named_by_journal:
+                return "legacy"
+            raise ShadowRefused(f"shadow {root} is a fusejournal shadow without an identity (made by an older "
+                              f"version) that this journal does not name: refusing to use it "
+                              f"({nothing}); remove it or name another --shadow")
+        src = ident["source"]
+        if src.get("path") != source["path"] or src.get("ino") != source["ino"]:
+            raise ShadowRefused(f"shadow {root} is the shadow of another source ({src.get('path')}), not of "
+                              f"{source['path']}: refusing to use it ({nothing}); name another --shadow")
+        if shadow_id is not None and ident["id"] == shadow_id:
+            return "ours"
+        if reseed:
+            return "reseed"
+        raise ShadowRefused(f"shadow {root} is a shadow of {source['path']} kept by another journal (not "
+                          f"{'this new one' if shadow_id is None else 'this one'}): it need not match "
+                          f"the original; refusing to use it ({nothing}); copy it afresh with "
+                          f"--reseed or name another --shadow")
+
     # -------------------------------------------------------------- state
+
+    def attach(self) -> None:
+        """Claim an existing shadow directory for this daemon.
+
+        1. Open the root without following a symlink; refuse another user's
+           (:func:`layout.open_private_dir`), make it 0700, and pin it:
+           from now on :meth:`open_root` refuses any other directory there.
+           Take an exclusive flock on it, held until :meth:`close`: a
+           shadow in use by another daemon (another journal of the same
+           source) is refused, never re-seeded under it.
+        2. Make inodes/, staging/ (and its files), applied.json and
+           shadow.json private (0700/0600); tree/ keeps the original's modes.
+           A symlink among them is refused.
+        3. Write shadow.json if the shadow has none yet (an empty directory,
+           or a shadow from before identities) and :attr:`identity` is set.
+
+        Raises ShadowError.
+        """
+        try:
+            fd = layout.open_private_dir(self.root, "shadow")
+        except layout.LayoutError as e:
+            raise ShadowRefused(str(e)) from None
+        try:
+            st = os.fstat(fd)
+            if self._lock_fd < 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise ShadowRefused(f"the shadow {self.root} is in use by another fusejournal "
+                                          f"daemon (nothing was changed)") from None
+                    raise
+                self._lock_fd, fd = fd, os.dup(fd)
+            elif self._pinned != (st.st_dev, st.st_ino):
+                raise ShadowRefused(f"the shadow {self.root} has been replaced by another directory")
+            self._pinned = (st.st_dev, st.st_ino)
+            try:
+                layout.tighten_entries(fd, os.fspath(self.root), skip=frozenset({layout.SHADOW_TREE}),
+                                       recurse=frozenset({layout.SHADOW_STAGING}))
+            except layout.LayoutError as e:
+                raise ShadowRefused(str(e)) from None
+            if self.identity is not None and self.read_identity() is None:
+                self._write_atomic(fd, layout.SHADOW_IDENTITY,
+                                   json.dumps(self.identity, indent=1).encode() + b"\n")
+        finally:
+            os.close(fd)
 
     def create(self) -> None:
         """Create the root and tree/, inodes/, staging/ (existing ones are kept).
 
-        A root we create is private (0700): it holds a copy of the data.
-        tree/ gets the original root's mode, owner and times when seeded.
+        The root and any missing parent are created 0700 (it holds a copy of
+        the data), then claimed (:meth:`attach`: private, pinned, shadow.json
+        written).  tree/ gets the original root's mode, owner and times when
+        seeded.
         """
-        if not self.root.exists():
-            self.root.mkdir(mode=0o700, parents=True)
-        for d in (self.tree, self.inodes, self.staging):
-            try:
-                d.mkdir(mode=0o700)
-            except FileExistsError:
-                if not d.is_dir() or d.is_symlink():
-                    raise ShadowError(f"{d} exists and is not a directory") from None
+        layout.make_private_dirs(self.root)
+        self.attach()
+        root = self.open_root()
+        try:
+            for name in (layout.SHADOW_TREE, layout.SHADOW_INODES, layout.SHADOW_STAGING):
+                try:
+                    os.mkdir(name, layout.PRIVATE_DIR_MODE, dir_fd=root)
+                except FileExistsError:
+                    st = os.stat(name, dir_fd=root, follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):
+                        raise ShadowError(f"{self.root / name} exists and is not a directory") from None
+        finally:
+            os.close(root)
 
     def exists(self) -> bool:
         """True once the shadow has been seeded (applied.json present)."""
@@ -241,8 +487,7 @@ class Shadow:
     def applied(self) -> int:
         """The checkpoint id tree/ stands at (ShadowError if unknown)."""
         try:
-            with open(self.applied_path, "rb") as f:
-                doc = json.loads(f.read())
+            doc = json.loads(self._read_json(layout.SHADOW_APPLIED))
         except FileNotFoundError:
             raise ShadowError(f"{self.applied_path} is missing: the shadow was never seeded") from None
         except (OSError, ValueError) as e:
@@ -261,20 +506,11 @@ class Shadow:
         """
         if type(n) is not int or n < 0:
             raise ValueError(f"bad checkpoint id {n!r}")
-        dfd = os.open(self.root, _O_DIR)
+        dfd = self.open_root()
         try:
             sysc.syncfs(dfd)
-            tmp = layout.SHADOW_APPLIED + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=dfd)
-            try:
-                data = json.dumps({"applied": n, "time_ns": time.time_ns()}).encode() + b"\n"
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, layout.SHADOW_APPLIED, src_dir_fd=dfd, dst_dir_fd=dfd)
-            os.fsync(dfd)
+            data = json.dumps({"applied": n, "time_ns": time.time_ns()}).encode() + b"\n"
+            self._write_atomic(dfd, layout.SHADOW_APPLIED, data)
         finally:
             os.close(dfd)
 
@@ -297,11 +533,19 @@ class Shadow:
         lies inside the original.
         """
         self.create()
-        if os.listdir(self.tree):
-            raise ShadowError(f"{self.tree} is not empty: refusing to seed over it")
-        for d in (self.inodes, self.staging):     # leftovers of an aborted seed
-            for name in os.listdir(d):
-                os.unlink(os.path.join(d, name))
+        fd = self.open_sub(layout.SHADOW_TREE)
+        try:
+            if os.listdir(fd):
+                raise ShadowError(f"{self.tree} is not empty: refusing to seed over it")
+        finally:
+            os.close(fd)
+        for d in (layout.SHADOW_INODES, layout.SHADOW_STAGING):     # leftovers of an aborted seed
+            fd = self.open_sub(d)
+            try:
+                for name in os.listdir(fd):
+                    os.unlink(name, dir_fd=fd)
+            finally:
+                os.close(fd)
         return _Seeder(self, source_fd, progress).run()
 
     # -------------------------------------------------------------- verify
@@ -336,15 +580,19 @@ class _Seeder:
 
     def run(self) -> int:
         sh = self.shadow
-        st_sh = os.stat(sh.root)
+        rfd = sh.open_root()
+        try:
+            st_sh = os.fstat(rfd)
+        finally:
+            os.close(rfd)
         self.shadow_id = (st_sh.st_dev, st_sh.st_ino)
-        self.inodes_fd = os.open(sh.inodes, _O_DIR)
+        self.inodes_fd = sh.open_sub(layout.SHADOW_INODES)
         # (src dir fd, dst dir fd, pending names, tree-relative path)
         stack: list[tuple[int, int, Iterator[bytes], bytes]] = []
         try:
             src = os.open(".", _O_DIR, dir_fd=self.source_fd)
             try:
-                dst = os.open(sh.tree, _O_DIR)
+                dst = sh.open_sub(layout.SHADOW_TREE)
             except BaseException:
                 os.close(src)
                 raise
@@ -479,15 +727,15 @@ class _Verifier:
 
     def run(self) -> list[str]:
         try:
-            self.inodes_fd = os.open(self.shadow.inodes, _O_DIR)
-        except OSError as e:
+            self.inodes_fd = self.shadow.open_sub(layout.SHADOW_INODES)
+        except (OSError, ShadowError) as e:
             return [f"cannot open {self.shadow.inodes}: {e}"]
         stack: list[tuple[int, int, bytes]] = []
         try:
             src = os.open(".", _O_DIR, dir_fd=self.source_fd)
             try:
-                dst = os.open(self.shadow.tree, _O_DIR)
-            except OSError as e:
+                dst = self.shadow.open_sub(layout.SHADOW_TREE)
+            except (OSError, ShadowError) as e:
                 os.close(src)
                 return [f"cannot open {self.shadow.tree}: {e}"]
             self._compare_common(b"", os.fstat(src), os.fstat(dst), src, dst, None)

@@ -39,12 +39,13 @@ from typing import Iterable, NamedTuple
 
 from . import sysc
 from .faults import fault
+from .layout import SHADOW_INODES, SHADOW_STAGING, SHADOW_TREE
 from .records import (ATTR_ATIME, ATTR_GID, ATTR_MODE, ATTR_MTIME, ATTR_SIZE, ATTR_UID,
                       Link, Mkdir, Mknod, Record, Removexattr, Rename, Rmdir, Setattr,
                       Setxattr, Symlink, Unlink, Write)
 from .shadow import Shadow
 
-__all__ = ["UpdaterError", "Updater", "apply_records", "validate_record", "validate_records",
+__all__ = ["UpdaterError", "NoSpace", "Updater", "apply_records", "validate_record", "validate_records",
            "Cursor", "read_cursor", "clear_cursor", "CURSOR"]
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -63,12 +64,38 @@ _ID_MAX = (1 << 32) - 2         # (uid_t)-1 means "no change" to chown: never a 
 #: appended to errors that mean the shadow is not what the log expects
 RESEED_HINT = "the shadow does not match the log (changed by hand?): fusejournal mount --reseed"
 
+#: what to do when checkpoints the shadow needs are gone from the log
+RESEED_REPAIR_HINT = ("run `fusejournal fsck JOURNAL` to see what is lost, then re-seed the shadow "
+                      "(stop the application, `fusejournal umount`, `fusejournal mount --reseed`)")
+
 #: number of open file descriptors kept for writes (per batch)
 FD_CACHE_SIZE = 64
 
 
 class UpdaterError(Exception):
     """A batch could not be applied (rejected as unsafe, or the shadow disagrees with it)."""
+
+
+#: errnos that mean "the shadow's filesystem is full": a state to wait out, not damage
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpace(UpdaterError):
+    """The shadow's filesystem ran out of space (ENOSPC/EDQUOT) while applying a batch.
+
+    Transient: the staging cursor keeps the position, nothing is wrong with
+    the shadow or the log, and :meth:`Updater.run_once` resumes exactly
+    there once space is freed.  ``checkpoint``/``record`` say where it stopped.
+    """
+
+    def __init__(self, message: str, checkpoint: int | None = None, record: int | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.record = record
+
+
+def _is_space_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in SPACE_ERRNOS
 
 
 class _ApplyError(Exception):
@@ -265,10 +292,19 @@ class Cursor(NamedTuple):
 def read_cursor(shadow: Shadow) -> Cursor | None:
     """The staging cursor, or None when no batch is in progress."""
     try:
-        with open(shadow.staging / CURSOR, "rb") as f:
-            data = f.read()
+        sfd = shadow.open_sub(SHADOW_STAGING)         # never through a symlink
     except FileNotFoundError:
         return None
+    try:
+        fd = os.open(CURSOR, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(sfd)
+    try:
+        data = os.read(fd, _CURSOR_FMT.size + 1)
+    finally:
+        os.close(fd)
     if len(data) != _CURSOR_FMT.size:
         raise UpdaterError(f"staging cursor {shadow.staging / CURSOR} is damaged ({len(data)} bytes)")
     magic, n, k, dev, ino, boot = _CURSOR_FMT.unpack(data)
@@ -279,10 +315,13 @@ def read_cursor(shadow: Shadow) -> Cursor | None:
 
 def clear_cursor(shadow: Shadow) -> None:
     """Remove the staging cursor (no batch in progress)."""
+    sfd = shadow.open_sub(SHADOW_STAGING)
     try:
-        os.unlink(shadow.staging / CURSOR)
+        os.unlink(CURSOR, dir_fd=sfd)
     except FileNotFoundError:
         pass
+    finally:
+        os.close(sfd)
 
 
 def _samestat(a: os.stat_result, b: os.stat_result) -> bool:
@@ -305,13 +344,15 @@ class _Applier:
         self.cursor_fd = -1
         self.tree_fd = self.inodes_fd = self.staging_fd = -1
         try:
-            self.tree_fd = os.open(shadow.tree, _O_DIR)
-            self.inodes_fd = os.open(shadow.inodes, _O_DIR)
-            self.staging_fd = os.open(shadow.staging, _O_DIR)
+            # from the shadow root opened with O_NOFOLLOW (and pinned): never a swapped symlink
+            self.tree_fd = shadow.open_sub(SHADOW_TREE)
+            self.inodes_fd = shadow.open_sub(SHADOW_INODES)
+            self.staging_fd = shadow.open_sub(SHADOW_STAGING)
         except BaseException:
             self.close()
             raise
-        self.inodes_path = os.fsencode(shadow.inodes)
+        # the xattr calls need a path: this one reaches inodes/ through its fd, not its name
+        self.inodes_path = b"/proc/self/fd/%d" % self.inodes_fd
         self._handlers = {
             Mknod: self._mknod, Mkdir: self._mkdir, Symlink: self._symlink, Link: self._link,
             Unlink: self._unlink, Rmdir: self._rmdir, Rename: self._rename, Write: self._write,
@@ -773,7 +814,13 @@ def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], st
                 continue
             try:
                 ap.apply_one(rec, index)
-            except (_ApplyError, OSError) as e:
+            except OSError as e:
+                if _is_space_error(e):
+                    raise NoSpace(f"checkpoint {checkpoint}: record {index} ({type(rec).__name__}): "
+                                  f"{e.strerror} on the shadow's filesystem", checkpoint, index) from e
+                raise UpdaterError(f"checkpoint {checkpoint}: record {index} "
+                                   f"({type(rec).__name__}) failed: {e}; {RESEED_HINT}") from e
+            except _ApplyError as e:
                 raise UpdaterError(f"checkpoint {checkpoint}: record {index} "
                                    f"({type(rec).__name__}) failed: {e}; {RESEED_HINT}") from e
             ap.advance(index + 1)
@@ -785,6 +832,9 @@ def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], st
         try:
             ap.finish()
         except OSError as e:
+            if _is_space_error(e):
+                raise NoSpace(f"checkpoint {checkpoint}: finishing the batch: {e.strerror} on the "
+                              f"shadow's filesystem", checkpoint, index + 1) from e
             raise UpdaterError(f"checkpoint {checkpoint}: finishing the batch failed: {e}; "
                                f"{RESEED_HINT}") from e
     finally:
@@ -819,20 +869,38 @@ class Updater:
         A batch that fails verification (CorruptLog) or validation stops the
         updater before that checkpoint (nothing of it applied); a failure
         while applying leaves the staging cursor so the next call resumes.
-        Errors are stored in :attr:`error` and re-raised.
+        Errors are stored in :attr:`error` and re-raised.  A full shadow
+        filesystem (ENOSPC/EDQUOT anywhere: staging cursor, tree/, inodes/,
+        applied.json) raises :class:`NoSpace` instead, which is transient:
+        :attr:`error` stays None and calling again once space is freed
+        resumes at the cursor.
         """
         with self._lock:
             self._current = None
             try:
                 applied = self._run()
+            except NoSpace:
+                self.error = None
+                raise
+            except OSError as e:
+                if not _is_space_error(e):
+                    self.error = self._describe(e)
+                    raise
+                self.error = None
+                cp = self._current
+                raise NoSpace(f"{f'checkpoint {cp}: ' if cp is not None else ''}{e.strerror} on "
+                              f"the shadow's filesystem", cp) from e
             except Exception as e:
-                msg = str(e) if isinstance(e, UpdaterError) else f"{type(e).__name__}: {e}"
-                if self._current is not None and not msg.startswith("checkpoint"):
-                    msg = f"checkpoint {self._current}: {msg}"
-                self.error = msg
+                self.error = self._describe(e)
                 raise
             self.error = None
             return applied
+
+    def _describe(self, e: Exception) -> str:
+        msg = str(e) if isinstance(e, UpdaterError) else f"{type(e).__name__}: {e}"
+        if self._current is not None and not msg.startswith("checkpoint"):
+            msg = f"checkpoint {self._current}: {msg}"
+        return msg
 
     def _run(self) -> int:
         shadow = self.shadow
@@ -849,16 +917,23 @@ class Updater:
             raise UpdaterError(f"checkpoint {cursor.checkpoint} was being applied when the system went "
                                f"down: the shadow {shadow.root} may have lost part of it and must be "
                                f"seeded again (fusejournal mount --reseed)")
+        expect = applied + 1
         for info in self.log.checkpoints(applied):
             n = info.marker.checkpoint
             if n <= applied:
                 continue
+            if n != expect:
+                # never skip: the shadow would silently miss those changes
+                raise UpdaterError(f"checkpoints {expect}..{n - 1} are missing from the log (a "
+                                   f"segment was removed or truncated): the shadow {shadow.root} "
+                                   f"cannot reach checkpoint {n}; {RESEED_REPAIR_HINT}")
             if self.committed is not None:
                 verdict = self.committed(info.marker)
                 if verdict is None:
                     break                   # its group checkpoint is not committed (yet)
                 if verdict is False:
-                    continue                # aborted: never applied; its records came again later
+                    expect = n + 1          # aborted: never applied; its records came again later
+                    continue
             start = 0
             if cursor is not None:
                 if cursor.checkpoint != n:
@@ -876,6 +951,7 @@ class Updater:
             shadow.set_applied(n)
             clear_cursor(shadow)
             applied = n
+            expect = n + 1
         if cursor is not None:
             raise UpdaterError(f"the staging cursor is for checkpoint {cursor.checkpoint}, which the log "
                                f"no longer holds: the shadow is half-way through it and must be seeded "

@@ -3,6 +3,12 @@
 A snapshot records, per path (bytes, relative): type, mode, uid, gid, size,
 mtime_ns, content digest (regular files), symlink target, rdev, user.* and
 trusted.* xattrs, and the hard-link group (the set of paths sharing one inode).
+
+Where the tree can tell holes from data (not through a FUSE mount: pyfuse3
+has no lseek, so the kernel reports every byte as data), the snapshot also
+keeps each regular file's data map (SEEK_DATA/SEEK_HOLE), and :func:`diff`
+compares the maps of two snapshots that both have them: the shadow must keep
+the original's holes as holes and its written zeros as data.
 """
 
 from __future__ import annotations
@@ -56,6 +62,42 @@ def content_digest(path: bytes, size: int) -> str:
     return h.hexdigest()
 
 
+def data_map(path: bytes, size: int) -> tuple[tuple[int, int], ...]:
+    """The data extents of a file in [0, size) as SEEK_DATA/SEEK_HOLE report them."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                break
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out.append((start, end))
+            pos = end
+    finally:
+        os.close(fd)
+    return tuple(out)
+
+
+def _on_fuse(path: bytes) -> bool:
+    """True if ``path`` lies on a FUSE filesystem (its longest mount-point prefix is one)."""
+    target = os.path.realpath(path)
+    best, fuse = b"", False
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = line.partition(b" - ")
+            mp = left.split()[4].replace(b"\\040", b" ")
+            if (target == mp or target.startswith(mp.rstrip(b"/") + b"/")) and len(mp) >= len(best):
+                best, fuse = mp, right.split()[0].startswith(b"fuse")
+    return fuse
+
+
 def _xattrs(path: bytes, is_link: bool) -> dict:
     if is_link:
         return {}
@@ -76,6 +118,7 @@ def snapshot(root: os.PathLike | str, *, mtimes: bool = True, dir_mtimes: bool =
     root_b = os.fsencode(os.fspath(root))
     entries: dict[bytes, tuple] = {}
     inodes: dict[int, list[bytes]] = {}
+    holes: dict[bytes, tuple] | None = None if _on_fuse(root_b) else {}
 
     def visit(rel: bytes) -> None:
         full = root_b + (b"/" + rel if rel else b"")
@@ -85,6 +128,8 @@ def snapshot(root: os.PathLike | str, *, mtimes: bool = True, dir_mtimes: bool =
         digest = target = None
         if stat.S_ISREG(mode):
             digest = content_digest(full, st.st_size)
+            if holes is not None:
+                holes[rel] = data_map(full, st.st_size)
         elif stat.S_ISLNK(mode):
             target = os.readlink(full)
         mt = None
@@ -102,7 +147,7 @@ def snapshot(root: os.PathLike | str, *, mtimes: bool = True, dir_mtimes: bool =
 
     visit(b"")
     links = sorted(tuple(sorted(v)) for v in inodes.values() if len(v) > 1)
-    return {"entries": entries, "links": links}
+    return {"entries": entries, "links": links, "holes": holes}
 
 
 def diff(a: dict, b: dict, limit: int = 20) -> list[str]:
@@ -119,6 +164,11 @@ def diff(a: dict, b: dict, limit: int = 20) -> list[str]:
             break
     if a["links"] != b["links"]:
         out.append(f"hard links differ: {a['links']} vs {b['links']}")
+    ha, hb = a.get("holes"), b.get("holes")
+    if ha is not None and hb is not None:
+        for k in sorted(set(ha) & set(hb)):
+            if ha[k] != hb[k] and len(out) < limit:
+                out.append(f"data map differs: {k!r}\n   {ha[k]}\n   {hb[k]}")
     return out
 
 
