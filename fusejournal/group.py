@@ -273,9 +273,18 @@ def load_group(path: str | os.PathLike, *, check: bool = True) -> Group:
 
 
 def ensure_run_dir(group: Group) -> Path:
-    """Create the group journal and its 0700 socket directory, owned by this user; refuse a
-    socket directory someone else owns or others can enter."""
-    group.journal.mkdir(parents=True, exist_ok=True)
+    """Create the group journal (private, as every journal: docs/reliability.md, "Users and
+    permissions") and its 0700 socket directory; refuse a group journal that is a symlink,
+    another user's, or below a directory another user can change."""
+    from . import layout
+    try:
+        layout.check_ancestors(group.journal, "group journal")
+        layout.make_private_dirs(group.journal)
+        layout.check_dir_stat(os.lstat(group.journal), group.journal, "group journal")
+    except layout.LayoutError as e:
+        raise GroupFileError(str(e)) from None
+    if stat.S_IMODE(os.lstat(group.journal).st_mode) & 0o077:
+        os.chmod(group.journal, 0o700)
     d = group.run_dir
     try:
         os.mkdir(d, 0o700)

@@ -195,3 +195,18 @@ async def test_checkpoint_is_take_append_confirm(tmp_path: Path) -> None:
     m = await cp.checkpoint("one")
     assert m.checkpoint == 1 and m.operations == 1 and store.operations == 0
     assert [i.marker.checkpoint for i in confirmed] == [1] and cp.halt_history
+
+
+def test_the_group_journal_is_private_and_no_symlink(srcs: Path) -> None:
+    from fusejournal.group import ensure_run_dir
+    g = load_group(write_group(srcs, member("x", "a")))
+    ensure_run_dir(g)
+    for d in (g.journal, g.run_dir):
+        assert os.stat(d).st_mode & 0o777 == 0o700
+    elsewhere = srcs / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, srcs / "gj2")
+    g2 = load_group(write_group(srcs, member("x", "a"), 'name = "g"\njournal = "gj2"\n'))
+    with pytest.raises(GroupFileError, match="is a symlink"):
+        ensure_run_dir(g2)
+    assert not (elsewhere / "run").exists()
