@@ -74,9 +74,11 @@ def sync_through_mount(mountpoint: bytes, targets: Iterable[tuple[int, bytes | N
     3. for each (FUSE inode, original path) in ``targets``: open the inode by its
        node id (:func:`open_fuse_inode`, no path lookup); an inode the kernel has
        forgotten (ESTALE) has no pages to wait for; without CAP_DAC_READ_SEARCH
-       (EPERM) open the path under the mountpoint that corresponds to
-       ``source_path``-relative original path, and check it is that inode;
-       fsync; close;
+       (EPERM) open the path under the mountpoint that corresponds to the
+       original's path (relative to ``source_path``) and check it is that inode
+       (a name renamed or removed meanwhile fails the barrier); fsync (a
+       writeback error is logged, not raised: the application gets it at its
+       own fsync or close); close;
     4. unregister the thread id (also on failure).
 
     An OSError says which inode could not be reached; the caller fails the
@@ -94,6 +96,10 @@ def sync_through_mount(mountpoint: bytes, targets: Iterable[tuple[int, bytes | N
                     fd = open_fuse_inode(mfd, fino)
                 except OSError as e:
                     if e.errno == errno.ESTALE:
+                        # forgotten since its last handle closed (close wrote its pages
+                        # back itself), or a generation other than the one the Operations
+                        # give (0): the tests of the barrier would show the latter
+                        log.warning("barrier: the kernel does not know inode %d (ESTALE)", fino)
                         continue
                     if e.errno != errno.EPERM or path is None or source_path is None:
                         raise OSError(e.errno, f"cannot open inode {fino} through the mount: "
@@ -137,9 +143,13 @@ def _open_by_path(mountpoint: bytes, mdev: int, fino: int, original: bytes,
     (a daemon without CAP_DAC_READ_SEARCH); None if it has no name any more."""
     path = mount_path(mountpoint, source_path, original)
     if path is None:
+        log.warning("barrier: inode %d has no name under the mount a daemon without "
+                    "CAP_DAC_READ_SEARCH can open (%r): pages the kernel still holds for it "
+                    "may reach the next checkpoint instead", fino, original)
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        # (no O_NOFOLLOW: the inode check below refuses whatever a symlink leads to)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise OSError(e.errno, f"cannot open {os.fsdecode(path)!r} (inode {fino}) through the "
                                f"mount: {e.strerror}") from None
@@ -181,6 +191,7 @@ class Checkpointer:
         """Take a checkpoint; return its marker once it is durable in the ordered log."""
         async with self._lock:        # one checkpoint at a time, in order
             wall = time.time_ns()
+            self.last_barrier_ns = 0
             if self.barrier is not None:
                 await self._barrier(label)
             async with self.halt.halted(self.halt_timeout):
@@ -207,9 +218,10 @@ class Checkpointer:
             if self.activity is not None:
                 self.activity.confirmed(period)   # those intents are covered now
             self.last_error = None
-            log.info("checkpoint %d %r: %d operation(s), %d bytes raw, %d stored, halt %.3f ms",
-                     info.marker.checkpoint, label, info.marker.operations, info.marker.raw_bytes,
-                     info.marker.stored_bytes, self.last_halt_ns / 1e6)
+            log.info("checkpoint %d %r: %d operation(s), %d bytes raw, %d stored, barrier %.3f ms, "
+                     "halt %.3f ms", info.marker.checkpoint, label, info.marker.operations,
+                     info.marker.raw_bytes, info.marker.stored_bytes, self.last_barrier_ns / 1e6,
+                     self.last_halt_ns / 1e6)
             if self.on_confirmed is not None:
                 self.on_confirmed(info)
             return info.marker

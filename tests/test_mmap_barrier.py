@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import mmap
 import os
 import signal
@@ -394,3 +395,52 @@ def test_mount_path() -> None:
     assert mount_path(b"/src", b"/src", b"/src/x") == b"/src/x"          # in place
     assert mount_path(b"/m", b"/src", b"/srcx/a") is None
     assert mount_path(b"/m", b"/src", b"/src/a (deleted)") is None
+
+
+BARRIER_CHILD = r'''
+import json, os, sys
+from fusejournal.acquisition import sync_through_mount
+mp, src, ino = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2]), int(sys.argv[3])
+
+def run(target):
+    try:
+        return sync_through_mount(mp, [target], set(), src)
+    except OSError as e:
+        return [e.errno, str(e)]
+print(json.dumps({"right": run((ino, src + b"/d/f")),
+                  "forgotten": run((ino + 10**9, src + b"/nowhere")),
+                  "wrong": run((ino, src + b"/d/other"))}))
+'''
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.parametrize("caps", ["all", "without CAP_DAC_READ_SEARCH"])
+def test_sync_through_mount_by_node_id_or_by_path(mounted: Mounted, caps: str) -> None:
+    """The barrier's thread side against a real mount, from another process: by node id
+    (root), or, without CAP_DAC_READ_SEARCH (open_by_handle_at gives EPERM), by the
+    original's path under the mountpoint, checked to be that inode.  An inode the
+    kernel has forgotten has nothing to wait for."""
+    d = mounted.mountpoint / "d"
+    d.mkdir()
+    (d / "f").write_bytes(b"f")
+    (d / "other").write_bytes(b"o")
+    keep = os.open(d / "f", os.O_RDWR)          # the kernel keeps the inode cached
+    try:
+        ino = os.fstat(keep).st_ino
+        cmd = [sys.executable, "-c", BARRIER_CHILD, os.fspath(mounted.mountpoint),
+               os.fspath(mounted.source), str(ino)]
+        if caps != "all":
+            cmd = ["setpriv", "--inh-caps=-dac_read_search", "--bounding-set=-dac_read_search", *cmd]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                           cwd=Path(__file__).resolve().parent.parent)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["right"] == 1
+        if caps == "all":                        # by node id: the path is not used
+            assert out["forgotten"] == 0 and out["wrong"] == 1
+        else:                                    # by path: a name that is not the inode fails
+            assert out["forgotten"][0] == errno.ENOENT
+            assert out["wrong"][0] == errno.ESTALE and "no longer inode" in out["wrong"][1]
+    finally:
+        os.close(keep)
