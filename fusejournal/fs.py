@@ -140,6 +140,12 @@ class Operations(pyfuse3.Operations):
         self.dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._no_caps: set[int] = set()      # inodes known to have no security.capability
+        # The barrier before the halt (mount.Daemon.flush_mount): handles open for
+        # writing (fh -> FUSE inode), the daemon's own threads opening inodes through
+        # the mount for it (by thread id, as the OPEN request's pid), and their handles.
+        self._writable: dict[int, int] = {}
+        self.barrier_tids: set[int] = set()
+        self._barrier_fhs: set[int] = set()
 
     # ---------------------------------------------------------------- helpers
 
@@ -451,6 +457,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if ctx.pid in self.barrier_tids:
+            return self._barrier_open(inode)
         ino = self._inode(inode)
         if flags & os.O_TRUNC:      # O_RDONLY|O_TRUNC truncates too on Linux
             self._check_writable()
@@ -467,6 +475,8 @@ class Operations(pyfuse3.Operations):
             fd = self._open_backing(ino, flags)
         fh = self._new_fh()
         self.files[fh] = FileHandle(fd, ino)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self._writable[fh] = inode
         fi = pyfuse3.FileInfo(fh=fh)
         fi.keep_cache = not self.read_only
         return fi
@@ -495,12 +505,18 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def release(self, fh: int) -> None:
+        self._writable.pop(fh, None)
+        if fh in self._barrier_fhs:
+            self._barrier_fhs.discard(fh)
+            return
         h = self.files.pop(fh, None)
         if h is not None:
             os.close(h.fd)
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if fh in self._barrier_fhs:
+            return None      # the kernel has waited for the inode's writeback: that was the point
         fd = self.files[fh].fd
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
@@ -535,6 +551,40 @@ class Operations(pyfuse3.Operations):
             return []
         # the control names are never listed (one stored by an old version stays hidden)
         return [n for n in map(os.fsencode, os.listxattr(ino.proc)) if not n.startswith(XATTR_PREFIX)]
+
+    # ------------------------------------------------- the barrier before the halt
+
+    def barrier_targets(self, with_paths: bool = False) -> list[tuple[int, bytes | None]]:
+        """(FUSE inode, original's path or None) of every inode that may have dirty
+        pages in the kernel: those with a handle open for writing (write(2) with the
+        writeback cache, stores through MAP_SHARED), except files unlinked everywhere,
+        whose writes are not recorded.  Paths (``/proc/self/fd`` of the handle: it
+        follows renames) only if asked: for a daemon that cannot open by handle."""
+        handle: dict[int, int] = {}          # FUSE inode -> one of its writable handles
+        for fh, fino in self._writable.items():
+            if fh in self.files:
+                handle.setdefault(fino, fh)
+        out = []
+        for fino, fh in handle.items():
+            fd = self.files[fh].fd
+            try:
+                if os.fstat(fd).st_nlink == 0:
+                    continue
+                path = os.readlink(f"/proc/self/fd/{fd}").encode() if with_paths else None
+            except OSError:
+                path = None
+            out.append((fino, path))
+        return out
+
+    def _barrier_open(self, inode: int) -> pyfuse3.FileInfo:
+        """An OPEN from the daemon's own barrier thread: no fd on the original, nothing
+        read or written through it; its FSYNC is answered at once (see fsync)."""
+        self._inode(inode)
+        fh = self._new_fh()
+        self._barrier_fhs.add(fh)
+        fi = pyfuse3.FileInfo(fh=fh)
+        fi.keep_cache = True
+        return fi
 
     # -------------------------------------------------------------- mutating
 
@@ -710,6 +760,8 @@ class Operations(pyfuse3.Operations):
                                                   self._mknod_record, undo=undo, what="create")
         fh = self._new_fh()
         self.files[fh] = FileHandle(fd, ino)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self._writable[fh] = fino
         return pyfuse3.FileInfo(fh=fh), self._attr(st, fino)
 
     @_handler
