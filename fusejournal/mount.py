@@ -31,6 +31,7 @@ import trio
 from . import layout
 from .errors import EXIT_BUG, EXIT_DAMAGED, EXIT_UNUSABLE, UserError
 from .fs import Operations
+from .inodes import raise_fd_limit
 from .halt import Halt
 
 ACTIVITY_DIR = "activity"
@@ -503,6 +504,7 @@ class Daemon:
 
 def run_daemon(cfg: MountConfig, ready_fd: int | None) -> int:
     """Run a journaled mount in this process until it is unmounted."""
+    raise_fd_limit()             # soft RLIMIT_NOFILE to the hard limit, before seeding
     reporter = Reporter(ready_fd)
     daemon = Daemon(cfg, reporter)
     try:
