@@ -70,6 +70,8 @@ def _handler(fn: Callable) -> Callable:
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                args[0].inodes.relieve()   # make room for the requests that follow
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except trio.Cancelled:
             raise

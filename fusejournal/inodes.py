@@ -172,6 +172,7 @@ class InodeTable:
         self._request = 0
         self.reopened = 0                # fds opened again after eviction (for tests and status)
         self.evicted = 0
+        self._out_of_fds = False
 
     # ------------------------------------------------------------- the table
 
@@ -256,7 +257,12 @@ class InodeTable:
             self._cache.move_to_end(inode.fino)
             entry[1] = self._request
             return entry[0]
-        fd = self._reopen(inode)
+        try:
+            fd = self._reopen(inode)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or not self.relieve():
+                raise
+            fd = self._reopen(inode)     # once more, with the cache emptied
         self.reopened += 1
         if self._inodes.get(inode.fino) is inode:
             self._insert(inode.fino, fd)
@@ -265,6 +271,18 @@ class InodeTable:
             # number, it is closed at the next eviction
             self._insert(-fd, fd)
         return fd
+
+    def relieve(self) -> int:
+        """Out of fds (EMFILE): close every cached fd not handed out in this request
+        and halve the cache for the rest of the mount.  Returns how many were closed."""
+        self.capacity = max(_MIN_CACHE, self.capacity // 2)
+        closed = 0
+        for key in [k for k, (_, req) in self._cache.items() if req != self._request]:
+            _close(self._cache.pop(key)[0])
+            closed += 1
+        log.warning("out of file descriptors: %d cached fds closed, the cache now holds at most %d",
+                    closed, self.capacity)
+        return closed
 
     def _insert(self, key: int, fd: int) -> None:
         self._cache[key] = [fd, self._request]
@@ -292,11 +310,13 @@ class InodeTable:
         return st.st_ino == inode.ino and st.st_dev == self.dev
 
     def _reopen(self, inode: Inode) -> int:
+        self._out_of_fds = False
         # 1. an open file of the object (still works once it is unlinked)
         for ffd in list(inode.files):
             try:
                 fd = os.open(f"/proc/self/fd/{ffd}", os.O_PATH | os.O_CLOEXEC)
-            except OSError:
+            except OSError as e:
+                self._note(e)
                 continue
             if self._same(fd, inode):
                 return fd
@@ -305,7 +325,8 @@ class InodeTable:
         if inode.handle is not None:
             try:
                 fd = open_by_handle(self.root_fd, *inode.handle, os.O_PATH | os.O_CLOEXEC)
-            except OSError:
+            except OSError as e:
+                self._note(e)
                 fd = -1
             if fd >= 0:
                 if self._same(fd, inode):
@@ -316,7 +337,13 @@ class InodeTable:
             fd = self._open_by_name(parent, name, inode)
             if fd >= 0:
                 return fd
+        if self._out_of_fds:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
         raise OSError(errno.ESTALE, f"inode {inode.ino} can no longer be reached")
+
+    def _note(self, e: OSError) -> None:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            self._out_of_fds = True
 
     def _open_by_name(self, parent: int, name: bytes, inode: Inode) -> int:
         """Open ``name`` in ``parent`` if it is ``inode``; -1 if not.  Walks up the tracked
@@ -337,7 +364,8 @@ class InodeTable:
             for target, tname in reversed(chain):
                 try:
                     fd = os.open(tname, _O_PATH, dir_fd=pfd)
-                except OSError:
+                except OSError as e:
+                    self._note(e)
                     return -1
                 if not self._same(fd, target):
                     _close(fd)

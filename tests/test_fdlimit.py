@@ -80,6 +80,9 @@ def test_thousands_of_files_under_a_hard_limit_of_1024(dirs: Mounted) -> None:
     r = subprocess.run(["ls", "-lRa", os.fspath(mnt)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count(" f1") == ndirs * 40        # f100..f139 in every directory
+    r = subprocess.run(["find", os.fspath(mnt), "-type", "f", "-printf", "%i %s\n"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.count("\n") == ndirs * per_dir, r.stderr[-2000:]
     seen = 0
     for root, dnames, fnames in os.walk(mnt):
         for n in dnames + fnames:
@@ -289,3 +292,23 @@ async def test_fd_fetched_in_a_request_is_not_evicted(small: Operations) -> None
     o.inodes.new_request()
     o.inodes.get(dirs[0]).fd
     assert o.inodes.cached_fds <= o.inodes.capacity  # the overflow is trimmed afterwards
+
+
+async def test_out_of_fds_empties_the_cache_instead_of_failing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(60):
+        (src / f"f{i}").write_bytes(b"x" * i)
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    o = Operations(fd, store=TempStore(None), halt=Halt(), fd_cache=1000)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        finos = [(await o.lookup(ROOT, b"f%d" % i, CTX)).st_ino for i in range(60)]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 10, hard))
+        for i, fino in enumerate(finos):          # each getattr opens an fd: the limit is hit
+            assert (await o.getattr(fino, CTX)).st_size == i
+        assert o.inodes.capacity < 1000
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        o.close_all()
+        os.close(fd)
