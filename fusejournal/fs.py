@@ -87,7 +87,7 @@ class FileHandle:
     inode: Inode
 
     def __post_init__(self) -> None:
-        self.inode.files.append(self.fd)    # lets the table reopen the object, even unlinked
+        self.inode.opened(self.fd)    # lets the table reopen the object, even unlinked
 
 
 @dataclass
@@ -306,7 +306,10 @@ class Operations(pyfuse3.Operations):
         the mount root is the root itself."""
         if name == b"." or h.inode_id == ROOT:
             return os.fstat(h.fd), h.inode_id
-        st = os.stat(b"..", dir_fd=h.fd)
+        try:
+            st = os.stat(b"..", dir_fd=h.fd)
+        except OSError:              # a removed directory: it is its own ".." then
+            return os.fstat(h.fd), h.inode_id
         return st, self._fuse_ino(st.st_ino)
 
     @_handler
@@ -401,10 +404,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         h = self.files.pop(fh, None)
         if h is not None:
-            try:
-                h.inode.files.remove(h.fd)
-            except ValueError:
-                pass
+            h.inode.closed(h.fd)
             os.close(h.fd)
 
     @_handler

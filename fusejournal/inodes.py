@@ -79,6 +79,8 @@ def cache_capacity(limit: int) -> int:
     leaving 640 for application files open through the mount and the
     daemon's own fds.  At least 16, at most 65536.
     """
+    if limit == resource.RLIM_INFINITY:
+        return _MAX_CACHE
     return max(_MIN_CACHE, min(_MAX_CACHE, (limit - _RESERVE) // 2))
 
 
@@ -100,7 +102,7 @@ class Inode:
         self.name = name                 # None: no known name (removed, or never named)
         self.more_names: list[tuple[int, bytes]] | None = None   # other names (hard links)
         self.handle: tuple[int, bytes] | None = None
-        self.files: list[int] = []       # fds of open files of this object (FileHandle)
+        self.files: list[int] | None = None    # fds of open files of this object (FileHandle)
 
     @property
     def fd(self) -> int:
@@ -110,6 +112,21 @@ class Inode:
     @property
     def proc(self) -> str:
         return f"/proc/self/fd/{self.fd}"
+
+    def opened(self, fd: int) -> None:
+        """A file of this object is open on ``fd``: it can reopen the object, even unlinked."""
+        if self.files is None:
+            self.files = []
+        self.files.append(fd)
+
+    def closed(self, fd: int) -> None:
+        if self.files:
+            try:
+                self.files.remove(fd)
+            except ValueError:
+                pass
+            if not self.files:
+                self.files = None
 
     # names -----------------------------------------------------------------
 
@@ -312,7 +329,7 @@ class InodeTable:
     def _reopen(self, inode: Inode) -> int:
         self._out_of_fds = False
         # 1. an open file of the object (still works once it is unlinked)
-        for ffd in list(inode.files):
+        for ffd in list(inode.files or ()):
             try:
                 fd = os.open(f"/proc/self/fd/{ffd}", os.O_PATH | os.O_CLOEXEC)
             except OSError as e:
