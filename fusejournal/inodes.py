@@ -44,6 +44,7 @@ import logging
 import os
 import resource
 import stat
+import struct
 from collections import OrderedDict
 from typing import Iterator
 
@@ -101,7 +102,7 @@ class Inode:
         self.parent = parent             # FUSE inode of the directory it was last seen in
         self.name = name                 # None: no known name (removed, or never named)
         self.more_names: list[tuple[int, bytes]] | None = None   # other names (hard links)
-        self.handle: tuple[int, bytes] | None = None
+        self.handle: bytes | None = None     # handle type (i32) + file handle: one object
         self.files: list[int] | None = None    # fds of open files of this object (FileHandle)
 
     @property
@@ -227,9 +228,9 @@ class InodeTable:
             if self.use_handles:
                 try:
                     if fd is not None:
-                        inode.handle = name_to_handle(fd)
+                        inode.handle = _pack(*name_to_handle(fd))
                     elif dir_fd is not None:
-                        inode.handle = name_to_handle_at(dir_fd, name, AT_SYMLINK_NOFOLLOW)
+                        inode.handle = _pack(*name_to_handle_at(dir_fd, name, AT_SYMLINK_NOFOLLOW))
                 except OSError:
                     pass                 # reopened by name only
         inode.lookups += 1
@@ -341,7 +342,8 @@ class InodeTable:
         # 2. the file handle (works whatever happened to its names)
         if inode.handle is not None:
             try:
-                fd = open_by_handle(self.root_fd, *inode.handle, os.O_PATH | os.O_CLOEXEC)
+                fd = open_by_handle(self.root_fd, _HTYPE.unpack_from(inode.handle)[0],
+                                    inode.handle[_HTYPE.size:], os.O_PATH | os.O_CLOEXEC)
             except OSError as e:
                 self._note(e)
                 fd = -1
@@ -433,6 +435,13 @@ class InodeTable:
         self._cache.clear()
         self._inodes.clear()
         _close(self.root_fd)
+
+
+_HTYPE = struct.Struct("<i")
+
+
+def _pack(handle_type: int, handle: bytes) -> bytes:
+    return _HTYPE.pack(handle_type) + handle
 
 
 def _close(fd: int) -> None:
