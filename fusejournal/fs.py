@@ -168,8 +168,7 @@ class Operations(pyfuse3.Operations):
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
-    def _remember(self, fd: int | None, st: os.stat_result, parent: int, name: bytes,
-                  dir_fd: int | None = None) -> tuple[int, Inode]:
+    def _remember(self, fd: int | None, st: os.stat_result, parent: int, name: bytes) -> tuple[int, Inode]:
         """Register a looked-up object (takes ownership of ``fd``, if any); adds one lookup."""
         if st.st_dev != self.dev:
             if fd is not None:
@@ -177,13 +176,12 @@ class Operations(pyfuse3.Operations):
             log.warning("%r is on another filesystem: not supported inside a journaled tree", name)
             raise pyfuse3.FUSEError(errno.EXDEV)
         fino = self._fuse_ino(st.st_ino)
-        return fino, self.inodes.remember(fino, st, parent, name, fd=fd, dir_fd=dir_fd)
+        return fino, self.inodes.remember(fino, st, parent, name, fd=fd)
 
     def _lookup(self, parent: int, name: bytes) -> tuple[int, Inode, os.stat_result]:
         """Stat ``name`` in ``parent`` and register it; no fd is opened (it is on first use)."""
-        pfd = self._inode(parent).fd
-        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        fino, inode = self._remember(None, st, parent, name, dir_fd=pfd)
+        st = os.stat(name, dir_fd=self._inode(parent).fd, follow_symlinks=False)
+        fino, inode = self._remember(None, st, parent, name)
         return fino, inode, st
 
     def _dir_path(self, fino: int) -> bytes | None:
@@ -337,7 +335,7 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._attr(st, fino), i + 1):
                 return
             # each entry returned is one lookup; the identity is remembered, no fd opened
-            self.inodes.remember(fino, st, h.inode_id, name, dir_fd=h.fd)
+            self.inodes.remember(fino, st, h.inode_id, name)
 
     @_handler
     async def releasedir(self, fh: int) -> None:

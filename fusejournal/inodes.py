@@ -8,8 +8,9 @@ inode here is *how to reach* an object, and fds are a cache:
    ``st_dev``), its FUSE lookup count, and how to reopen it: the
    ``(parent, name)`` it was last seen under (every name, for a hard-linked
    non-directory seen under several), kept right across rename, unlink and
-   link by the Operations; a kernel file handle (``name_to_handle_at``) when
-   the daemon may use ``open_by_handle_at`` (root); and, for a non-directory,
+   link by the Operations; a kernel file handle (``name_to_handle_at`` of the
+   first fd opened on it) when the daemon may use ``open_by_handle_at``
+   (root); and, for a non-directory,
    the fds of its open files.
 2. :meth:`InodeTable.fd` returns an ``O_PATH`` fd: from the LRU cache, else
    reopened — first from an open file of the object (works unlinked), then
@@ -48,7 +49,7 @@ import struct
 from collections import OrderedDict
 from typing import Iterator
 
-from .sysc import AT_SYMLINK_NOFOLLOW, name_to_handle, name_to_handle_at, open_by_handle
+from .sysc import name_to_handle, open_by_handle
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class InodeTable:
         self.reopened = 0                # fds opened again after eviction (for tests and status)
         self.evicted = 0
         self._out_of_fds = False
+        self._mount_fd = -1              # a readable fd of the root, for open_by_handle_at
 
     # ------------------------------------------------------------- the table
 
@@ -214,29 +216,20 @@ class InodeTable:
         return len(self._cache)
 
     def remember(self, fino: int, st: os.stat_result, parent: int, name: bytes, *,
-                 fd: int | None = None, dir_fd: int | None = None) -> Inode:
+                 fd: int | None = None) -> Inode:
         """Register ``name`` in ``parent`` (stat ``st``) and add one lookup.
 
         ``fd``, if given, is an O_PATH fd of the object and is taken over (cached,
-        or closed if the inode already has one).  Without it, ``dir_fd`` (the
-        parent's fd) lets a new inode get its file handle by name.  ``.`` and
-        ``..`` are not names.
+        or closed if the inode already has one).  ``.`` and ``..`` are not names.
         """
         inode = self._inodes.get(fino)
         if inode is None:
             inode = self._inodes[fino] = Inode(self, fino, st, None, None)
-            if self.use_handles:
-                try:
-                    if fd is not None:
-                        inode.handle = _pack(*name_to_handle(fd))
-                    elif dir_fd is not None:
-                        inode.handle = _pack(*name_to_handle_at(dir_fd, name, AT_SYMLINK_NOFOLLOW))
-                except OSError:
-                    pass                 # reopened by name only
         inode.lookups += 1
         if fino != ROOT and name not in (b".", b".."):
             inode.add_name(parent, name)
         if fd is not None:
+            self._learn_handle(inode, fd)
             old = self._cache.get(fino)
             if fino == ROOT or old is not None and old[1] == self._request:
                 _close(fd)       # the root is pinned; a cached fd handed out now stays
@@ -282,6 +275,7 @@ class InodeTable:
                 raise
             fd = self._reopen(inode)     # once more, with the cache emptied
         self.reopened += 1
+        self._learn_handle(inode, fd)
         if self._inodes.get(inode.fino) is inode:
             self._insert(inode.fino, fd)
         else:
@@ -301,6 +295,15 @@ class InodeTable:
         log.warning("out of file descriptors: %d cached fds closed, the cache now holds at most %d",
                     closed, self.capacity)
         return closed
+
+    def _learn_handle(self, inode: Inode, fd: int) -> None:
+        """The file handle of an object, from a verified fd, the first time it has one
+        (not for every readdir entry: ~10 µs each, and names reach those)."""
+        if self.use_handles and inode.handle is None:
+            try:
+                inode.handle = _pack(*name_to_handle(fd))
+            except OSError:
+                pass                     # reopened by name only
 
     def _insert(self, key: int, fd: int) -> None:
         self._cache[key] = [fd, self._request]
@@ -342,7 +345,10 @@ class InodeTable:
         # 2. the file handle (works whatever happened to its names)
         if inode.handle is not None:
             try:
-                fd = open_by_handle(self.root_fd, _HTYPE.unpack_from(inode.handle)[0],
+                if self._mount_fd < 0:     # open_by_handle_at refuses an O_PATH fd here
+                    self._mount_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                                             dir_fd=self.root_fd)
+                fd = open_by_handle(self._mount_fd, _HTYPE.unpack_from(inode.handle)[0],
                                     inode.handle[_HTYPE.size:], os.O_PATH | os.O_CLOEXEC)
             except OSError as e:
                 self._note(e)
@@ -434,6 +440,9 @@ class InodeTable:
             _close(fd)
         self._cache.clear()
         self._inodes.clear()
+        if self._mount_fd >= 0:
+            _close(self._mount_fd)
+            self._mount_fd = -1
         _close(self.root_fd)
 
 

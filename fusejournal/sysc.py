@@ -128,13 +128,3 @@ def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int = 
         err = ctypes.get_errno()
         raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
     return fd
-
-
-def name_to_handle_at(dir_fd: int, name: bytes, flags: int = AT_SYMLINK_NOFOLLOW) -> tuple[int, bytes]:
-    """(handle_type, handle) of ``name`` in ``dir_fd``, without opening it."""
-    fh = _FileHandle()
-    fh.handle_bytes = MAX_HANDLE_SZ
-    mount_id = ctypes.c_int()
-    _check(_libc.name_to_handle_at(dir_fd, name, ctypes.byref(fh), ctypes.byref(mount_id), flags),
-           "name_to_handle_at", name)
-    return fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes])

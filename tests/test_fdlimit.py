@@ -312,3 +312,19 @@ async def test_out_of_fds_empties_the_cache_instead_of_failing(tmp_path: Path) -
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         o.close_all()
         os.close(fd)
+
+
+async def test_file_handle_reaches_an_object_renamed_behind_the_mount(small: Operations) -> None:
+    o = small
+    d = (await o.mkdir(ROOT, b"d", 0o755, CTX)).st_ino
+    fi, attr = await o.create(d, b"f", 0o644, os.O_WRONLY, CTX)
+    await o.release(fi.fh)
+    for i in range(8):                                # evict f's fd
+        await o.mkdir(ROOT, b"pad%d" % i, 0o755, CTX)
+    os.rename(o.src / "d" / "f", o.src / "elsewhere")  # not through the mount: names are stale
+    if o.inodes.use_handles:
+        assert (await o.getattr(attr.st_ino, CTX)).st_ino == attr.st_ino
+    else:
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await o.getattr(attr.st_ino, CTX)
+        assert e.value.errno == errno.ESTALE
