@@ -225,6 +225,8 @@ class InodeTable:
         inode = self._inodes.get(fino)
         if inode is None:
             inode = self._inodes[fino] = Inode(self, fino, st, None, None)
+        elif fino != ROOT and name not in (b".", b".."):
+            self._check_reuse(inode, st)
         inode.lookups += 1
         if fino != ROOT and name not in (b".", b".."):
             inode.add_name(parent, name)
@@ -239,6 +241,22 @@ class InodeTable:
                     _close(old[0])   # a fresh fd is the object under that name now
                 self._insert(fino, fd)
         return inode
+
+    def _check_reuse(self, inode: Inode, st: os.stat_result) -> None:
+        """The filesystem gave ``inode``'s number to a new object of another type while
+        the kernel still knew the old one (ext4 reuses freed numbers at once; a number
+        cannot be reused while a cached fd or an open file holds the old object):
+        take the new type, forget how the old one was reached.  (Reopening verifies
+        ``st_ino`` only; ext4's file handles carry a generation and fail for the old.)
+        """
+        if stat.S_ISDIR(st.st_mode) == inode.is_dir and stat.S_ISLNK(st.st_mode) == inode.is_symlink:
+            return
+        log.info("inode number %d now names a new object", inode.ino)
+        inode.is_dir = stat.S_ISDIR(st.st_mode)
+        inode.is_symlink = stat.S_ISLNK(st.st_mode)
+        inode.handle = None
+        inode.more_names = None
+        inode.name = None
 
     def forget(self, fino: int, nlookup: int) -> None:
         inode = self._inodes.get(fino)

@@ -328,3 +328,27 @@ async def test_file_handle_reaches_an_object_renamed_behind_the_mount(small: Ope
         with pytest.raises(pyfuse3.FUSEError) as e:
             await o.getattr(attr.st_ino, CTX)
         assert e.value.errno == errno.ESTALE
+
+
+async def test_a_reused_inode_number_reaches_the_new_object(small: Operations) -> None:
+    o = small
+    old = (await o.mkdir(ROOT, b"old", 0o755, CTX)).st_ino
+    for i in range(8):                                # its fd leaves the cache
+        await o.mknod(ROOT, b"pad%d" % i, stat.S_IFIFO | 0o600, 0, CTX)
+    await o.rmdir(ROOT, b"old", CTX)                 # the kernel still knows the number
+    reused = None
+    for i in range(200):                              # ext4 hands a freed number out again soon
+        fd = os.open(o.src / f"n{i}", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, b"new object")
+        os.close(fd)
+        if os.stat(o.src / f"n{i}").st_ino == old:
+            reused = b"n%d" % i
+            break
+    if reused is None:
+        pytest.skip("the filesystem did not reuse the inode number")
+    o.store.take()
+    assert (await o.lookup(ROOT, reused, CTX)).st_ino == old
+    assert (await o.getattr(old, CTX)).st_size == len(b"new object")
+    await o.setxattr(old, b"user.k", b"v", CTX)       # named by inode key, as a file
+    (rec,) = o.store.take()
+    assert isinstance(rec, R.Setxattr) and (rec.ino, rec.path) == (os.stat(o.src / os.fsdecode(reused)).st_ino, b"")
