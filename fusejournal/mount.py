@@ -32,11 +32,12 @@ from . import layout
 from .acquisition import sync_through_mount
 from .errors import EXIT_BUG, EXIT_DAMAGED, EXIT_UNUSABLE, EXIT_USAGE, UserError
 from .fs import Operations
+from .inodes import raise_fd_limit
 from .halt import Halt
 
 ACTIVITY_DIR = layout.ACTIVITY_DIR
 from .activity import ActivityLog
-from .journal import PENDING, Journal, read_daemon_info, read_meta
+from .journal import PENDING, Journal, read_daemon_info
 from .log import OrderedLog
 from .resyncflag import NO_HANDLE, ResyncFlag
 from .shadow import Shadow
@@ -763,6 +764,7 @@ class Daemon:
 
 def run_daemon(cfg: MountConfig, ready_fd: int | None) -> int:
     """Run a journaled mount in this process until it is unmounted."""
+    raise_fd_limit()             # soft RLIMIT_NOFILE to the hard limit, before seeding
     reporter = Reporter(ready_fd)
     daemon = Daemon(cfg, reporter)
     try:
