@@ -4,56 +4,190 @@ halt, then have the batch compressed and appended to the ordered log.
 The order of one checkpoint (docs/design.md, "The halt"):
 
 1. update permission arrives (setxattr on the mount root);
-2. with the kernel's writeback cache on, dirty pages are flushed to the
-   filesystem first (``syncfs`` of the mount, from a worker thread, while
-   WRITE requests are still served); then the halt closes: new mutating
-   operations wait, in-flight ones finish;
-3. the whole temporary store is taken out (:meth:`TempStore.take`, O(1));
+2. the barrier: every byte a reader of the mount can already see reaches the
+   temporary store.  Pages still dirty in the kernel (stores through
+   ``MAP_SHARED``; ``write(2)`` with the writeback cache) and WRITE requests
+   the kernel has queued but not sent are waited for: each inode with a handle
+   open for writing is opened *through the mount* and fsync'ed from a worker
+   thread (:func:`sync_through_mount`), while the trio thread keeps serving
+   the WRITE requests this causes.  At most ``barrier_timeout`` seconds;
+   then :class:`BarrierTimeout`, and nothing has been taken;
+3. the halt closes: new mutating operations wait, in-flight ones finish;
+   the whole temporary store is taken out (:meth:`TempStore.take`, O(1));
 4. the halt opens: operations flow again (a new activity period has begun);
 5. outside the halt, in a worker thread, the batch is lz4-compressed and
    appended to the ordered log with its marker, then fdatasync'ed;
 6. only then the setxattr returns 0, the activity periods it covers are
    deleted, and the updater is signalled.
 
-If step 5 fails (ENOSPC, EIO, ...) the batch is put back in front of the
-temporary store: nothing captured is lost, it belongs to the next checkpoint.
+If step 2 fails or times out, the checkpoint fails before the halt: the
+temporary store is untouched.  If step 5 fails (ENOSPC, EIO, ...) the batch is
+put back in front of the temporary store: nothing captured is lost, it belongs
+to the next checkpoint.
 
-Cancellation: the log append runs in a thread that cannot be abandoned
-(``abandon_on_cancel=False``), so a cancelled checkpoint still either lands
-whole or is restored.
+Cancellation: the barrier's thread is abandoned (it ends by itself once its
+fsync returns; it holds nothing the daemon needs).  The log append runs in a
+thread that cannot be abandoned (``abandon_on_cancel=False``), so a cancelled
+checkpoint still either lands whole or is restored.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 import trio
 
 from .faults import fault
-from .halt import Halt
+from .halt import Halt, HaltTimeout
 from .log import CheckpointInfo, Marker, OrderedLog
+from .sysc import open_fuse_inode
 from .tempstore import Batch, TempStore
 
 log = logging.getLogger(__name__)
 
 
+class BarrierTimeout(HaltTimeout):
+    """The barrier before the halt did not finish in time (the setxattr gets EBUSY)."""
+
+
+def sync_through_mount(mountpoint: bytes, targets: Iterable[tuple[int, bytes | None]],
+                       barrier_tids: set[int], source_path: bytes | None = None) -> int:
+    """The thread side of the barrier: open each target inode through the mount and
+    fsync it; return how many were synced.  Runs in a worker thread, never in the
+    trio thread (which serves the WRITE requests the fsyncs wait for).
+
+    fuse_fsync() starts writeback of the inode's dirty pages, waits until every
+    page under writeback is answered (since Linux 6.16 a folio stays under
+    writeback until the WRITE reply) and for the inode's queued WRITE requests
+    (fuse_sync_writes), flushes the kernel's cached times (writeback cache), and
+    only then sends FSYNC, which the Operations answer at once for these handles
+    (recognised by this thread's id in the OPEN request).
+
+    1. register this thread's id in ``barrier_tids``;
+    2. open the mount's root (not held between checkpoints: it would keep the
+       mount busy);
+    3. for each (FUSE inode, original path) in ``targets``: open the inode by its
+       node id (:func:`open_fuse_inode`, no path lookup); an inode the kernel has
+       forgotten (ESTALE) has no pages to wait for; without CAP_DAC_READ_SEARCH
+       (EPERM) open the path under the mountpoint that corresponds to the
+       original's path (relative to ``source_path``) and check it is that inode
+       (a name renamed or removed meanwhile fails the barrier); fsync (a
+       writeback error is logged, not raised: the application gets it at its
+       own fsync or close); close;
+    4. unregister the thread id (also on failure).
+
+    An OSError says which inode could not be reached; the caller fails the
+    checkpoint (before the halt, nothing taken).
+    """
+    tid = threading.get_native_id()
+    barrier_tids.add(tid)
+    try:
+        mfd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            mdev = os.fstat(mfd).st_dev
+            n = 0
+            for fino, path in targets:
+                try:
+                    fd = open_fuse_inode(mfd, fino)
+                except OSError as e:
+                    if e.errno == errno.ESTALE:
+                        # forgotten since its last handle closed (close wrote its pages
+                        # back itself), or a generation other than the one the Operations
+                        # give (0): the tests of the barrier would show the latter
+                        log.warning("barrier: the kernel does not know inode %d (ESTALE)", fino)
+                        continue
+                    if e.errno != errno.EPERM or path is None or source_path is None:
+                        raise OSError(e.errno, f"cannot open inode {fino} through the mount: "
+                                               f"{e.strerror}") from None
+                    fd = _open_by_path(mountpoint, mdev, fino, path, source_path)
+                    if fd is None:
+                        continue
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    # a WRITE of the writeback failed (ENOSPC, EIO): what it carried is
+                    # in neither the original nor the checkpoint; the application is
+                    # told at its own fsync/close (errors are per open file)
+                    log.warning("barrier: writeback of inode %d failed: %s", fino, e.strerror)
+                finally:
+                    _close_quietly(fd)
+                n += 1
+            return n
+        finally:
+            os.close(mfd)
+    finally:
+        barrier_tids.discard(tid)
+
+
+def _close_quietly(fd: int) -> None:
+    """Close a barrier fd: its FLUSH has nothing to report that matters here."""
+    try:
+        os.close(fd)
+    except OSError as e:
+        log.debug("barrier: close: %s", e)
+
+
+def mount_path(mountpoint: bytes, source_path: bytes, original: bytes) -> bytes | None:
+    """Where the original's ``original`` path is seen under the mount, None if it is
+    not under ``source_path`` (or is a deleted file's ``... (deleted)`` name)."""
+    if original.endswith(b" (deleted)"):
+        return None
+    src = source_path.rstrip(b"/")
+    if original == src:
+        return mountpoint
+    if not original.startswith(src + b"/"):
+        return None
+    return mountpoint.rstrip(b"/") + original[len(src):]
+
+
+def _open_by_path(mountpoint: bytes, mdev: int, fino: int, original: bytes,
+                  source_path: bytes) -> int | None:
+    """Open inode ``fino`` through the mount by the path its original has now
+    (a daemon without CAP_DAC_READ_SEARCH); None if it has no name any more."""
+    path = mount_path(mountpoint, source_path, original)
+    if path is None:
+        log.warning("barrier: inode %d has no name under the mount a daemon without "
+                    "CAP_DAC_READ_SEARCH can open (%r): pages the kernel still holds for it "
+                    "may reach the next checkpoint instead", fino, original)
+        return None
+    try:
+        # (no O_NOFOLLOW: the inode check below refuses whatever a symlink leads to)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot open {os.fsdecode(path)!r} (inode {fino}) through the "
+                               f"mount: {e.strerror}") from None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (mdev, fino):
+        os.close(fd)
+        raise OSError(errno.ESTALE, f"{os.fsdecode(path)!r} is no longer inode {fino} "
+                                    f"(renamed during the checkpoint)")
+    return fd
+
+
 class Checkpointer:
     def __init__(self, store: TempStore, halt: Halt, ordered_log: OrderedLog, *,
-                 halt_timeout: float = 5.0, activity=None, flush=None,
+                 halt_timeout: float = 5.0, activity=None,
+                 barrier: Callable[[], Awaitable[object]] | None = None,
+                 barrier_timeout: float = 30.0,
                  on_confirmed: Callable[[CheckpointInfo], None] | None = None) -> None:
         self.store = store
         self.halt = halt
         self.log = ordered_log
         self.halt_timeout = halt_timeout
         self.activity = activity
-        self.flush = flush
+        self.barrier = barrier
+        self.barrier_timeout = barrier_timeout
         self.on_confirmed = on_confirmed
         self._lock = trio.Lock()
         self.last_error: str | None = None
         self.last_halt_ns = 0
+        self.last_barrier_ns = 0
         self.halt_history: list[int] = []
         self.confirmed_raw_bytes = 0      # since this daemon started
         self.confirmed_stored_bytes = 0
@@ -77,19 +211,23 @@ class Checkpointer:
     def lock(self) -> trio.Lock:
         return self._lock
 
-    async def take(self, label: str, hold: Callable[[], Awaitable[None]] | None = None) -> "Taken":
-        """Steps 2-4: halt, take the temporary store out, start a new activity period, open.
+    async def take(self, label: str, hold: Callable[[], Awaitable[None]] | None = None,
+                   before_halt: Callable[[], Awaitable[None]] | None = None) -> "Taken":
+        """Steps 2-4: the barrier, halt, take the temporary store out, start a new
+        activity period, open.
 
-        ``hold`` (a group member) is awaited with the gate still closed, after
-        the take; if it raises, the batch goes back into the store before the
-        gate opens, and the exception propagates.  It must bound itself.
+        A group member passes ``before_halt``, awaited after the barrier (nothing
+        taken yet; if it raises, nothing happened), and ``hold``, awaited with
+        the gate still closed, after the take; if that raises, the batch goes
+        back into the store before the gate opens, and the exception
+        propagates.  Both must bound themselves.
         """
         wall = time.time_ns()
-        if self.flush is not None:
-            # writeback cache: what the application wrote before the trigger may
-            # still be dirty pages in the kernel; they reach us (and the store)
-            # now, while WRITE requests are still served, not during the halt
-            await self.flush()
+        self.last_barrier_ns = 0
+        if self.barrier is not None:
+            await self._barrier(label)
+        if before_halt is not None:
+            await before_halt()
         closed_ns = time.monotonic_ns()
         async with self.halt.halted(self.halt_timeout):
             batch = self.store.take()
@@ -132,9 +270,10 @@ class Checkpointer:
         if self.activity is not None:
             self.activity.confirmed(taken.period)   # those intents are covered now
         self.last_error = None
-        log.info("checkpoint %d %r: %d operation(s), %d bytes raw, %d stored, halt %.3f ms",
-                 info.marker.checkpoint, taken.label, info.marker.operations, info.marker.raw_bytes,
-                 info.marker.stored_bytes, self.last_halt_ns / 1e6)
+        log.info("checkpoint %d %r: %d operation(s), %d bytes raw, %d stored, barrier %.3f ms, "
+                 "halt %.3f ms", info.marker.checkpoint, taken.label, info.marker.operations,
+                 info.marker.raw_bytes, info.marker.stored_bytes, self.last_barrier_ns / 1e6,
+                 self.last_halt_ns / 1e6)
         if self.on_confirmed is not None:
             self.on_confirmed(info)
 
@@ -145,6 +284,25 @@ class Checkpointer:
         self.store.restore(taken.batch)
         self.last_error = why
         log.error("%s; its %d operation(s) stay pending", why, ops)
+
+
+    async def _barrier(self, label: str) -> None:
+        """Step 2: bounded; fails the checkpoint before the halt (nothing taken)."""
+        what = f"checkpoint {self.log.last_checkpoint + 1} ({label!r}) failed before the halt"
+        start = time.perf_counter_ns()
+        with trio.move_on_after(self.barrier_timeout) as scope:
+            try:
+                await self.barrier()
+            except OSError as e:
+                self.last_error = f"{what}: the barrier: {e.strerror or e}"
+                log.error("%s", self.last_error)
+                raise
+        if scope.cancelled_caught:
+            self.last_error = (f"{what}: the barrier (the kernel writing back pages that readers "
+                               f"of the mount already see) took longer than {self.barrier_timeout:g} s")
+            log.error("%s", self.last_error)
+            raise BarrierTimeout(self.last_error)
+        self.last_barrier_ns = time.perf_counter_ns() - start
 
 
 @dataclass

@@ -19,9 +19,12 @@ One group checkpoint G (:meth:`Coordinator.checkpoint`; docs/design.md has the
 sequence diagram):
 
 1. connect to every member (bounded by the halt bound T);
-2. send ``take`` to all at once; each member closes its halt, takes its
-   temporary store out and replies ``taken`` with its gate still closed; it
-   holds the gate at most T;
+2. send ``take`` to all at once; each member runs its barrier (the kernel's
+   pending writes reach its temporary store; not halted) and replies
+   ``ready`` (within 35 s); then send ``halt`` to all at once; each member
+   closes its halt, takes its temporary store out and replies ``taken`` with
+   its gate still closed; it holds the gate at most T.  (The barriers come
+   first so that no member's halt includes another member's barrier);
 3. only when every member has answered ``taken`` (within T) send ``release``
    to all: the halt of the whole group is one interval;
 4. each member opens its gate, appends its batch to its own ordered log with
@@ -74,6 +77,7 @@ log = logging.getLogger("fusejournal.coordinator")
 MAX_LINE = 1 << 16
 COORDINATOR_LOCK = "coordinator.lock"
 ACK_TIMEOUT = 5.0
+BARRIER_TIMEOUT = 35.0          # every member's barrier (each bounded at 30 s by its Checkpointer)
 
 
 # ------------------------------------------------------------------ wire
@@ -298,14 +302,29 @@ class Coordinator:
                 await abort(err, {})
                 raise GroupCheckpointError(err, errno.EIO)
 
-            # 2. take: every member halts and takes its temporary store
-            async def take(name: str) -> dict:
+            # 2a. every member runs its barrier (not halted) and reports ready
+            async def ready(name: str) -> dict:
                 await chans[name].send({"op": "take", "id": gid, "label": label, "timeout": T})
                 r = await chans[name].recv()
                 if not r.get("ok"):
                     raise GroupCheckpointError(r.get("error", "failed"), r.get("errno", errno.EIO))
                 return r
-            res = await self._each(names, take, T, "take")
+            res = await self._each(names, ready, BARRIER_TIMEOUT, "take (the barrier)")
+            err = first_error(res, "failed before the halt")
+            if err:
+                busy = any(isinstance(r, GroupCheckpointError) and r.errno == errno.EBUSY
+                           for r in res.values())
+                await abort(err, {})
+                raise GroupCheckpointError(err, errno.EBUSY if busy else errno.EIO)
+
+            # 2b. take: every member halts and takes its temporary store
+            async def take(name: str) -> dict:
+                await chans[name].send({"op": "halt"})
+                r = await chans[name].recv()
+                if not r.get("ok"):
+                    raise GroupCheckpointError(r.get("error", "failed"), r.get("errno", errno.EIO))
+                return r
+            res = await self._each(names, take, T, "halt")
             err = first_error(res, "could not halt")
             if err:
                 busy = any(isinstance(r, GroupCheckpointError) and r.errno == errno.EBUSY

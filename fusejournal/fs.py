@@ -4,11 +4,14 @@ Only the FUSE request handlers live here; the lifecycle is in
 :mod:`fusejournal.mount`.  Design points (after libfuse's passthrough_hp):
 
 * An inode is the original's ``st_ino`` (the source root is swapped with FUSE
-  inode 1) with an ``O_PATH`` fd held while the kernel knows it.  Every
-  operation is ``*at()``-relative to such an fd, or goes through
-  ``/proc/self/fd/N``: no absolute paths, so mounting over the source itself
-  works, renames of open files and unlinked-but-open files keep working, and
-  no joined path can exceed PATH_MAX.
+  inode 1), kept in the :class:`~fusejournal.inodes.InodeTable` while the
+  kernel knows it, with how to reopen it; its ``O_PATH`` fd comes from a
+  cache bounded by the open-file limit (``inode.fd``: fetched after the halt
+  gate, right before the system call).  Every operation is
+  ``*at()``-relative to such an fd, or goes through ``/proc/self/fd/N``: no
+  absolute paths, so mounting over the source itself works, renames of open
+  files and unlinked-but-open files keep working, and no joined path can
+  exceed PATH_MAX.
 * Every mutating handler passes the :class:`~fusejournal.halt.Halt` gate, makes
   its system call inline, and, only if it succeeded, appends a record to the
   :class:`~fusejournal.tempstore.TempStore` before replying.  There is no await
@@ -17,7 +20,9 @@ Only the FUSE request handlers live here; the lifecycle is in
 * Records carry attributes read back from the original after the operation
   (``fstat``), so the shadow reproduces exactly what the original did.
 * Directory paths are tracked from lookups (a directory has exactly one name);
-  non-directories are named by inode key.
+  non-directories are named by inode key.  A handler computes the names its
+  record needs before it touches the original, and refuses (EIO, logged) if
+  it could not record them: nothing reaches the original uncaptured.
 * No handler lets anything but :class:`pyfuse3.FUSEError` escape: OSErrors map
   to their errno, anything else is logged and answered with EIO.
 
@@ -43,6 +48,7 @@ import trio
 from . import records as R
 from .faults import fault
 from .halt import Halt
+from .inodes import Inode, InodeTable, raise_fd_limit
 from .layout import XATTR_PID, XATTR_PREFIX
 from .sysc import RENAME_EXCHANGE, fchown_path_fd, renameat2, utimens_path_fd
 from .tempstore import TempStore
@@ -65,11 +71,14 @@ def _handler(fn: Callable) -> Callable:
     """Map every exception of a handler to a FUSE error reply."""
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args[0].inodes.new_request()     # fds handed out before may be evicted now
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                args[0].inodes.relieve()   # make room for the requests that follow
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except trio.Cancelled:
             raise
@@ -79,25 +88,13 @@ def _handler(fn: Callable) -> Callable:
     return wrapper
 
 
-class Inode:
-    __slots__ = ("fd", "ino", "lookups", "is_dir", "is_symlink")
-
-    def __init__(self, fd: int, st: os.stat_result) -> None:
-        self.fd = fd
-        self.ino = st.st_ino
-        self.lookups = 0
-        self.is_dir = stat.S_ISDIR(st.st_mode)
-        self.is_symlink = stat.S_ISLNK(st.st_mode)
-
-    @property
-    def proc(self) -> str:
-        return f"/proc/self/fd/{self.fd}"
-
-
 @dataclass
 class FileHandle:
     fd: int
     inode: Inode
+
+    def __post_init__(self) -> None:
+        self.inode.opened(self.fd)    # lets the table reopen the object, even unlinked
 
 
 @dataclass
@@ -114,7 +111,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, source_fd: int, *, store: TempStore | None = None,
                  halt: Halt | None = None, control: Any = None, activity: Any = None,
                  read_only: bool = False, timeout: float = 300.0, writeback: bool = False,
-                 resync_flag: Any = None) -> None:
+                 resync_flag: Any = None, fd_cache: int | None = None) -> None:
         super().__init__()
         self.read_only = read_only
         # With the kernel's writeback cache, small writes are merged into large
@@ -128,18 +125,24 @@ class Operations(pyfuse3.Operations):
         self.resync_flag = resync_flag   # fusejournal.resyncflag.ResyncFlag: the needs-resync state
         self.timeout = 1.0 if read_only else timeout
         self.is_root = os.geteuid() == 0
-        root_fd = os.open(".", os.O_PATH | os.O_DIRECTORY, dir_fd=source_fd)
+        limit = raise_fd_limit()
+        root_fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=source_fd)
         st = os.fstat(root_fd)
         self.dev = st.st_dev
         self.root_ino = st.st_ino
-        root = Inode(root_fd, st)
-        root.lookups = 1 << 62       # never forgotten
-        self.inodes: dict[int, Inode] = {ROOT: root}
-        self.dirs: dict[int, tuple[int, bytes]] = {}   # dir fuse ino -> (parent fuse ino, name)
+        # every inode the kernel knows, and a bounded cache of their O_PATH fds
+        self.inodes = InodeTable(root_fd, capacity=fd_cache)
+        log.debug("open-file limit %d: up to %d O_PATH fds cached", limit, self.inodes.capacity)
         self.files: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._no_caps: set[int] = set()      # inodes known to have no security.capability
+        # The barrier before the halt (mount.Daemon.flush_mount): handles open for
+        # writing (fh -> FUSE inode), the daemon's own threads opening inodes through
+        # the mount for it (by thread id, as the OPEN request's pid), and their handles.
+        self._writable: dict[int, int] = {}
+        self.barrier_tids: set[int] = set()
+        self._barrier_fhs: set[int] = set()
 
     # ---------------------------------------------------------------- helpers
 
@@ -179,50 +182,35 @@ class Operations(pyfuse3.Operations):
         e.st_ctime_ns = st.st_ctime_ns
         return e
 
-    def _remember(self, fd: int, st: os.stat_result, parent: int, name: bytes) -> tuple[int, Inode]:
-        """Register a looked-up object (takes ownership of ``fd``); adds one lookup."""
+    def _remember(self, fd: int | None, st: os.stat_result, parent: int, name: bytes) -> tuple[int, Inode]:
+        """Register a looked-up object (takes ownership of ``fd``, if any); adds one lookup."""
         if st.st_dev != self.dev:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             log.warning("%r is on another filesystem: not supported inside a journaled tree", name)
             raise pyfuse3.FUSEError(errno.EXDEV)
         fino = self._fuse_ino(st.st_ino)
-        inode = self.inodes.get(fino)
-        if inode is None:
-            inode = self.inodes[fino] = Inode(fd, st)
-        else:
-            os.close(fd)
-        inode.lookups += 1
-        if inode.is_dir and fino != ROOT and name not in (b".", b".."):
-            self.dirs[fino] = (parent, name)
-        return fino, inode
+        return fino, self.inodes.remember(fino, st, parent, name, fd=fd)
 
     def _lookup(self, parent: int, name: bytes) -> tuple[int, Inode, os.stat_result]:
-        p = self._inode(parent)
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=p.fd)
-        try:
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        fino, inode = self._remember(fd, st, parent, name)
+        """Stat ``name`` in ``parent`` and register it; no fd is opened (it is on first use)."""
+        st = os.stat(name, dir_fd=self._inode(parent).fd, follow_symlinks=False)
+        fino, inode = self._remember(None, st, parent, name)
         return fino, inode, st
 
     def _dir_path(self, fino: int) -> bytes | None:
-        """Path of a directory relative to the root, None if no longer reachable."""
-        parts = []
-        seen = 0
-        while fino != ROOT:
-            entry = self.dirs.get(fino)
-            if entry is None:
-                return None
-            fino, name = entry
-            parts.append(name)
-            seen += 1
-            if seen > 4096:
-                log.error("directory loop in name tracking")
-                return None
-        parts.reverse()
-        return b"/".join(parts)
+        """Path of a directory relative to the root, None if no longer reachable (no depth limit)."""
+        return self.inodes.dir_path(fino)
+
+    def _record_path(self, parent: int, name: bytes) -> bytes | None:
+        """The path a record will name ``name`` in ``parent`` by, computed before the
+        original is touched; FUSEError(EIO) if it cannot be (the operation is refused)."""
+        path = self._path(parent, name)
+        if path is None and self.store is not None:
+            log.error("%r in directory inode %d: the directory has no known path, the operation "
+                      "could not be journaled and is refused", name, parent)
+            raise pyfuse3.FUSEError(errno.EIO)
+        return path
 
     def _path(self, parent: int, name: bytes) -> bytes | None:
         d = self._dir_path(parent)
@@ -232,7 +220,7 @@ class Operations(pyfuse3.Operations):
 
     def _touch(self, ino: Inode) -> None:
         """Durable write intent before the first change to ``ino`` in this period."""
-        if self.activity is not None:
+        if self.activity is not None and ino.ino not in self.activity.touched:
             self.activity.touch(ino.ino, ino.fd, ino.is_dir)
 
     def _created_obj(self, st_ino: int) -> None:
@@ -380,18 +368,9 @@ class Operations(pyfuse3.Operations):
 
     def _forget(self, inode_list) -> None:
         for fino, nlookup in inode_list:
-            inode = self.inodes.get(fino)
-            if inode is None or fino == ROOT:
-                continue
-            inode.lookups -= nlookup
-            if inode.lookups <= 0:
-                del self.inodes[fino]
-                self.dirs.pop(fino, None)
+            self.inodes.forget(fino, nlookup)
+            if fino not in self.inodes:
                 self._no_caps.discard(fino)
-                try:
-                    os.close(inode.fd)
-                except OSError:
-                    pass
 
     @_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -400,15 +379,32 @@ class Operations(pyfuse3.Operations):
         self.dir_handles[fh] = DirHandle(fd, inode)
         return fh
 
+    def _dot_entry(self, h: DirHandle, name: bytes) -> tuple[os.stat_result, int]:
+        """Attributes and inode number of ``.`` or ``..`` in an open directory; ``..`` of
+        the mount root is the root itself."""
+        if name == b"." or h.inode_id == ROOT:
+            return os.fstat(h.fd), h.inode_id
+        try:
+            st = os.stat(b"..", dir_fd=h.fd)
+        except OSError:              # a removed directory: it is its own ".." then
+            return os.fstat(h.fd), h.inode_id
+        return st, self._fuse_ino(st.st_ino)
+
     @_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.dir_handles[fh]
         if h.names is None or start_id == 0:
             # one listing per open directory stream, served in chunks by index
-            h.names = [os.fsencode(n) for n in os.listdir(h.fd)]
+            h.names = [b".", b".."] + [os.fsencode(n) for n in os.listdir(h.fd)]
         names = h.names
         for i in range(start_id, len(names)):
             name = names[i]
+            if i < 2:
+                # the kernel takes no lookup for . and .. (fuse_direntplus_link skips them)
+                st, fino = self._dot_entry(h, name)
+                if not pyfuse3.readdir_reply(token, name, self._attr(st, fino), i + 1):
+                    return
+                continue
             try:
                 st = os.stat(name, dir_fd=h.fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -418,17 +414,8 @@ class Operations(pyfuse3.Operations):
             fino = self._fuse_ino(st.st_ino)
             if not pyfuse3.readdir_reply(token, name, self._attr(st, fino), i + 1):
                 return
-            known = self.inodes.get(fino)
-            if known is not None:
-                known.lookups += 1
-                if known.is_dir and fino != ROOT:
-                    self.dirs[fino] = (h.inode_id, name)
-            else:
-                try:
-                    self._lookup(h.inode_id, name)
-                except (OSError, pyfuse3.FUSEError):
-                    # gone between the reply and the open: the kernel will forget it
-                    log.debug("entry %r vanished during readdir", name)
+            # each entry returned is one lookup; the identity is remembered, no fd opened
+            self.inodes.remember(fino, st, h.inode_id, name)
 
     @_handler
     async def releasedir(self, fh: int) -> None:
@@ -451,6 +438,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if ctx.pid in self.barrier_tids:
+            return self._barrier_open(inode)
         ino = self._inode(inode)
         if flags & os.O_TRUNC:      # O_RDONLY|O_TRUNC truncates too on Linux
             self._check_writable()
@@ -467,6 +456,8 @@ class Operations(pyfuse3.Operations):
             fd = self._open_backing(ino, flags)
         fh = self._new_fh()
         self.files[fh] = FileHandle(fd, ino)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self._writable[fh] = inode
         fi = pyfuse3.FileInfo(fh=fh)
         fi.keep_cache = not self.read_only
         return fi
@@ -495,12 +486,19 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def release(self, fh: int) -> None:
+        self._writable.pop(fh, None)
+        if fh in self._barrier_fhs:
+            self._barrier_fhs.discard(fh)
+            return
         h = self.files.pop(fh, None)
         if h is not None:
+            h.inode.closed(h.fd)
             os.close(h.fd)
 
     @_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if fh in self._barrier_fhs:
+            return None      # the kernel has waited for the inode's writeback: that was the point
         fd = self.files[fh].fd
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
@@ -536,16 +534,58 @@ class Operations(pyfuse3.Operations):
         # the control names are never listed (one stored by an old version stays hidden)
         return [n for n in map(os.fsencode, os.listxattr(ino.proc)) if not n.startswith(XATTR_PREFIX)]
 
+    # ------------------------------------------------- the barrier before the halt
+
+    def barrier_targets(self, with_paths: bool = False) -> list[tuple[int, bytes | None]]:
+        """(FUSE inode, original's path or None) of every inode that may have dirty
+        pages in the kernel: those with a handle open for writing (write(2) with the
+        writeback cache, stores through MAP_SHARED), except files unlinked everywhere,
+        whose writes are not recorded.  Paths (``/proc/self/fd`` of the handle: it
+        follows renames) only if asked: for a daemon that cannot open by handle."""
+        handle: dict[int, int] = {}          # FUSE inode -> one of its writable handles
+        for fh, fino in self._writable.items():
+            if fh in self.files:
+                handle.setdefault(fino, fh)
+        out = []
+        for fino, fh in handle.items():
+            fd = self.files[fh].fd
+            try:
+                if os.fstat(fd).st_nlink == 0:
+                    continue
+                path = os.readlink(f"/proc/self/fd/{fd}").encode() if with_paths else None
+            except OSError:
+                path = None
+            out.append((fino, path))
+        return out
+
+    def _barrier_open(self, inode: int) -> pyfuse3.FileInfo:
+        """An OPEN from the daemon's own barrier thread: no fd on the original, nothing
+        read or written through it; its FSYNC is answered at once (see fsync)."""
+        self._inode(inode)
+        fh = self._new_fh()
+        self._barrier_fhs.add(fh)
+        fi = pyfuse3.FileInfo(fh=fh)
+        fi.keep_cache = True
+        return fi
+
     # -------------------------------------------------------------- mutating
 
     def _ref(self, fino: int, ino: Inode) -> tuple[int, bytes] | None:
-        """(inode key, path) naming an object in a record; None if unreachable."""
+        """(inode key, path) naming an object in a record; None for a removed directory
+        (nothing to record).  FUSEError(EIO) for a live directory with no known path:
+        called before the original is touched, it refuses what could not be recorded."""
         if not ino.is_dir:
             return ino.ino, b""
         if fino == ROOT:
             return 0, b""
         path = self._dir_path(fino)
-        return None if path is None else (0, path)
+        if path is not None:
+            return 0, path
+        if os.fstat(ino.fd).st_nlink == 0:
+            return None
+        log.error("directory inode %d has no known path: the operation could not be journaled "
+                  "and is refused", ino.ino)
+        raise pyfuse3.FUSEError(errno.EIO)
 
     def _record_attrs(self, ino: Inode, mask: int, st: os.stat_result, fino: int | None = None) -> None:
         if self.store is None:
@@ -575,7 +615,7 @@ class Operations(pyfuse3.Operations):
             store.check_space(len(buf))
             act = self.activity
             if act is not None and h.inode.ino not in act.touched:
-                act.touch(h.inode.ino, h.inode.fd, False)
+                act.touch(h.inode.ino, h.fd, False)
             n = os.pwrite(h.fd, buf, off)
             try:
                 st = os.fstat(h.fd)
@@ -598,6 +638,8 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         ino = self._inode(inode)
         async with self.halt.operation():
+            if self.store is not None:
+                self._ref(inode, ino)        # refuse now what could not be recorded
             self._touch(ino)
             mask = 0
             try:
@@ -636,6 +678,28 @@ class Operations(pyfuse3.Operations):
                     raise
             return self._attr(st, inode)
 
+    def _unnamed(self, st: os.stat_result, parent: int, name: bytes) -> None:
+        """``name`` in ``parent`` (stat ``st`` from before) is gone: the inode forgets that name."""
+        known = self.inodes.get(self._fuse_ino(st.st_ino))
+        if known is not None:
+            known.drop_name(parent, name)
+
+    def _renamed(self, sto: os.stat_result, stn: os.stat_result | None, old_parent: int,
+                 old_name: bytes, new_parent: int, new_name: bytes, exchange: bool) -> None:
+        """Keep the inodes' names right after a rename (stats from before it)."""
+        if stn is not None and stn.st_ino == sto.st_ino and not exchange:
+            return                   # two names of one file: rename(2) does nothing
+        moved = self.inodes.get(self._fuse_ino(sto.st_ino))
+        other = self.inodes.get(self._fuse_ino(stn.st_ino)) if stn is not None else None
+        if moved is not None:
+            moved.drop_name(old_parent, old_name)
+        if other is not None:
+            other.drop_name(new_parent, new_name)
+            if exchange:
+                other.add_name(old_parent, old_name)
+        if moved is not None:
+            moved.add_name(new_parent, new_name)
+
     def _pmtime(self, parent: int) -> int:
         return os.fstat(self.inodes[parent].fd).st_mtime_ns
 
@@ -655,6 +719,7 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         p = self._inode(parent_inode)
         async with self.halt.operation():
+            path = self._record_path(parent_inode, name)
             self._touch(p)
             pmtime = os.fstat(p.fd).st_mtime_ns      # to give back if the creation is undone
             made = make(p)
@@ -662,7 +727,6 @@ class Operations(pyfuse3.Operations):
             try:
                 fino, ino, st = self._created(parent_inode, name, ctx, mode)
                 self._created_obj(st.st_ino)
-                path = self._path(parent_inode, name)
                 if path is not None:
                     self._record(record(st, self._pmtime(parent_inode), path))
             except Exception as e:
@@ -710,6 +774,8 @@ class Operations(pyfuse3.Operations):
                                                   self._mknod_record, undo=undo, what="create")
         fh = self._new_fh()
         self.files[fh] = FileHandle(fd, ino)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self._writable[fh] = fino
         return pyfuse3.FileInfo(fh=fh), self._attr(st, fino)
 
     @_handler
@@ -747,6 +813,7 @@ class Operations(pyfuse3.Operations):
         ino = self._inode(inode)
         np = self._inode(new_parent_inode)
         async with self.halt.operation():
+            path = self._record_path(new_parent_inode, new_name)
             self._touch(np)
             pmtime = os.fstat(np.fd).st_mtime_ns     # to give back if the link is undone
             os.link(ino.proc, new_name, dst_dir_fd=np.fd, follow_symlinks=True)
@@ -755,12 +822,13 @@ class Operations(pyfuse3.Operations):
                 st = os.fstat(ino.fd)
                 ino.lookups += 1
                 counted = True
-                path = self._path(new_parent_inode, new_name)
+                ino.add_name(new_parent_inode, new_name)
                 if path is not None:
                     self._record(R.Link(ino.ino, self._pmtime(new_parent_inode), path))
             except Exception as e:
                 if counted:
                     ino.lookups -= 1
+                    ino.drop_name(new_parent_inode, new_name)
                 self._undo_entry(np, new_name, False, pmtime, "link", e)
                 raise
             return self._attr(st, inode)
@@ -771,10 +839,11 @@ class Operations(pyfuse3.Operations):
         p = self._inode(parent_inode)
         async with self.halt.operation():
             st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
+            path = self._record_path(parent_inode, name)
             self._touch(p)
             os.unlink(name, dir_fd=p.fd)
+            self._unnamed(st, parent_inode, name)
             try:
-                path = self._path(parent_inode, name)
                 if path is not None:
                     self._record(R.Unlink(st.st_ino, self._pmtime(parent_inode), path))
             except Exception as e:
@@ -786,10 +855,10 @@ class Operations(pyfuse3.Operations):
         p = self._inode(parent_inode)
         async with self.halt.operation():
             st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
-            path = self._path(parent_inode, name)
+            path = self._record_path(parent_inode, name)
             self._touch(p)
             os.rmdir(name, dir_fd=p.fd)
-            self.dirs.pop(self._fuse_ino(st.st_ino), None)
+            self._unnamed(st, parent_inode, name)
             try:
                 if path is not None:
                     self._record(R.Rmdir(self._pmtime(parent_inode), path))
@@ -803,22 +872,18 @@ class Operations(pyfuse3.Operations):
         po = self._inode(parent_inode_old)
         pn = self._inode(parent_inode_new)
         async with self.halt.operation():
-            old_path = self._path(parent_inode_old, name_old)
-            new_path = self._path(parent_inode_new, name_new)
+            old_path = self._record_path(parent_inode_old, name_old)
+            new_path = self._record_path(parent_inode_new, name_new)
             sto = os.stat(name_old, dir_fd=po.fd, follow_symlinks=False)
-            stn = None
-            if flags & RENAME_EXCHANGE:
+            try:
                 stn = os.stat(name_new, dir_fd=pn.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                stn = None
             self._touch(po)
             self._touch(pn)
             renameat2(po.fd, name_old, pn.fd, name_new, flags)
-            fo = self._fuse_ino(sto.st_ino)
-            if fo in self.dirs:
-                self.dirs[fo] = (parent_inode_new, name_new)
-            if stn is not None:
-                fn = self._fuse_ino(stn.st_ino)
-                if fn in self.dirs:
-                    self.dirs[fn] = (parent_inode_old, name_old)
+            self._renamed(sto, stn, parent_inode_old, name_old, parent_inode_new, name_new,
+                          bool(flags & RENAME_EXCHANGE))
             if old_path is not None and new_path is not None:
                 ino = 0 if stat.S_ISDIR(sto.st_mode) else sto.st_ino
                 try:
@@ -827,9 +892,6 @@ class Operations(pyfuse3.Operations):
                 except Exception as e:
                     self._needs_resync([po, pn] if po is not pn else [po],
                                        f"rename {name_old!r} -> {name_new!r}", e)
-            elif old_path is not None or new_path is not None:
-                log.error("rename %r -> %r: a parent is no longer reachable; not journaled",
-                          name_old, name_new)
 
     def _reserved(self, inode: int, name: bytes) -> None:
         """``user.fusejournal.*`` is the control namespace (see :mod:`fusejournal.control`):
@@ -852,10 +914,10 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         self._no_caps.discard(inode)
         async with self.halt.operation():
+            ref = self._ref(inode, ino)      # before the original is touched
             self._touch(ino)
             os.setxattr(ino.proc, name, value)
             try:
-                ref = self._ref(inode, ino)
                 if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
                     self._record(R.Setxattr(ref[0], ref[1], name, value))
             except Exception as e:
@@ -873,10 +935,10 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         self._no_caps.discard(inode)
         async with self.halt.operation():
+            ref = self._ref(inode, ino)      # before the original is touched
             self._touch(ino)
             os.removexattr(ino.proc, name)
             try:
-                ref = self._ref(inode, ino)
                 if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
                     self._record(R.Removexattr(ref[0], ref[1], name))
             except Exception as e:
@@ -888,11 +950,6 @@ class Operations(pyfuse3.Operations):
             os.close(h.fd)
         for d in list(self.dir_handles.values()):
             os.close(d.fd)
-        for ino in list(self.inodes.values()):
-            try:
-                os.close(ino.fd)
-            except OSError:
-                pass
         self.files.clear()
         self.dir_handles.clear()
-        self.inodes.clear()
+        self.inodes.close_all()

@@ -44,6 +44,7 @@ from .log import CheckpointInfo, Marker
 log = logging.getLogger("fusejournal.member")
 
 OUTCOME_TIMEOUT = 30.0
+HALT_ORDER_TIMEOUT = 60.0       # waiting (not halted) for the other members' barriers
 REQUEST_TIMEOUT_SLACK = 30.0
 
 
@@ -141,6 +142,17 @@ class GroupMember:
         async with self.cp.lock:
             self._resolve_in_doubt()
 
+            async def before_halt() -> None:
+                # after this member's barrier, not halted yet: wait until every
+                # member is past its barrier, so no member's halt includes another's
+                await ch.send({"ok": True, "state": "ready"})
+                with trio.move_on_after(HALT_ORDER_TIMEOUT) as scope:
+                    msg = await ch.recv()
+                if scope.cancelled_caught:
+                    raise _Abort(f"no order to halt within {HALT_ORDER_TIMEOUT:g} s")
+                if msg.get("op") != "halt":
+                    raise _Abort(f"aborted by the coordinator before the halt: {msg.get('error')}")
+
             async def hold() -> None:
                 # inside the halt, the temporary store taken: tell the coordinator,
                 # and keep the gate closed until every member has taken (bounded)
@@ -155,14 +167,18 @@ class GroupMember:
             if faults.armed("group.member_before_halt"):     # tests: a member slow to halt
                 await faults.hold("group.member_before_halt")
             try:
-                taken = await self.cp.take(label, hold)
-            except HaltTimeout as e:
+                taken = await self.cp.take(label, hold, before_halt)
+            except HaltTimeout as e:          # the halt, or the barrier (BarrierTimeout)
                 self.last_error = f"group checkpoint {gid}: {e}"
                 await ch.send({"ok": False, "error": str(e), "errno": errno.EBUSY})
                 return
             except (_Abort, ProtocolError) as e:
                 self.last_error = f"group checkpoint {gid} abandoned before the release: {e}"
-                log.warning("%s; the batch went back", self.last_error)
+                log.warning("%s; nothing taken, or the batch went back", self.last_error)
+                return
+            except OSError as e:              # the barrier failed (nothing taken)
+                self.last_error = f"group checkpoint {gid}: {e}"
+                await ch.send({"ok": False, "error": str(e), "errno": e.errno or errno.EIO})
                 return
             try:
                 info = await self.cp.append(taken, {"group": self.group.name, "group_checkpoint": gid})

@@ -29,17 +29,18 @@ import pyfuse3
 import trio
 
 from . import layout
+from .acquisition import sync_through_mount
 from .errors import EXIT_BUG, EXIT_DAMAGED, EXIT_UNUSABLE, EXIT_USAGE, UserError
 from .fs import Operations
+from .inodes import raise_fd_limit
 from .halt import Halt
 
 ACTIVITY_DIR = layout.ACTIVITY_DIR
 from .activity import ActivityLog
-from .journal import PENDING, Journal, read_daemon_info, read_meta
+from .journal import PENDING, Journal, read_daemon_info
 from .log import OrderedLog
 from .resyncflag import NO_HANDLE, ResyncFlag
 from .shadow import Shadow
-from .sysc import syncfs
 from .tempstore import TempStore
 
 log = logging.getLogger("fusejournal")
@@ -498,7 +499,7 @@ class Daemon:
         self.halt = Halt()
         self.checkpointer = Checkpointer(self.store, self.halt, self.log,
                                          halt_timeout=cfg.halt_timeout, activity=self.activity,
-                                         flush=self.flush_mount if cfg.writeback else None,
+                                         barrier=self.flush_mount,
                                          on_confirmed=self._confirmed)
         self.control = Control(self.checkpointer, root_uid=lambda: os.fstat(source_fd).st_uid,
                                shadow_checkpoint=lambda: self.shadow_applied,
@@ -600,20 +601,24 @@ class Daemon:
         if flag is not None and not any(i.handle_type == NO_HANDLE for i in flag.loaded):
             flag.recovered = True          # cleared once the next checkpoint is durable
 
-    async def flush_mount(self) -> None:
-        """Make the kernel send every dirty page of the mount to us (writeback cache).
+    async def flush_mount(self) -> int:
+        """The barrier before the halt (acquisition.sync_through_mount): every inode
+        with a handle open for writing is opened through the mount and fsync'ed, so
+        the kernel's dirty pages and queued WRITE requests reach the temporary store
+        first.  A ``syncfs`` of the mount is not enough: for FUSE it starts writeback
+        but does not wait for it (measured on 6.18: docs/design.md).
 
-        From a worker thread (the trio thread must keep serving the WRITE
-        requests this causes); the mount is opened and closed each time, as a
-        held fd would make it busy for unmounting.
+        From a worker thread (the trio thread must keep serving the WRITE requests
+        this causes); abandoned if the checkpoint's bound expires.  Returns the
+        number of inodes synced.
         """
-        def sync() -> None:
-            fd = os.open(self.cfg.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                syncfs(fd)
-            finally:
-                os.close(fd)
-        await trio.to_thread.run_sync(sync)
+        targets = self.ops.barrier_targets(with_paths=not self.ops.is_root)
+        if not targets:
+            return 0
+        source = os.readlink(f"/proc/self/fd/{self.source_fd}").encode()
+        mountpoint = os.fsencode(os.path.abspath(self.cfg.mountpoint))
+        return await trio.to_thread.run_sync(sync_through_mount, mountpoint, targets,
+                                             self.ops.barrier_tids, source, abandon_on_cancel=True)
 
     def _confirmed(self, info) -> None:
         if self.had_pending:
@@ -775,6 +780,7 @@ class Daemon:
 
 def run_daemon(cfg: MountConfig, ready_fd: int | None) -> int:
     """Run a journaled mount in this process until it is unmounted."""
+    raise_fd_limit()             # soft RLIMIT_NOFILE to the hard limit, before seeding
     reporter = Reporter(ready_fd)
     daemon = Daemon(cfg, reporter)
     try:

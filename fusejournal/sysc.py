@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import struct
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -128,3 +129,22 @@ def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int = 
         err = ctypes.get_errno()
         raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
     return fd
+
+
+# The barrier before the halt: opening a FUSE inode the kernel has cached, by its node id.
+FILEID_INO64_GEN = 0x81   # the handle type fs/fuse/inode.c fuse_encode_fh() produces
+
+
+def open_fuse_inode(mount_fd: int, nodeid: int, generation: int = 0,
+                    flags: int = os.O_RDONLY | os.O_CLOEXEC) -> int:
+    """Open, through a FUSE mount, the inode the kernel knows by ``nodeid``.
+
+    The handle is what fuse_encode_fh() makes (node id high and low word, then
+    the generation).  Without FUSE_EXPORT_SUPPORT the kernel only finds inodes
+    in its inode cache (fuse_get_dentry(): ilookup5, no LOOKUP request), so an
+    inode it has forgotten gives ESTALE, and no path is looked up: nothing
+    waits on a directory's lock.  Needs CAP_DAC_READ_SEARCH (EPERM otherwise).
+    """
+    handle = struct.pack("=III", (nodeid >> 32) & 0xFFFFFFFF, nodeid & 0xFFFFFFFF,
+                         generation & 0xFFFFFFFF)
+    return open_by_handle(mount_fd, FILEID_INO64_GEN, handle, flags)
