@@ -152,6 +152,8 @@ class GroupMember:
                     raise _Abort(f"no order to halt within {HALT_ORDER_TIMEOUT:g} s")
                 if msg.get("op") != "halt":
                     raise _Abort(f"aborted by the coordinator before the halt: {msg.get('error')}")
+                if faults.armed("group.member_before_halt"):     # tests: a member slow to halt
+                    await faults.hold("group.member_before_halt")
 
             async def hold() -> None:
                 # inside the halt, the temporary store taken: tell the coordinator,
@@ -164,8 +166,6 @@ class GroupMember:
                     raise _Abort(f"no release within {bound:g} s")
                 if msg.get("op") != "release":
                     raise _Abort(f"aborted by the coordinator: {msg.get('error')}")
-            if faults.armed("group.member_before_halt"):     # tests: a member slow to halt
-                await faults.hold("group.member_before_halt")
             try:
                 taken = await self.cp.take(label, hold, before_halt)
             except HaltTimeout as e:          # the halt, or the barrier (BarrierTimeout)
