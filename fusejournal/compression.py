@@ -16,8 +16,9 @@ class CompressionError(ValueError):
 
 def compress(raw: bytes, *, level: int = 0) -> bytes:
     """Compress ``raw`` into one LZ4 frame (``level`` 0 = default, fast)."""
-    return lz4.frame.compress(raw, compression_level=level,
-                              content_checksum=True, store_size=True)
+    out: bytes = lz4.frame.compress(raw, compression_level=level,
+                                    content_checksum=True, store_size=True)
+    return out
 
 
 def decompress(data: bytes | memoryview) -> bytes:
@@ -28,7 +29,7 @@ def decompress(data: bytes | memoryview) -> bytes:
     """
     d = lz4.frame.LZ4FrameDecompressor()
     try:
-        out = d.decompress(bytes(data))
+        out: bytes = d.decompress(bytes(data))
     except (RuntimeError, ValueError, EOFError, OverflowError) as e:
         raise CompressionError(f"corrupt lz4 frame: {e}") from e
     if not d.eof:

@@ -43,7 +43,7 @@ NO_HANDLE = -1
 
 
 class ResyncFlag:
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.loaded: list[Intent] = []     # left by earlier runs, resynced by this mount's recovery
         self.new: list[Intent] = []        # marked in this run: for the next mount

@@ -60,7 +60,7 @@ def utimens_path_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None
     _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
 
 
-def fsync_dir(directory: str | os.PathLike) -> None:
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
     """fsync a directory: makes the names created, renamed or removed in it durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -124,7 +124,7 @@ def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int = 
     fh.handle_bytes = len(handle)
     fh.handle_type = handle_type
     ctypes.memmove(fh.f_handle, handle, len(handle))
-    fd = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags)
+    fd: int = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")

@@ -53,7 +53,7 @@ class SpillRef:
         return rec_mod.decode(data)
 
 
-Part = Union[list, SpillRef]
+Part = Union[list[Record], SpillRef]
 _WRITE_OVERHEAD = rec_mod.record_size(rec_mod.Write(0, 0, 0, b""))
 
 
@@ -84,7 +84,7 @@ class TempStore:
     #: journal space kept free beyond what the pending records need
     RESERVE = 8 << 20
 
-    def __init__(self, spill_dir: str | os.PathLike | None = None, *,
+    def __init__(self, spill_dir: str | os.PathLike[str] | None = None, *,
                  memory_limit: int = 64 << 20, chunk_bytes: int = 4 << 20) -> None:
         self.spill_dir = spill_dir
         self.memory_limit = memory_limit
@@ -113,6 +113,7 @@ class TempStore:
         return self.raw_bytes - self._mem_bytes
 
     def _journal_free(self) -> int:
+        assert self.spill_dir is not None      # only asked when records may spill
         sv = os.statvfs(self.spill_dir)
         self._free = sv.f_bavail * sv.f_frsize
         self._free_at = time.monotonic()
@@ -163,6 +164,7 @@ class TempStore:
 
     def _spill_file(self) -> SpillFile:
         if self._spill is None:
+            assert self.spill_dir is not None
             d = os.fspath(self.spill_dir)
             try:
                 fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o600)
