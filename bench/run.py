@@ -51,9 +51,8 @@ sys.path.insert(0, str(HERE))
 
 from benchlib import fjextras, report  # noqa: E402
 from benchlib.targets import ALL_TARGETS, TARGET_ALIASES, TARGET_KEYS, Fusejournal  # noqa: E402
-from benchlib.util import (REPO, BenchError, log, machine_info, rmtree, short,  # noqa: E402
-                           write_json)
-from benchlib.workloads import SIZES, WORKLOAD_METRICS, WORKLOADS, Ctx  # noqa: E402
+from benchlib.util import REPO, BenchError, log, machine_info, rmtree, short, write_json  # noqa: E402
+from benchlib.workloads import SIZES, WORKLOADS, Ctx  # noqa: E402
 
 EXTRAS = "fjextras"
 ALL_WORKLOADS = list(WORKLOADS) + [EXTRAS]

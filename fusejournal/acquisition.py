@@ -38,8 +38,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
 
 import trio
 
@@ -212,7 +212,7 @@ class Checkpointer:
         return self._lock
 
     async def take(self, label: str, hold: Callable[[], Awaitable[None]] | None = None,
-                   before_halt: Callable[[], Awaitable[None]] | None = None) -> "Taken":
+                   before_halt: Callable[[], Awaitable[None]] | None = None) -> Taken:
         """Steps 2-4: the barrier, halt, take the temporary store out, start a new
         activity period, open.
 
@@ -246,7 +246,7 @@ class Checkpointer:
         del self.halt_history[:-1000]
         return Taken(label, wall, batch, period, closed_ns, opened_ns)
 
-    async def append(self, taken: "Taken", extra: dict | None = None) -> CheckpointInfo:
+    async def append(self, taken: Taken, extra: dict | None = None) -> CheckpointInfo:
         """Step 5: compress and append the batch with its marker, durably.
 
         On failure the batch goes back in front of the temporary store."""
@@ -262,7 +262,7 @@ class Checkpointer:
             log.error("%s; its %d operation(s) stay pending", self.last_error, marker.operations)
             raise
 
-    def confirm(self, taken: "Taken", info: CheckpointInfo) -> None:
+    def confirm(self, taken: Taken, info: CheckpointInfo) -> None:
         """Step 6: the checkpoint counts: drop the batch, close the activity period, wake the updater."""
         taken.batch.close()
         self.confirmed_raw_bytes += info.marker.raw_bytes
@@ -277,7 +277,7 @@ class Checkpointer:
         if self.on_confirmed is not None:
             self.on_confirmed(info)
 
-    def restore(self, taken: "Taken", why: str) -> None:
+    def restore(self, taken: Taken, why: str) -> None:
         """A durably appended batch that will never be applied (its group checkpoint
         aborted): its records go back in front of the temporary store."""
         ops = taken.batch.operations

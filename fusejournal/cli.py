@@ -16,13 +16,11 @@ import stat
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import __version__, layout
-from .errors import (EXIT_DAMAGED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNUSABLE, EXIT_USAGE,
-                     UserError)
-
+from .errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNUSABLE, EXIT_USAGE, UserError
 
 # ----------------------------------------------------------------- helpers
 
@@ -326,7 +324,7 @@ def cmd_checkpoint(a: argparse.Namespace) -> int:
     mp = Path(a.mountpoint)
     if _getxattr(mp, layout.XATTR_JOURNAL) is None:
         raise UserError(f"{mp} is not a journaled fusejournal mount", EXIT_USAGE)
-    label = a.label if a.label is not None else datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    label = a.label if a.label is not None else datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         os.setxattr(mp, layout.XATTR_UPDATE_PERMISSION, os.fsencode(label))
     except OSError as e:
@@ -414,7 +412,7 @@ def cmd_log(a: argparse.Namespace) -> int:
     else:
         print(f"{'id':>6}  {'time (UTC)':20}  {'operations':>10}  {'raw bytes':>12}  {'stored bytes':>12}  label")
         for m in markers:
-            when = datetime.fromtimestamp(m.time_ns / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            when = datetime.fromtimestamp(m.time_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
             print(f"{m.checkpoint:>6}  {when:20}  {m.operations:>10}  {m.raw_bytes:>12}  {m.stored_bytes:>12}  {m.label}")
     for p in problems:
         print(f"damage: {p}", file=sys.stderr)

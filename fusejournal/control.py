@@ -30,7 +30,7 @@ import errno
 import json
 import logging
 import os
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from . import layout
 from .acquisition import Checkpointer

@@ -198,7 +198,7 @@ def request(path: Path, obj: dict, timeout: float) -> dict:
             buf += data
             if len(buf) > MAX_LINE:
                 raise ProtocolError("reply too long")
-    except socket.timeout:
+    except TimeoutError:
         raise ProtocolError(f"no answer from the group coordinator within {timeout:g} s") from None
     except PermissionError:
         raise ProtocolError(f"not allowed to use {path} (only the mounting user and root)") from None

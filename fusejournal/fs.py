@@ -39,8 +39,9 @@ import functools
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pyfuse3
 import trio

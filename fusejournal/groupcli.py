@@ -15,10 +15,9 @@ import argparse
 import errno
 import json
 import os
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import layout
@@ -158,7 +157,7 @@ def umount_group(a: argparse.Namespace) -> int:
 
 def checkpoint_group(a: argparse.Namespace) -> int:
     group = _load(a.group, check=False)
-    label = a.label if a.label is not None else datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    label = a.label if a.label is not None else datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     r = _coordinator(group, {"op": "checkpoint", "label": label},
                      3 * group.halt_timeout + group.append_timeout + 60)
     if not r.get("ok"):
@@ -269,7 +268,7 @@ def log_group(a: argparse.Namespace) -> int:
         return 0
     print(f"{'id':>6}  {'state':9}  {'time (UTC)':20}  {'group halt ms':>13}  members  label")
     for state, gid, r in rows:
-        when = (datetime.fromtimestamp(r["time_ns"] / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        when = (datetime.fromtimestamp(r["time_ns"] / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
                 if "time_ns" in r else "")
         halt = f"{r['halt_ns'] / 1e6:.3f}" if "halt_ns" in r else ""
         members = ",".join(f"{n}:{c}" for n, c in sorted(r.get("members", {}).items())) or "-"

@@ -22,8 +22,8 @@ before the cancellation propagates; waiting operations then proceed.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import trio
 

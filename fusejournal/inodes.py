@@ -47,7 +47,7 @@ import resource
 import stat
 import struct
 from collections import OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
 
 from .sysc import name_to_handle, open_by_handle
 

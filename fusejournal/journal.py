@@ -22,8 +22,8 @@ import errno
 import fcntl
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from . import compression, layout
 from . import records as rec_mod
@@ -125,7 +125,7 @@ class Journal:
 
     @classmethod
     def open(cls, path: Path, source: Path, source_st: os.stat_result, shadow: Path | None,
-             reseed: bool = False) -> "Journal":
+             reseed: bool = False) -> Journal:
         """Create or open the journal for ``source``; take the lock; check identity.
 
         1. Check the journal path (read only): a symlink, another user's

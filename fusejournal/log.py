@@ -34,14 +34,14 @@ import re
 import struct
 import threading
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from . import compression
 from .faults import fault
-from .sysc import fsync_dir, pread_full
 from .records import Record, RecordError, decode, encode, record_size
+from .sysc import fsync_dir, pread_full
 
 LOG_FORMAT = 1
 SEGMENT_SUFFIX = ".fjlog"

@@ -33,9 +33,9 @@ import os
 
 import trio
 
+from . import faults
 from .acquisition import Checkpointer, Taken
 from .coordinator import Channel, ProtocolError, listen_unix, serve_unix
-from . import faults
 from .faults import fault
 from .group import CommitLog, load_group
 from .halt import HaltTimeout

@@ -21,9 +21,9 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pyfuse3
 import trio
@@ -32,8 +32,8 @@ from . import layout
 from .acquisition import sync_through_mount
 from .errors import EXIT_BUG, EXIT_DAMAGED, EXIT_UNUSABLE, EXIT_USAGE, UserError
 from .fs import Operations
-from .inodes import raise_fd_limit
 from .halt import Halt
+from .inodes import raise_fd_limit
 
 ACTIVITY_DIR = layout.ACTIVITY_DIR
 from .activity import ActivityLog

@@ -34,7 +34,8 @@ The format is versioned by :data:`RECORD_FORMAT`; see docs/format.md.
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Iterator, NamedTuple, Union
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 RECORD_FORMAT = 1
 
@@ -138,8 +139,8 @@ class Removexattr(NamedTuple):
     name: bytes
 
 
-Record = Union[Mknod, Mkdir, Symlink, Link, Unlink, Rmdir, Rename, Write,
-               Setattr, Setxattr, Removexattr]
+Record = (Mknod | Mkdir | Symlink | Link | Unlink | Rmdir | Rename | Write
+          | Setattr | Setxattr | Removexattr)
 
 # opcode -> (class, struct of the leading integer fields, number of bytes fields)
 # In these format strings "t" marks a time in nanoseconds: it is stored as

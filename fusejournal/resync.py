@@ -47,14 +47,32 @@ from __future__ import annotations
 
 import errno
 import heapq
+import itertools
 import os
 import stat
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from . import layout, sysc
 from .activity import Intent
-from .records import (ATTR_GID, ATTR_MODE, ATTR_MTIME, ATTR_SIZE, ATTR_UID, Link, Mkdir, Mknod,
-                      Record, Removexattr, Rename, Rmdir, Setattr, Setxattr, Symlink, Unlink, Write)
+from .records import (
+    ATTR_GID,
+    ATTR_MODE,
+    ATTR_MTIME,
+    ATTR_SIZE,
+    ATTR_UID,
+    Link,
+    Mkdir,
+    Mknod,
+    Record,
+    Removexattr,
+    Rename,
+    Rmdir,
+    Setattr,
+    Setxattr,
+    Symlink,
+    Unlink,
+    Write,
+)
 from .shadow import Shadow, data_map, read_xattrs
 
 __all__ = ["resync", "resync_iter", "ResyncError", "CHUNK", "UNKNOWN_KEY", "CTIME_MARGIN_NS"]
@@ -207,7 +225,7 @@ def _segments(omap: list[tuple[int, int]], smap: list[tuple[int, int]],
         points.add(min(e, end))
     pts = sorted(points)
     i = j = 0
-    for a, b in zip(pts, pts[1:]):
+    for a, b in itertools.pairwise(pts):
         while i < len(omap) and omap[i][1] <= a:
             i += 1
         while j < len(smap) and smap[j][1] <= a:

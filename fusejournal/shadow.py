@@ -39,8 +39,8 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from . import layout, sysc
 from .errors import UserError

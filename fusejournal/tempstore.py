@@ -18,8 +18,8 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Union
 
 from . import records as rec_mod
 from .records import Record
@@ -53,7 +53,7 @@ class SpillRef:
         return rec_mod.decode(data)
 
 
-Part = Union[list[Record], SpillRef]
+Part = list[Record] | SpillRef
 _WRITE_OVERHEAD = rec_mod.record_size(rec_mod.Write(0, 0, 0, b""))
 
 

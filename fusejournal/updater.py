@@ -35,14 +35,32 @@ import stat
 import struct
 import threading
 from collections import OrderedDict
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from . import sysc
 from .faults import fault
 from .layout import SHADOW_INODES, SHADOW_STAGING, SHADOW_TREE
-from .records import (ATTR_ATIME, ATTR_GID, ATTR_MODE, ATTR_MTIME, ATTR_SIZE, ATTR_UID,
-                      Link, Mkdir, Mknod, Record, Removexattr, Rename, Rmdir, Setattr,
-                      Setxattr, Symlink, Unlink, Write)
+from .records import (
+    ATTR_ATIME,
+    ATTR_GID,
+    ATTR_MODE,
+    ATTR_MTIME,
+    ATTR_SIZE,
+    ATTR_UID,
+    Link,
+    Mkdir,
+    Mknod,
+    Record,
+    Removexattr,
+    Rename,
+    Rmdir,
+    Setattr,
+    Setxattr,
+    Symlink,
+    Unlink,
+    Write,
+)
 from .shadow import Shadow
 
 __all__ = ["UpdaterError", "NoSpace", "Updater", "apply_records", "validate_record", "validate_records",

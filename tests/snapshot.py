@@ -17,8 +17,6 @@ import errno
 import hashlib
 import os
 import stat
-from pathlib import Path
-
 
 _BLOCK = 1 << 16
 

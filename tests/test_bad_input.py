@@ -7,17 +7,15 @@ no journal or shadow directory was created and foreign files are untouched.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import FJ, Mounted, fj, is_mounted, needs_fuse
-
 from fusejournal import layout
+
+from conftest import FJ, Mounted, fj, is_mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 

@@ -30,8 +30,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from conftest import Mounted, needs_fuse
 from snapshot import assert_same, snapshot
@@ -255,7 +254,7 @@ def check_writer(name: str, ops: list, cps: list) -> list[str]:
     errors = []
     model = WriterModel()
     states = [model.state()]                 # states[k] = after ops 0..k-1
-    for seq, kind, args, _, _ in ops:
+    for _seq, kind, args, _, _ in ops:
         model.apply(kind, args)
         states.append(model.state())
     for n, t0, t1, seen in cps:

@@ -16,11 +16,11 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from conftest import Mounted, can_mount
-
 from fusejournal.fs import ROOT, Operations
 from fusejournal.halt import Halt
 from fusejournal.tempstore import TempStore
+
+from conftest import Mounted, can_mount
 
 DEPTH = 4100
 CTX = pyfuse3.RequestContext()

@@ -21,13 +21,13 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from conftest import Mounted, can_mount, fj
-from snapshot import assert_same, snapshot
-
 from fusejournal import records as R
 from fusejournal.fs import ROOT, Operations
 from fusejournal.halt import Halt
 from fusejournal.tempstore import TempStore
+
+from conftest import Mounted, can_mount, fj
+from snapshot import assert_same, snapshot
 
 CTX = pyfuse3.RequestContext()
 LIMIT = 1024

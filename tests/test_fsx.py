@@ -42,10 +42,10 @@ import random
 from pathlib import Path
 
 import pytest
+from test_recovery_holes import sparse_map
 
 from conftest import Mounted, needs_fuse
 from snapshot import assert_same, snapshot
-from test_recovery_holes import sparse_map
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 

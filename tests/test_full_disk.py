@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, fj, is_mounted, needs_fuse
-from snapshot import assert_same, snapshot
-
 from fusejournal.shadow import Shadow
 from fusejournal.updater import read_cursor
+
+from conftest import Mounted, fj, is_mounted, needs_fuse
+from snapshot import assert_same, snapshot
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 

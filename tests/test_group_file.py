@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import trio
 
 from fusejournal.acquisition import Checkpointer
 from fusejournal.group import CommitLog, GroupFileError, load_group
@@ -106,7 +105,7 @@ def test_member_must_be_an_array_of_tables(tmp_path: Path) -> None:
 
 def test_a_source_that_is_a_file_or_a_symlinked_duplicate(srcs: Path) -> None:
     (srcs / "f").write_text("x")
-    assert "source {}/f is not a directory".format(srcs) in error_of(write_group(srcs, member("x", "f")))
+    assert f"source {srcs}/f is not a directory" in error_of(write_group(srcs, member("x", "f")))
     os.symlink(srcs / "a", srcs / "link")
     assert "have the same source" in error_of(write_group(srcs, member("x", "a") + member("y", "link")))
 

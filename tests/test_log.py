@@ -11,15 +11,39 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from fusejournal import compression, log as logmod
+from fusejournal import compression
+from fusejournal import log as logmod
 from fusejournal.compression import CompressionError
-from fusejournal.log import (CheckpointInfo, CorruptLog, FormatTooNew, LogError, Marker,
-                             OrderedLog, Position, format_segment_name, fsck,
-                             parse_segment_name, read_markers)
-from fusejournal.records import (Link, Mkdir, Mknod, Removexattr, Rename, Rmdir, Setattr,
-                                 Setxattr, Symlink, Unlink, Write, encode)
+from fusejournal.log import (
+    CheckpointInfo,
+    CorruptLog,
+    FormatTooNew,
+    LogError,
+    Marker,
+    OrderedLog,
+    Position,
+    format_segment_name,
+    fsck,
+    parse_segment_name,
+    read_markers,
+)
+from fusejournal.records import (
+    Link,
+    Mkdir,
+    Mknod,
+    Removexattr,
+    Rename,
+    Rmdir,
+    Setattr,
+    Setxattr,
+    Symlink,
+    Unlink,
+    Write,
+    encode,
+)
 
 HDR = logmod._ENTRY_HEADER.size
 FHDR = logmod._FILE_HEADER.size

@@ -26,19 +26,18 @@ import sys
 import threading
 import time
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import pytest
 import trio
 
-from conftest import Mounted, needs_fuse
 from fusejournal import records as R
 from fusejournal.acquisition import BarrierTimeout, Checkpointer, mount_path
 from fusejournal.fs import ROOT, Operations
 from fusejournal.halt import Halt, HaltTimeout
 from fusejournal.tempstore import TempStore
 
+from conftest import Mounted, needs_fuse
 
 UPDATE = b"user.fusejournal.update_permission"
 PAGE = 4096

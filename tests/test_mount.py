@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FJ, Mounted, can_mount, fj, is_mounted, needs_fuse
+from conftest import Mounted, fj, is_mounted, needs_fuse
 from snapshot import assert_same, snapshot
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -378,7 +378,6 @@ def test_browse_is_read_only(mounted: Mounted, tmp_path: Path) -> None:
 @pytest.mark.parametrize("case", ["missing", "not_dir", "already_mounted", "journal_unwritable",
                                   "journal_in_use", "other_source"])
 def test_mount_errors(dirs: Mounted, tmp_path: Path, case: str) -> None:
-    base = ["mount", dirs.source, dirs.mountpoint, "--journal", dirs.journal, "--shadow", dirs.shadow]
     if case == "missing":
         r = fj("mount", tmp_path / "nope", dirs.mountpoint, check=False)
         assert "does not exist" in r.stderr

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Awaitable, Callable
 
 import pyfuse3
 import pytest

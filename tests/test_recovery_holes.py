@@ -163,7 +163,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="file handles (open_by
 
 @pytest.fixture
 def env(tmp_path):
-    from test_resync import Env        # the lost-period harness of the resync tests
+    from test_resync import Env  # the lost-period harness of the resync tests
     e = Env(tmp_path)
     try:
         yield e

@@ -153,7 +153,7 @@ def test_power_loss_cuts_unsynced_log(dirs: Mounted) -> None:
         else:
             os.unlink(p)
     expected_now = snapshot(dirs.source)
-    r = dirs.mount()
+    dirs.mount()
     st = dirs.status()
     assert st["last_checkpoint"] == 1, st
     dirs.wait(1)
@@ -437,7 +437,7 @@ def test_hand_modified_shadow_is_reported_and_reseeded(mounted: Mounted) -> None
     assert f"checkpoint {n}" in err and "--reseed" in err, err
     assert mounted.status()["shadow_checkpoint"] == n - 1
     mounted.umount()
-    r = mounted.mount("--reseed")
+    mounted.mount("--reseed")
     assert mounted.status()["shadow_checkpoint"] == n
     assert_same(snapshot(mp), snapshot(mounted.tree))
     (mp / "d" / "h").write_text("three")

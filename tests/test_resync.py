@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 
 from fusejournal import sysc
 from fusejournal.activity import Intent
-from fusejournal.records import (Link, Mkdir, Mknod, Rename, Rmdir, Setattr, Unlink, Write,
-                                 decode, encode)
+from fusejournal.records import Link, Mkdir, Mknod, Rename, Rmdir, Setattr, Unlink, Write, decode, encode
 from fusejournal.resync import CHUNK, CTIME_MARGIN_NS, UNKNOWN_KEY, resync, resync_iter
 from fusejournal.shadow import Shadow
 from fusejournal.updater import apply_records, validate_records
+
 from snapshot import assert_same, snapshot
 
 ROOT = os.geteuid() == 0

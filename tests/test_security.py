@@ -197,7 +197,7 @@ def test_loose_journal_and_shadow_are_tightened(world: Mounted) -> None:
     world.wait(world.checkpoint())
     world.umount()
     for root in (world.journal, world.shadow):
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, _dirnames, filenames in os.walk(root):
             if dirpath.startswith(os.fspath(world.tree)):
                 continue
             os.chmod(dirpath, 0o777)

@@ -25,13 +25,32 @@ from hypothesis import strategies as st
 
 from fusejournal import sysc
 from fusejournal import updater as updater_mod
-from snapshot import assert_same
-from snapshot import snapshot as tree_snapshot
-from fusejournal.records import (ATTR_ATIME, ATTR_GID, ATTR_MODE, ATTR_MTIME, ATTR_SIZE, ATTR_UID,
-                                 Link, Mkdir, Mknod, Removexattr, Rename, Rmdir, Setattr, Setxattr,
-                                 Symlink, Unlink, Write, decode, encode)
+from fusejournal.records import (
+    ATTR_ATIME,
+    ATTR_GID,
+    ATTR_MODE,
+    ATTR_MTIME,
+    ATTR_SIZE,
+    ATTR_UID,
+    Link,
+    Mkdir,
+    Mknod,
+    Removexattr,
+    Rename,
+    Rmdir,
+    Setattr,
+    Setxattr,
+    Symlink,
+    Unlink,
+    Write,
+    decode,
+    encode,
+)
 from fusejournal.shadow import Shadow, ShadowError
 from fusejournal.updater import Cursor, Updater, UpdaterError, apply_records, read_cursor
+
+from snapshot import assert_same
+from snapshot import snapshot as tree_snapshot
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (chown, trusted.* xattrs, devices)")

@@ -21,8 +21,22 @@ import time
 from pathlib import Path
 
 from .targets import CONTROL_XATTR, SHADOW_XATTR, Fusejournal
-from .util import (GiB, MiB, REPO, BenchError, drop_caches, log, median, percentile, proc_cpu_seconds,
-                   proc_hwm_bytes, proc_reset_hwm, rmtree, short, watchdog)
+from .util import (
+    REPO,
+    BenchError,
+    GiB,
+    MiB,
+    drop_caches,
+    log,
+    median,
+    percentile,
+    proc_cpu_seconds,
+    proc_hwm_bytes,
+    proc_reset_hwm,
+    rmtree,
+    short,
+    watchdog,
+)
 
 PHASES = ("compress", "cpu_rss", "halt", "log_ratio")
 

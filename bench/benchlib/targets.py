@@ -20,8 +20,23 @@ import threading
 import time
 from pathlib import Path
 
-from .util import (BENCH_DIR, REPO, VENV_PYTHON, BenchError, fuse_abort, fuse_unmount, is_mounted,
-                   kill_pid, log, pid_alive, rmtree, run_cmd, short, tail, wait_mounted)
+from .util import (
+    BENCH_DIR,
+    REPO,
+    VENV_PYTHON,
+    BenchError,
+    fuse_abort,
+    fuse_unmount,
+    is_mounted,
+    kill_pid,
+    log,
+    pid_alive,
+    rmtree,
+    run_cmd,
+    short,
+    tail,
+    wait_mounted,
+)
 
 CONTROL_XATTR = "user.fusejournal.update_permission"
 CHECKPOINT_XATTR = "user.fusejournal.checkpoint"

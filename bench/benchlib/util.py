@@ -87,7 +87,7 @@ def run_cmd(cmd, *, timeout: float, on_timeout=None, cwd=None, env=None,
                 proc.communicate(timeout=20)
             except Exception:  # noqa: BLE001
                 pass
-            raise BenchError(f"timeout after {timeout:.0f}s: {' '.join(cmd[:3])}")
+            raise BenchError(f"timeout after {timeout:.0f}s: {' '.join(cmd[:3])}") from None
     finally:
         if out_f:
             out_f.close()

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .util import MiB, BenchError, drop_caches, proc_cpu_seconds, run_cmd, short, watchdog
+from .util import BenchError, MiB, drop_caches, proc_cpu_seconds, run_cmd, short, watchdog
 
 
 @dataclass(frozen=True)
