@@ -27,19 +27,31 @@ _name, _n, _action = (os.environ.get("FUSEJOURNAL_FAULT", "").split(":") + ["", 
 _remaining = int(_n) if _n.isdigit() else 1
 
 
-def fault(name: str) -> None:
+def _reached(name: str) -> str | None:
+    """Count one pass of ``name``; the action due now ("pause", "error", "kill"), else None."""
     global _remaining
-    if _name and name == _name:
-        _remaining -= 1
-        if _remaining == 0 and _action == "pause":
-            flag = os.environ.get("FUSEJOURNAL_FAULT_PAUSE", "")
-            while flag and os.path.exists(flag):
-                time.sleep(0.01)
-        elif _action == "error":
-            if _remaining == 0:
-                raise OSError(errno.EIO, f"injected fault at {name}")
-        elif _remaining <= 0 and _action != "pause":
-            os.kill(os.getpid(), signal.SIGKILL)
+    if not _name or name != _name:
+        return None
+    _remaining -= 1
+    if _action in ("pause", "error"):
+        return _action if _remaining == 0 else None
+    return "kill" if _remaining <= 0 else None
+
+
+def _pausing() -> bool:
+    flag = os.environ.get("FUSEJOURNAL_FAULT_PAUSE", "")
+    return bool(flag) and os.path.exists(flag)
+
+
+def fault(name: str) -> None:
+    action = _reached(name)
+    if action == "pause":
+        while _pausing():
+            time.sleep(0.01)
+    elif action == "error":
+        raise OSError(errno.EIO, f"injected fault at {name}")
+    elif action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def armed(name: str) -> bool:
@@ -49,12 +61,11 @@ def armed(name: str) -> bool:
 
 async def hold(name: str) -> None:
     """Like :func:`fault`, but ``pause`` awaits instead of blocking the thread."""
-    global _remaining
-    if _name and name == _name:
-        _remaining -= 1
-        if _remaining == 0 and _action == "pause":
-            flag = os.environ.get("FUSEJOURNAL_FAULT_PAUSE", "")
-            while flag and os.path.exists(flag):
-                await trio.sleep(0.01)
-        elif _remaining <= 0 and _action != "pause":
-            os.kill(os.getpid(), signal.SIGKILL)
+    action = _reached(name)
+    if action == "pause":
+        while _pausing():
+            await trio.sleep(0.01)
+    elif action == "error":
+        raise OSError(errno.EIO, f"injected fault at {name}")
+    elif action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
