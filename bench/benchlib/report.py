@@ -33,6 +33,7 @@ def fmt(v, digits: int = 3) -> str:
 def fmt_bytes(n) -> str:
     if n is None:
         return "–"
+    n = int(n)
     for unit, size in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
         if n >= size:
             v = n / size
@@ -321,10 +322,12 @@ def render_markdown(results: dict, charts: list[tuple[str, str]], out: Path) -> 
 
     # The hand-written analysis of the misses (profiles, design changes) lives beside the
     # generated page and is included, so a re-run keeps it.
-    analysis = out.resolve().parent / "performance-analysis.md"
-    if analysis.exists() and results.get("meta", {}).get("mode") == "full":
-        L.append(analysis.read_text().rstrip())
-        L.append("")
+    # docs/performance-groups.md likewise: the consistency-group numbers (issue 9), by hand.
+    for name in ("performance-analysis.md", "performance-groups.md"):
+        analysis = out.resolve().parent / name
+        if analysis.exists() and results.get("meta", {}).get("mode") == "full":
+            L.append(analysis.read_text().rstrip())
+            L.append("")
 
     if charts:
         L.append("## Charts")
