@@ -464,6 +464,8 @@ def phase_group(env, sizes) -> dict:
                 + (f", {len(out['failures'])} failure(s)" if out["failures"] else ""))
             if getattr(tree, "members", None):
                 res["config"]["members"] = [f"{m['name']} ({m['fs']})" for m in tree.members]
+            for note in getattr(tree, "notes", []) or []:
+                res["config"].setdefault("notes", []).append(note)
     res["summary"] = {kind: _summary(res[kind]) for kind in ("single", "group")}
     bad = res["summary"]["single"]["failures"] + res["summary"]["group"]["failures"]
     if bad:     # the numbers stay in the results; the phase counts as failed

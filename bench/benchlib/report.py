@@ -470,6 +470,9 @@ def render_group(L: list[str], grp: dict) -> None:
              "first member's gate closing to the last one's opening. \"Longest member gate\" is the "
              "longest of the members' own closed intervals in that checkpoint.")
     L.append("")
+    for note in cfg.get("notes") or []:
+        L.append(f"> **Note:** {note}")
+        L.append("")
     cols = [k for k in ("single", "group") if summ.get(k)]
     names = {"single": "single tree", "group": "4-member group"}
 
@@ -647,6 +650,34 @@ def render_charts(results: dict, outdir: Path) -> list[tuple[str, str]]:
         fig.savefig(p, dpi=110)
         plt.close(fig)
         charts.append(("Halt and setfattr vs pending bytes", str(p)))
+
+    grp = ex.get("group") or {}
+    if grp.get("summary"):
+        series = {k: [s_ for b in grp.get(k) or [] for s_ in b.get("samples") or []] for k in ("single", "group")}
+        if any(series.values()):
+            fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+            names = {"single": "single tree", "group": "4-member group"}
+            for k, col in (("single", COLORS["fusejournal"]), ("group", "#c44e52")):
+                for ax, key in ((a1, "halt_ms"), (a2, "setfattr_ms")):
+                    vals = sorted(v[key] for v in series[k] if v.get(key) is not None)
+                    if vals:
+                        ax.plot(vals, [(i + 1) / len(vals) for i in range(len(vals))], drawstyle="steps-post",
+                                color=col, label=f"{names[k]} (n={len(vals)})")
+            a1.axvline(50.0, color="red", lw=1, ls="--", label="50 ms (array consistency groups)")
+            for ax, what in ((a1, "halt"), (a2, "setfattr return")):
+                ax.set_xscale("log")
+                ax.set_xlabel(f"{what}, ms (log scale)")
+                ax.set_ylabel("fraction of checkpoints")
+                ax.set_title(f"{what}: 4-member group vs single tree{suffix}", fontsize=9)
+                if ax is a1:     # between the single tree's tail (top) and the group's curve
+                    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.2, 0.92))
+                else:
+                    ax.legend(fontsize=8, loc="lower right")
+            fig.tight_layout()
+            p = outdir / "group_halt.png"
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            charts.append(("Consistency group vs single tree: halt and setfattr per checkpoint", str(p)))
 
     lr = ex.get("log_ratio") or {}
     if lr and not lr.get("error"):
