@@ -7,6 +7,8 @@ of the rounds; writes docs/performance.md and docs/perf/*.png.
     python bench/run.py --quick         # < 2 minutes, tiny sizes, 1 round
     python bench/run.py --smoke         # tiniest sizes, native + fusejournal (for CI)
     python bench/run.py --targets native,passthrough --workloads seqwrite_1m,smallfile
+    python bench/run.py --targets fusejournal --workloads fjextras --extras group \
+        --out bench/results/group.md      # only the consistency-group measurement
     python bench/run.py --render bench/results/run-XXXX.json   # re-render only
 
 Needs root (drop_caches, FUSE mounts), fio, dbench, fusermount3, setfattr.
@@ -17,6 +19,7 @@ Run it with .venv/bin/python, or any python: it re-executes itself with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import signal
@@ -234,6 +237,10 @@ def main(argv=None) -> int:
     p.add_argument("--extras", help="comma list of fusejournal-only phases (default: "
                                     + ",".join(fjextras.PHASES) + ")")
     p.add_argument("--rounds", type=int, help="override the number of rounds")
+    p.add_argument("--group-checkpoints", type=int, metavar="N",
+                   help="recorded checkpoints of the group and of the single tree (extras phase group)")
+    p.add_argument("--group-rate", type=float, metavar="OPS",
+                   help="operations/s of each of the 4 writers in the group phase (0: no writers)")
     p.add_argument("--scratch", default="/var/tmp", help="where backing directories go (default /var/tmp)")
     p.add_argument("--mount-timeout", type=float, default=60.0)
     p.add_argument("--umount-timeout", type=float, default=300.0)
@@ -259,6 +266,10 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         log("warning: not root: drop_caches and FUSE mounts will likely fail")
     sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.group_checkpoints is not None or args.group_rate is not None:
+        sizes = dataclasses.replace(
+            sizes, group_checkpoints=max(1, args.group_checkpoints or sizes.group_checkpoints),
+            group_rate=sizes.group_rate if args.group_rate is None else max(0.0, args.group_rate))
     default_targets = "native,fusejournal" if args.smoke else None
     targets_sel = parse_list(args.targets or default_targets, TARGET_KEYS, TARGET_ALIASES, "target")
     workloads_sel = parse_list(args.workloads, ALL_WORKLOADS, {"extras": EXTRAS}, "workload")

@@ -5,6 +5,8 @@
               vs pending bytes, updater throughput and shadow lag
 * log_ratio   log bytes stored vs bytes written, text-like and random data
 * compress    fusejournal's lz4 compression speed on this machine
+* group       a 4-member consistency group against a single tree under the same
+              write load: halt and setfattr time per checkpoint (groupbench.py)
 
 Each phase gets a fresh mount; a failing phase is reported, not fatal.
 """
@@ -20,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from .groupbench import phase_group
 from .targets import CONTROL_XATTR, SHADOW_XATTR, Fusejournal
 from .util import (
     REPO,
@@ -38,7 +41,7 @@ from .util import (
     watchdog,
 )
 
-PHASES = ("compress", "cpu_rss", "halt", "log_ratio")
+PHASES = ("compress", "cpu_rss", "halt", "log_ratio", "group")
 
 
 # --------------------------------------------------------------------------- data
@@ -404,7 +407,7 @@ def du(path: Path) -> int:
 def run_extras(env, sizes, phases=PHASES) -> dict:
     res: dict = {}
     fns = {"compress": phase_compress, "cpu_rss": phase_cpu_rss, "halt": phase_halt,
-           "log_ratio": phase_log_ratio}
+           "log_ratio": phase_log_ratio, "group": phase_group}
     for name in phases:
         log(f"fusejournal extras: {name}")
         drop_caches()

@@ -33,6 +33,7 @@ def fmt(v, digits: int = 3) -> str:
 def fmt_bytes(n) -> str:
     if n is None:
         return "–"
+    n = int(n)
     for unit, size in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
         if n >= size:
             v = n / size
@@ -154,7 +155,17 @@ def goal_rows(results: dict, summary: dict) -> list[list[str]]:
     if "text" in lr:
         v = lr["text"]["ratio"]
         add("log stored / written, text-like data", "<= 0.5", {"fusejournal": (fmt(v), v <= 0.5)})
-    for name in ("halt", "log_ratio", "cpu_rss", "compress"):
+    grp = (ex.get("group") or {}).get("summary") or {}
+    g, one = grp.get("group") or {}, grp.get("single") or {}
+    if g.get("halt_p99_ms") is not None:
+        v = g["halt_p99_ms"]
+        add(f"4-member group halt p99, under write load (n={g['n']})", "<= 50 ms (array consistency groups)",
+            {"fusejournal": (fmt(v) + " ms", v <= 50.0)})
+    if one.get("halt_p99_ms") is not None:
+        v = one["halt_p99_ms"]
+        add(f"single-tree halt p99, same load (n={one['n']})", "<= 1 ms",
+            {"fusejournal": (fmt(v) + " ms", v <= 1.0)})
+    for name in ("halt", "log_ratio", "cpu_rss", "compress", "group"):
         if (ex.get(name) or {}).get("error"):
             add(f"extras: {name}", "–", {"fusejournal": ("failed: " + short(ex[name]["error"], 90), "failed")})
     if ex.get("error"):
@@ -311,10 +322,12 @@ def render_markdown(results: dict, charts: list[tuple[str, str]], out: Path) -> 
 
     # The hand-written analysis of the misses (profiles, design changes) lives beside the
     # generated page and is included, so a re-run keeps it.
-    analysis = out.resolve().parent / "performance-analysis.md"
-    if analysis.exists() and results.get("meta", {}).get("mode") == "full":
-        L.append(analysis.read_text().rstrip())
-        L.append("")
+    # docs/performance-groups.md likewise: the consistency-group numbers (issue 9), by hand.
+    for name in ("performance-analysis.md", "performance-groups.md"):
+        analysis = out.resolve().parent / name
+        if analysis.exists() and results.get("meta", {}).get("mode") == "full":
+            L.append(analysis.read_text().rstrip())
+            L.append("")
 
     if charts:
         L.append("## Charts")
@@ -403,6 +416,7 @@ def render_extras(L: list[str], results: dict) -> None:
                  "timestamps, ids and numbers (`bench/benchlib/fjextras.py:text_block`); random data: "
                  "os.urandom. Each on a fresh mount, one checkpoint, sizes from that checkpoint's marker.")
         L.append("")
+    render_group(L, ex.get("group") or {})
     cr = ex.get("cpu_rss") or {}
     if cr.get("error"):
         L.append(f"CPU / RSS: failed: {cr['error']}")
@@ -424,6 +438,77 @@ def render_extras(L: list[str], results: dict) -> None:
                 ["peak RSS growth over post-mount RSS, MiB per GiB written",
                  fmt(cr.get("rss_growth_mib_per_gib"))]]
         L.append(table(["", "value"], rows))
+        L.append("")
+
+
+def render_group(L: list[str], grp: dict) -> None:
+    """The consistency-group phase (bench/benchlib/groupbench.py)."""
+    if not grp:
+        return
+    summ = grp.get("summary")
+    if grp.get("error"):
+        L.append(f"Consistency group: failed: {grp['error']}")
+        L.append("")
+    if not summ:
+        return
+    cfg = grp.get("config") or {}
+    L.append("### Consistency group (4 members) vs single tree, same write load")
+    L.append("")
+    rate = cfg.get("writer_rate_ops_s")
+    load = (f"{cfg.get('writers')} writer processes at {fmt(rate)} operations/s each (4 KiB pwrites at "
+            "random offsets of a 4 MiB file; 1 in 16 a 4 KiB small-file create and an unlink): one per "
+            "member in the group, one per subdirectory in the single tree" if rate else "no writers (idle)")
+    L.append(f"Group: {', '.join(cfg.get('members') or [])}, mounted in place by `fusejournal mount --group "
+             "FILE` (a coordinator and one daemon per member; journals and shadows on the disk). Single tree: "
+             f"one `fusejournal mount` on the disk. Load: {load}. "
+             f"{cfg.get('checkpoints')} recorded checkpoints of each (plus {cfg.get('warmup_per_block')} "
+             f"warm-up per block), one every {fmt(cfg.get('interval_s'))} s, in {cfg.get('blocks')} "
+             "alternating block(s) single → group. setfattr = `setxattr(user.fusejournal.update_permission)` "
+             "on a mount root (for the group, each member's in turn) until it returns: durable on every "
+             "member and committed. Halt: single tree, `last_halt_ns` of its status; group, the commit "
+             "line's `halt_ns` (`fusejournal log --group FILE --json`; `status --group` shows it): from the "
+             "first member's gate closing to the last one's opening. \"Longest member gate\" is the "
+             "longest of the members' own closed intervals in that checkpoint.")
+    L.append("")
+    for note in cfg.get("notes") or []:
+        L.append(f"> **Note:** {note}")
+        L.append("")
+    cols = [k for k in ("single", "group") if summ.get(k)]
+    names = {"single": "single tree", "group": "4-member group"}
+
+    def ms(k, key):
+        return fmt(summ[k].get(key))
+    rows = [
+        ["checkpoints recorded"] + [str(summ[k]["n"]) for k in cols],
+        ["halt p50 ms"] + [ms(k, "halt_p50_ms") for k in cols],
+        ["halt p99 ms"] + [ms(k, "halt_p99_ms") for k in cols],
+        ["halt max ms"] + [ms(k, "halt_max_ms") for k in cols],
+        ["longest member gate p50 / p99 ms"] + [
+            "–" if k == "single" else f"{ms(k, 'member_gate_p50_ms')} / {ms(k, 'member_gate_p99_ms')}"
+            for k in cols],
+        ["setfattr p50 ms"] + [ms(k, "setfattr_p50_ms") for k in cols],
+        ["setfattr p99 ms"] + [ms(k, "setfattr_p99_ms") for k in cols],
+        ["setfattr max ms"] + [ms(k, "setfattr_max_ms") for k in cols],
+        ["pending per checkpoint (p50)"] + [
+            f"{fmt_bytes(summ[k].get('pending_bytes_p50'))}, {summ[k].get('pending_operations_p50') or 0:.0f} ops"
+            for k in cols],
+        ["writers: operations/s, all together"] + [ms(k, "writer_ops_per_s") for k in cols],
+        ["writers: worst p99 / max op latency ms"] + [
+            f"{ms(k, 'writer_lat_p99_ms_max')} / {ms(k, 'writer_lat_max_ms')}" for k in cols],
+        ["machine CPU busy, cores (ours / others)"] + [
+            f"{ms(k, 'machine_busy_cores')} ({ms(k, 'ours_cores')} / {ms(k, 'others_cores')})" for k in cols],
+        ["load average (1 min)"] + [ms(k, "loadavg_1m") for k in cols],
+        ["failed checkpoints"] + [str(len(summ[k].get("failures") or [])) for k in cols],
+    ]
+    L.append(table([""] + [names[k] for k in cols], rows))
+    L.append("")
+    st = [b.get("status") for b in grp.get("group") or [] if b.get("status")]
+    if st:
+        s0 = st[-1]
+        p99 = s0.get("group_halt_p99_ns")
+        L.append(f"`fusejournal status --group --json` at the end of the last block: "
+                 f"{s0.get('group_halts')} group halts in the coordinator's history (warm-up included), p99 "
+                 f"{fmt(p99 / 1e6 if isinstance(p99, int) else None)} ms, {s0.get('group_failed')} failed.")
         L.append("")
 
 
@@ -565,6 +650,34 @@ def render_charts(results: dict, outdir: Path) -> list[tuple[str, str]]:
         fig.savefig(p, dpi=110)
         plt.close(fig)
         charts.append(("Halt and setfattr vs pending bytes", str(p)))
+
+    grp = ex.get("group") or {}
+    if grp.get("summary"):
+        series = {k: [s_ for b in grp.get(k) or [] for s_ in b.get("samples") or []] for k in ("single", "group")}
+        if any(series.values()):
+            fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+            names = {"single": "single tree", "group": "4-member group"}
+            for k, col in (("single", COLORS["fusejournal"]), ("group", "#c44e52")):
+                for ax, key in ((a1, "halt_ms"), (a2, "setfattr_ms")):
+                    vals = sorted(v[key] for v in series[k] if v.get(key) is not None)
+                    if vals:
+                        ax.plot(vals, [(i + 1) / len(vals) for i in range(len(vals))], drawstyle="steps-post",
+                                color=col, label=f"{names[k]} (n={len(vals)})")
+            a1.axvline(50.0, color="red", lw=1, ls="--", label="50 ms (array consistency groups)")
+            for ax, what in ((a1, "halt"), (a2, "setfattr return")):
+                ax.set_xscale("log")
+                ax.set_xlabel(f"{what}, ms (log scale)")
+                ax.set_ylabel("fraction of checkpoints")
+                ax.set_title(f"{what}: 4-member group vs single tree{suffix}", fontsize=9)
+                if ax is a1:     # between the single tree's tail (top) and the group's curve
+                    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.2, 0.92))
+                else:
+                    ax.legend(fontsize=8, loc="lower right")
+            fig.tight_layout()
+            p = outdir / "group_halt.png"
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            charts.append(("Consistency group vs single tree: halt and setfattr per checkpoint", str(p)))
 
     lr = ex.get("log_ratio") or {}
     if lr and not lr.get("error"):

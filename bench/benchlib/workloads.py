@@ -58,15 +58,23 @@ class Sizes:
     halt_pending: tuple     # ((bytes, repeats), ...)
     log_bytes: int          # text-like and random data written for the log ratio
     cpu_bytes: int          # written for CPU seconds / peak RSS per GiB
+    # the consistency group against a single tree (groupbench.py)
+    group_checkpoints: int = 100    # recorded checkpoints of each (plus a warm-up)
+    group_blocks: int = 2           # alternating blocks single, group, single, group ...
+    group_interval: float = 0.25    # seconds between checkpoint starts
+    group_rate: float = 250.0       # operations/s of each of the 4 writers (0: no writers)
 
 
 SIZES = {
     "full": Sizes("full", 1 << 30, 256 * MiB, 10_000, 30, 3, 1800,
-                  ((1 * MiB, 20), (100 * MiB, 10), (1 << 30, 5)), 256 * MiB, 1 << 30),
+                  ((1 * MiB, 20), (100 * MiB, 10), (1 << 30, 5)), 256 * MiB, 1 << 30,
+                  group_checkpoints=100, group_blocks=2, group_interval=0.25, group_rate=250.0),
     "quick": Sizes("quick", 24 * MiB, 4 * MiB, 1_000, 2, 1, 120,
-                   ((1 * MiB, 5), (8 * MiB, 3), (32 * MiB, 2)), 8 * MiB, 32 * MiB),
+                   ((1 * MiB, 5), (8 * MiB, 3), (32 * MiB, 2)), 8 * MiB, 32 * MiB,
+                   group_checkpoints=20, group_blocks=1, group_interval=0.2, group_rate=250.0),
     "smoke": Sizes("smoke", 4 * MiB, 1 * MiB, 200, 2, 1, 90,
-                   ((256 << 10, 2), (1 * MiB, 2)), 1 * MiB, 4 * MiB),
+                   ((256 << 10, 2), (1 * MiB, 2)), 1 * MiB, 4 * MiB,
+                   group_checkpoints=5, group_blocks=1, group_interval=0.1, group_rate=100.0),
 }
 
 
