@@ -810,7 +810,8 @@ def run_browse(tree: Path, browsepoint: Path, options: list[str], ready_fd: int 
         check_dir(browsepoint, "browse point")
         check_mountpoint(browsepoint, journal_free=False)
         fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
-        ops = Operations(fd, read_only=True)
+        from .browse import browse_operations
+        ops = browse_operations(tree, fd)
 
         async def serve() -> None:
             try:
