@@ -171,14 +171,63 @@ class BrowseOperations(Operations):
             self.gate.close()
 
 
-def browse_operations(tree: str | os.PathLike[str], tree_fd: int) -> BrowseOperations:
+class GroupPosition:
+    """Where the members' shadows of a consistency group stand, in group checkpoints.
+
+    A member whose shadow applied its own checkpoint ``L`` stands at the highest
+    committed group checkpoint whose batch for that member is at most ``L``."""
+
+    def __init__(self, commits_path: os.PathLike[str] | str, members: dict[str, os.PathLike[str]]) -> None:
+        from pathlib import Path
+
+        from .group import CommitLog
+        self.commits = CommitLog(Path(commits_path))
+        self.members = {name: Path(root) for name, root in members.items()}
+
+    def current(self) -> dict[str, int]:
+        import json
+
+        from . import layout
+        self.commits.refresh()
+        out = {}
+        for name, root in self.members.items():
+            try:
+                applied = json.loads((root / layout.SHADOW_APPLIED).read_bytes())["applied"]
+            except (OSError, ValueError, KeyError, TypeError):
+                applied = -1
+            g = 0
+            for r in self.commits.commits:
+                n = r.get("members", {}).get(name)
+                if isinstance(n, int) and n <= applied:
+                    g = max(g, r["commit"])
+            out[name] = g
+        return out
+
+    def together(self) -> bool:
+        return len(set(self.current().values())) == 1
+
+
+def browse_operations(tree: str | os.PathLike[str], tree_fd: int,
+                      group: tuple[str, str] | None = None) -> BrowseOperations:
     """The Operations of a browse mount of ``tree``; gated against the updater when
-    ``tree`` is a shadow's ``tree/`` (its parent holds applied.json)."""
+    ``tree`` is a shadow's ``tree/`` (its parent holds applied.json).  ``group`` =
+    (group file, member name): the member's view of a group browse, admitted only
+    while every member's shadow stands at the same group checkpoint."""
     from pathlib import Path
 
     from . import layout
     root = Path(tree).parent
     gate = None
-    if Path(tree).name == layout.SHADOW_TREE and (root / layout.SHADOW_APPLIED).exists():
+    if group is not None:
+        from .errors import EXIT_USAGE, UserError
+        from .group import GroupFileError, load_group
+        try:
+            g = load_group(group[0], check=False)
+            g.member(group[1])
+        except GroupFileError as e:
+            raise UserError(str(e), EXIT_USAGE) from None
+        pos = GroupPosition(g.commits_path, {m.name: m.shadow for m in g.members})
+        gate = BrowseGate([m.shadow for m in g.members], together=pos.together)
+    elif Path(tree).name == layout.SHADOW_TREE and (root / layout.SHADOW_APPLIED).exists():
         gate = BrowseGate(root)
     return BrowseOperations(tree_fd, gate)

@@ -46,7 +46,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 from . import layout
@@ -112,51 +112,96 @@ class UpdaterSide:
 
 class BrowseGate:
     """The browse daemon's half.  ``async with gate.request():`` around every request
-    that reads the tree; FUSEError-free: raises OSError(EIO) for a half-applied tree."""
+    that reads the tree; raises OSError (EIO for a half-applied tree, EAGAIN when the
+    members of a group do not come together within ``bound``), never FUSEError.
 
-    def __init__(self, shadow_root: str | os.PathLike[str]) -> None:
-        self.root = Path(shadow_root)
-        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._fd = _open_lock(self.root)
+    ``roots`` are the shadow directories read (several for a consistency group: the
+    gate is then taken on every member's shadow, and ``together()`` must say that
+    the members' shadows stand at one group checkpoint before a request is admitted).
+    """
+
+    def __init__(self, roots: list[Path] | Path, together: Callable[[], bool] | None = None,
+                 bound: float = 30.0) -> None:
+        self.roots = [Path(r) for r in (roots if isinstance(roots, list) else [roots])]
+        self.together = together
+        self.bound = bound
+        self._root_fds: list[int] = []
+        self._fds: list[int] = []
+        try:
+            for r in self.roots:
+                self._root_fds.append(os.open(r, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+                self._fds.append(_open_lock(r))
+        except BaseException:
+            self.close()
+            raise
         self._inflight = 0
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[tuple[int, int], ...] | None = None
         #: bumped whenever the browse daemon sees that the shadow moved to another checkpoint
         self.generation = 0
         self._half_logged = False
 
     def _look(self) -> None:
-        try:
-            st = os.stat(layout.SHADOW_APPLIED, dir_fd=self._root_fd, follow_symlinks=False)
-            stamp = (st.st_ino, st.st_mtime_ns)
-        except FileNotFoundError:
-            stamp = (0, 0)
+        stamps = []
+        for rfd in self._root_fds:
+            try:
+                st = os.stat(layout.SHADOW_APPLIED, dir_fd=rfd, follow_symlinks=False)
+                stamps.append((st.st_ino, st.st_mtime_ns))
+            except FileNotFoundError:
+                stamps.append((0, 0))
+        stamp = tuple(stamps)
         if stamp != self._stamp:
             self._stamp = stamp
             self.generation += 1
-        try:
-            os.stat(f"{layout.SHADOW_STAGING}/{_CURSOR}", dir_fd=self._root_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            self._half_logged = False
-            return
-        if not self._half_logged:
-            log.error("the shadow %s is half-way through a batch and its updater is not running: "
-                      "reads answer EIO until it resumes", self.root)
-            self._half_logged = True
-        raise OSError(errno.EIO, "the shadow is half-way through a batch")
+        for root, rfd in zip(self.roots, self._root_fds, strict=True):
+            try:
+                os.stat(f"{layout.SHADOW_STAGING}/{_CURSOR}", dir_fd=rfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not self._half_logged:
+                log.error("the shadow %s is half-way through a batch and its updater is not running: "
+                          "reads answer EIO until it resumes", root)
+                self._half_logged = True
+            raise OSError(errno.EIO, "the shadow is half-way through a batch")
+        self._half_logged = False
+
+    def _take(self) -> bool:
+        """Every want free and every gate held shared (the gates taken are released if not)."""
+        taken = []
+        ok = True
+        for fd in self._fds:
+            if not _try(fd, fcntl.LOCK_SH, _WANT):
+                ok = False
+                break
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, _WANT)     # want is only tested
+            if not self._inflight:
+                if not _try(fd, fcntl.LOCK_SH, _GATE):
+                    ok = False
+                    break
+                taken.append(fd)
+        if not ok:
+            for fd in taken:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, _GATE)
+        return ok
+
+    def _release(self) -> None:
+        for fd in self._fds:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, _GATE)
 
     async def _admit(self) -> None:
         import trio
         delay = 0.0005
+        apart: float | None = None
         while True:
-            if _try(self._fd, fcntl.LOCK_SH, _WANT):
-                if self._inflight or _try(self._fd, fcntl.LOCK_SH, _GATE):
-                    # want is only tested: release it at once (our own gate lock stays)
-                    fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _WANT)
+            if self._take():
+                if self._inflight or self.together is None or self.together():
                     return
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _WANT)
-            elif self._inflight:
-                # the updater wants in: new requests wait until those in flight are done
-                pass
+                self._release()       # the members are between two group checkpoints
+                now = time.monotonic()
+                apart = now if apart is None else apart
+                if now - apart > self.bound:
+                    log.error("the shadows of the group's members stayed at different group "
+                              "checkpoints for %.0f s (an updater stopped?)", self.bound)
+                    raise OSError(errno.EAGAIN, "the group's shadows are not at one checkpoint")
             await trio.sleep(delay)
             delay = min(delay * 2, 0.01)
 
@@ -171,8 +216,9 @@ class BrowseGate:
         finally:
             self._inflight -= 1
             if self._inflight == 0:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _GATE)
+                self._release()
 
     def close(self) -> None:
-        os.close(self._fd)
-        os.close(self._root_fd)
+        for fd in self._fds + self._root_fds:
+            os.close(fd)
+        self._fds, self._root_fds = [], []

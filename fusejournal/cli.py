@@ -301,6 +301,11 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
 def cmd_browse(a: argparse.Namespace) -> int:
     from .mount import run_browse, spawn
+    if a.group and not a.member:
+        from .browsecli import browse_group
+        return browse_group(a)
+    if a.browsepoint is None:
+        raise UserError("BROWSEPOINT is required", EXIT_USAGE)
     browsepoint = Path(os.path.abspath(a.browsepoint))
     if a.tree:
         tree = Path(a.target)
@@ -310,7 +315,8 @@ def cmd_browse(a: argparse.Namespace) -> int:
     if not tree.is_dir():
         raise UserError(f"the shadow tree {tree} does not exist")
     if a.foreground:
-        return run_browse(tree, browsepoint, a.o or [], a.ready_fd, a.debug)
+        return run_browse(tree, browsepoint, a.o or [], a.ready_fd, a.debug,
+                          (a.group, a.member) if a.group else None)
     argv = ["browse", os.fspath(tree), os.fspath(browsepoint), "--tree"]
     for o in a.o or []:
         argv += ["-o", o]
@@ -561,7 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("browse", help="read-only mount of the shadow")
     b.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
-    b.add_argument("browsepoint")
+    b.add_argument("browsepoint", nargs="?")
+    b.add_argument("--group", metavar="FILE", help="browse --group FILE POINT: one directory per member, "
+                   "all at one group checkpoint")
+    b.add_argument("--member", help=argparse.SUPPRESS)
     b.add_argument("--foreground", "-f", action="store_true")
     b.add_argument("-o", action="append", metavar="OPT[,OPT...]")
     b.add_argument("--debug", action="store_true")
