@@ -9,8 +9,14 @@ file, ``SHADOW/browse.lock``, with two POSIX byte-range locks:
 * byte 1, **gate**: the updater holds it exclusively while it changes the tree;
   the browse daemon holds it shared while any of its requests is in flight.
 
+and byte 2, **hold**: a long reader of the shadow (``fusejournal restore``,
+``fusejournal verify``; :func:`holding`) holds it shared for its whole run;
+the updater takes it exclusively first, waiting without bound.
+
 The updater (:func:`updating`, in a worker thread of the journaled daemon):
 
+0. takes *hold* (waits while a restore or verify runs; browse mounts are
+   not held up meanwhile, *want* is not taken yet);
 1. takes *want* (only the updater takes it exclusively, so this never waits
    for long);
 2. takes *gate*, polling, at most ``bound`` seconds: the browse daemon admits
@@ -19,7 +25,7 @@ The updater (:func:`updating`, in a worker thread of the journaled daemon):
    is stopped or hung) it goes on anyway and logs it: readers of that
    browse mount may then see the batch half-applied;
 3. applies the batch and writes ``applied.json``;
-4. releases both.
+4. releases all three.
 
 A browse request (:meth:`BrowseGate.request`, in the browse daemon's trio
 loop) is admitted only when *want* is free; the first request in flight takes
@@ -56,6 +62,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = layout.SHADOW_BROWSE_LOCK
 _WANT = 0
 _GATE = 1
+_HOLD = 2
 _CURSOR = "cursor"
 
 
@@ -74,6 +81,19 @@ def _try(fd: int, kind: int, byte: int) -> bool:
         raise
 
 
+@contextlib.contextmanager
+def holding(shadow_root: str | os.PathLike[str]) -> Iterator[None]:
+    """Keep the shadow at the checkpoint it stands at, for a long reader (restore,
+    verify): waits for a batch being applied to finish; the updater then waits
+    (unbounded) until the block ends.  Browse mounts are not held up."""
+    fd = _open_lock(shadow_root)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH, 1, _HOLD)
+        yield
+    finally:
+        os.close(fd)          # releases the lock
+
+
 class UpdaterSide:
     """The updater's half, one per journaled daemon (its lock file stays open)."""
 
@@ -88,6 +108,9 @@ class UpdaterSide:
         if self._fd is None:
             self._fd = _open_lock(self.root)
         fd = self._fd
+        if not _try(fd, fcntl.LOCK_EX, _HOLD):
+            log.info("the updater waits for a restore or verify reading %s", self.root)
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, _HOLD)
         fcntl.lockf(fd, fcntl.LOCK_EX, 1, _WANT)
         try:
             deadline = time.monotonic() + self.bound
@@ -102,7 +125,7 @@ class UpdaterSide:
                 delay = min(delay * 2, 0.02)
             yield
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 2, 0)
+            fcntl.lockf(fd, fcntl.LOCK_UN, 3, 0)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -325,6 +325,11 @@ def cmd_browse(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restore(a: argparse.Namespace) -> int:
+    from .restore import cmd_restore as run
+    return run(a)
+
+
 @_group_or("mountpoint", "checkpoint_group")
 def cmd_checkpoint(a: argparse.Namespace) -> int:
     mp = Path(a.mountpoint)
@@ -577,6 +582,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tree", action="store_true", help=argparse.SUPPRESS)
     b.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_browse)
+
+    rs = sub.add_parser("restore", help="copy the shadow's latest applied checkpoint (or a subtree) out")
+    rs.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
+    rs.add_argument("dest", metavar="DEST")
+    rs.add_argument("--path", metavar="SUBPATH", help="a file or directory of the tree (default: all)")
+    rs.add_argument("--checkpoint", type=_nonneg_int,
+                    help="must be the applied checkpoint (older ones are not retained yet)")
+    rs.add_argument("--force", action="store_true",
+                    help="DEST may be non-empty: it is made equal to the checkpoint")
+    rs.set_defaults(func=cmd_restore)
 
     c = sub.add_parser("checkpoint", help="grant update permission: take a checkpoint")
     c.add_argument("mountpoint", nargs="?")

@@ -1,0 +1,131 @@
+"""fusejournal restore: the latest applied checkpoint, or a subtree, copied out byte-exact."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import Mounted, fj
+from snapshot import assert_same, snapshot
+
+pytestmark = pytest.mark.mount
+
+
+def _populate(mp: Path) -> None:
+    (mp / "d" / "e").mkdir(parents=True)
+    (mp / "d" / "e" / "deep.txt").write_text("deep\n")
+    (mp / "plain").write_bytes(os.urandom(100_000))
+    with open(mp / "sparse", "wb") as f:
+        f.seek(8 << 20)
+        f.write(b"tail")
+        f.seek(1 << 20)
+        f.write(b"middle")
+    os.symlink("plain", mp / "link")
+    os.symlink("../../etc/passwd", mp / "d" / "escape")
+    os.link(mp / "plain", mp / "d" / "hard")
+    os.mkfifo(mp / "fifo", 0o640)
+    os.chmod(mp / "plain", 0o604)
+    os.chown(mp / "d" / "e" / "deep.txt", 65534, 65534)
+    os.setxattr(mp / "plain", b"user.note", b"kept")
+    os.setxattr(mp / "d", b"user.dir", b"too")
+    os.utime(mp / "d" / "e" / "deep.txt", ns=(1, 1_000_000_123))
+    (mp / "ro").mkdir()
+    (mp / "ro" / "inside").write_text("in a read-only directory")
+    os.chmod(mp / "ro", 0o500)
+
+
+def _ready(mounted: Mounted) -> int:
+    _populate(mounted.mountpoint)
+    n = mounted.checkpoint("r")
+    mounted.wait(n)
+    return n
+
+
+def test_restore_whole_tree_is_exact(mounted: Mounted, tmp_path: Path) -> None:
+    n = _ready(mounted)
+    dest = tmp_path / "out"
+    r = fj("restore", mounted.mountpoint, dest)
+    assert f"checkpoint {n}" in r.stdout
+    assert_same(snapshot(mounted.source), snapshot(dest))
+    # holes stay holes
+    assert os.stat(dest / "sparse").st_blocks * 512 < 1 << 20
+    # same again from the journal, and --checkpoint N with the applied one
+    dest2 = tmp_path / "out2"
+    fj("restore", mounted.journal, dest2, "--checkpoint", str(n))
+    assert_same(snapshot(mounted.source), snapshot(dest2))
+
+
+def test_restore_a_subtree_and_a_file(mounted: Mounted, tmp_path: Path) -> None:
+    _ready(mounted)
+    fj("restore", mounted.mountpoint, tmp_path / "sub", "--path", "d/e")
+    assert_same(snapshot(mounted.source / "d" / "e"), snapshot(tmp_path / "sub"))
+    fj("restore", mounted.mountpoint, tmp_path / "one", "--path", "/d/e/deep.txt")
+    assert (tmp_path / "one" / "deep.txt").read_text() == "deep\n"
+    st = os.stat(tmp_path / "one" / "deep.txt")
+    assert (st.st_uid, st.st_mtime_ns) == (65534, 1_000_000_123)
+    # a symlink is restored as a symlink, never followed
+    fj("restore", mounted.mountpoint, tmp_path / "l", "--path", "d/escape")
+    assert os.readlink(tmp_path / "l" / "escape") == "../../etc/passwd"
+
+
+@pytest.mark.parametrize("path, words", [("../x", "'..' is not allowed"), ("d/../../x", "'..'"),
+                                         ("link/x", "symlink is never followed"),
+                                         ("nope/x", "does not exist"), ("d/nope", "does not exist")])
+def test_restore_refuses_a_subpath_outside_the_tree(mounted: Mounted, tmp_path: Path, path: str,
+                                                    words: str) -> None:
+    _ready(mounted)
+    dest = tmp_path / "out"
+    r = fj("restore", mounted.mountpoint, dest, "--path", path, check=False)
+    assert r.returncode == 2 and words in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not dest.exists() or not os.listdir(dest)
+
+
+def test_restore_refuses_bad_destinations_and_checkpoints(mounted: Mounted, tmp_path: Path) -> None:
+    n = _ready(mounted)
+    mp = mounted.mountpoint
+    for dest, words in ((mp / "inside", "inside the mount"), (mounted.shadow / "x", "inside the shadow"),
+                        (mounted.journal / "x", "inside the journal")):
+        r = fj("restore", mp, dest, check=False)
+        assert r.returncode == 2 and words in r.stderr, r.stderr
+        assert not os.path.exists(dest)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "mine").write_text("keep me")
+    r = fj("restore", mp, full, check=False)
+    assert r.returncode == 2 and "not empty" in r.stderr
+    assert (full / "mine").read_text() == "keep me"
+    r = fj("restore", mp, tmp_path / "o", "--checkpoint", str(n - 1), check=False)
+    assert r.returncode == 2 and "not retained" in r.stderr and "older checkpoints are not kept" in r.stderr
+    r = fj("restore", mp, tmp_path / "o", "--checkpoint", str(n + 5), check=False)
+    assert r.returncode == 2 and "not applied" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_restore_rerun_with_force_makes_dest_equal(mounted: Mounted, tmp_path: Path) -> None:
+    _ready(mounted)
+    dest = tmp_path / "out"
+    fj("restore", mounted.mountpoint, dest)
+    # an interrupted or damaged copy: a file half-written (no mtime set yet), an extra file,
+    # a directory where a file belongs
+    os.truncate(dest / "plain", 10)
+    (dest / "extra").write_text("not in the checkpoint")
+    os.chmod(dest / "ro", 0o700)
+    (dest / "ro" / "more").mkdir()
+    os.unlink(dest / "link")
+    (dest / "link").mkdir()
+    fj("restore", mounted.mountpoint, dest, "--force")
+    assert_same(snapshot(mounted.source), snapshot(dest))
+
+
+def test_restore_from_an_unmounted_journal_then_the_updater_continues(mounted: Mounted, tmp_path: Path) -> None:
+    _ready(mounted)
+    mounted.umount()
+    fj("restore", mounted.journal, tmp_path / "out")
+    assert_same(snapshot(mounted.source), snapshot(tmp_path / "out"))
+    mounted.mount()
+    (mounted.mountpoint / "after").write_text("x")
+    mounted.wait(mounted.checkpoint())
+    fj("restore", mounted.mountpoint, tmp_path / "out", "--force", "--path", "")
+    assert (tmp_path / "out" / "after").read_text() == "x"
