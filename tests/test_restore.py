@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from conftest import Mounted, fj
 from snapshot import assert_same, snapshot
 
