@@ -330,6 +330,11 @@ def cmd_restore(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def cmd_verify(a: argparse.Namespace) -> int:
+    from .verify_cmd import cmd_verify as run
+    return run(a)
+
+
 @_group_or("mountpoint", "checkpoint_group")
 def cmd_checkpoint(a: argparse.Namespace) -> int:
     mp = Path(a.mountpoint)
@@ -592,6 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--force", action="store_true",
                     help="DEST may be non-empty: it is made equal to the checkpoint")
     rs.set_defaults(func=cmd_restore)
+
+    vf = sub.add_parser("verify", help="take a checkpoint, wait for the shadow, compare it with the original")
+    vf.add_argument("mountpoint")
+    vf.add_argument("--timeout", type=_positive_float, metavar="S")
+    vf.set_defaults(func=cmd_verify)
 
     c = sub.add_parser("checkpoint", help="grant update permission: take a checkpoint")
     c.add_argument("mountpoint", nargs="?")
