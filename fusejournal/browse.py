@@ -229,5 +229,11 @@ def browse_operations(tree: str | os.PathLike[str], tree_fd: int,
         pos = GroupPosition(g.commits_path, {m.name: m.shadow for m in g.members})
         gate = BrowseGate([m.shadow for m in g.members], together=pos.together)
     elif Path(tree).name == layout.SHADOW_TREE and (root / layout.SHADOW_APPLIED).exists():
-        gate = BrowseGate(root)
+        try:
+            gate = BrowseGate(root)
+        except OSError as e:
+            import errno as _errno
+            if e.errno != _errno.EROFS:
+                raise
+            log.info("the shadow %s is on a read-only filesystem: no updater can change it", root)
     return BrowseOperations(tree_fd, gate)

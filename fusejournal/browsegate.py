@@ -86,7 +86,13 @@ def holding(shadow_root: str | os.PathLike[str]) -> Iterator[None]:
     """Keep the shadow at the checkpoint it stands at, for a long reader (restore,
     verify): waits for a batch being applied to finish; the updater then waits
     (unbounded) until the block ends.  Browse mounts are not held up."""
-    fd = _open_lock(shadow_root)
+    try:
+        fd = _open_lock(shadow_root)
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        yield                 # a read-only shadow: no updater can change it
+        return
     try:
         fcntl.lockf(fd, fcntl.LOCK_SH, 1, _HOLD)
         yield
