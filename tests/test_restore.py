@@ -130,3 +130,45 @@ def test_restore_from_an_unmounted_journal_then_the_updater_continues(mounted: M
     mounted.wait(mounted.checkpoint())
     fj("restore", mounted.mountpoint, tmp_path / "out", "--force", "--path", "")
     assert (tmp_path / "out" / "after").read_text() == "x"
+
+
+def test_restore_during_continuous_checkpoints_is_one_checkpoint(mounted: Mounted, tmp_path: Path) -> None:
+    """The same counter in 60 files at every checkpoint, checkpoints taken all along:
+    every restore holds one counter in every file (the shadow stood still during the copy)."""
+    import threading
+    mp = mounted.mountpoint
+
+    def put(n: int) -> None:
+        for i in range(60):
+            (mp / f"f{i:02d}").write_bytes(b"%09d\n" % n * 400)
+
+    put(0)
+    mounted.wait(mounted.checkpoint())
+    stop = threading.Event()
+    errors: list = []
+
+    def writer() -> None:
+        n = 0
+        try:
+            while not stop.is_set():
+                n += 1
+                put(n)
+                mounted.checkpoint(f"c{n}")
+        except BaseException as e:   # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        seen = set()
+        for k in range(6):
+            dest = tmp_path / f"r{k}"
+            r = fj("restore", mp, dest)
+            values = {(dest / f"f{i:02d}").read_bytes() for i in range(60)}
+            assert len(values) == 1, f"restore {k} mixes checkpoints: {sorted(v[:9] for v in values)}"
+            assert r.stdout.startswith("restored checkpoint ")
+            seen.add(values.pop())
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors, errors
