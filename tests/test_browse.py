@@ -217,3 +217,21 @@ def test_browse_mount_is_read_only_and_answers_pid(mounted: Mounted, tmp_path: P
             (bp / "f").write_text("y")
         assert e.value.errno == errno.EROFS
         assert int(os.getxattr(bp, b"user.fusejournal.pid")) > 0
+
+
+def test_mmap_of_a_browse_file(mounted: Mounted, tmp_path: Path) -> None:
+    """Files are opened direct_io (so that an open file never reads another checkpoint's
+    pages): private read-only mappings work, shared ones are refused (ENODEV: libfuse 3.14
+    cannot ask for FUSE_DIRECT_IO_ALLOW_MMAP).  Documented in docs/design.md."""
+    import mmap
+    (mounted.mountpoint / "f").write_bytes(b"x" * 10000)
+    mounted.wait(mounted.checkpoint())
+    with Browse(mounted.mountpoint, tmp_path / "b") as bp, open(bp / "f", "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ)
+        try:
+            assert m[:3] == b"xxx" and len(m) == 10000
+        finally:
+            m.close()
+        with pytest.raises(OSError) as e:
+            mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        assert e.value.errno == errno.ENODEV
