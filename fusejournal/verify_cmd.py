@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import layout
@@ -68,10 +69,19 @@ def _original_root(source: Path, mountpoint: Path, pid: int | None) -> int:
 class ChangedSinceVerifier(_Verifier):
     """The shadow verifier, keeping only differences in objects unchanged since ``since_ns``."""
 
-    def __init__(self, shadow: Shadow, source_fd: int, since_ns: int) -> None:
+    def __init__(self, shadow: Shadow, source_fd: int, since_ns: int,
+                 progress: Callable[[int], None] | None = None) -> None:
         super().__init__(shadow, source_fd)
         self.since_ns = since_ns - _MARGIN_NS
         self.left_out = 0
+        self.dirs = 0
+        self.progress = progress
+
+    def _compare_dir(self, src: int, dst: int, path: bytes, stack: list) -> None:
+        super()._compare_dir(src, dst, path, stack)
+        self.dirs += 1
+        if self.progress is not None:
+            self.progress(self.dirs)
 
     def _fresh(self, path: bytes) -> bool:
         try:
@@ -135,11 +145,21 @@ def cmd_verify(a: argparse.Namespace) -> int:
         print(f"checkpoint {n} applied; comparing the shadow with the original ...", file=sys.stderr)
     src = _original_root(Path(t.meta["source"]["path"]), mp, st.get("pid"))
     try:
+        last = [0.0]
+
+        def progress(n: int) -> None:
+            now = time.monotonic()
+            if tty and now - last[0] >= 0.2:
+                last[0] = now
+                print(f"\rverifying: {n} directories compared", end="", file=sys.stderr, flush=True)
+
         with holding(t.shadow):
-            v = ChangedSinceVerifier(shadow, src, since)
+            v = ChangedSinceVerifier(shadow, src, since, progress)
             diffs = v.run()
     finally:
         os.close(src)
+        if tty:
+            print(file=sys.stderr)
     for d in diffs:
         print(d)
     note = f" ({v.left_out} in objects changed since the checkpoint, left out)" if v.left_out else ""

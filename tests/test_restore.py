@@ -172,3 +172,20 @@ def test_restore_during_continuous_checkpoints_is_one_checkpoint(mounted: Mounte
         stop.set()
         t.join(60)
     assert not errors, errors
+
+
+def test_restore_bad_arguments_are_one_line_and_write_nothing(mounted: Mounted, tmp_path: Path) -> None:
+    _ready(mounted)
+    (tmp_path / "afile").write_text("x")
+    for args in (["restore", tmp_path / "nowhere", tmp_path / "o"],
+                 ["restore", tmp_path, tmp_path / "o"],
+                 ["restore", mounted.mountpoint, tmp_path / "no" / "parent"],
+                 ["restore", mounted.mountpoint, tmp_path / "afile"],
+                 ["restore", mounted.mountpoint, tmp_path / "o", "--path", "d/\udcff"],
+                 ["restore", mounted.mountpoint, tmp_path / "o", "--checkpoint", "-1"]):
+        r = fj(*args, check=False)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+    assert (tmp_path / "afile").read_text() == "x"
