@@ -30,13 +30,14 @@ partial copy (files not yet given their mtime); rerun with ``--force``.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import shutil
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import layout
@@ -192,7 +193,8 @@ class Restorer:
         except FileNotFoundError:
             return None
 
-    def _copy_entry(self, src: int, dst: int, name: bytes, rel: bytes):   # noqa: ANN202
+    def _copy_entry(self, src: int, dst: int, name: bytes,
+                    rel: bytes) -> tuple[int, int, Iterator[bytes], bytes] | None:
         st = os.stat(name, dir_fd=src, follow_symlinks=False)
         mode = st.st_mode
         have = self._existing(dst, name)
@@ -331,7 +333,7 @@ def restore(shadow_root: Path, dest: Path, *, subpath: str | None, checkpoint: i
     return applied, r
 
 
-def cmd_restore(a) -> int:   # noqa: ANN001 - argparse.Namespace
+def cmd_restore(a: argparse.Namespace) -> int:
     from .cli import Target
     t = Target(a.target)
     dest = Path(os.path.abspath(a.dest))

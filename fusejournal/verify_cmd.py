@@ -53,11 +53,11 @@ def _original_root(source: Path, mountpoint: Path, pid: int | None) -> int:
         entries = sorted(fds.iterdir(), key=lambda p: int(p.name))
     except OSError as e:
         raise UserError(f"cannot reach the original tree beneath the mount at {mountpoint}: {e}") from None
-    for e in entries:
+    for entry in entries:
         try:
-            if os.readlink(e) != msrc:
+            if os.readlink(entry) != msrc:
                 continue
-            fd = os.open(e, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             continue
         if os.fstat(fd).st_dev != mst.st_dev:
@@ -77,7 +77,7 @@ class ChangedSinceVerifier(_Verifier):
         self.dirs = 0
         self.progress = progress
 
-    def _compare_dir(self, src: int, dst: int, path: bytes, stack: list) -> None:
+    def _compare_dir(self, src: int, dst: int, path: bytes, stack: list[tuple[int, int, bytes]]) -> None:
         super()._compare_dir(src, dst, path, stack)
         self.dirs += 1
         if self.progress is not None:
