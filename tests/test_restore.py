@@ -189,3 +189,29 @@ def test_restore_bad_arguments_are_one_line_and_write_nothing(mounted: Mounted, 
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_restore_killed_midway_releases_the_shadow_and_reruns(mounted: Mounted, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from conftest import FJ
+    mp = mounted.mountpoint
+    (mp / "big").mkdir()
+    for i in range(150):
+        (mp / "big" / f"{i:03d}").write_bytes(os.urandom(256 << 10))
+    mounted.wait(mounted.checkpoint())
+    dest = tmp_path / "out"
+    p = subprocess.Popen([*FJ, "restore", os.fspath(mp), os.fspath(dest)])
+    deadline = time.monotonic() + 30
+    while not (dest / "big").exists() or len(os.listdir(dest / "big")) < 10:
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    # its hold on the shadow died with it: the updater goes on
+    (mp / "after").write_text("x")
+    mounted.wait(mounted.checkpoint(), timeout=30)
+    fj("restore", mp, dest, "--force")
+    assert_same(snapshot(mounted.source), snapshot(dest))
