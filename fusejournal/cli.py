@@ -301,6 +301,11 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
 def cmd_browse(a: argparse.Namespace) -> int:
     from .mount import run_browse, spawn
+    if a.group and not a.member:
+        from .browsecli import browse_group
+        return browse_group(a)
+    if a.browsepoint is None:
+        raise UserError("BROWSEPOINT is required", EXIT_USAGE)
     browsepoint = Path(os.path.abspath(a.browsepoint))
     if a.tree:
         tree = Path(a.target)
@@ -310,13 +315,24 @@ def cmd_browse(a: argparse.Namespace) -> int:
     if not tree.is_dir():
         raise UserError(f"the shadow tree {tree} does not exist")
     if a.foreground:
-        return run_browse(tree, browsepoint, a.o or [], a.ready_fd, a.debug)
+        return run_browse(tree, browsepoint, a.o or [], a.ready_fd, a.debug,
+                          (a.group, a.member) if a.group else None)
     argv = ["browse", os.fspath(tree), os.fspath(browsepoint), "--tree"]
     for o in a.o or []:
         argv += ["-o", o]
     spawn(argv)
     print(f"browsing the shadow {tree} at {browsepoint} (read-only)")
     return 0
+
+
+def cmd_restore(a: argparse.Namespace) -> int:
+    from .restore import cmd_restore as run
+    return run(a)
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from .verify_cmd import cmd_verify as run
+    return run(a)
 
 
 @_group_or("mountpoint", "checkpoint_group")
@@ -561,13 +577,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("browse", help="read-only mount of the shadow")
     b.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
-    b.add_argument("browsepoint")
+    b.add_argument("browsepoint", nargs="?")
+    b.add_argument("--group", metavar="FILE", help="browse --group FILE POINT: one directory per member, "
+                   "all at one group checkpoint")
+    b.add_argument("--member", help=argparse.SUPPRESS)
     b.add_argument("--foreground", "-f", action="store_true")
     b.add_argument("-o", action="append", metavar="OPT[,OPT...]")
     b.add_argument("--debug", action="store_true")
     b.add_argument("--tree", action="store_true", help=argparse.SUPPRESS)
     b.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     b.set_defaults(func=cmd_browse)
+
+    rs = sub.add_parser("restore", help="copy the shadow's latest applied checkpoint (or a subtree) out")
+    rs.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
+    rs.add_argument("dest", metavar="DEST")
+    rs.add_argument("--path", metavar="SUBPATH", help="a file or directory of the tree (default: all)")
+    rs.add_argument("--checkpoint", type=_nonneg_int,
+                    help="must be the applied checkpoint (older ones are not retained yet)")
+    rs.add_argument("--force", action="store_true",
+                    help="DEST may be non-empty: it is made equal to the checkpoint")
+    rs.set_defaults(func=cmd_restore)
+
+    vf = sub.add_parser("verify", help="take a checkpoint, wait for the shadow, compare it with the original")
+    vf.add_argument("mountpoint")
+    vf.add_argument("--timeout", type=_positive_float, metavar="S")
+    vf.set_defaults(func=cmd_verify)
 
     c = sub.add_parser("checkpoint", help="grant update permission: take a checkpoint")
     c.add_argument("mountpoint", nargs="?")

@@ -61,8 +61,10 @@ SHADOW_INODES = "inodes"
 SHADOW_STAGING = "staging"
 SHADOW_APPLIED = "applied.json"
 SHADOW_IDENTITY = "shadow.json"
+SHADOW_BROWSE_LOCK = "browse.lock"    # fusejournal/browsegate.py
 #: every name a shadow directory may hold (plus ``NAME.tmp`` during an atomic write)
-SHADOW_NAMES = frozenset({SHADOW_TREE, SHADOW_INODES, SHADOW_STAGING, SHADOW_APPLIED, SHADOW_IDENTITY})
+SHADOW_NAMES = frozenset({SHADOW_TREE, SHADOW_INODES, SHADOW_STAGING, SHADOW_APPLIED, SHADOW_IDENTITY,
+                          SHADOW_BROWSE_LOCK})
 
 #: modes of everything the daemon creates for itself (never the application's files)
 PRIVATE_DIR_MODE = 0o700

@@ -802,7 +802,8 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None) -> int:
     return 0
 
 
-def run_browse(tree: Path, browsepoint: Path, options: list[str], ready_fd: int | None, debug: bool) -> int:
+def run_browse(tree: Path, browsepoint: Path, options: list[str], ready_fd: int | None, debug: bool,
+               group: tuple[str, str] | None = None) -> int:
     """Serve a read-only view of a shadow tree until unmounted."""
     reporter = Reporter(ready_fd)
     setup_logging(None, debug, ready_fd is None)
@@ -810,7 +811,8 @@ def run_browse(tree: Path, browsepoint: Path, options: list[str], ready_fd: int 
         check_dir(browsepoint, "browse point")
         check_mountpoint(browsepoint, journal_free=False)
         fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
-        ops = Operations(fd, read_only=True)
+        from .browse import browse_operations
+        ops = browse_operations(tree, fd, group)
 
         async def serve() -> None:
             try:

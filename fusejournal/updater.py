@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from . import sysc
+from .browsegate import UpdaterSide
 from .faults import fault
 from .layout import SHADOW_INODES, SHADOW_STAGING, SHADOW_TREE
 from .records import (
@@ -880,6 +881,8 @@ class Updater:
         self.error: str | None = None
         self._lock = threading.Lock()
         self._current: int | None = None
+        #: browse mounts never see a batch half-applied (fusejournal/browsegate.py)
+        self.browse_gate = UpdaterSide(shadow.root)
 
     def run_once(self) -> int:
         """Apply every complete checkpoint after ``shadow.applied``; return the new applied id.
@@ -964,10 +967,11 @@ class Updater:
             fault("updater.before_batch")
             self.log.verify(info)           # CorruptLog: stop before this checkpoint
             validate_records(n, self.log.records(info))
-            apply_records(shadow, n, self.log.records(info), start)
-            fault("updater.before_applied")
-            shadow.set_applied(n)
-            clear_cursor(shadow)
+            with self.browse_gate.updating():
+                apply_records(shadow, n, self.log.records(info), start)
+                fault("updater.before_applied")
+                shadow.set_applied(n)
+                clear_cursor(shadow)
             applied = n
             expect = n + 1
         if cursor is not None:
