@@ -416,7 +416,7 @@ class Coordinator:
 
 
 def run_coordinator(group_file: str, ready_fd: int | None) -> int:
-    from .mount import Reporter
+    from .daemonize import Reporter
     reporter = Reporter(ready_fd)
     try:
         group = load_group(group_file, check=False)
