@@ -34,7 +34,7 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -502,13 +502,19 @@ def _iter_batches(path: Path, info: CheckpointInfo) -> Iterator[tuple[int, bytes
         os.close(fd)
 
 
-def _verify(path: Path, info: CheckpointInfo) -> None:
+def _verify(path: Path, info: CheckpointInfo,
+            each: Callable[[int, Record], None] | None = None) -> None:
     seg, cp, m = info.start.segment, info.marker.checkpoint, info.marker
     ops = raw_bytes = 0
     for offset, raw in _iter_batches(path, info):
         raw_bytes += len(raw)
         try:
-            ops += sum(1 for _ in decode(raw))
+            if each is None:
+                ops += sum(1 for _ in decode(raw))
+            else:
+                for rec in decode(raw):
+                    each(ops, rec)
+                    ops += 1
         except RecordError as e:
             raise CorruptLog(seg, offset, cp, f"undecodable records: {e}") from None
     if (ops, raw_bytes) != (m.operations, m.raw_bytes):
@@ -662,10 +668,14 @@ class OrderedLog:
     def _path(self, info: CheckpointInfo) -> Path:
         return self.directory / format_segment_name(info.start.segment)
 
-    def verify(self, info: CheckpointInfo) -> None:
+    def verify(self, info: CheckpointInfo, each: Callable[[int, Record], None] | None = None) -> None:
         """Check every entry of a checkpoint: checksums, lz4 frames, record
-        decoding, and the marker's counts.  Raises :class:`CorruptLog`."""
-        _verify(self._path(info), info)
+        decoding, and the marker's counts.  Raises :class:`CorruptLog`.
+
+        ``each(index, record)``, if given, is called on every decoded record in
+        the same pass (the updater validates the batch with it); what it
+        raises propagates."""
+        _verify(self._path(info), info, each)
 
     def records(self, info: CheckpointInfo) -> Iterator[Record]:
         """The checkpoint's records, in order, one chunk in memory at a time.
