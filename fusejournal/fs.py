@@ -597,8 +597,7 @@ class Operations(pyfuse3.Operations):
             ref = (ino.ino, b"") if st.st_nlink else None
         if ref is None:
             return
-        self._record(R.Setattr(ref[0], mask, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                               st.st_size, st.st_atime_ns, st.st_mtime_ns, ref[1]))
+        self._record(R.setattr_record(ref[0], mask, st, ref[1]))
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         # The hot path: error mapping inlined (no _handler layer), and no
@@ -746,10 +745,6 @@ class Operations(pyfuse3.Operations):
                 raise
             return fino, ino, st, made
 
-    @staticmethod
-    def _mknod_record(st: os.stat_result, pmtime: int, path: bytes) -> R.Record:
-        return R.Mknod(st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_rdev, st.st_mtime_ns, pmtime, path)
-
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -772,7 +767,7 @@ class Operations(pyfuse3.Operations):
             return made_new      # never remove a file this request did not make
 
         fino, ino, st, fd = await self._new_entry(parent_inode, name, ctx, mode, make,
-                                                  self._mknod_record, undo=undo, what="create")
+                                                  R.mknod_record, undo=undo, what="create")
         fh = self._new_fh()
         self.files[fh] = FileHandle(fd, ino)
         if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -784,7 +779,7 @@ class Operations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         fino, _, st, _ = await self._new_entry(
             parent_inode, name, ctx, mode,
-            lambda p: os.mknod(name, mode, rdev, dir_fd=p.fd), self._mknod_record, what="mknod")
+            lambda p: os.mknod(name, mode, rdev, dir_fd=p.fd), R.mknod_record, what="mknod")
         return self._attr(st, fino)
 
     @_handler
@@ -793,8 +788,7 @@ class Operations(pyfuse3.Operations):
         fino, _, st, _ = await self._new_entry(
             parent_inode, name, ctx, None,
             lambda p: os.mkdir(name, stat.S_IMODE(mode), dir_fd=p.fd),
-            lambda st, pmtime, path: R.Mkdir(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                                             st.st_mtime_ns, pmtime, path), what="mkdir", is_dir=True)
+            R.mkdir_record, what="mkdir", is_dir=True)
         return self._attr(st, fino)
 
     @_handler
@@ -803,8 +797,7 @@ class Operations(pyfuse3.Operations):
         fino, _, st, _ = await self._new_entry(
             parent_inode, name, ctx, None,
             lambda p: os.symlink(target, name, dir_fd=p.fd),
-            lambda st, pmtime, path: R.Symlink(st.st_ino, st.st_uid, st.st_gid, st.st_mtime_ns,
-                                               pmtime, path, target), what="symlink")
+            lambda st, pmtime, path: R.symlink_record(st, pmtime, path, target), what="symlink")
         return self._attr(st, fino)
 
     @_handler

@@ -61,17 +61,17 @@ from .records import (
     ATTR_SIZE,
     ATTR_UID,
     Link,
-    Mkdir,
-    Mknod,
     Record,
     Removexattr,
     Rename,
     Rmdir,
-    Setattr,
     Setxattr,
-    Symlink,
     Unlink,
     Write,
+    mkdir_record,
+    mknod_record,
+    setattr_record,
+    symlink_record,
 )
 from .shadow import Shadow, data_map, read_xattrs
 
@@ -460,18 +460,16 @@ class _Resync:
         ``always`` the contents are compared even if size and mtime agree.
         """
         out: list = []
-        mode = stat.S_IMODE(o.st_mode)
         if stat.S_ISREG(o.st_mode):
             if o.st_size < k.st_size:
-                out.append(Setattr(key, ATTR_SIZE | ATTR_MTIME, mode, o.st_uid, o.st_gid, o.st_size,
-                                   0, o.st_mtime_ns, b""))
+                out.append(setattr_record(key, ATTR_SIZE | ATTR_MTIME, o))
             if always or o.st_size != k.st_size or o.st_mtime_ns != k.st_mtime_ns:
                 out.append(_Lazy(lambda: self.diff_data(key, o, loc)))
-            out.append(Setattr(key, _FILE_MASK, mode, o.st_uid, o.st_gid, o.st_size, 0, o.st_mtime_ns, b""))
+            out.append(setattr_record(key, _FILE_MASK, o))
         elif stat.S_ISLNK(o.st_mode):
-            out.append(Setattr(key, _LINK_MASK, mode, o.st_uid, o.st_gid, 0, 0, o.st_mtime_ns, b""))
+            out.append(setattr_record(key, _LINK_MASK, o))
         else:
-            out.append(Setattr(key, _DIR_MASK, mode, o.st_uid, o.st_gid, 0, 0, o.st_mtime_ns, b""))
+            out.append(setattr_record(key, _DIR_MASK, o))
         kfd = os.open(str(key), _O_PATH, dir_fd=self.inodes_fd)
         try:
             have = _xattrs(kfd, True)
@@ -512,8 +510,7 @@ class _Resync:
                     smap = [(0, send)] if send else []
                 cut = _first_stale(omap, smap, send, sst.st_blksize or 4096) if exact else None
                 if cut is not None:
-                    yield Setattr(key, ATTR_SIZE | ATTR_MTIME, stat.S_IMODE(o.st_mode), o.st_uid, o.st_gid,
-                                  cut, 0, mtime, b"")
+                    yield setattr_record(key, ATTR_SIZE | ATTR_MTIME, o, size=cut)
                     smap = [(s, min(e, cut)) for s, e in smap if s < cut]
                 for start, stop, in_o, in_s in _segments(omap, smap, size):
                     for off, nxt in _blocks(start, stop):
@@ -628,8 +625,7 @@ class _Resync:
                 continue
             self.unanchored.add(cpath)
             self.push(cpath)
-        self.p_dirattrs.append(Setattr(0, _DIR_MASK, stat.S_IMODE(ost.st_mode), ost.st_uid, ost.st_gid,
-                                       0, 0, ost.st_mtime_ns, path))
+        self.p_dirattrs.append(setattr_record(0, _DIR_MASK, ost, path))
         self.p_dirattrs.extend(_xattr_diff(0, path, _xattrs(ofd, False), _xattrs(sfd, False)))
 
     def anchored(self, path: bytes) -> bool:
@@ -773,23 +769,21 @@ class _Resync:
             os.close(fd)
         out = self.p_create
         if stat.S_ISLNK(o.st_mode):
-            out.append(Symlink(key, o.st_uid, o.st_gid, o.st_mtime_ns, pm, path, target))
+            out.append(symlink_record(o, pm, path, target))
         else:
-            out.append(Mknod(key, o.st_mode, o.st_uid, o.st_gid,
-                             0 if stat.S_ISREG(o.st_mode) else o.st_rdev, o.st_mtime_ns, pm, path))
+            out.append(mknod_record(o, pm, path))
         if stat.S_ISREG(o.st_mode):
             loc = _Locator(path=path)
             if o.st_size:
                 out.append(_Lazy(lambda: self.copy_data(key, o.st_size, o.st_mtime_ns, loc)))
-            out.append(Setattr(key, _FILE_MASK, stat.S_IMODE(o.st_mode), o.st_uid, o.st_gid, o.st_size,
-                               0, o.st_mtime_ns, b""))
+            out.append(setattr_record(key, _FILE_MASK, o))
         out.extend(_xattr_diff(key, b"", attrs, {}))
 
     def copy_dir(self, pfd: int, name: bytes, path: bytes, st: os.stat_result, pm: int) -> None:
         """Copy the original directory ``path`` and everything below it (the shadow has nothing there)."""
         self.copied.add(path)
         out = self.p_create
-        out.append(Mkdir(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, pm, path))
+        out.append(mkdir_record(st, pm, path))
         fd = os.open(name, _O_DIR, dir_fd=pfd)
         stack = [(fd, path, iter(()), st)]
         try:
@@ -802,8 +796,7 @@ class _Resync:
                 if cname is None:
                     stack.pop()
                     try:
-                        out.append(Setattr(0, _DIR_MASK, stat.S_IMODE(dst.st_mode), dst.st_uid, dst.st_gid,
-                                           0, 0, dst.st_mtime_ns, dpath))
+                        out.append(setattr_record(0, _DIR_MASK, dst, dpath))
                         out.extend(_xattr_diff(0, dpath, _xattrs(fd, False), {}))
                     finally:
                         os.close(fd)
@@ -815,7 +808,7 @@ class _Resync:
                                       f"the original is not supported)")
                 if stat.S_ISDIR(c.st_mode):
                     self.copied.add(cpath)
-                    out.append(Mkdir(c.st_mode, c.st_uid, c.st_gid, c.st_mtime_ns, dst.st_mtime_ns, cpath))
+                    out.append(mkdir_record(c, dst.st_mtime_ns, cpath))
                     cfd = os.open(cname, _O_DIR, dir_fd=fd)
                     stack.append((cfd, cpath, iter(_listdir(cfd)), c))
                 else:
