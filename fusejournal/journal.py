@@ -36,7 +36,7 @@ PENDING = layout.PENDING
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write-temp + fsync + rename + fsync(dir): after return, ``path`` holds ``data`` durably."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + layout.TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  layout.PRIVATE_FILE_MODE)
     try:

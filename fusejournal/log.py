@@ -38,13 +38,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import compression
+from . import compression, layout
 from .faults import fault
 from .records import Record, RecordError, decode, encode, record_size
 from .sysc import fsync_dir, pread_full
 
 LOG_FORMAT = 1
-SEGMENT_SUFFIX = ".fjlog"
+SEGMENT_SUFFIX = layout.LOG_SEGMENT_SUFFIX
 FILE_MAGIC = b"FJLOG\0"
 ENTRY_MAGIC = b"FJ"
 BATCH = 1
@@ -61,7 +61,7 @@ _NAME_RE = re.compile(r"([0-9]{16,})" + re.escape(SEGMENT_SUFFIX), re.ASCII)
 #: written at each clean close: the last confirmed checkpoint then.  The log only
 #: grows (prune keeps the last segment), so a later scan that ends before it means
 #: confirmed checkpoints were cut off (a truncated or removed segment).
-END_FILE = "end.json"
+END_FILE = layout.LOG_END
 
 
 def _span(a: int, b: int) -> str:
@@ -82,7 +82,7 @@ def read_end(directory: str | Path) -> int | None:
 
 
 def _write_end(directory: Path, last: int) -> None:
-    tmp = directory / (END_FILE + ".tmp")
+    tmp = directory / (END_FILE + layout.TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, json.dumps({"last_checkpoint": last}).encode() + b"\n")

@@ -150,7 +150,7 @@ class Daemon:
         flagged = self.resync_flag.load()
         if self.resync_flag.present and not crashed and not self.activity.enabled:
             msg = (f"{self.resync_flag.count or 'some'} object(s) changed in the original could not "
-                   f"be journaled (see {layout.NEEDS_RESYNC} in the journal, daemon.log) and without "
+                   f"be journaled (see {layout.NEEDS_RESYNC} in the journal, {layout.DAEMON_LOG}) and without "
                    f"an activity log (not root) they cannot be resynced: re-seed the shadow "
                    f"(mount --reseed) to be sure")
             log.warning(msg)
@@ -313,7 +313,7 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None) -> int:
         return e.exit_code
     except Exception as e:
         log.exception("daemon failed")
-        reporter.error(EXIT_BUG, f"internal error: {e!r} (see {cfg.journal}/daemon.log)")
+        reporter.error(EXIT_BUG, f"internal error: {e!r} (see {cfg.journal / layout.DAEMON_LOG})")
         if ready_fd is None:
             raise
         return EXIT_BUG

@@ -45,7 +45,7 @@ def discard_seed(root: Path, made: list[str]) -> None:
         if name == "":
             continue
         if name in (layout.SHADOW_APPLIED, layout.SHADOW_IDENTITY):
-            for q in (p, root / (name + ".tmp")):
+            for q in (p, root / (name + layout.TMP_SUFFIX)):
                 with contextlib.suppress(OSError):
                     os.unlink(q)
         else:

@@ -34,6 +34,7 @@ import logging
 import os
 from pathlib import Path
 
+from . import layout
 from .activity import Intent, decode_intents, encode_intent
 from .sysc import fsync_dir, name_to_handle
 
@@ -118,7 +119,7 @@ class ResyncFlag:
             return
         keep = b"".join(encode_intent(i) for i in self.new)
         if keep:
-            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp = self.path.with_name(self.path.name + layout.TMP_SUFFIX)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, keep)

@@ -307,7 +307,7 @@ class Shadow:
 
     def _write_atomic(self, root_fd: int, name: str, data: bytes) -> None:
         """Durably replace ``name`` in the root (0600, temp + fsync + rename + fsync of the root)."""
-        tmp = name + ".tmp"
+        tmp = name + layout.TMP_SUFFIX
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      layout.PRIVATE_FILE_MODE, dir_fd=root_fd)
         try:

@@ -26,6 +26,7 @@ import os
 import struct
 from typing import NamedTuple
 
+from . import layout
 from .errors import UpdaterError
 from .layout import SHADOW_STAGING
 from .shadow import Shadow
@@ -33,7 +34,7 @@ from .shadow import Shadow
 __all__ = ["CURSOR", "Cursor", "StagingCursor", "boot_id", "read_cursor", "clear_cursor"]
 
 #: file name of the cursor under SHADOW/staging
-CURSOR = "cursor"
+CURSOR = layout.STAGING_CURSOR
 _CURSOR_MAGIC = b"FJCURSR1"
 _CURSOR_FMT = struct.Struct("<8sqqQQ16s")
 _boot_id_cache: bytes | None = None
@@ -139,7 +140,7 @@ class StagingCursor:
         # A new cursor: atomic (a kill never leaves a half-written one) and
         # durable before the first change to tree/, so that after a power
         # loss an interrupted batch is always noticed (see Updater.run_once).
-        tmp = CURSOR + ".tmp"
+        tmp = CURSOR + layout.TMP_SUFFIX
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.staging_fd)
         try:
