@@ -73,7 +73,17 @@ from .records import (
     setattr_record,
     symlink_record,
 )
-from .shadow import Shadow, data_map, read_xattrs
+from .shadow import Shadow
+from .treewalk import O_DIR as _O_DIR
+from .treewalk import O_PATH as _O_PATH
+from .treewalk import O_WALK as _O_WALK
+from .treewalk import data_map, read_xattrs
+from .treewalk import join as _join
+from .treewalk import listdir as _listdir
+from .treewalk import lstat_at as _lstat
+from .treewalk import open_at as _open_at
+from .treewalk import open_read as _open_read
+from .treewalk import same_object as _same
 
 __all__ = ["resync", "resync_iter", "ResyncError", "CHUNK", "UNKNOWN_KEY", "CTIME_MARGIN_NS"]
 
@@ -85,10 +95,6 @@ UNKNOWN_KEY = (1 << 64) - 1
 #: since then (covers the coarse clock of file timestamps; larger only costs comparisons)
 CTIME_MARGIN_NS = 10 * 1_000_000_000
 
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_MASK = ATTR_MODE | ATTR_UID | ATTR_GID | ATTR_MTIME
 _FILE_MASK = _DIR_MASK | ATTR_SIZE
 _LINK_MASK = ATTR_UID | ATTR_GID | ATTR_MTIME
@@ -105,53 +111,12 @@ class ResyncError(Exception):
 
 # ------------------------------------------------------------------ helpers
 
-def _join(parent: bytes, name: bytes) -> bytes:
-    return parent + b"/" + name if parent else name
-
-
 def _parent(path: bytes) -> bytes:
     return path.rpartition(b"/")[0]
 
 
 def _depth(path: bytes) -> int:
     return path.count(b"/") + 1 if path else 0
-
-
-def _listdir(fd: int) -> list[bytes]:
-    return sorted(os.fsencode(n) for n in os.listdir(fd))
-
-
-def _lstat(dir_fd: int, name: bytes | str) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
-def _same(a: os.stat_result | None, b: os.stat_result | None) -> bool:
-    return a is not None and b is not None and a.st_ino == b.st_ino and a.st_dev == b.st_dev
-
-
-def _open_at(base_fd: int, path: bytes, flags: int) -> int:
-    """Open ``path`` (relative, b"" = base itself) below ``base_fd`` without following symlinks.
-
-    Every directory on the way is opened with O_NOFOLLOW|O_DIRECTORY; OSError
-    (ENOENT, ENOTDIR, ELOOP ...) if the path does not lead there.
-    """
-    if not path:
-        return os.open(".", flags, dir_fd=base_fd)
-    comps = path.split(b"/")
-    fd = base_fd
-    try:
-        for comp in comps[:-1]:
-            nfd = os.open(comp, _O_WALK, dir_fd=fd)
-            if fd != base_fd:
-                os.close(fd)
-            fd = nfd
-        return os.open(comps[-1], flags | os.O_NOFOLLOW, dir_fd=fd)
-    finally:
-        if fd != base_fd:
-            os.close(fd)
 
 
 def _xattrs(fd: int, is_path_fd: bool) -> dict[bytes, bytes]:
@@ -234,13 +199,6 @@ def _segments(omap: list[tuple[int, int]], smap: list[tuple[int, int]],
         in_s = j < len(smap) and smap[j][0] <= a
         if in_o or in_s:
             yield a, b, in_o, in_s
-
-
-def _open_read(dir_fd: int, name: bytes | str) -> int:
-    try:
-        return os.open(name, _O_READ | os.O_NOATIME, dir_fd=dir_fd)
-    except PermissionError:                 # O_NOATIME needs ownership or CAP_FOWNER
-        return os.open(name, _O_READ, dir_fd=dir_fd)
 
 
 class _Locator:

@@ -44,14 +44,20 @@ from pathlib import Path
 
 from . import layout, sysc
 from .errors import UserError
+from .treewalk import O_DIR as _O_DIR
+from .treewalk import O_PATH as _O_PATH
+from .treewalk import O_READ as _O_READ
+from .treewalk import copy_data, data_extents, data_map, read_xattrs, write_xattrs
+from .treewalk import files_equal as _files_equal
+from .treewalk import join as _join
+from .treewalk import listdir as _listdir
 
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
-_COPY_CHUNK = 1 << 20
+# the fd helpers moved to treewalk.py; these names stay importable from here
+__all__ = ["Shadow", "ShadowError", "ShadowRefused", "copy_data", "data_extents", "data_map",
+           "read_xattrs", "write_xattrs"]
+
 #: xattr namespaces compared by verify_matches (others are copied best-effort)
 _COMPARED_XATTRS = ("user.", "trusted.")
-_NOTSUP = {errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 class ShadowError(Exception):
@@ -64,174 +70,11 @@ class ShadowRefused(ShadowError, UserError):
 
 
 # ------------------------------------------------------------------ helpers
-
-def _proc_path(fd: int) -> str:
-    """A path reaching the object an (O_PATH) fd refers to, symlinks included.
-
-    The f*xattr calls refuse O_PATH fds; going through the /proc magic link
-    reaches the very object the fd holds (the link itself for a symlink).
-    """
-    return f"/proc/self/fd/{fd}"
-
-
-def read_xattrs(fd: int, is_path_fd: bool) -> dict[str, bytes]:
-    """All extended attributes we can read of the object behind ``fd``.
-
-    ``is_path_fd``: ``fd`` is an O_PATH fd (symlinks, fifos, devices,
-    sockets: objects we must not open for reading).  Namespaces we are not
-    allowed to read are silently absent (listxattr leaves them out).
-    """
-    target: int | str = _proc_path(fd) if is_path_fd else fd
-    try:
-        names = os.listxattr(target)
-    except OSError as e:
-        if e.errno in _NOTSUP:
-            return {}
-        raise
-    out: dict[str, bytes] = {}
-    for name in names:
-        try:
-            out[name] = os.getxattr(target, name)
-        except OSError as e:
-            if e.errno in _NOTSUP or e.errno in (errno.ENODATA, errno.EPERM, errno.EACCES):
-                continue
-            raise
-    return out
-
-
-def write_xattrs(fd: int, is_path_fd: bool, attrs: dict[str, bytes]) -> None:
-    """Set ``attrs`` on the object behind ``fd`` (see :func:`read_xattrs`).
-
-    Failures are ignored for filesystems without xattrs and for the
-    ``security.*`` / ``system.*`` namespaces (SELinux labels, ACLs on a
-    filesystem without them); ``user.*`` and ``trusted.*`` must succeed.
-    """
-    target: int | str = _proc_path(fd) if is_path_fd else fd
-    for name, value in attrs.items():
-        try:
-            os.setxattr(target, name, value)
-        except OSError as e:
-            if e.errno in _NOTSUP:
-                continue
-            if name.startswith(("security.", "system.")):
-                continue
-            raise
-
-
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """Yield ``(start, end)`` ranges of ``fd`` that may hold data (holes skipped).
-
-    Falls back to one range covering the file where SEEK_DATA is unsupported.
-    """
-    off = 0
-    while off < size:
-        try:
-            start = os.lseek(fd, off, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:          # only a hole up to EOF
-                return
-            if e.errno in (errno.EINVAL, *_NOTSUP):
-                yield off, size
-                return
-            raise
-        if start >= size:
-            return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        if end <= start:                        # file changed under us
-            end = size
-        yield start, end
-        off = end
-
-
-def data_map(fd: int, size: int) -> list[tuple[int, int]] | None:
-    """The data extents of ``fd`` in [0, size), exactly as SEEK_DATA/SEEK_HOLE report them.
-
-    Everything else in [0, size) is a hole.  None where the filesystem
-    refuses SEEK_DATA (it cannot tell holes: there is no map to keep).
-    """
-    try:
-        os.lseek(fd, 0, os.SEEK_DATA)
-    except OSError as e:
-        if e.errno in (errno.EINVAL, *_NOTSUP):
-            return None
-        if e.errno != errno.ENXIO:              # ENXIO: nothing but a hole
-            raise
-    return list(data_extents(fd, size))
-
-
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
-    """Copy bytes [start, end) from src to dst at the same offsets."""
-    off = start
-    try:
-        while off < end:
-            n = os.copy_file_range(src, dst, min(end - off, 1 << 30), off, off)
-            if n == 0:                          # source shrank
-                return
-            off += n
-        return
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EBADF, *_NOTSUP):
-            raise
-    while off < end:                            # plain read/write fallback
-        buf = os.pread(src, min(end - off, _COPY_CHUNK), off)
-        if not buf:
-            return
-        mv = memoryview(buf)
-        while mv:
-            n = os.pwrite(dst, mv, off)
-            off += n
-            mv = mv[n:]
-
-
-def copy_data(src: int, dst: int, size: int) -> None:
-    """Copy ``size`` bytes of file contents, keeping holes as holes."""
-    for start, end in data_extents(src, size):
-        _copy_range(src, dst, start, end)
-    os.ftruncate(dst, size)
-
+# (the fd helpers: treewalk.py)
 
 def _show(path: bytes) -> str:
     """A printable form of a tree-relative path."""
     return "/" + path.decode("utf-8", "backslashreplace")
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
-    return parent + b"/" + name if parent else name
-
-
-def _listdir(fd: int) -> list[bytes]:
-    """Sorted names (bytes) of the directory open at ``fd``."""
-    return sorted(os.fsencode(n) for n in os.listdir(fd))
-
-
-def _files_equal(a: int, b: int, size: int) -> int | None:
-    """Compare two files' first ``size`` bytes; return the first differing offset or None.
-
-    Only ranges holding data in either file are read (both are zero elsewhere),
-    so sparse files with huge holes compare quickly.
-    """
-    ranges = sorted(list(data_extents(a, size)) + list(data_extents(b, size)))
-    merged: list[list[int]] = []
-    for s, e in ranges:
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    for s, e in merged:
-        off = s
-        while off < e:
-            n = min(e - off, _COPY_CHUNK)
-            x = os.pread(a, n, off)
-            y = os.pread(b, n, off)
-            if x != y:
-                for i in range(min(len(x), len(y))):
-                    if x[i] != y[i]:
-                        return off + i
-                return off + min(len(x), len(y))
-            if not x:
-                break
-            off += n
-    return None
 
 
 # ------------------------------------------------------------------ shadow

@@ -64,15 +64,16 @@ from .records import (
 from .records_check import check_record, validate_record, validate_records
 from .shadow import Shadow
 from .staging import CURSOR, Cursor, StagingCursor, boot_id, clear_cursor, read_cursor
+from .treewalk import O_DIR as _O_DIR
+from .treewalk import O_WALK as _O_WALK
+from .treewalk import O_WRITE as _O_WRITE
+from .treewalk import same_object as _samestat
 
 # validation lives beside the record types (records_check.py), the staging cursor in
 # staging.py, the errors in errors.py: re-exported here under their old names
 __all__ = ["UpdaterError", "NoSpace", "SPACE_ERRNOS", "Updater", "apply_records", "validate_record",
            "validate_records", "Cursor", "read_cursor", "clear_cursor", "boot_id", "CURSOR"]
 
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_WRITE = os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 
@@ -93,10 +94,6 @@ def _is_space_error(e: BaseException) -> bool:
 
 class _ApplyError(Exception):
     """A record cannot be applied to the shadow (message completed by apply_records)."""
-
-
-def _samestat(a: os.stat_result, b: os.stat_result) -> bool:
-    return a.st_ino == b.st_ino and a.st_dev == b.st_dev
 
 
 # ------------------------------------------------------------------ applying

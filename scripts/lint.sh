@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
   fusejournal/halt.py fusejournal/compression.py fusejournal/faults.py fusejournal/layout.py \
   fusejournal/errors.py fusejournal/tempstore.py fusejournal/activity.py fusejournal/sysc.py \
   fusejournal/resyncflag.py fusejournal/inodes.py fusejournal/staging.py fusejournal/session.py \
-  fusejournal/checks.py fusejournal/daemonize.py
+  fusejournal/checks.py fusejournal/daemonize.py fusejournal/treewalk.py
 # One FUSE layer: no other module imports pyfuse3
 if grep -lE '^\s*(import pyfuse3|from pyfuse3)' fusejournal/*.py | grep -vE '/(fs|session)\.py$'; then
   echo "pyfuse3 is imported outside the FUSE layer (fs.py, session.py)" >&2; exit 1
