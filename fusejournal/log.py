@@ -42,6 +42,7 @@ from . import compression, layout
 from .faults import fault
 from .records import Record, RecordError, decode, encode, record_size
 from .sysc import fsync_dir, pread_full
+from .treewalk import durable_replace
 
 LOG_FORMAT = 1
 SEGMENT_SUFFIX = layout.LOG_SEGMENT_SUFFIX
@@ -82,15 +83,7 @@ def read_end(directory: str | Path) -> int | None:
 
 
 def _write_end(directory: Path, last: int) -> None:
-    tmp = directory / (END_FILE + layout.TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps({"last_checkpoint": last}).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, directory / END_FILE)
-    fsync_dir(directory)
+    durable_replace(directory / END_FILE, json.dumps({"last_checkpoint": last}).encode() + b"\n")
 
 
 def _remove_end(directory: Path) -> bool:

@@ -14,7 +14,9 @@ Rules every helper here keeps:
    xattrs reached through ``/proc/self/fd/N`` (``proc_path``): never opened
    for reading;
 5. file contents are copied and compared extent by extent (SEEK_DATA /
-   SEEK_HOLE), so holes stay holes.
+   SEEK_HOLE), so holes stay holes;
+6. a small file the daemon keeps (journal metadata, log/end.json, the
+   needs-resync list) is replaced durably and atomically (``durable_replace``).
 
 The updater's own walk (updater._Applier._resolve) keeps rule 2 with an fd
 cache of its own.
@@ -25,11 +27,15 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
+from pathlib import Path
+
+from . import layout
+from .sysc import fsync_dir
 
 __all__ = ["O_DIR", "O_WALK", "O_PATH", "O_READ", "O_WRITE", "COPY_CHUNK", "NOTSUP",
            "join", "listdir", "lstat_at", "same_object", "open_at", "open_read", "proc_path",
            "read_xattrs", "write_xattrs", "data_extents", "data_map", "copy_range", "copy_data",
-           "files_equal"]
+           "files_equal", "durable_replace"]
 
 #: a directory to list
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -248,3 +254,24 @@ def files_equal(a: int, b: int, size: int) -> int | None:
                 break
             off += n
     return None
+
+
+def durable_replace(path: Path, data: bytes, mode: int = layout.PRIVATE_FILE_MODE) -> None:
+    """Write-temp + fsync + rename + fsync(dir): after return, ``path`` holds ``data`` durably.
+
+    The temporary file is ``NAME.tmp`` beside it, never reached through a
+    symlink, and gets ``mode`` even if a loose leftover was there.  A kill at
+    any point leaves the old file or the new one, never a mix.
+    """
+    tmp = path.with_name(path.name + layout.TMP_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)                 # a leftover temp file may be loose
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
