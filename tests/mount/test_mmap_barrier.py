@@ -412,6 +412,7 @@ print(json.dumps({"right": run((ino, src + b"/d/f")),
 '''
 
 
+@pytest.mark.daemon_errors      # a node id the daemon does not know, on purpose
 @needs_fuse
 @pytest.mark.mount
 @pytest.mark.parametrize("caps", ["all", "without CAP_DAC_READ_SEARCH"])
