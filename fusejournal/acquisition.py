@@ -178,7 +178,7 @@ class Checkpointer:
                  on_confirmed: Callable[[CheckpointInfo], None] | None = None) -> None:
         self.store = store
         self.halt = halt
-        self.log = ordered_log
+        self.olog = ordered_log
         self.halt_timeout = halt_timeout
         self.activity = activity
         self.barrier = barrier
@@ -251,11 +251,11 @@ class Checkpointer:
 
         On failure the batch goes back in front of the temporary store."""
         batch, label = taken.batch, taken.label
-        marker = Marker(checkpoint=self.log.last_checkpoint + 1, label=label, time_ns=taken.wall_ns,
+        marker = Marker(checkpoint=self.olog.last_checkpoint + 1, label=label, time_ns=taken.wall_ns,
                         operations=batch.operations, raw_bytes=batch.raw_bytes,
                         stored_bytes=0, halt_ns=self.last_halt_ns, extra=dict(extra or {}))
         try:
-            return await trio.to_thread.run_sync(self.log.append, batch, marker)
+            return await trio.to_thread.run_sync(self.olog.append, batch, marker)
         except BaseException as e:
             self.store.restore(batch)
             self.last_error = f"checkpoint {marker.checkpoint} ({label!r}) failed: {e}"
@@ -288,7 +288,7 @@ class Checkpointer:
 
     async def _barrier(self, label: str) -> None:
         """Step 2: bounded; fails the checkpoint before the halt (nothing taken)."""
-        what = f"checkpoint {self.log.last_checkpoint + 1} ({label!r}) failed before the halt"
+        what = f"checkpoint {self.olog.last_checkpoint + 1} ({label!r}) failed before the halt"
         start = time.perf_counter_ns()
         with trio.move_on_after(self.barrier_timeout) as scope:
             try:

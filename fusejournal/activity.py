@@ -37,11 +37,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import layout
 from .sysc import fsync_dir, name_to_handle
 
 log = logging.getLogger(__name__)
 
-SUFFIX = ".act"
+SUFFIX = layout.ACTIVITY_SUFFIX
 _HEAD = struct.Struct("<QiBB")
 _CRC = struct.Struct("<I")
 

@@ -65,7 +65,7 @@ class Control:
         # a consistency group member: update permission makes a group checkpoint,
         # and the checkpoint attribute is the group's (fusejournal/member.py)
         self.checkpoint = checkpoint or checkpointer.checkpoint
-        self.checkpoint_id = checkpoint_id or (lambda: checkpointer.log.last_checkpoint)
+        self.checkpoint_id = checkpoint_id or (lambda: checkpointer.olog.last_checkpoint)
         self.root_uid = root_uid
         self.shadow_checkpoint = shadow_checkpoint
         self.status = status

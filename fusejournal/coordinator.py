@@ -69,13 +69,14 @@ from pathlib import Path
 
 import trio
 
+from . import layout
 from .faults import fault
 from .group import COORDINATOR_PID, CommitLog, Group, GroupFileError, ensure_run_dir, load_group
 
 log = logging.getLogger("fusejournal.coordinator")
 
 MAX_LINE = 1 << 16
-COORDINATOR_LOCK = "coordinator.lock"
+COORDINATOR_LOCK = layout.GROUP_COORDINATOR_LOCK
 ACK_TIMEOUT = 5.0
 BARRIER_TIMEOUT = 35.0          # every member's barrier (each bounded at 30 s by its Checkpointer)
 
@@ -416,7 +417,7 @@ class Coordinator:
 
 
 def run_coordinator(group_file: str, ready_fd: int | None) -> int:
-    from .mount import Reporter
+    from .daemonize import Reporter
     reporter = Reporter(ready_fd)
     try:
         group = load_group(group_file, check=False)
@@ -424,7 +425,7 @@ def run_coordinator(group_file: str, ready_fd: int | None) -> int:
     except GroupFileError as e:
         reporter.error(3, str(e))
         return 3
-    logging.basicConfig(filename=os.fspath(group.journal / "coordinator.log"), level=logging.INFO,
+    logging.basicConfig(filename=os.fspath(group.journal / layout.GROUP_LOG), level=logging.INFO,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     lock_fd = os.open(group.run_dir / COORDINATOR_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -1,4 +1,5 @@
-"""User errors: one exception type carrying a message and an exit code.
+"""User errors: one exception type carrying a message and an exit code; and the
+updater's errors (shared by updater.py, staging.py and records_check.py).
 
 The CLI prints ``fusejournal: <message>`` on one line and exits with the code.
 Exit codes (documented in docs/guide.md):
@@ -17,6 +18,8 @@ Exit codes (documented in docs/guide.md):
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_USAGE = 2
@@ -31,3 +34,25 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_UNUSABLE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class UpdaterError(Exception):
+    """A batch could not be applied (rejected as unsafe, or the shadow disagrees with it)."""
+
+
+#: errnos that mean "the shadow's filesystem is full": a state to wait out, not damage
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpace(UpdaterError):
+    """The shadow's filesystem ran out of space (ENOSPC/EDQUOT) while applying a batch.
+
+    Transient: the staging cursor keeps the position, nothing is wrong with
+    the shadow or the log, and :meth:`Updater.run_once` resumes exactly
+    there once space is freed.  ``checkpoint``/``record`` say where it stopped.
+    """
+
+    def __init__(self, message: str, checkpoint: int | None = None, record: int | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.record = record

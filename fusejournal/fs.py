@@ -219,10 +219,10 @@ class Operations(pyfuse3.Operations):
             return None
         return name if not d else d + b"/" + name
 
-    def _touch(self, ino: Inode) -> None:
-        """Durable write intent before the first change to ``ino`` in this period."""
-        if self.activity is not None and ino.ino not in self.activity.touched:
-            self.activity.touch(ino.ino, ino.fd, ino.is_dir)
+    def _touch(self, node: Inode) -> None:
+        """Durable write intent before the first change to ``node`` in this period."""
+        if self.activity is not None and node.ino not in self.activity.touched:
+            self.activity.touch(node.ino, node.fd, node.is_dir)
 
     def _created_obj(self, st_ino: int) -> None:
         if self.activity is not None:
@@ -266,15 +266,15 @@ class Operations(pyfuse3.Operations):
         else:
             log.warning("%s %r failed after it reached the original (%r): taken back out", what, name, exc)
 
-    def _record_reached(self, ino: Inode, fino: int, mask: int, what: str) -> None:
+    def _record_reached(self, node: Inode, fino: int, mask: int, what: str) -> None:
         """Record the attribute changes in ``mask`` that reached the original before a later
-        step of the same request failed; needs-resync ``ino`` if that fails too."""
+        step of the same request failed; needs-resync ``node`` if that fails too."""
         if not mask:
             return
         try:
-            self._record_attrs(ino, mask, os.fstat(ino.fd), fino)
+            self._record_attrs(node, mask, os.fstat(node.fd), fino)
         except Exception as e:
-            self._needs_resync([ino], what, e)
+            self._needs_resync([node], what, e)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -298,18 +298,18 @@ class Operations(pyfuse3.Operations):
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
 
-    def _open_backing(self, ino: Inode, flags: int, extra: int = 0) -> int:
+    def _open_backing(self, node: Inode, flags: int, extra: int = 0) -> int:
         """Open the original file for a caller.  O_NOATIME is the owner's (or
         CAP_FOWNER's) privilege, which the kernel checked against the caller
         already; a daemon not running as root may lack it for another user's
         file, so it is dropped on EPERM rather than failing the caller's open."""
         bflags = self._backing_flags(flags) | extra
         try:
-            return os.open(ino.proc, bflags)
+            return os.open(node.proc, bflags)
         except PermissionError:
             if not bflags & os.O_NOATIME:
                 raise
-            return os.open(ino.proc, bflags & ~os.O_NOATIME)
+            return os.open(node.proc, bflags & ~os.O_NOATIME)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -441,22 +441,22 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if ctx.pid in self.barrier_tids:
             return self._barrier_open(inode)
-        ino = self._inode(inode)
+        node = self._inode(inode)
         if flags & os.O_TRUNC:      # O_RDONLY|O_TRUNC truncates too on Linux
             self._check_writable()
             async with self.halt.operation():
-                self._touch(ino)
-                fd = self._open_backing(ino, flags, os.O_TRUNC)
+                self._touch(node)
+                fd = self._open_backing(node, flags, os.O_TRUNC)
                 try:
-                    self._record_attrs(ino, R.ATTR_SIZE, os.fstat(fd))
+                    self._record_attrs(node, R.ATTR_SIZE, os.fstat(fd))
                 except Exception as e:
-                    self._needs_resync([ino], "open with O_TRUNC", e)
+                    self._needs_resync([node], "open with O_TRUNC", e)
         else:
             if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            fd = self._open_backing(ino, flags)
+            fd = self._open_backing(node, flags)
         fh = self._new_fh()
-        self.files[fh] = FileHandle(fd, ino)
+        self.files[fh] = FileHandle(fd, node)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             self._writable[fh] = inode
         fi = pyfuse3.FileInfo(fh=fh)
@@ -511,8 +511,8 @@ class Operations(pyfuse3.Operations):
             if inode == ROOT and self.control is not None:
                 return self.control.getxattr(name)
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)    # reserved: never read from the original
-        ino = self._inode(inode)
-        if ino.is_symlink:
+        node = self._inode(inode)
+        if node.is_symlink:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         if name == _CAPS:
             # asked by the kernel before every write: remember "none" per inode
@@ -520,20 +520,20 @@ class Operations(pyfuse3.Operations):
             if inode in self._no_caps:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
             try:
-                return os.getxattr(ino.proc, name)
+                return os.getxattr(node.proc, name)
             except OSError as e:
                 if e.errno == pyfuse3.ENOATTR:
                     self._no_caps.add(inode)
                 raise
-        return os.getxattr(ino.proc, name)
+        return os.getxattr(node.proc, name)
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        ino = self._inode(inode)
-        if ino.is_symlink:
+        node = self._inode(inode)
+        if node.is_symlink:
             return []
         # the control names are never listed (one stored by an old version stays hidden)
-        return [n for n in map(os.fsencode, os.listxattr(ino.proc)) if not n.startswith(XATTR_PREFIX)]
+        return [n for n in map(os.fsencode, os.listxattr(node.proc)) if not n.startswith(XATTR_PREFIX)]
 
     # ------------------------------------------------- the barrier before the halt
 
@@ -571,34 +571,33 @@ class Operations(pyfuse3.Operations):
 
     # -------------------------------------------------------------- mutating
 
-    def _ref(self, fino: int, ino: Inode) -> tuple[int, bytes] | None:
+    def _ref(self, fino: int, node: Inode) -> tuple[int, bytes] | None:
         """(inode key, path) naming an object in a record; None for a removed directory
         (nothing to record).  FUSEError(EIO) for a live directory with no known path:
         called before the original is touched, it refuses what could not be recorded."""
-        if not ino.is_dir:
-            return ino.ino, b""
+        if not node.is_dir:
+            return node.ino, b""
         if fino == ROOT:
             return 0, b""
         path = self._dir_path(fino)
         if path is not None:
             return 0, path
-        if os.fstat(ino.fd).st_nlink == 0:
+        if os.fstat(node.fd).st_nlink == 0:
             return None
         log.error("directory inode %d has no known path: the operation could not be journaled "
-                  "and is refused", ino.ino)
+                  "and is refused", node.ino)
         raise pyfuse3.FUSEError(errno.EIO)
 
-    def _record_attrs(self, ino: Inode, mask: int, st: os.stat_result, fino: int | None = None) -> None:
+    def _record_attrs(self, node: Inode, mask: int, st: os.stat_result, fino: int | None = None) -> None:
         if self.store is None:
             return
-        if ino.is_dir:
-            ref = self._ref(fino if fino is not None else self._fuse_ino(ino.ino), ino)
+        if node.is_dir:
+            ref = self._ref(fino if fino is not None else self._fuse_ino(node.ino), node)
         else:
-            ref = (ino.ino, b"") if st.st_nlink else None
+            ref = (node.ino, b"") if st.st_nlink else None
         if ref is None:
             return
-        self._record(R.Setattr(ref[0], mask, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                               st.st_size, st.st_atime_ns, st.st_mtime_ns, ref[1]))
+        self._record(R.setattr_record(ref[0], mask, st, ref[1]))
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         # The hot path: error mapping inlined (no _handler layer), and no
@@ -637,44 +636,44 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_writable()
-        ino = self._inode(inode)
+        node = self._inode(inode)
         async with self.halt.operation():
             if self.store is not None:
-                self._ref(inode, ino)        # refuse now what could not be recorded
-            self._touch(ino)
+                self._ref(inode, node)        # refuse now what could not be recorded
+            self._touch(node)
             mask = 0
             try:
                 if fields.update_size:
                     if fh is not None and fh in self.files:
                         os.ftruncate(self.files[fh].fd, attr.st_size)
                     else:
-                        os.truncate(ino.proc, attr.st_size)
+                        os.truncate(node.proc, attr.st_size)
                     mask |= R.ATTR_SIZE
                 if fields.update_mode:
-                    if ino.is_symlink:
+                    if node.is_symlink:
                         raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-                    os.chmod(ino.proc, stat.S_IMODE(attr.st_mode))
+                    os.chmod(node.proc, stat.S_IMODE(attr.st_mode))
                     mask |= R.ATTR_MODE
                 if fields.update_uid or fields.update_gid:
                     uid = attr.st_uid if fields.update_uid else -1
                     gid = attr.st_gid if fields.update_gid else -1
-                    fchown_path_fd(ino.fd, uid, gid)
+                    fchown_path_fd(node.fd, uid, gid)
                     mask |= (R.ATTR_UID if fields.update_uid else 0) | (R.ATTR_GID if fields.update_gid else 0)
                 if fields.update_atime or fields.update_mtime:
-                    utimens_path_fd(ino.fd, attr.st_atime_ns if fields.update_atime else None,
+                    utimens_path_fd(node.fd, attr.st_atime_ns if fields.update_atime else None,
                                     attr.st_mtime_ns if fields.update_mtime else None)
                     mask |= (R.ATTR_ATIME if fields.update_atime else 0) | (R.ATTR_MTIME if fields.update_mtime else 0)
             except Exception:
                 # a later step failed: the earlier ones reached the original
-                self._record_reached(ino, inode, mask, "setattr")
+                self._record_reached(node, inode, mask, "setattr")
                 raise
             st = None
             try:
-                st = os.fstat(ino.fd)
+                st = os.fstat(node.fd)
                 if mask:
-                    self._record_attrs(ino, mask, st, inode)
+                    self._record_attrs(node, mask, st, inode)
             except Exception as e:
-                self._needs_resync([ino], "setattr", e)
+                self._needs_resync([node], "setattr", e)
                 if st is None:
                     raise
             return self._attr(st, inode)
@@ -726,7 +725,7 @@ class Operations(pyfuse3.Operations):
             made = make(p)
             fino = None
             try:
-                fino, ino, st = self._created(parent_inode, name, ctx, mode)
+                fino, node, st = self._created(parent_inode, name, ctx, mode)
                 self._created_obj(st.st_ino)
                 if path is not None:
                     self._record(record(st, self._pmtime(parent_inode), path))
@@ -744,11 +743,7 @@ class Operations(pyfuse3.Operations):
                 else:
                     self._needs_resync([p], f"{what} {name!r} (an existing file)", e)
                 raise
-            return fino, ino, st, made
-
-    @staticmethod
-    def _mknod_record(st: os.stat_result, pmtime: int, path: bytes) -> R.Record:
-        return R.Mknod(st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_rdev, st.st_mtime_ns, pmtime, path)
+            return fino, node, st, made
 
     @_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -771,10 +766,10 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
             return made_new      # never remove a file this request did not make
 
-        fino, ino, st, fd = await self._new_entry(parent_inode, name, ctx, mode, make,
-                                                  self._mknod_record, undo=undo, what="create")
+        fino, node, st, fd = await self._new_entry(parent_inode, name, ctx, mode, make,
+                                                  R.mknod_record, undo=undo, what="create")
         fh = self._new_fh()
-        self.files[fh] = FileHandle(fd, ino)
+        self.files[fh] = FileHandle(fd, node)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             self._writable[fh] = fino
         return pyfuse3.FileInfo(fh=fh), self._attr(st, fino)
@@ -784,7 +779,7 @@ class Operations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         fino, _, st, _ = await self._new_entry(
             parent_inode, name, ctx, mode,
-            lambda p: os.mknod(name, mode, rdev, dir_fd=p.fd), self._mknod_record, what="mknod")
+            lambda p: os.mknod(name, mode, rdev, dir_fd=p.fd), R.mknod_record, what="mknod")
         return self._attr(st, fino)
 
     @_handler
@@ -793,8 +788,7 @@ class Operations(pyfuse3.Operations):
         fino, _, st, _ = await self._new_entry(
             parent_inode, name, ctx, None,
             lambda p: os.mkdir(name, stat.S_IMODE(mode), dir_fd=p.fd),
-            lambda st, pmtime, path: R.Mkdir(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                                             st.st_mtime_ns, pmtime, path), what="mkdir", is_dir=True)
+            R.mkdir_record, what="mkdir", is_dir=True)
         return self._attr(st, fino)
 
     @_handler
@@ -803,33 +797,32 @@ class Operations(pyfuse3.Operations):
         fino, _, st, _ = await self._new_entry(
             parent_inode, name, ctx, None,
             lambda p: os.symlink(target, name, dir_fd=p.fd),
-            lambda st, pmtime, path: R.Symlink(st.st_ino, st.st_uid, st.st_gid, st.st_mtime_ns,
-                                               pmtime, path, target), what="symlink")
+            lambda st, pmtime, path: R.symlink_record(st, pmtime, path, target), what="symlink")
         return self._attr(st, fino)
 
     @_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._check_writable()
-        ino = self._inode(inode)
+        node = self._inode(inode)
         np = self._inode(new_parent_inode)
         async with self.halt.operation():
             path = self._record_path(new_parent_inode, new_name)
             self._touch(np)
             pmtime = os.fstat(np.fd).st_mtime_ns     # to give back if the link is undone
-            os.link(ino.proc, new_name, dst_dir_fd=np.fd, follow_symlinks=True)
+            os.link(node.proc, new_name, dst_dir_fd=np.fd, follow_symlinks=True)
             counted = False
             try:
-                st = os.fstat(ino.fd)
-                ino.lookups += 1
+                st = os.fstat(node.fd)
+                node.lookups += 1
                 counted = True
-                ino.add_name(new_parent_inode, new_name)
+                node.add_name(new_parent_inode, new_name)
                 if path is not None:
-                    self._record(R.Link(ino.ino, self._pmtime(new_parent_inode), path))
+                    self._record(R.Link(node.ino, self._pmtime(new_parent_inode), path))
             except Exception as e:
                 if counted:
-                    ino.lookups -= 1
-                    ino.drop_name(new_parent_inode, new_name)
+                    node.lookups -= 1
+                    node.drop_name(new_parent_inode, new_name)
                 self._undo_entry(np, new_name, False, pmtime, "link", e)
                 raise
             return self._attr(st, inode)
@@ -910,19 +903,19 @@ class Operations(pyfuse3.Operations):
                 return
             self._reserved(inode, name)
         self._check_writable()
-        ino = self._inode(inode)
-        if ino.is_symlink:
+        node = self._inode(inode)
+        if node.is_symlink:
             raise pyfuse3.FUSEError(errno.EPERM)
         self._no_caps.discard(inode)
         async with self.halt.operation():
-            ref = self._ref(inode, ino)      # before the original is touched
-            self._touch(ino)
-            os.setxattr(ino.proc, name, value)
+            ref = self._ref(inode, node)      # before the original is touched
+            self._touch(node)
+            os.setxattr(node.proc, name, value)
             try:
-                if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
+                if ref is not None and (node.is_dir or os.fstat(node.fd).st_nlink):
                     self._record(R.Setxattr(ref[0], ref[1], name, value))
             except Exception as e:
-                self._needs_resync([ino], f"setxattr {name!r}", e)
+                self._needs_resync([node], f"setxattr {name!r}", e)
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -931,19 +924,19 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EINVAL)
             self._reserved(inode, name)
         self._check_writable()
-        ino = self._inode(inode)
-        if ino.is_symlink:
+        node = self._inode(inode)
+        if node.is_symlink:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         self._no_caps.discard(inode)
         async with self.halt.operation():
-            ref = self._ref(inode, ino)      # before the original is touched
-            self._touch(ino)
-            os.removexattr(ino.proc, name)
+            ref = self._ref(inode, node)      # before the original is touched
+            self._touch(node)
+            os.removexattr(node.proc, name)
             try:
-                if ref is not None and (ino.is_dir or os.fstat(ino.fd).st_nlink):
+                if ref is not None and (node.is_dir or os.fstat(node.fd).st_nlink):
                     self._record(R.Removexattr(ref[0], ref[1], name))
             except Exception as e:
-                self._needs_resync([ino], f"removexattr {name!r}", e)
+                self._needs_resync([node], f"removexattr {name!r}", e)
 
     def close_all(self) -> None:
         """Close every fd (after the session ended)."""

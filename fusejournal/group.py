@@ -42,11 +42,13 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-COMMITS = "commits.jsonl"
-RUN_DIR = "run"                 # 0700: the coordinator's and the members' sockets
-COORDINATOR_SOCK = "coordinator.sock"
-COORDINATOR_PID = "coordinator.pid"
-MEMBERS_DIR = "members"
+from . import layout
+
+COMMITS = layout.GROUP_COMMITS
+RUN_DIR = layout.GROUP_RUN_DIR               # 0700: the coordinator's and the members' sockets
+COORDINATOR_SOCK = layout.GROUP_COORDINATOR_SOCK
+COORDINATOR_PID = layout.GROUP_COORDINATOR_PID
+MEMBERS_DIR = layout.GROUP_MEMBERS_DIR
 MAX_SOCKET_PATH = 107           # sun_path is 108 bytes with the NUL
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)

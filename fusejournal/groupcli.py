@@ -83,7 +83,7 @@ def _stop_coordinator(group: Group, timeout: float = 30.0) -> None:
 
 
 def mount_group(a: argparse.Namespace) -> int:
-    from .mount import spawn
+    from .daemonize import spawn
     group = _load(a.group)
     try:
         ensure_run_dir(group)
@@ -132,14 +132,14 @@ def umount_group(a: argparse.Namespace) -> int:
     group = _load(a.group, check=False)
     errors = []
     for m in group.members:
-        from .mount import fuse_mount_at
+        from .checks import fuse_mount_at
         if fuse_mount_at(m.mountpoint) is None:
             continue
         try:
             os.statvfs(m.mountpoint)
         except OSError as e:
             if e.errno == errno.ENOTCONN:          # its daemon died: clear the dead mount
-                from .mount import lazy_unmount
+                from .checks import lazy_unmount
                 lazy_unmount(m.mountpoint)
                 print(f"member {m.name}: cleared the dead mount at {m.mountpoint}")
                 continue

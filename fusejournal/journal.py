@@ -30,25 +30,14 @@ from . import records as rec_mod
 from .errors import EXIT_IN_USE, EXIT_UNUSABLE, UserError
 from .shadow import Shadow, ShadowError
 from .sysc import fsync_dir
+from .treewalk import durable_replace
 
 PENDING = layout.PENDING
 
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write-temp + fsync + rename + fsync(dir): after return, ``path`` holds ``data`` durably."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 layout.PRIVATE_FILE_MODE)
-    try:
-        os.fchmod(fd, layout.PRIVATE_FILE_MODE)     # a leftover temp file may be loose
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(path.parent)
+    durable_replace(path, data)
 
 
 def read_meta(journal: Path) -> dict | None:

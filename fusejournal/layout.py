@@ -7,22 +7,33 @@ Journal (``--journal DIR``)::
     daemon.json    pid and mountpoint of the running daemon (removed at exit)
     daemon.log     the daemon's log
     pending.fjrec  operations captured after the last checkpoint, kept at unmount
-    log/           the ordered log: segment files, see fusejournal.log
+    log/           the ordered log: segment files NNNNNNNNNNNNNNNN.fjlog and
+                   end.json, see fusejournal.log
     spill/         temporary-store spill files (never needed after a restart)
     needs_resync   objects the original changed that could not be recorded: the
                    next mount resyncs them (fusejournal.resyncflag); absent
                    when there are none
-    activity/      write intents for crash recovery (daemons running as root)
+    activity/      write intents for crash recovery (daemons running as root):
+                   files *.act, see fusejournal.activity
 
 Shadow (``--shadow DIR``)::
 
     tree/          the shadow tree: the original as of the applied checkpoint
     inodes/        one hidden hard link per non-directory of tree/, named by
                    the original's inode number (decimal): the inode keys
-    staging/       the batch being applied and the updater's cursor
+    staging/       the batch being applied: the updater's cursor (fusejournal.staging)
     applied.json   the checkpoint tree/ stands at (written durably)
     shadow.json    the shadow's identity: a random id shared with the
                    journal's meta.json (``shadow_id``) and the source's identity
+
+A consistency group's journal (``journal =`` in the group file, fusejournal.group)::
+
+    commits.jsonl    the coordinator's commit log
+    coordinator.log  the coordinator's log
+    run/             0700: coordinator.sock, coordinator.pid, coordinator.lock
+    members/         one directory per member
+
+Any file is written atomically as ``NAME.tmp``, then renamed to ``NAME``.
 
 Everything the daemon keeps for itself is private to the mounting user:
 directories 0700, files 0600 (``PRIVATE_DIR_MODE``/``PRIVATE_FILE_MODE``,
@@ -52,6 +63,9 @@ NEEDS_RESYNC = "needs_resync"
 ACTIVITY_DIR = "activity"
 DAEMON_LOG = "daemon.log"
 PENDING = "pending.fjrec"
+LOG_SEGMENT_SUFFIX = ".fjlog"   # in LOG_DIR: 16 decimal digits + this
+LOG_END = "end.json"            # in LOG_DIR
+ACTIVITY_SUFFIX = ".act"        # in ACTIVITY_DIR
 #: every name a journal directory may hold (plus ``NAME.tmp`` during an atomic write)
 JOURNAL_NAMES = frozenset({META, LOCK, DAEMON, LOG_DIR, SPILL_DIR, ACTIVITY_DIR, DAEMON_LOG, PENDING,
                            NEEDS_RESYNC})
@@ -62,6 +76,19 @@ SHADOW_STAGING = "staging"
 SHADOW_APPLIED = "applied.json"
 SHADOW_IDENTITY = "shadow.json"
 SHADOW_BROWSE_LOCK = "browse.lock"    # fusejournal/browsegate.py
+STAGING_CURSOR = "cursor"       # in SHADOW_STAGING
+
+# a consistency group's journal
+GROUP_COMMITS = "commits.jsonl"
+GROUP_LOG = "coordinator.log"
+GROUP_RUN_DIR = "run"
+GROUP_COORDINATOR_SOCK = "coordinator.sock"     # in GROUP_RUN_DIR
+GROUP_COORDINATOR_PID = "coordinator.pid"       # in GROUP_RUN_DIR
+GROUP_COORDINATOR_LOCK = "coordinator.lock"     # in GROUP_RUN_DIR
+GROUP_MEMBERS_DIR = "members"
+
+#: the name a file is written under before it is renamed over NAME
+TMP_SUFFIX = ".tmp"
 #: every name a shadow directory may hold (plus ``NAME.tmp`` during an atomic write)
 SHADOW_NAMES = frozenset({SHADOW_TREE, SHADOW_INODES, SHADOW_STAGING, SHADOW_APPLIED, SHADOW_IDENTITY,
                           SHADOW_BROWSE_LOCK})
@@ -82,7 +109,7 @@ XATTR_PID = XATTR_PREFIX + b"pid"          # also answered by browse mounts
 
 def known_name(name: str, names: frozenset[str]) -> bool:
     """True if ``name`` belongs in a directory of the layout ``names`` (temp files included)."""
-    return name in names or (name.endswith(".tmp") and name[:-4] in names)
+    return name in names or (name.endswith(TMP_SUFFIX) and name[:-len(TMP_SUFFIX)] in names)
 
 
 def make_private_dirs(path: str | Path) -> None:

@@ -34,17 +34,18 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import compression
+from . import compression, layout
 from .faults import fault
 from .records import Record, RecordError, decode, encode, record_size
 from .sysc import fsync_dir, pread_full
+from .treewalk import durable_replace
 
 LOG_FORMAT = 1
-SEGMENT_SUFFIX = ".fjlog"
+SEGMENT_SUFFIX = layout.LOG_SEGMENT_SUFFIX
 FILE_MAGIC = b"FJLOG\0"
 ENTRY_MAGIC = b"FJ"
 BATCH = 1
@@ -61,7 +62,7 @@ _NAME_RE = re.compile(r"([0-9]{16,})" + re.escape(SEGMENT_SUFFIX), re.ASCII)
 #: written at each clean close: the last confirmed checkpoint then.  The log only
 #: grows (prune keeps the last segment), so a later scan that ends before it means
 #: confirmed checkpoints were cut off (a truncated or removed segment).
-END_FILE = "end.json"
+END_FILE = layout.LOG_END
 
 
 def _span(a: int, b: int) -> str:
@@ -82,15 +83,7 @@ def read_end(directory: str | Path) -> int | None:
 
 
 def _write_end(directory: Path, last: int) -> None:
-    tmp = directory / (END_FILE + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps({"last_checkpoint": last}).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, directory / END_FILE)
-    fsync_dir(directory)
+    durable_replace(directory / END_FILE, json.dumps({"last_checkpoint": last}).encode() + b"\n")
 
 
 def _remove_end(directory: Path) -> bool:
@@ -502,13 +495,19 @@ def _iter_batches(path: Path, info: CheckpointInfo) -> Iterator[tuple[int, bytes
         os.close(fd)
 
 
-def _verify(path: Path, info: CheckpointInfo) -> None:
+def _verify(path: Path, info: CheckpointInfo,
+            each: Callable[[int, Record], None] | None = None) -> None:
     seg, cp, m = info.start.segment, info.marker.checkpoint, info.marker
     ops = raw_bytes = 0
     for offset, raw in _iter_batches(path, info):
         raw_bytes += len(raw)
         try:
-            ops += sum(1 for _ in decode(raw))
+            if each is None:
+                ops += sum(1 for _ in decode(raw))
+            else:
+                for rec in decode(raw):
+                    each(ops, rec)
+                    ops += 1
         except RecordError as e:
             raise CorruptLog(seg, offset, cp, f"undecodable records: {e}") from None
     if (ops, raw_bytes) != (m.operations, m.raw_bytes):
@@ -662,10 +661,14 @@ class OrderedLog:
     def _path(self, info: CheckpointInfo) -> Path:
         return self.directory / format_segment_name(info.start.segment)
 
-    def verify(self, info: CheckpointInfo) -> None:
+    def verify(self, info: CheckpointInfo, each: Callable[[int, Record], None] | None = None) -> None:
         """Check every entry of a checkpoint: checksums, lz4 frames, record
-        decoding, and the marker's counts.  Raises :class:`CorruptLog`."""
-        _verify(self._path(info), info)
+        decoding, and the marker's counts.  Raises :class:`CorruptLog`.
+
+        ``each(index, record)``, if given, is called on every decoded record in
+        the same pass (the updater validates the batch with it); what it
+        raises propagates."""
+        _verify(self._path(info), info, each)
 
     def records(self, info: CheckpointInfo) -> Iterator[Record]:
         """The checkpoint's records, in order, one chunk in memory at a time.

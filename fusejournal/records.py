@@ -33,6 +33,8 @@ The format is versioned by :data:`RECORD_FORMAT`; see docs/format.md.
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
@@ -61,7 +63,8 @@ class Mknod(NamedTuple):
 
 
 class Mkdir(NamedTuple):
-    mode: int
+    """A new directory at ``path``."""
+    mode: int          # permission bits only (S_IMODE): see mkdir_record
     uid: int
     gid: int
     mtime_ns: int
@@ -161,6 +164,46 @@ _FORMATS: dict[int, tuple[type, str, int]] = {
     11: (Removexattr, "Q", 2),
 }
 _NS = 1_000_000_000
+
+
+# ---------------------------------------------------------------- building records
+# The one place that decides which attributes of the original go into a record
+# (fs.py, resync.py and the tests build records only through these).
+
+def mknod_record(st: os.stat_result, pmtime_ns: int, path: bytes) -> Mknod:
+    """A new non-directory: the full st_mode (type and permissions); rdev only for devices."""
+    rdev = 0 if stat.S_ISREG(st.st_mode) else st.st_rdev
+    return Mknod(st.st_ino, st.st_mode, st.st_uid, st.st_gid, rdev, st.st_mtime_ns, pmtime_ns, path)
+
+
+def mkdir_record(st: os.stat_result, pmtime_ns: int, path: bytes) -> Mkdir:
+    """A new directory: its permission bits only (the type is implied)."""
+    return Mkdir(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, pmtime_ns, path)
+
+
+def symlink_record(st: os.stat_result, pmtime_ns: int, path: bytes, target: bytes) -> Symlink:
+    """A new symbolic link (its mode means nothing and is not kept)."""
+    return Symlink(st.st_ino, st.st_uid, st.st_gid, st.st_mtime_ns, pmtime_ns, path, target)
+
+
+def setattr_record(ino: int, mask: int, st: os.stat_result, path: bytes = b"", *,
+                   size: int | None = None) -> Setattr:
+    """Attributes after a change (``ref``: ``ino``, or 0 and a directory's ``path``).
+
+    The updater applies mode, uid and gid under ``mask`` (the mode also after
+    a chown, for the setuid/setgid bits it cleared), size and atime only
+    under ``mask``, and the mtime always.  So mode (permission bits only),
+    uid, gid and mtime always come from ``st``, the original after the
+    operation; size and atime only when ``mask`` has them, else 0, so that
+    the same object always gives the same record (reading a directory
+    changes its atime).  ``size`` overrides st_size (resync cutting a file
+    before rewriting it).
+    """
+    if size is None:
+        size = st.st_size if mask & ATTR_SIZE else 0
+    atime_ns = st.st_atime_ns if mask & ATTR_ATIME else 0
+    return Setattr(ino, mask, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, size, atime_ns,
+                   st.st_mtime_ns, path)
 
 
 def _compile(fmt: str) -> tuple[struct.Struct, tuple[int, ...]]:

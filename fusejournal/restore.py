@@ -43,7 +43,11 @@ from pathlib import Path
 from . import layout
 from .browsegate import holding
 from .errors import EXIT_USAGE, UserError
-from .shadow import _O_DIR, _O_PATH, _O_READ, Shadow, ShadowError, copy_data, read_xattrs, write_xattrs
+from .shadow import Shadow, ShadowError
+from .treewalk import O_DIR as _O_DIR
+from .treewalk import O_PATH as _O_PATH
+from .treewalk import O_READ as _O_READ
+from .treewalk import copy_data, read_xattrs, write_xattrs
 
 _CURSOR = "cursor"
 

@@ -61,19 +61,29 @@ from .records import (
     ATTR_SIZE,
     ATTR_UID,
     Link,
-    Mkdir,
-    Mknod,
     Record,
     Removexattr,
     Rename,
     Rmdir,
-    Setattr,
     Setxattr,
-    Symlink,
     Unlink,
     Write,
+    mkdir_record,
+    mknod_record,
+    setattr_record,
+    symlink_record,
 )
-from .shadow import Shadow, data_map, read_xattrs
+from .shadow import Shadow
+from .treewalk import O_DIR as _O_DIR
+from .treewalk import O_PATH as _O_PATH
+from .treewalk import O_WALK as _O_WALK
+from .treewalk import data_map, read_xattrs
+from .treewalk import join as _join
+from .treewalk import listdir as _listdir
+from .treewalk import lstat_at as _lstat
+from .treewalk import open_at as _open_at
+from .treewalk import open_read as _open_read
+from .treewalk import same_object as _same
 
 __all__ = ["resync", "resync_iter", "ResyncError", "CHUNK", "UNKNOWN_KEY", "CTIME_MARGIN_NS"]
 
@@ -85,10 +95,6 @@ UNKNOWN_KEY = (1 << 64) - 1
 #: since then (covers the coarse clock of file timestamps; larger only costs comparisons)
 CTIME_MARGIN_NS = 10 * 1_000_000_000
 
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_MASK = ATTR_MODE | ATTR_UID | ATTR_GID | ATTR_MTIME
 _FILE_MASK = _DIR_MASK | ATTR_SIZE
 _LINK_MASK = ATTR_UID | ATTR_GID | ATTR_MTIME
@@ -105,53 +111,12 @@ class ResyncError(Exception):
 
 # ------------------------------------------------------------------ helpers
 
-def _join(parent: bytes, name: bytes) -> bytes:
-    return parent + b"/" + name if parent else name
-
-
 def _parent(path: bytes) -> bytes:
     return path.rpartition(b"/")[0]
 
 
 def _depth(path: bytes) -> int:
     return path.count(b"/") + 1 if path else 0
-
-
-def _listdir(fd: int) -> list[bytes]:
-    return sorted(os.fsencode(n) for n in os.listdir(fd))
-
-
-def _lstat(dir_fd: int, name: bytes | str) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
-def _same(a: os.stat_result | None, b: os.stat_result | None) -> bool:
-    return a is not None and b is not None and a.st_ino == b.st_ino and a.st_dev == b.st_dev
-
-
-def _open_at(base_fd: int, path: bytes, flags: int) -> int:
-    """Open ``path`` (relative, b"" = base itself) below ``base_fd`` without following symlinks.
-
-    Every directory on the way is opened with O_NOFOLLOW|O_DIRECTORY; OSError
-    (ENOENT, ENOTDIR, ELOOP ...) if the path does not lead there.
-    """
-    if not path:
-        return os.open(".", flags, dir_fd=base_fd)
-    comps = path.split(b"/")
-    fd = base_fd
-    try:
-        for comp in comps[:-1]:
-            nfd = os.open(comp, _O_WALK, dir_fd=fd)
-            if fd != base_fd:
-                os.close(fd)
-            fd = nfd
-        return os.open(comps[-1], flags | os.O_NOFOLLOW, dir_fd=fd)
-    finally:
-        if fd != base_fd:
-            os.close(fd)
 
 
 def _xattrs(fd: int, is_path_fd: bool) -> dict[bytes, bytes]:
@@ -234,13 +199,6 @@ def _segments(omap: list[tuple[int, int]], smap: list[tuple[int, int]],
         in_s = j < len(smap) and smap[j][0] <= a
         if in_o or in_s:
             yield a, b, in_o, in_s
-
-
-def _open_read(dir_fd: int, name: bytes | str) -> int:
-    try:
-        return os.open(name, _O_READ | os.O_NOATIME, dir_fd=dir_fd)
-    except PermissionError:                 # O_NOATIME needs ownership or CAP_FOWNER
-        return os.open(name, _O_READ, dir_fd=dir_fd)
 
 
 class _Locator:
@@ -460,18 +418,16 @@ class _Resync:
         ``always`` the contents are compared even if size and mtime agree.
         """
         out: list = []
-        mode = stat.S_IMODE(o.st_mode)
         if stat.S_ISREG(o.st_mode):
             if o.st_size < k.st_size:
-                out.append(Setattr(key, ATTR_SIZE | ATTR_MTIME, mode, o.st_uid, o.st_gid, o.st_size,
-                                   0, o.st_mtime_ns, b""))
+                out.append(setattr_record(key, ATTR_SIZE | ATTR_MTIME, o))
             if always or o.st_size != k.st_size or o.st_mtime_ns != k.st_mtime_ns:
                 out.append(_Lazy(lambda: self.diff_data(key, o, loc)))
-            out.append(Setattr(key, _FILE_MASK, mode, o.st_uid, o.st_gid, o.st_size, 0, o.st_mtime_ns, b""))
+            out.append(setattr_record(key, _FILE_MASK, o))
         elif stat.S_ISLNK(o.st_mode):
-            out.append(Setattr(key, _LINK_MASK, mode, o.st_uid, o.st_gid, 0, 0, o.st_mtime_ns, b""))
+            out.append(setattr_record(key, _LINK_MASK, o))
         else:
-            out.append(Setattr(key, _DIR_MASK, mode, o.st_uid, o.st_gid, 0, 0, o.st_mtime_ns, b""))
+            out.append(setattr_record(key, _DIR_MASK, o))
         kfd = os.open(str(key), _O_PATH, dir_fd=self.inodes_fd)
         try:
             have = _xattrs(kfd, True)
@@ -512,8 +468,7 @@ class _Resync:
                     smap = [(0, send)] if send else []
                 cut = _first_stale(omap, smap, send, sst.st_blksize or 4096) if exact else None
                 if cut is not None:
-                    yield Setattr(key, ATTR_SIZE | ATTR_MTIME, stat.S_IMODE(o.st_mode), o.st_uid, o.st_gid,
-                                  cut, 0, mtime, b"")
+                    yield setattr_record(key, ATTR_SIZE | ATTR_MTIME, o, size=cut)
                     smap = [(s, min(e, cut)) for s, e in smap if s < cut]
                 for start, stop, in_o, in_s in _segments(omap, smap, size):
                     for off, nxt in _blocks(start, stop):
@@ -628,8 +583,7 @@ class _Resync:
                 continue
             self.unanchored.add(cpath)
             self.push(cpath)
-        self.p_dirattrs.append(Setattr(0, _DIR_MASK, stat.S_IMODE(ost.st_mode), ost.st_uid, ost.st_gid,
-                                       0, 0, ost.st_mtime_ns, path))
+        self.p_dirattrs.append(setattr_record(0, _DIR_MASK, ost, path))
         self.p_dirattrs.extend(_xattr_diff(0, path, _xattrs(ofd, False), _xattrs(sfd, False)))
 
     def anchored(self, path: bytes) -> bool:
@@ -773,23 +727,21 @@ class _Resync:
             os.close(fd)
         out = self.p_create
         if stat.S_ISLNK(o.st_mode):
-            out.append(Symlink(key, o.st_uid, o.st_gid, o.st_mtime_ns, pm, path, target))
+            out.append(symlink_record(o, pm, path, target))
         else:
-            out.append(Mknod(key, o.st_mode, o.st_uid, o.st_gid,
-                             0 if stat.S_ISREG(o.st_mode) else o.st_rdev, o.st_mtime_ns, pm, path))
+            out.append(mknod_record(o, pm, path))
         if stat.S_ISREG(o.st_mode):
             loc = _Locator(path=path)
             if o.st_size:
                 out.append(_Lazy(lambda: self.copy_data(key, o.st_size, o.st_mtime_ns, loc)))
-            out.append(Setattr(key, _FILE_MASK, stat.S_IMODE(o.st_mode), o.st_uid, o.st_gid, o.st_size,
-                               0, o.st_mtime_ns, b""))
+            out.append(setattr_record(key, _FILE_MASK, o))
         out.extend(_xattr_diff(key, b"", attrs, {}))
 
     def copy_dir(self, pfd: int, name: bytes, path: bytes, st: os.stat_result, pm: int) -> None:
         """Copy the original directory ``path`` and everything below it (the shadow has nothing there)."""
         self.copied.add(path)
         out = self.p_create
-        out.append(Mkdir(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, pm, path))
+        out.append(mkdir_record(st, pm, path))
         fd = os.open(name, _O_DIR, dir_fd=pfd)
         stack = [(fd, path, iter(()), st)]
         try:
@@ -802,8 +754,7 @@ class _Resync:
                 if cname is None:
                     stack.pop()
                     try:
-                        out.append(Setattr(0, _DIR_MASK, stat.S_IMODE(dst.st_mode), dst.st_uid, dst.st_gid,
-                                           0, 0, dst.st_mtime_ns, dpath))
+                        out.append(setattr_record(0, _DIR_MASK, dst, dpath))
                         out.extend(_xattr_diff(0, dpath, _xattrs(fd, False), {}))
                     finally:
                         os.close(fd)
@@ -815,7 +766,7 @@ class _Resync:
                                       f"the original is not supported)")
                 if stat.S_ISDIR(c.st_mode):
                     self.copied.add(cpath)
-                    out.append(Mkdir(c.st_mode, c.st_uid, c.st_gid, c.st_mtime_ns, dst.st_mtime_ns, cpath))
+                    out.append(mkdir_record(c, dst.st_mtime_ns, cpath))
                     cfd = os.open(cname, _O_DIR, dir_fd=fd)
                     stack.append((cfd, cpath, iter(_listdir(cfd)), c))
                 else:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .activity import Intent, decode_intents, encode_intent
 from .sysc import fsync_dir, name_to_handle
+from .treewalk import durable_replace
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +119,13 @@ class ResyncFlag:
             return
         keep = b"".join(encode_intent(i) for i in self.new)
         if keep:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, keep)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            durable_replace(self.path, keep)
         else:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         self.loaded = []
         self._present = bool(keep)
         self.recovered = False             # what is left (marked since) waits for the next mount

@@ -6,7 +6,7 @@ Layout (names from :mod:`fusejournal.layout`)::
     SHADOW/inodes/<ino>   one hidden hard link per non-directory of tree/,
                           named by the *original's* st_ino (decimal): the
                           inode keys records use to reach a file
-    SHADOW/staging/       the updater's cursor (see fusejournal.updater)
+    SHADOW/staging/       the updater's cursor (see fusejournal.staging)
     SHADOW/applied.json   {"applied": N}: tree/ equals the original at
                           checkpoint N (written durably, after syncfs)
     SHADOW/shadow.json    the identity: {"id": ..., "source": {...}}, the id
@@ -20,9 +20,9 @@ for a symlink or another directory is refused, never followed.  Every other
 access is relative to an fd opened from it, without following symlinks.
 
 :class:`Shadow` creates that layout, seeds it (checkpoint 0) from a directory
-fd of the original tree, records the applied checkpoint durably, and compares
-tree/ with the original (:meth:`Shadow.verify_matches`, used by tests and by
-``fusejournal fsck``).
+fd of the original tree (seed.py), records the applied checkpoint durably, and
+compares tree/ with the original (:meth:`Shadow.verify_matches`, verify.py, used
+by tests and by ``fusejournal fsck``).  The fd helpers are in treewalk.py.
 
 Every access to the original goes through file descriptors (``dir_fd=``,
 ``O_NOFOLLOW``): the original directory is normally hidden under the FUSE
@@ -39,19 +39,20 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from . import layout, sysc
 from .errors import UserError
+from .treewalk import O_DIR as _O_DIR
+from .treewalk import copy_data, data_extents, data_map, read_xattrs, write_xattrs
 
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
-_COPY_CHUNK = 1 << 20
+# the fd helpers moved to treewalk.py; these names stay importable from here
+__all__ = ["Shadow", "ShadowError", "ShadowRefused", "copy_data", "data_extents", "data_map",
+           "read_xattrs", "write_xattrs"]
+
 #: xattr namespaces compared by verify_matches (others are copied best-effort)
 _COMPARED_XATTRS = ("user.", "trusted.")
-_NOTSUP = {errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 class ShadowError(Exception):
@@ -64,174 +65,11 @@ class ShadowRefused(ShadowError, UserError):
 
 
 # ------------------------------------------------------------------ helpers
-
-def _proc_path(fd: int) -> str:
-    """A path reaching the object an (O_PATH) fd refers to, symlinks included.
-
-    The f*xattr calls refuse O_PATH fds; going through the /proc magic link
-    reaches the very object the fd holds (the link itself for a symlink).
-    """
-    return f"/proc/self/fd/{fd}"
-
-
-def read_xattrs(fd: int, is_path_fd: bool) -> dict[str, bytes]:
-    """All extended attributes we can read of the object behind ``fd``.
-
-    ``is_path_fd``: ``fd`` is an O_PATH fd (symlinks, fifos, devices,
-    sockets: objects we must not open for reading).  Namespaces we are not
-    allowed to read are silently absent (listxattr leaves them out).
-    """
-    target: int | str = _proc_path(fd) if is_path_fd else fd
-    try:
-        names = os.listxattr(target)
-    except OSError as e:
-        if e.errno in _NOTSUP:
-            return {}
-        raise
-    out: dict[str, bytes] = {}
-    for name in names:
-        try:
-            out[name] = os.getxattr(target, name)
-        except OSError as e:
-            if e.errno in _NOTSUP or e.errno in (errno.ENODATA, errno.EPERM, errno.EACCES):
-                continue
-            raise
-    return out
-
-
-def write_xattrs(fd: int, is_path_fd: bool, attrs: dict[str, bytes]) -> None:
-    """Set ``attrs`` on the object behind ``fd`` (see :func:`read_xattrs`).
-
-    Failures are ignored for filesystems without xattrs and for the
-    ``security.*`` / ``system.*`` namespaces (SELinux labels, ACLs on a
-    filesystem without them); ``user.*`` and ``trusted.*`` must succeed.
-    """
-    target: int | str = _proc_path(fd) if is_path_fd else fd
-    for name, value in attrs.items():
-        try:
-            os.setxattr(target, name, value)
-        except OSError as e:
-            if e.errno in _NOTSUP:
-                continue
-            if name.startswith(("security.", "system.")):
-                continue
-            raise
-
-
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """Yield ``(start, end)`` ranges of ``fd`` that may hold data (holes skipped).
-
-    Falls back to one range covering the file where SEEK_DATA is unsupported.
-    """
-    off = 0
-    while off < size:
-        try:
-            start = os.lseek(fd, off, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:          # only a hole up to EOF
-                return
-            if e.errno in (errno.EINVAL, *_NOTSUP):
-                yield off, size
-                return
-            raise
-        if start >= size:
-            return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        if end <= start:                        # file changed under us
-            end = size
-        yield start, end
-        off = end
-
-
-def data_map(fd: int, size: int) -> list[tuple[int, int]] | None:
-    """The data extents of ``fd`` in [0, size), exactly as SEEK_DATA/SEEK_HOLE report them.
-
-    Everything else in [0, size) is a hole.  None where the filesystem
-    refuses SEEK_DATA (it cannot tell holes: there is no map to keep).
-    """
-    try:
-        os.lseek(fd, 0, os.SEEK_DATA)
-    except OSError as e:
-        if e.errno in (errno.EINVAL, *_NOTSUP):
-            return None
-        if e.errno != errno.ENXIO:              # ENXIO: nothing but a hole
-            raise
-    return list(data_extents(fd, size))
-
-
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
-    """Copy bytes [start, end) from src to dst at the same offsets."""
-    off = start
-    try:
-        while off < end:
-            n = os.copy_file_range(src, dst, min(end - off, 1 << 30), off, off)
-            if n == 0:                          # source shrank
-                return
-            off += n
-        return
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EBADF, *_NOTSUP):
-            raise
-    while off < end:                            # plain read/write fallback
-        buf = os.pread(src, min(end - off, _COPY_CHUNK), off)
-        if not buf:
-            return
-        mv = memoryview(buf)
-        while mv:
-            n = os.pwrite(dst, mv, off)
-            off += n
-            mv = mv[n:]
-
-
-def copy_data(src: int, dst: int, size: int) -> None:
-    """Copy ``size`` bytes of file contents, keeping holes as holes."""
-    for start, end in data_extents(src, size):
-        _copy_range(src, dst, start, end)
-    os.ftruncate(dst, size)
-
+# (the fd helpers: treewalk.py)
 
 def _show(path: bytes) -> str:
     """A printable form of a tree-relative path."""
     return "/" + path.decode("utf-8", "backslashreplace")
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
-    return parent + b"/" + name if parent else name
-
-
-def _listdir(fd: int) -> list[bytes]:
-    """Sorted names (bytes) of the directory open at ``fd``."""
-    return sorted(os.fsencode(n) for n in os.listdir(fd))
-
-
-def _files_equal(a: int, b: int, size: int) -> int | None:
-    """Compare two files' first ``size`` bytes; return the first differing offset or None.
-
-    Only ranges holding data in either file are read (both are zero elsewhere),
-    so sparse files with huge holes compare quickly.
-    """
-    ranges = sorted(list(data_extents(a, size)) + list(data_extents(b, size)))
-    merged: list[list[int]] = []
-    for s, e in ranges:
-        if merged and s <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], e)
-        else:
-            merged.append([s, e])
-    for s, e in merged:
-        off = s
-        while off < e:
-            n = min(e - off, _COPY_CHUNK)
-            x = os.pread(a, n, off)
-            y = os.pread(b, n, off)
-            if x != y:
-                for i in range(min(len(x), len(y))):
-                    if x[i] != y[i]:
-                        return off + i
-                return off + min(len(x), len(y))
-            if not x:
-                break
-            off += n
-    return None
 
 
 # ------------------------------------------------------------------ shadow
@@ -307,7 +145,7 @@ class Shadow:
 
     def _write_atomic(self, root_fd: int, name: str, data: bytes) -> None:
         """Durably replace ``name`` in the root (0600, temp + fsync + rename + fsync of the root)."""
-        tmp = name + ".tmp"
+        tmp = name + layout.TMP_SUFFIX
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      layout.PRIVATE_FILE_MODE, dir_fd=root_fd)
         try:
@@ -546,7 +384,8 @@ class Shadow:
                     os.unlink(name, dir_fd=fd)
             finally:
                 os.close(fd)
-        return _Seeder(self, source_fd, progress).run()
+        from .seed import Seeder
+        return Seeder(self, source_fd, progress).run()
 
     # -------------------------------------------------------------- verify
 
@@ -562,313 +401,5 @@ class Shadow:
         object of the original's inode <ino>, and inodes/ must hold nothing
         else.
         """
-        return _Verifier(self, source_fd).run()
-
-
-# ------------------------------------------------------------------ seeding
-
-class _Seeder:
-    def __init__(self, shadow: Shadow, source_fd: int, progress: Callable[[int], None] | None) -> None:
-        self.shadow = shadow
-        self.source_fd = source_fd
-        self.progress = progress
-        self.count = 0
-        self.linked: set[int] = set()           # st_ino of multiply-linked files copied
-        self.dev = 0
-        self.inodes_fd = -1
-        self.shadow_id: tuple[int, int] = (0, 0)
-
-    def run(self) -> int:
-        sh = self.shadow
-        rfd = sh.open_root()
-        try:
-            st_sh = os.fstat(rfd)
-        finally:
-            os.close(rfd)
-        self.shadow_id = (st_sh.st_dev, st_sh.st_ino)
-        self.inodes_fd = sh.open_sub(layout.SHADOW_INODES)
-        # (src dir fd, dst dir fd, pending names, tree-relative path)
-        stack: list[tuple[int, int, Iterator[bytes], bytes]] = []
-        try:
-            src = os.open(".", _O_DIR, dir_fd=self.source_fd)
-            try:
-                dst = sh.open_sub(layout.SHADOW_TREE)
-            except BaseException:
-                os.close(src)
-                raise
-            st = os.fstat(src)
-            self.dev = st.st_dev
-            stack.append((src, dst, iter(_listdir(src)), b""))
-            os.fchown(dst, st.st_uid, st.st_gid)
-            while stack:
-                src, dst, names, path = stack[-1]
-                name = next(names, None)
-                if name is None:
-                    stack.pop()
-                    try:
-                        self._finish_dir(src, dst)
-                    finally:
-                        os.close(src)
-                        os.close(dst)
-                    continue
-                sub = self._copy_entry(src, dst, name, _join(path, name))
-                if sub is not None:
-                    stack.append(sub)
-                self.count += 1
-                if self.progress is not None:
-                    self.progress(self.count)
-        finally:
-            for src, dst, _, _ in stack:
-                os.close(src)
-                os.close(dst)
-            os.close(self.inodes_fd)
-        sh.set_applied(0)
-        return self.count
-
-    def _finish_dir(self, src: int, dst: int) -> None:
-        st = os.fstat(src)
-        os.fchmod(dst, stat.S_IMODE(st.st_mode))
-        write_xattrs(dst, False, read_xattrs(src, False))
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-    def _copy_entry(self, src: int, dst: int, name: bytes, path: bytes):
-        st = os.stat(name, dir_fd=src, follow_symlinks=False)
-        if st.st_dev != self.dev:
-            raise ShadowError(f"{_show(path)} is on another filesystem (a mount point inside "
-                              f"the original is not supported)")
-        mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            if (st.st_dev, st.st_ino) == self.shadow_id:
-                raise ShadowError(f"the shadow lies inside the original tree at {_show(path)}")
-            os.mkdir(name, 0o700, dir_fd=dst)
-            s = os.open(name, _O_DIR, dir_fd=src)
-            try:
-                d = os.open(name, _O_DIR, dir_fd=dst)
-                os.fchown(d, st.st_uid, st.st_gid)
-            except BaseException:
-                os.close(s)
-                raise
-            return s, d, iter(_listdir(s)), path
-        key = str(st.st_ino)
-        if st.st_nlink > 1 and st.st_ino in self.linked:
-            os.link(key, name, src_dir_fd=self.inodes_fd, dst_dir_fd=dst, follow_symlinks=False)
-            return None
-        if stat.S_ISREG(mode):
-            self._copy_file(src, dst, name, path)
-        elif stat.S_ISLNK(mode):
-            target = os.readlink(name, dir_fd=src)
-            os.symlink(target, name, dir_fd=dst)
-            os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
-            self._copy_path_xattrs(src, dst, name)
-            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
-        else:                                   # fifo, socket, char/block device
-            os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst)
-            os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
-            os.chmod(name, stat.S_IMODE(mode), dir_fd=dst)
-            self._copy_path_xattrs(src, dst, name)
-            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
-        os.link(name, key, src_dir_fd=dst, dst_dir_fd=self.inodes_fd, follow_symlinks=False)
-        if st.st_nlink > 1:
-            self.linked.add(st.st_ino)
-        return None
-
-    def _copy_file(self, src: int, dst: int, name: bytes, path: bytes) -> None:
-        try:
-            s = os.open(name, _O_READ | os.O_NOATIME, dir_fd=src)
-        except PermissionError:                 # O_NOATIME needs ownership or CAP_FOWNER
-            s = os.open(name, _O_READ, dir_fd=src)
-        try:
-            st = os.fstat(s)
-            if not stat.S_ISREG(st.st_mode):
-                raise ShadowError(f"{_show(path)} changed type while seeding")
-            d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        0o600, dir_fd=dst)
-            try:
-                copy_data(s, d, st.st_size)
-                os.fchown(d, st.st_uid, st.st_gid)
-                os.fchmod(d, stat.S_IMODE(st.st_mode))
-                write_xattrs(d, False, read_xattrs(s, False))
-                os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
-            finally:
-                os.close(d)
-        finally:
-            os.close(s)
-
-    @staticmethod
-    def _copy_path_xattrs(src: int, dst: int, name: bytes) -> None:
-        s = os.open(name, _O_PATH, dir_fd=src)
-        try:
-            attrs = read_xattrs(s, True)
-        finally:
-            os.close(s)
-        if attrs:
-            d = os.open(name, _O_PATH, dir_fd=dst)
-            try:
-                write_xattrs(d, True, attrs)
-            finally:
-                os.close(d)
-
-
-# ------------------------------------------------------------------ verification
-
-class _Verifier:
-    def __init__(self, shadow: Shadow, source_fd: int) -> None:
-        self.shadow = shadow
-        self.source_fd = source_fd
-        self.diffs: list[str] = []
-        # hard-link structure: path -> inode on each side (non-directories)
-        self.src_ino: dict[bytes, int] = {}
-        self.dst_ino: dict[bytes, int] = {}
-        self.src_keys: set[str] = set()
-        self.inodes_fd = -1
-
-    def diff(self, path: bytes, what: str) -> None:
-        self.diffs.append(f"{_show(path)}: {what}")
-
-    def run(self) -> list[str]:
-        try:
-            self.inodes_fd = self.shadow.open_sub(layout.SHADOW_INODES)
-        except (OSError, ShadowError) as e:
-            return [f"cannot open {self.shadow.inodes}: {e}"]
-        stack: list[tuple[int, int, bytes]] = []
-        try:
-            src = os.open(".", _O_DIR, dir_fd=self.source_fd)
-            try:
-                dst = self.shadow.open_sub(layout.SHADOW_TREE)
-            except (OSError, ShadowError) as e:
-                os.close(src)
-                return [f"cannot open {self.shadow.tree}: {e}"]
-            self._compare_common(b"", os.fstat(src), os.fstat(dst), src, dst, None)
-            stack.append((src, dst, b""))
-            while stack:
-                src, dst, path = stack.pop()
-                try:
-                    self._compare_dir(src, dst, path, stack)
-                finally:
-                    os.close(src)
-                    os.close(dst)
-            self._compare_links()
-            self._check_inodes_dir()
-        finally:
-            for src, dst, _ in stack:
-                os.close(src)
-                os.close(dst)
-            os.close(self.inodes_fd)
-        return self.diffs
-
-    def _compare_dir(self, src: int, dst: int, path: bytes, stack: list) -> None:
-        a, b = _listdir(src), _listdir(dst)
-        bset = set(b)
-        aset = set(a)
-        for name in a:
-            if name not in bset:
-                self.diff(_join(path, name), "missing in the shadow")
-        for name in b:
-            if name not in aset:
-                self.diff(_join(path, name), "not in the original (extra in the shadow)")
-        for name in a:
-            if name not in bset:
-                continue
-            p = _join(path, name)
-            sst = os.stat(name, dir_fd=src, follow_symlinks=False)
-            dst_st = os.stat(name, dir_fd=dst, follow_symlinks=False)
-            if stat.S_IFMT(sst.st_mode) != stat.S_IFMT(dst_st.st_mode):
-                self.diff(p, f"type {stat.filemode(sst.st_mode)[0]!r} in the original, "
-                             f"{stat.filemode(dst_st.st_mode)[0]!r} in the shadow")
-                continue
-            if stat.S_ISDIR(sst.st_mode):
-                s = os.open(name, _O_DIR, dir_fd=src)
-                try:
-                    d = os.open(name, _O_DIR, dir_fd=dst)
-                except BaseException:
-                    os.close(s)
-                    raise
-                try:
-                    self._compare_common(p, sst, dst_st, s, d, None)
-                except BaseException:
-                    os.close(s)
-                    os.close(d)
-                    raise
-                stack.append((s, d, p))
-            else:
-                self._compare_nondir(p, name, sst, dst_st, src, dst)
-
-    def _compare_common(self, p: bytes, a: os.stat_result, b: os.stat_result,
-                        afd: int, bfd: int, is_path_fd: bool | None) -> None:
-        """Mode, owner, mtime and xattrs (fds: real fds, or O_PATH if is_path_fd)."""
-        if stat.S_IMODE(a.st_mode) != stat.S_IMODE(b.st_mode):
-            self.diff(p, f"mode {stat.S_IMODE(a.st_mode):#o} in the original, "
-                         f"{stat.S_IMODE(b.st_mode):#o} in the shadow")
-        if (a.st_uid, a.st_gid) != (b.st_uid, b.st_gid):
-            self.diff(p, f"owner {a.st_uid}:{a.st_gid} in the original, {b.st_uid}:{b.st_gid} in the shadow")
-        if a.st_mtime_ns != b.st_mtime_ns:
-            self.diff(p, f"mtime {a.st_mtime_ns} in the original, {b.st_mtime_ns} in the shadow")
-        xa = {k: v for k, v in read_xattrs(afd, bool(is_path_fd)).items() if k.startswith(_COMPARED_XATTRS)}
-        xb = {k: v for k, v in read_xattrs(bfd, bool(is_path_fd)).items() if k.startswith(_COMPARED_XATTRS)}
-        if xa != xb:
-            for k in sorted(set(xa) | set(xb)):
-                if xa.get(k) != xb.get(k):
-                    self.diff(p, f"xattr {k}: {xa.get(k)!r} in the original, {xb.get(k)!r} in the shadow")
-
-    def _compare_nondir(self, p: bytes, name: bytes, a: os.stat_result, b: os.stat_result,
-                        src: int, dst: int) -> None:
-        self.src_ino[p] = a.st_ino
-        self.dst_ino[p] = b.st_ino
-        self.src_keys.add(str(a.st_ino))
-        try:
-            k = os.stat(str(a.st_ino), dir_fd=self.inodes_fd, follow_symlinks=False)
-            if (k.st_dev, k.st_ino) != (b.st_dev, b.st_ino):
-                self.diff(p, f"hidden link inodes/{a.st_ino} is another object")
-        except FileNotFoundError:
-            self.diff(p, f"hidden link inodes/{a.st_ino} is missing")
-        if stat.S_ISREG(a.st_mode):
-            s = os.open(name, _O_READ, dir_fd=src)
-            try:
-                d = os.open(name, _O_READ, dir_fd=dst)
-                try:
-                    self._compare_common(p, os.fstat(s), os.fstat(d), s, d, False)
-                    if a.st_size != b.st_size:
-                        self.diff(p, f"size {a.st_size} in the original, {b.st_size} in the shadow")
-                    else:
-                        off = _files_equal(s, d, a.st_size)
-                        if off is not None:
-                            self.diff(p, f"contents differ at offset {off}")
-                finally:
-                    os.close(d)
-            finally:
-                os.close(s)
-            return
-        if stat.S_ISLNK(a.st_mode):
-            ta = os.readlink(name, dir_fd=src)
-            tb = os.readlink(name, dir_fd=dst)
-            if ta != tb:
-                self.diff(p, f"symlink target {ta!r} in the original, {tb!r} in the shadow")
-        elif (stat.S_ISCHR(a.st_mode) or stat.S_ISBLK(a.st_mode)) and a.st_rdev != b.st_rdev:
-            self.diff(p, f"device {a.st_rdev:#x} in the original, {b.st_rdev:#x} in the shadow")
-        s = os.open(name, _O_PATH, dir_fd=src)
-        try:
-            d = os.open(name, _O_PATH, dir_fd=dst)
-            try:
-                self._compare_common(p, a, b, s, d, True)
-            finally:
-                os.close(d)
-        finally:
-            os.close(s)
-
-    def _compare_links(self) -> None:
-        def groups(m: dict[bytes, int]) -> dict[bytes, frozenset[bytes]]:
-            by: dict[int, set[bytes]] = {}
-            for path, ino in m.items():
-                by.setdefault(ino, set()).add(path)
-            return {path: frozenset(by[ino]) for path, ino in m.items()}
-        ga, gb = groups(self.src_ino), groups(self.dst_ino)
-        for path in sorted(ga):
-            if ga[path] != gb[path]:
-                self.diff(path, "hard links differ: original links "
-                          f"{sorted(_show(x) for x in ga[path])}, shadow links "
-                          f"{sorted(_show(x) for x in gb[path])}")
-
-    def _check_inodes_dir(self) -> None:
-        for name in os.listdir(self.inodes_fd):
-            if name not in self.src_keys:
-                self.diffs.append(f"stale hidden link inodes/{name} (no such inode in the original tree)")
+        from .verify import Verifier
+        return Verifier(self, source_fd).run()

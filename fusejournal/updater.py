@@ -3,12 +3,11 @@
 After checkpoint N is applied, SHADOW/tree equals the original tree as it was
 at checkpoint N.  How (details in docs/updater.md):
 
-1. **Verify** the batch (``log.verify(info)``); a corrupt batch stops the
-   updater before it, with the shadow untouched.
-2. **Validate** every record of the batch (one full pass over
-   ``log.records(info)``) before applying any: paths must be relative, free
-   of ``.``/``..``/empty components and NUL bytes; inode keys must be
-   positive ints.  A crafted batch is rejected as a whole.
+1. **Verify** the batch (``log.verify(info, ...)``) and, in the same pass,
+2. **validate** every record of it (records_check.py) before applying any:
+   paths must be relative, free of ``.``/``..``/empty components and NUL
+   bytes; inode keys must be positive ints.  A corrupt or crafted batch
+   stops the updater before it, with the shadow untouched.
 3. **Apply** the records in order (second pass), writing the staging cursor
    ``(N, next index)`` after each one.  Paths are resolved component by
    component from an fd of tree/ with ``O_NOFOLLOW|O_DIRECTORY``, and the
@@ -30,23 +29,24 @@ the shadow must then be seeded again.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
-import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 from . import sysc
 from .browsegate import UpdaterSide
+from .errors import SPACE_ERRNOS, NoSpace, UpdaterError
 from .faults import fault
-from .layout import SHADOW_INODES, SHADOW_STAGING, SHADOW_TREE
+from .layout import SHADOW_INODES, SHADOW_TREE
+from .log import CheckpointInfo, Marker
 from .records import (
     ATTR_ATIME,
     ATTR_GID,
     ATTR_MODE,
-    ATTR_MTIME,
     ATTR_SIZE,
     ATTR_UID,
     Link,
@@ -62,23 +62,21 @@ from .records import (
     Unlink,
     Write,
 )
+from .records_check import check_record, validate_record, validate_records
 from .shadow import Shadow
+from .staging import CURSOR, Cursor, StagingCursor, boot_id, clear_cursor, read_cursor
+from .treewalk import O_DIR as _O_DIR
+from .treewalk import O_WALK as _O_WALK
+from .treewalk import O_WRITE as _O_WRITE
+from .treewalk import same_object as _samestat
 
-__all__ = ["UpdaterError", "NoSpace", "Updater", "apply_records", "validate_record", "validate_records",
-           "Cursor", "read_cursor", "clear_cursor", "CURSOR"]
+# validation lives beside the record types (records_check.py), the staging cursor in
+# staging.py, the errors in errors.py: re-exported here under their old names
+__all__ = ["UpdaterError", "NoSpace", "SPACE_ERRNOS", "Updater", "apply_records", "validate_record",
+           "validate_records", "Cursor", "read_cursor", "clear_cursor", "boot_id", "CURSOR"]
 
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_WRITE = os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
-_ATTR_ALL = ATTR_MODE | ATTR_UID | ATTR_GID | ATTR_SIZE | ATTR_ATIME | ATTR_MTIME
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
-_NODE_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
-_U64 = (1 << 64) - 1
-_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
-# records keep times as i64 seconds + nanoseconds (records.py)
-_TIME_MIN, _TIME_MAX = _I64_MIN * 1_000_000_000, _I64_MAX * 1_000_000_000 + 999_999_999
-_ID_MAX = (1 << 32) - 2         # (uid_t)-1 means "no change" to chown: never a real id
 
 #: appended to errors that mean the shadow is not what the log expects
 RESEED_HINT = "the shadow does not match the log (changed by hand?): fusejournal mount --reseed"
@@ -91,260 +89,12 @@ RESEED_REPAIR_HINT = ("run `fusejournal fsck JOURNAL` to see what is lost, then 
 FD_CACHE_SIZE = 64
 
 
-class UpdaterError(Exception):
-    """A batch could not be applied (rejected as unsafe, or the shadow disagrees with it)."""
-
-
-#: errnos that mean "the shadow's filesystem is full": a state to wait out, not damage
-SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-class NoSpace(UpdaterError):
-    """The shadow's filesystem ran out of space (ENOSPC/EDQUOT) while applying a batch.
-
-    Transient: the staging cursor keeps the position, nothing is wrong with
-    the shadow or the log, and :meth:`Updater.run_once` resumes exactly
-    there once space is freed.  ``checkpoint``/``record`` say where it stopped.
-    """
-
-    def __init__(self, message: str, checkpoint: int | None = None, record: int | None = None) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
-        self.record = record
-
-
 def _is_space_error(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in SPACE_ERRNOS
 
 
 class _ApplyError(Exception):
     """A record cannot be applied to the shadow (message completed by apply_records)."""
-
-
-# ------------------------------------------------------------------ validation
-
-def _check_int(value: object, what: str, lo: int, hi: int) -> None:
-    if type(value) is not int or not lo <= value <= hi:
-        raise ValueError(f"{what} {value!r} out of range")
-
-
-def _check_path(path: object, what: str = "path", allow_root: bool = False) -> None:
-    """Reject any path that could leave tree/ (see the module docstring)."""
-    if type(path) is not bytes:
-        raise ValueError(f"{what} is not bytes: {path!r}")
-    if path == b"":
-        if allow_root:
-            return
-        raise ValueError(f"{what} is empty")
-    if b"\0" in path:
-        raise ValueError(f"{what} {path!r} contains a NUL byte")
-    if path.startswith(b"/"):
-        raise ValueError(f"{what} {path!r} is absolute")
-    for comp in path.split(b"/"):
-        if comp in (b"", b".", b".."):
-            raise ValueError(f"{what} {path!r} has a {comp.decode() or 'empty'!r} component")
-        if len(comp) > 255:
-            raise ValueError(f"{what} {path!r} has a component longer than 255 bytes")
-
-
-def _check_key(ino: object) -> None:
-    _check_int(ino, "inode key", 1, _U64)
-
-
-def _check_ref(ino: object, path: object) -> None:
-    _check_int(ino, "inode key", 0, _U64)
-    _check_path(path, allow_root=True)
-
-
-def _check_perm(mode: object, allowed_types: tuple[int, ...]) -> None:
-    _check_int(mode, "mode", 0, 0xFFFFFFFF)
-    assert isinstance(mode, int)
-    if mode & ~(stat.S_IFMT(mode) | 0o7777):
-        raise ValueError(f"mode {mode:#o} has unknown bits")
-    if stat.S_IFMT(mode) not in allowed_types:
-        raise ValueError(f"mode {mode:#o} has an unexpected file type")
-
-
-def _check_ids(uid: object, gid: object) -> None:
-    _check_int(uid, "uid", 0, _ID_MAX)
-    _check_int(gid, "gid", 0, _ID_MAX)
-
-
-def _check_times(*times: object) -> None:
-    for t in times:
-        _check_int(t, "time", _TIME_MIN, _TIME_MAX)
-
-
-def _check_xattr_name(name: object) -> None:
-    if type(name) is not bytes or not name or b"\0" in name or len(name) > 255:
-        raise ValueError(f"bad xattr name {name!r}")
-
-
-def validate_record(rec: Record) -> None:
-    """Raise ValueError unless ``rec`` is a well-formed, safe record.
-
-    Checks types and ranges of every field and the safety of every path;
-    does not look at the shadow.
-    """
-    t = type(rec)
-    if t is Write:
-        ino, off, mtime, data = rec
-        if (type(ino) is int and type(off) is int and type(mtime) is int and type(data) is bytes
-                and 0 < ino <= _U64 and 0 <= off <= _I64_MAX - len(data)
-                and _TIME_MIN <= mtime <= _TIME_MAX):
-            return                                  # the common case, checked quickly
-        _check_key(rec.ino)
-        if type(rec.data) is not bytes:
-            raise ValueError("write data is not bytes")
-        _check_int(rec.offset, "offset", 0, _I64_MAX - len(rec.data))
-        _check_times(rec.mtime_ns)
-    elif t is Mknod:
-        _check_key(rec.ino)
-        _check_perm(rec.mode, _NODE_TYPES)
-        _check_ids(rec.uid, rec.gid)
-        _check_int(rec.rdev, "rdev", 0, _U64)
-        _check_times(rec.mtime_ns, rec.pmtime_ns)
-        _check_path(rec.path)
-    elif t is Mkdir:
-        _check_perm(rec.mode, (0, stat.S_IFDIR))
-        _check_ids(rec.uid, rec.gid)
-        _check_times(rec.mtime_ns, rec.pmtime_ns)
-        _check_path(rec.path)
-    elif t is Symlink:
-        _check_key(rec.ino)
-        _check_ids(rec.uid, rec.gid)
-        _check_times(rec.mtime_ns, rec.pmtime_ns)
-        _check_path(rec.path)
-        if type(rec.target) is not bytes or not rec.target or b"\0" in rec.target:
-            raise ValueError(f"bad symlink target {rec.target!r}")
-    elif t is Link or t is Unlink:
-        _check_key(rec.ino)
-        _check_times(rec.pmtime_ns)
-        _check_path(rec.path)
-    elif t is Rmdir:
-        _check_times(rec.pmtime_ns)
-        _check_path(rec.path)
-    elif t is Rename:
-        if rec.flags not in (0, _RENAME_NOREPLACE, _RENAME_EXCHANGE):
-            raise ValueError(f"bad rename flags {rec.flags!r}")
-        _check_int(rec.ino, "inode key", 0, _U64)
-        _check_times(rec.old_pmtime_ns, rec.new_pmtime_ns)
-        _check_path(rec.old, "old path")
-        _check_path(rec.new, "new path")
-    elif t is Setattr:
-        _check_ref(rec.ino, rec.path)
-        _check_int(rec.mask, "setattr mask", 0, _ATTR_ALL)
-        _check_int(rec.mode, "mode", 0, 0xFFFFFFFF)
-        if rec.mask & ATTR_MODE and rec.mode & ~(stat.S_IFMT(rec.mode) | 0o7777):
-            raise ValueError(f"mode {rec.mode:#o} has unknown bits")
-        _check_int(rec.uid, "uid", 0, 0xFFFFFFFF)
-        _check_int(rec.gid, "gid", 0, 0xFFFFFFFF)
-        if rec.mask & ATTR_UID:
-            _check_int(rec.uid, "uid", 0, _ID_MAX)
-        if rec.mask & ATTR_GID:
-            _check_int(rec.gid, "gid", 0, _ID_MAX)
-        _check_int(rec.size, "size", 0, _I64_MAX)
-        _check_times(rec.atime_ns, rec.mtime_ns)
-    elif t is Setxattr:
-        _check_ref(rec.ino, rec.path)
-        _check_xattr_name(rec.name)
-        if type(rec.value) is not bytes:
-            raise ValueError("xattr value is not bytes")
-    elif t is Removexattr:
-        _check_ref(rec.ino, rec.path)
-        _check_xattr_name(rec.name)
-    else:
-        raise ValueError(f"unknown record type {t.__name__}")
-
-
-def validate_records(checkpoint: int, records: Iterable[Record]) -> int:
-    """Validate a whole batch; UpdaterError names the first bad record. Returns the count."""
-    n = 0
-    for n, rec in enumerate(records, 1):
-        try:
-            validate_record(rec)
-        except ValueError as e:
-            raise UpdaterError(f"checkpoint {checkpoint}: record {n - 1} "
-                               f"({type(rec).__name__}) rejected: {e}") from None
-    return n
-
-
-# ------------------------------------------------------------------ staging cursor
-
-#: file name of the cursor under SHADOW/staging
-CURSOR = "cursor"
-_CURSOR_MAGIC = b"FJCURSR1"
-_CURSOR_FMT = struct.Struct("<8sqqQQ16s")
-_boot_id_cache: bytes | None = None
-
-
-def boot_id() -> bytes:
-    """This boot's random id (16 bytes; zeros if unknown): tells a restart from a reboot."""
-    global _boot_id_cache
-    if _boot_id_cache is None:
-        try:
-            with open("/proc/sys/kernel/random/boot_id") as f:
-                _boot_id_cache = bytes.fromhex(f.read().strip().replace("-", ""))[:16].ljust(16, b"\0")
-        except (OSError, ValueError):
-            _boot_id_cache = bytes(16)
-    return _boot_id_cache
-
-
-class Cursor(NamedTuple):
-    """Progress through the batch being applied.
-
-    ``index`` records of ``checkpoint`` have been applied completely.  For an
-    exchanging rename at ``index``, ``token`` is the (st_dev, st_ino) the old
-    path had just before the exchange was attempted ((0, 0) otherwise): the
-    exchange has happened iff the old path no longer holds that object.
-    ``boot`` is the :func:`boot_id` of the system that wrote the cursor.
-    """
-    checkpoint: int
-    index: int
-    token: tuple[int, int] = (0, 0)
-    boot: bytes = bytes(16)
-
-    def pack(self) -> bytes:
-        return _CURSOR_FMT.pack(_CURSOR_MAGIC, self.checkpoint, self.index, *self.token, self.boot)
-
-
-def read_cursor(shadow: Shadow) -> Cursor | None:
-    """The staging cursor, or None when no batch is in progress."""
-    try:
-        sfd = shadow.open_sub(SHADOW_STAGING)         # never through a symlink
-    except FileNotFoundError:
-        return None
-    try:
-        fd = os.open(CURSOR, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
-    except FileNotFoundError:
-        return None
-    finally:
-        os.close(sfd)
-    try:
-        data = os.read(fd, _CURSOR_FMT.size + 1)
-    finally:
-        os.close(fd)
-    if len(data) != _CURSOR_FMT.size:
-        raise UpdaterError(f"staging cursor {shadow.staging / CURSOR} is damaged ({len(data)} bytes)")
-    magic, n, k, dev, ino, boot = _CURSOR_FMT.unpack(data)
-    if magic != _CURSOR_MAGIC or n < 1 or k < 0:
-        raise UpdaterError(f"staging cursor {shadow.staging / CURSOR} is damaged")
-    return Cursor(n, k, (dev, ino), boot)
-
-
-def clear_cursor(shadow: Shadow) -> None:
-    """Remove the staging cursor (no batch in progress)."""
-    sfd = shadow.open_sub(SHADOW_STAGING)
-    try:
-        os.unlink(CURSOR, dir_fd=sfd)
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(sfd)
-
-
-def _samestat(a: os.stat_result, b: os.stat_result) -> bool:
-    return a.st_ino == b.st_ino and a.st_dev == b.st_dev
 
 
 # ------------------------------------------------------------------ applying
@@ -360,13 +110,13 @@ class _Applier:
         self.replaced: set[tuple[int, int]] = set()       # objects that may have lost their last name
         self.resumed = False
         self.token: tuple[int, int, int] | None = None    # (index, st_dev, st_ino), see Cursor
-        self.cursor_fd = -1
-        self.tree_fd = self.inodes_fd = self.staging_fd = -1
+        self.staging: StagingCursor | None = None
+        self.tree_fd = self.inodes_fd = -1
         try:
             # from the shadow root opened with O_NOFOLLOW (and pinned): never a swapped symlink
             self.tree_fd = shadow.open_sub(SHADOW_TREE)
             self.inodes_fd = shadow.open_sub(SHADOW_INODES)
-            self.staging_fd = shadow.open_sub(SHADOW_STAGING)
+            self.staging = StagingCursor(shadow, checkpoint)
         except BaseException:
             self.close()
             raise
@@ -382,7 +132,9 @@ class _Applier:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
-        for name in ("cursor_fd", "tree_fd", "inodes_fd", "staging_fd"):
+        if self.staging is not None:
+            self.staging.close()
+        for name in ("tree_fd", "inodes_fd"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)
@@ -391,35 +143,16 @@ class _Applier:
     # -------------------------------------------------------------- cursor
 
     def begin(self, start: int) -> None:
-        """Open (or create) the cursor at (checkpoint, start)."""
-        cur = read_cursor(self.shadow)
-        if cur is not None and cur.checkpoint == self.checkpoint:
-            self.resumed = True
-            if cur.index == start:
-                if cur.token != (0, 0):
-                    self.token = (start, *cur.token)
-                self.cursor_fd = os.open(CURSOR, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                         dir_fd=self.staging_fd)
-                return
-        # A new cursor: atomic (a kill never leaves a half-written one) and
-        # durable before the first change to tree/, so that after a power
-        # loss an interrupted batch is always noticed (see Updater.run_once).
-        tmp = CURSOR + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=self.staging_fd)
-        try:
-            os.pwrite(fd, Cursor(self.checkpoint, start, (0, 0), boot_id()).pack(), 0)
-            os.fsync(fd)
-            os.rename(tmp, CURSOR, src_dir_fd=self.staging_fd, dst_dir_fd=self.staging_fd)
-            os.fsync(self.staging_fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.cursor_fd = fd
+        """Open (or create) the staging cursor at (checkpoint, start) (staging.py)."""
+        assert self.staging is not None
+        self.staging.begin(start)
+        self.resumed = self.staging.resumed
+        self.token = self.staging.token
 
     def advance(self, index: int, token: tuple[int, int] = (0, 0)) -> None:
         """Record that records before ``index`` are applied (in place, no fsync)."""
-        os.pwrite(self.cursor_fd, Cursor(self.checkpoint, index, token, boot_id()).pack(), 0)
+        assert self.staging is not None
+        self.staging.advance(index, token)
 
     # -------------------------------------------------------------- helpers
 
@@ -823,11 +556,7 @@ def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], st
         ap.begin(start)
         index = -1
         for index, rec in enumerate(records):
-            try:
-                validate_record(rec)
-            except ValueError as e:
-                raise UpdaterError(f"checkpoint {checkpoint}: record {index} "
-                                   f"({type(rec).__name__}) rejected: {e}") from None
+            check_record(checkpoint, index, rec)
             if index < start:
                 ap.note(rec)
                 continue
@@ -863,16 +592,27 @@ def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], st
 
 # ------------------------------------------------------------------ updater
 
+class LogSource(Protocol):
+    """What the updater reads of the ordered log (fusejournal.log.OrderedLog)."""
+
+    def checkpoints(self, after: int) -> Sequence[CheckpointInfo]: ...
+
+    def verify(self, info: CheckpointInfo,
+               each: Callable[[int, Record], None] | None = None) -> None: ...
+
+    def records(self, info: CheckpointInfo) -> Iterator[Record]: ...
+
+
 class Updater:
     """Brings the shadow up to the last complete checkpoint of the ordered log.
 
-    ``log`` needs ``checkpoints(after)``, ``verify(info)`` and
-    ``records(info)`` (see fusejournal.log.OrderedLog).  :meth:`run_once` is
-    called by the daemon from a worker thread; calls are serialized.
+    ``olog`` is a :class:`LogSource`.  :meth:`run_once` is called by the
+    daemon from a worker thread; calls are serialized.
     """
 
-    def __init__(self, log, shadow: Shadow, committed=None) -> None:
-        self.log = log
+    def __init__(self, olog: LogSource, shadow: Shadow,
+                 committed: Callable[[Marker], bool | None] | None = None) -> None:
+        self.olog = olog
         self.shadow = shadow
         #: a consistency group member's rule (fusejournal/member.py): marker ->
         #: True apply, False skip (its group checkpoint aborted), None stop here
@@ -939,7 +679,7 @@ class Updater:
                                f"down: the shadow {shadow.root} may have lost part of it and must be "
                                f"seeded again (fusejournal mount --reseed)")
         expect = applied + 1
-        for info in self.log.checkpoints(applied):
+        for info in self.olog.checkpoints(applied):
             n = info.marker.checkpoint
             if n <= applied:
                 continue
@@ -965,10 +705,10 @@ class Updater:
                 cursor = None
             self._current = n
             fault("updater.before_batch")
-            self.log.verify(info)           # CorruptLog: stop before this checkpoint
-            validate_records(n, self.log.records(info))
+            # one pass: CorruptLog, or UpdaterError for a bad record: stop before this checkpoint
+            self.olog.verify(info, functools.partial(check_record, n))
             with self.browse_gate.updating():
-                apply_records(shadow, n, self.log.records(info), start)
+                apply_records(shadow, n, self.olog.records(info), start)
                 fault("updater.before_applied")
                 shadow.set_applied(n)
                 clear_cursor(shadow)

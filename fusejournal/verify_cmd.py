@@ -9,7 +9,7 @@
    through the daemon's own fd of the source directory
    (``/proc/PID/fd/N``: the same user or root); otherwise the source path.
 4. Compare the whole shadow with the original (the shadow verifier,
-   ``shadow._Verifier``: names, types, contents, sizes, modes, owners, symlink
+   ``verify.Verifier``: names, types, contents, sizes, modes, owners, symlink
    targets, devices, hard links, xattrs, mtimes, and the hidden links), and
    keep only the differences in objects **not modified since N**: an object
    whose ctime (in the original, now) is at or after T − 1 s (coarse-clock
@@ -35,7 +35,8 @@ from pathlib import Path
 from . import layout
 from .browsegate import holding
 from .errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, UserError
-from .shadow import Shadow, ShadowError, _Verifier
+from .shadow import Shadow, ShadowError
+from .verify import Verifier as _Verifier
 
 _MARGIN_NS = 1_000_000_000      # ctimes come from a coarse clock: be generous
 

@@ -5,13 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/ruff ] && [ -x .venv/bin/mypy ] || .venv/bin/pip install -q -e '.[test,lint]'
 .venv/bin/ruff check fusejournal tests bench
-# The units, strictly typed; pyfuse3 stays out of them (only fs.py, mount.py and the
-# FUSE session import it).  updater/resync/log/cli are not yet (records are not typed
-# by kind: issue 8).
+# The units, strictly typed; pyfuse3 stays out of them (only fs.py and session.py, the
+# FUSE layer, import it: checked below).  updater/resync/log/cli are not yet (records
+# are not typed by kind: issue 8).
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/halt.py fusejournal/compression.py fusejournal/faults.py fusejournal/layout.py \
   fusejournal/errors.py fusejournal/tempstore.py fusejournal/activity.py fusejournal/sysc.py \
-  fusejournal/resyncflag.py fusejournal/inodes.py
+  fusejournal/resyncflag.py fusejournal/inodes.py fusejournal/staging.py fusejournal/session.py \
+  fusejournal/checks.py fusejournal/daemonize.py fusejournal/treewalk.py
 # the browse gate, restore and verify (issue 10)
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/browsegate.py fusejournal/restore.py fusejournal/verify_cmd.py
+# One FUSE layer: no other module imports pyfuse3
+if grep -lE '^\s*(import pyfuse3|from pyfuse3)' fusejournal/*.py | grep -vE '/(fs|session)\.py$'; then
+  echo "pyfuse3 is imported outside the FUSE layer (fs.py, session.py)" >&2; exit 1
+fi

@@ -31,6 +31,7 @@ needs_fuse = pytest.mark.skipif(not can_mount(), reason="needs root, /dev/fuse a
 
 
 def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "daemon_errors: the test provokes ERROR lines in the daemon's log")
     """CI (FJ_REQUIRE_MOUNTS=1, set by .ci/run) must run the real-mount tests, never skip them."""
     if os.environ.get("FJ_REQUIRE_MOUNTS") == "1" and not can_mount():
         raise pytest.UsageError("FJ_REQUIRE_MOUNTS=1 but real FUSE mounts are impossible here "
@@ -126,8 +127,20 @@ class Mounted:
         self.pid = None
 
 
+def daemon_errors(journal: Path) -> list[str]:
+    """The ERROR (and CRITICAL) lines of a journal's daemon.log."""
+    try:
+        text = (journal / "daemon.log").read_text(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if " ERROR " in line or " CRITICAL " in line]
+
+
 @pytest.fixture
-def dirs(tmp_path: Path) -> Mounted:
+def dirs(tmp_path: Path, request: pytest.FixtureRequest) -> Mounted:
+    """Directories for a mount (not mounted); unmounted at the end.  A test fails if
+    the daemon logged an ERROR it did not expect: mark a test that provokes one
+    ``@pytest.mark.daemon_errors``."""
     src = tmp_path / "src"
     mnt = tmp_path / "mnt"
     src.mkdir()
@@ -137,6 +150,10 @@ def dirs(tmp_path: Path) -> Mounted:
         yield m
     finally:
         m.cleanup()
+    errors = daemon_errors(m.journal)
+    if errors and request.node.get_closest_marker("daemon_errors") is None:
+        pytest.fail("the daemon logged an unexpected error (mark the test daemon_errors if it "
+                    "provokes one):\n" + "\n".join(errors[:10]), pytrace=False)
 
 
 @pytest.fixture

@@ -45,6 +45,10 @@ from fusejournal.records import (
     Write,
     decode,
     encode,
+    mkdir_record,
+    mknod_record,
+    setattr_record,
+    symlink_record,
 )
 from fusejournal.shadow import Shadow, ShadowError
 from fusejournal.updater import Cursor, Updater, UpdaterError, apply_records, read_cursor
@@ -92,8 +96,7 @@ class Recorder:
         fd = os.open(self.p(rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             s = os.fstat(fd)
-            self.records.append(Mknod(s.st_ino, s.st_mode, s.st_uid, s.st_gid, 0, s.st_mtime_ns,
-                                      self.pm(rel), rel))
+            self.records.append(mknod_record(s, self.pm(rel), rel))
         finally:
             os.close(fd)
         if data:
@@ -103,18 +106,17 @@ class Recorder:
     def mknod(self, rel: bytes, mode: int, rdev: int = 0) -> None:
         os.mknod(self.p(rel), mode, rdev)
         s = self.lst(rel)
-        self.records.append(Mknod(s.st_ino, s.st_mode, s.st_uid, s.st_gid, s.st_rdev,
-                                  s.st_mtime_ns, self.pm(rel), rel))
+        self.records.append(mknod_record(s, self.pm(rel), rel))
 
     def mkdir(self, rel: bytes, mode: int = 0o755) -> None:
         os.mkdir(self.p(rel), mode)
         s = self.lst(rel)
-        self.records.append(Mkdir(s.st_mode, s.st_uid, s.st_gid, s.st_mtime_ns, self.pm(rel), rel))
+        self.records.append(mkdir_record(s, self.pm(rel), rel))
 
     def symlink(self, rel: bytes, target: bytes) -> None:
         os.symlink(target, self.p(rel))
         s = self.lst(rel)
-        self.records.append(Symlink(s.st_ino, s.st_uid, s.st_gid, s.st_mtime_ns, self.pm(rel), rel, target))
+        self.records.append(symlink_record(s, self.pm(rel), rel, target))
 
     def link(self, src: bytes, rel: bytes) -> None:
         os.link(self.p(src), self.p(rel), follow_symlinks=False)
@@ -163,8 +165,7 @@ class Recorder:
             ino, path = 0, rel
         else:
             ino, path = s.st_ino, b""
-        self.records.append(Setattr(ino, mask, stat.S_IMODE(s.st_mode), s.st_uid, s.st_gid, s.st_size,
-                                    s.st_atime_ns, s.st_mtime_ns, path))
+        self.records.append(setattr_record(ino, mask, s, path))
 
     def truncate(self, rel: bytes, size: int) -> None:
         before = self.lst(rel)
@@ -226,9 +227,12 @@ class FakeLog:
     def checkpoints(self, after: int) -> list[Info]:
         return [Info(n) for n in sorted(self.batches) if n > after]
 
-    def verify(self, info: Info) -> None:
+    def verify(self, info: Info, each=None) -> None:
         if info.marker.checkpoint in self.corrupt:
             raise CorruptLog(f"bad checksum in checkpoint {info.marker.checkpoint}")
+        if each is not None:                  # the same pass validates every record
+            for i, rec in enumerate(self.records(info)):
+                each(i, rec)
 
     def records(self, info: Info):
         batch = self.batches[info.marker.checkpoint]

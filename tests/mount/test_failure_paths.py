@@ -69,6 +69,7 @@ def test_stale_control_names_on_the_original_are_hidden(dirs: Mounted) -> None:
     assert e.value.errno == errno.ENODATA
 
 
+@pytest.mark.daemon_errors      # an injected fault: the needs-resync error
 def test_unrecordable_change_needs_resync_until_the_next_mount(dirs: Mounted) -> None:
     """A change that reached the original but could not be recorded (an injected EIO when
     its record is made): status says so, durably; the next mount resyncs exactly it and the

@@ -19,7 +19,7 @@ from conftest import FJ, Mounted, fj, is_mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def refused(r: subprocess.CompletedProcess, code: int | None = None, *words: str) -> str:

@@ -412,6 +412,7 @@ print(json.dumps({"right": run((ino, src + b"/d/f")),
 '''
 
 
+@pytest.mark.daemon_errors      # a node id the daemon does not know, on purpose
 @needs_fuse
 @pytest.mark.mount
 @pytest.mark.parametrize("caps", ["all", "without CAP_DAC_READ_SEARCH"])
@@ -432,7 +433,7 @@ def test_sync_through_mount_by_node_id_or_by_path(mounted: Mounted, caps: str) -
         if caps != "all":
             cmd = ["setpriv", "--inh-caps=-dac_read_search", "--bounding-set=-dac_read_search", *cmd]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
-                           cwd=Path(__file__).resolve().parent.parent)
+                           cwd=Path(__file__).resolve().parents[2])
         assert r.returncode == 0, r.stderr
         out = json.loads(r.stdout)
         assert out["right"] == 1

@@ -24,6 +24,7 @@ pytestmark = [needs_fuse, pytest.mark.mount]
 UPDATE = b"user.fusejournal.update_permission"
 
 
+@pytest.mark.daemon_errors      # the failed checkpoint is an error
 def test_halt_timeout_fails_with_ebusy_and_loses_nothing(dirs: Mounted, tmp_path: Path) -> None:
     pause = tmp_path / "pause"
     pause.write_text("")

@@ -248,6 +248,7 @@ def test_random_kills(dirs: Mounted) -> None:
 
 # ------------------------------------------------------------ bad log data
 
+@pytest.mark.daemon_errors      # the corrupt log stops the updater
 def test_flipped_bit_stops_the_updater(dirs: Mounted, tmp_path: Path) -> None:
     pause = tmp_path / "pause"
     pause.write_text("")
@@ -418,6 +419,7 @@ def test_newer_journal_format_is_refused(dirs: Mounted) -> None:
     assert not is_mounted(dirs.mountpoint)
 
 
+@pytest.mark.daemon_errors      # the updater stops on the changed shadow
 def test_hand_modified_shadow_is_reported_and_reseeded(mounted: Mounted) -> None:
     mp = mounted.mountpoint
     (mp / "d").mkdir()

@@ -15,7 +15,7 @@ the checkpoint and in files created in the lost period.
 
 1. Real mount: sparse files, checkpoint, change them, kill -9 before the
    next checkpoint, remount (recovery), checkpoint, wait, compare.
-2. Without FUSE (resync() on a seeded shadow, as tests/test_resync.py does):
+2. Without FUSE (resync() on a seeded shadow, as tests/unit/test_resync.py does):
    the individual cases, with exact maps.
 """
 

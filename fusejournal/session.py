@@ -1,0 +1,64 @@
+"""The FUSE session: the one place besides fs.py that speaks pyfuse3.
+
+pyfuse3 keeps module-level state, so a process has one session: the journaled
+mount and each browse mount are separate daemons (mount.py, daemonize.py).
+
+serve_session:
+1. ``pyfuse3.init`` mounts the Operations (a failure is a UserError of one line);
+2. ``on_ready`` is called (the mount is usable: the waiting command returns);
+3. ``pyfuse3.main`` serves requests, with the background tasks (the updater's
+   task, a group member's connection) and a signal watcher beside it in one
+   nursery;
+4. SIGTERM/SIGINT/SIGHUP call ``pyfuse3.terminate``: no new request is read,
+   in-flight handlers finish, main returns;
+5. when main returns (unmounted or terminated) the background tasks are
+   cancelled, and the session is always closed, unmounting it if it was not
+   unmounted from outside.
+An exception in a background task cancels main and propagates after step 5.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from .errors import UserError
+
+log = logging.getLogger("fusejournal")
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for signum in sigs:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+async def serve_session(ops: pyfuse3.Operations, mountpoint: Path, opts: set[str],
+                        on_ready: Callable[[], None], *background: Callable[[], Any]) -> None:
+    """Mount ``ops`` (one FUSE session per process), call ``on_ready``, serve until
+    unmounted or signalled, with ``background`` tasks alongside; always close the session."""
+    try:
+        pyfuse3.init(ops, os.fspath(mountpoint), opts)
+    except RuntimeError as e:
+        raise UserError(f"cannot mount at {mountpoint}: {e}") from None
+    unmounted = False
+    try:
+        on_ready()
+        async with trio.open_nursery() as nursery:
+            for task in background:
+                nursery.start_soon(task)
+            nursery.start_soon(_terminate_on_signal)
+            await pyfuse3.main()
+            unmounted = True
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=not unmounted)

@@ -1,0 +1,277 @@
+"""One audited way to reach into a tree: every file-descriptor helper the
+seeder, the verifier, the updater and resync use to stay inside the original
+tree and the shadow.
+
+Rules every helper here keeps:
+1. a tree is reached only through a directory fd opened before (the original
+   is hidden under the mount; the shadow root is pinned by Shadow);
+2. a path is walked component by component from that fd (``open_at``): every
+   directory on the way is opened with ``O_PATH|O_DIRECTORY|O_NOFOLLOW``, the
+   last component with ``O_NOFOLLOW``: a symlink planted anywhere is an error
+   (ELOOP/ENOTDIR), never followed out of the tree;
+3. objects are compared by (st_dev, st_ino) (``same_object``), never by name;
+4. symlinks, fifos, devices and sockets are held by O_PATH fds and their
+   xattrs reached through ``/proc/self/fd/N`` (``proc_path``): never opened
+   for reading;
+5. file contents are copied and compared extent by extent (SEEK_DATA /
+   SEEK_HOLE), so holes stay holes;
+6. a small file the daemon keeps (journal metadata, log/end.json, the
+   needs-resync list) is replaced durably and atomically (``durable_replace``).
+
+The updater's own walk (updater._Applier._resolve) keeps rule 2 with an fd
+cache of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import layout
+from .sysc import fsync_dir
+
+__all__ = ["O_DIR", "O_WALK", "O_PATH", "O_READ", "O_WRITE", "COPY_CHUNK", "NOTSUP",
+           "join", "listdir", "lstat_at", "same_object", "open_at", "open_read", "proc_path",
+           "read_xattrs", "write_xattrs", "data_extents", "data_map", "copy_range", "copy_data",
+           "files_equal", "durable_replace"]
+
+#: a directory to list
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: a directory on the way (rule 2)
+O_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: any object, not opened (rule 4)
+O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+#: a file to read (never a fifo's open that blocks, never a controlling terminal)
+O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+#: a file to write
+O_WRITE = os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+COPY_CHUNK = 1 << 20
+NOTSUP = {errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    """A tree-relative path (b"" is the root)."""
+    return parent + b"/" + name if parent else name
+
+
+def listdir(fd: int) -> list[bytes]:
+    """Sorted names (bytes) of the directory open at ``fd``."""
+    return sorted(os.fsencode(n) for n in os.listdir(fd))
+
+
+def lstat_at(dir_fd: int, name: bytes | str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def same_object(a: os.stat_result | None, b: os.stat_result | None) -> bool:
+    return a is not None and b is not None and a.st_ino == b.st_ino and a.st_dev == b.st_dev
+
+
+def open_at(base_fd: int, path: bytes, flags: int) -> int:
+    """Open ``path`` (relative, b"" = base itself) below ``base_fd`` without following symlinks.
+
+    Every directory on the way is opened with O_NOFOLLOW|O_DIRECTORY; OSError
+    (ENOENT, ENOTDIR, ELOOP ...) if the path does not lead there.
+    """
+    if not path:
+        return os.open(".", flags, dir_fd=base_fd)
+    comps = path.split(b"/")
+    fd = base_fd
+    try:
+        for comp in comps[:-1]:
+            nfd = os.open(comp, O_WALK, dir_fd=fd)
+            if fd != base_fd:
+                os.close(fd)
+            fd = nfd
+        return os.open(comps[-1], flags | os.O_NOFOLLOW, dir_fd=fd)
+    finally:
+        if fd != base_fd:
+            os.close(fd)
+
+
+def open_read(dir_fd: int, name: bytes | str) -> int:
+    try:
+        return os.open(name, O_READ | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:                 # O_NOATIME needs ownership or CAP_FOWNER
+        return os.open(name, O_READ, dir_fd=dir_fd)
+
+
+def proc_path(fd: int) -> str:
+    """A path reaching the object an (O_PATH) fd refers to, symlinks included.
+
+    The f*xattr calls refuse O_PATH fds; going through the /proc magic link
+    reaches the very object the fd holds (the link itself for a symlink).
+    """
+    return f"/proc/self/fd/{fd}"
+
+
+def read_xattrs(fd: int, is_path_fd: bool) -> dict[str, bytes]:
+    """All extended attributes we can read of the object behind ``fd``.
+
+    ``is_path_fd``: ``fd`` is an O_PATH fd (symlinks, fifos, devices,
+    sockets: objects we must not open for reading).  Namespaces we are not
+    allowed to read are silently absent (listxattr leaves them out).
+    """
+    target: int | str = proc_path(fd) if is_path_fd else fd
+    try:
+        names = os.listxattr(target)
+    except OSError as e:
+        if e.errno in NOTSUP:
+            return {}
+        raise
+    out: dict[str, bytes] = {}
+    for name in names:
+        try:
+            out[name] = os.getxattr(target, name)
+        except OSError as e:
+            if e.errno in NOTSUP or e.errno in (errno.ENODATA, errno.EPERM, errno.EACCES):
+                continue
+            raise
+    return out
+
+
+def write_xattrs(fd: int, is_path_fd: bool, attrs: dict[str, bytes]) -> None:
+    """Set ``attrs`` on the object behind ``fd`` (see :func:`read_xattrs`).
+
+    Failures are ignored for filesystems without xattrs and for the
+    ``security.*`` / ``system.*`` namespaces (SELinux labels, ACLs on a
+    filesystem without them); ``user.*`` and ``trusted.*`` must succeed.
+    """
+    target: int | str = proc_path(fd) if is_path_fd else fd
+    for name, value in attrs.items():
+        try:
+            os.setxattr(target, name, value)
+        except OSError as e:
+            if e.errno in NOTSUP:
+                continue
+            if name.startswith(("security.", "system.")):
+                continue
+            raise
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, end)`` ranges of ``fd`` that may hold data (holes skipped).
+
+    Falls back to one range covering the file where SEEK_DATA is unsupported.
+    """
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:          # only a hole up to EOF
+                return
+            if e.errno in (errno.EINVAL, *NOTSUP):
+                yield off, size
+                return
+            raise
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end <= start:                        # file changed under us
+            end = size
+        yield start, end
+        off = end
+
+
+def data_map(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """The data extents of ``fd`` in [0, size), exactly as SEEK_DATA/SEEK_HOLE report them.
+
+    Everything else in [0, size) is a hole.  None where the filesystem
+    refuses SEEK_DATA (it cannot tell holes: there is no map to keep).
+    """
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, *NOTSUP):
+            return None
+        if e.errno != errno.ENXIO:              # ENXIO: nothing but a hole
+            raise
+    return list(data_extents(fd, size))
+
+
+def copy_range(src: int, dst: int, start: int, end: int) -> None:
+    """Copy bytes [start, end) from src to dst at the same offsets."""
+    off = start
+    try:
+        while off < end:
+            n = os.copy_file_range(src, dst, min(end - off, 1 << 30), off, off)
+            if n == 0:                          # source shrank
+                return
+            off += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EBADF, *NOTSUP):
+            raise
+    while off < end:                            # plain read/write fallback
+        buf = os.pread(src, min(end - off, COPY_CHUNK), off)
+        if not buf:
+            return
+        mv = memoryview(buf)
+        while mv:
+            n = os.pwrite(dst, mv, off)
+            off += n
+            mv = mv[n:]
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy ``size`` bytes of file contents, keeping holes as holes."""
+    for start, end in data_extents(src, size):
+        copy_range(src, dst, start, end)
+    os.ftruncate(dst, size)
+
+
+def files_equal(a: int, b: int, size: int) -> int | None:
+    """Compare two files' first ``size`` bytes; return the first differing offset or None.
+
+    Only ranges holding data in either file are read (both are zero elsewhere),
+    so sparse files with huge holes compare quickly.
+    """
+    ranges = sorted(list(data_extents(a, size)) + list(data_extents(b, size)))
+    merged: list[list[int]] = []
+    for s, e in ranges:
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    for s, e in merged:
+        off = s
+        while off < e:
+            n = min(e - off, COPY_CHUNK)
+            x = os.pread(a, n, off)
+            y = os.pread(b, n, off)
+            if x != y:
+                for i in range(min(len(x), len(y))):
+                    if x[i] != y[i]:
+                        return off + i
+                return off + min(len(x), len(y))
+            if not x:
+                break
+            off += n
+    return None
+
+
+def durable_replace(path: Path, data: bytes, mode: int = layout.PRIVATE_FILE_MODE) -> None:
+    """Write-temp + fsync + rename + fsync(dir): after return, ``path`` holds ``data`` durably.
+
+    The temporary file is ``NAME.tmp`` beside it, never reached through a
+    symlink, and gets ``mode`` even if a loose leftover was there.  A kill at
+    any point leaves the old file or the new one, never a mix.
+    """
+    tmp = path.with_name(path.name + layout.TMP_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)                 # a leftover temp file may be loose
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
