@@ -45,9 +45,8 @@ from .browsegate import holding
 from .errors import EXIT_USAGE, UserError
 from .shadow import Shadow, ShadowError
 from .treewalk import O_DIR as _O_DIR
-from .treewalk import O_PATH as _O_PATH
 from .treewalk import O_READ as _O_READ
-from .treewalk import copy_data, read_xattrs, write_xattrs
+from .treewalk import copy_data, copy_path_xattrs, read_xattrs, write_xattrs
 
 _CURSOR = "cursor"
 
@@ -240,13 +239,13 @@ class Restorer:
         elif stat.S_ISLNK(mode):
             os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
             self._chown(name, st.st_uid, st.st_gid, dir_fd=dst)
-            self._path_xattrs(src, dst, name)
+            copy_path_xattrs(src, dst, name)
             os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
         else:                        # fifo, socket, device
             os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst)
             self._chown(name, st.st_uid, st.st_gid, dir_fd=dst)
             os.chmod(name, stat.S_IMODE(mode), dir_fd=dst)
-            self._path_xattrs(src, dst, name)
+            copy_path_xattrs(src, dst, name)
             os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
         if linked:
             self.links[st.st_ino] = rel
@@ -271,19 +270,6 @@ class Restorer:
         finally:
             os.close(s)
 
-    @staticmethod
-    def _path_xattrs(src: int, dst: int, name: bytes) -> None:
-        s = os.open(name, _O_PATH, dir_fd=src)
-        try:
-            attrs = read_xattrs(s, True)
-        finally:
-            os.close(s)
-        if attrs:
-            d = os.open(name, _O_PATH, dir_fd=dst)
-            try:
-                write_xattrs(d, True, attrs)
-            finally:
-                os.close(d)
 
 
 def check_dest(dest: Path, forbidden: list[tuple[Path, str]], force: bool) -> None:

@@ -17,9 +17,8 @@ from collections.abc import Callable, Iterator
 from . import layout
 from .shadow import Shadow, ShadowError, _show
 from .treewalk import O_DIR as _O_DIR
-from .treewalk import O_PATH as _O_PATH
 from .treewalk import O_READ as _O_READ
-from .treewalk import copy_data, read_xattrs, write_xattrs
+from .treewalk import copy_data, copy_path_xattrs, read_xattrs, write_xattrs
 from .treewalk import join as _join
 from .treewalk import listdir as _listdir
 
@@ -116,13 +115,13 @@ class Seeder:
             target = os.readlink(name, dir_fd=src)
             os.symlink(target, name, dir_fd=dst)
             os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
-            self._copy_path_xattrs(src, dst, name)
+            copy_path_xattrs(src, dst, name)
             os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
         else:                                   # fifo, socket, char/block device
             os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst)
             os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
             os.chmod(name, stat.S_IMODE(mode), dir_fd=dst)
-            self._copy_path_xattrs(src, dst, name)
+            copy_path_xattrs(src, dst, name)
             os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
         os.link(name, key, src_dir_fd=dst, dst_dir_fd=self.inodes_fd, follow_symlinks=False)
         if st.st_nlink > 1:
@@ -151,19 +150,6 @@ class Seeder:
         finally:
             os.close(s)
 
-    @staticmethod
-    def _copy_path_xattrs(src: int, dst: int, name: bytes) -> None:
-        s = os.open(name, _O_PATH, dir_fd=src)
-        try:
-            attrs = read_xattrs(s, True)
-        finally:
-            os.close(s)
-        if attrs:
-            d = os.open(name, _O_PATH, dir_fd=dst)
-            try:
-                write_xattrs(d, True, attrs)
-            finally:
-                os.close(d)
 
 
 # ------------------------------------------------------------------ verification

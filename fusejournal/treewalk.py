@@ -154,6 +154,22 @@ def write_xattrs(fd: int, is_path_fd: bool, attrs: dict[str, bytes]) -> None:
             raise
 
 
+def copy_path_xattrs(src_dir: int, dst_dir: int, name: bytes) -> None:
+    """Copy the xattrs of ``name`` in ``src_dir`` to ``name`` in ``dst_dir``, through
+    O_PATH fds (for objects that cannot be opened: symlinks, fifos, devices, sockets)."""
+    s = os.open(name, O_PATH, dir_fd=src_dir)
+    try:
+        attrs = read_xattrs(s, True)
+    finally:
+        os.close(s)
+    if attrs:
+        d = os.open(name, O_PATH, dir_fd=dst_dir)
+        try:
+            write_xattrs(d, True, attrs)
+        finally:
+            os.close(d)
+
+
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """Yield ``(start, end)`` ranges of ``fd`` that may hold data (holes skipped).
 
