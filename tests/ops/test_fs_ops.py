@@ -6,11 +6,11 @@ import errno
 import os
 import stat
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyfuse3
 import pytest
 import trio
+from opshelp import fields, ops  # noqa: F401  (ops is a fixture)
 
 from fusejournal import records as R
 from fusejournal.acquisition import Checkpointer
@@ -19,25 +19,6 @@ from fusejournal.halt import Halt, HaltTimeout
 from fusejournal.tempstore import TempStore
 
 CTX = pyfuse3.RequestContext()   # uid 0, gid 0
-
-
-def fields(**kw) -> SimpleNamespace:
-    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
-             "update_gid", "update_size")
-    return SimpleNamespace(**{n: kw.get(n, False) for n in names})
-
-
-@pytest.fixture
-def ops(tmp_path: Path):
-    src = tmp_path / "src"
-    src.mkdir()
-    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    store = TempStore(None)
-    o = Operations(fd, store=store, halt=Halt())
-    o.src = src
-    yield o
-    o.close_all()
-    os.close(fd)
 
 
 def taken(o: Operations) -> list:

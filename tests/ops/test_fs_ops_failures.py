@@ -15,10 +15,10 @@ import errno
 import os
 import stat
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyfuse3
 import pytest
+from opshelp import fields
 
 from fusejournal import fs as fs_mod
 from fusejournal import records as R
@@ -29,12 +29,6 @@ from fusejournal.tempstore import TempStore
 
 CTX = pyfuse3.RequestContext()   # uid 0, gid 0
 OLD_NS = 1_000_000_123_456_789
-
-
-def fields(**kw) -> SimpleNamespace:
-    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
-             "update_gid", "update_size")
-    return SimpleNamespace(**{n: kw.get(n, False) for n in names})
 
 
 @pytest.fixture

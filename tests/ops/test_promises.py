@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 import trio
+from opshelp import fields, ops  # noqa: F401  (ops is a fixture)
 
 from fusejournal import records as R
 from fusejournal import sysc
@@ -38,24 +39,6 @@ from fusejournal.tempstore import TempStore
 
 CTX = pyfuse3.RequestContext()   # uid 0, gid 0
 IS_ROOT = os.geteuid() == 0
-
-
-def fields(**kw) -> SimpleNamespace:
-    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid",
-             "update_gid", "update_size")
-    return SimpleNamespace(**{n: kw.get(n, False) for n in names})
-
-
-@pytest.fixture
-def ops(tmp_path: Path):
-    src = tmp_path / "src"
-    src.mkdir()
-    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    o = Operations(fd, store=TempStore(None), halt=Halt())
-    o.src = src
-    yield o
-    o.close_all()
-    os.close(fd)
 
 
 async def _ino(ops: Operations, name: bytes) -> int:
