@@ -258,6 +258,10 @@ def cmd_mount(a: argparse.Namespace) -> int:
     source = Path(os.path.abspath(a.source))
     mountpoint = Path(os.path.abspath(a.mountpoint or a.source))
     jdef, sdef = layout.default_dirs(source)
+    if not a.journal or not a.shadow:
+        for d in layout.tighten_state_dirs(source):
+            print(f"fusejournal: made {d} private (0700): an older version left it writable by others",
+                  file=sys.stderr)
     journal = Path(os.path.abspath(a.journal)) if a.journal else jdef
     shadow = Path(os.path.abspath(a.shadow)) if a.shadow else None
     if shadow is None:

@@ -284,6 +284,30 @@ def state_root() -> Path:
     return Path(base) / "fusejournal"
 
 
+def tighten_state_dirs(source: Path) -> list[Path]:
+    """Make fusejournal's own default state directories private again.
+
+    Versions before 0.2 created ``state_root()`` and the per-source directory
+    below it with mode 0777 (the daemon's umask is 0), and the journal's
+    parent check then refuses them.  Only these two directories, and only when
+    each is a real directory (not a symlink) owned by this user, are set to
+    0700; anything else is left for the parent check to refuse.  Returns the
+    directories changed.
+    """
+    euid = os.geteuid()
+    changed = []
+    base = default_dirs(source)[0].parent
+    for d in (state_root(), base):
+        try:
+            st = os.lstat(d)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == euid and st.st_mode & 0o022:
+            os.chmod(d, PRIVATE_DIR_MODE)
+            changed.append(d)
+    return changed
+
+
 def default_dirs(source: Path) -> tuple[Path, Path]:
     """Default (journal, shadow) for a source directory.
 
