@@ -350,6 +350,11 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if name == b"." and parent_inode not in self.inodes:
+            # the kernel resolving a file handle (open_by_handle_at: the barrier before the
+            # halt) of an object it has forgotten since: gone, not a daemon error
+            log.debug("file handle of forgotten inode %d: ESTALE", parent_inode)
+            raise pyfuse3.FUSEError(errno.ESTALE)
         fino, _, st = self._lookup(parent_inode, name)
         return self._attr(st, fino)
 

@@ -179,3 +179,20 @@ def test_tempstore_spills_and_keeps_order(tmp_path: Path) -> None:
     store.append(R.Rmdir(1, b"after"))
     store.restore(batch)
     assert list(store.take()) == expected + [R.Rmdir(1, b"after")]
+
+
+async def test_handle_lookup_of_a_forgotten_inode_is_estale_not_an_error(ops: Operations, caplog) -> None:
+    """The barrier opens files by handle through the mount; the kernel resolves a handle
+    whose inode it no longer caches with LOOKUP(nodeid, "."): after the file was closed
+    and forgotten that is a race, answered ESTALE quietly; any other request for an
+    unknown inode is still logged as the daemon's error."""
+    import logging
+    caplog.set_level(logging.DEBUG, logger="fusejournal")
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.lookup(987654, b".", CTX)
+    assert e.value.errno == errno.ESTALE
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.lookup(987654, b"name", CTX)
+    assert e.value.errno == errno.ESTALE
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR]
