@@ -163,3 +163,23 @@ def mounted(dirs: Mounted) -> Mounted:
         pytest.skip("needs root, /dev/fuse and fusermount3")
     dirs.mount()
     return dirs
+
+
+def make_traversable(path: Path) -> None:
+    """Let other users reach ``path`` (pytest's temp dirs are private to root)."""
+    for p in [path, *path.parents]:
+        if p == Path("/"):
+            break
+        os.chmod(p, os.stat(p).st_mode | 0o011)
+
+
+def checkpoint_and_compare(m: Mounted, label: str = "t") -> int:
+    """Checkpoint, snapshot the original (quiescent), wait for the shadow, compare."""
+    from snapshot import assert_same, snapshot
+    n = m.checkpoint(label)
+    # the original itself (the same bytes the mount shows; SEEK_HOLE works there, so sparse
+    # files hash quickly)
+    expected = snapshot(m.source)
+    m.wait(n)
+    assert_same(expected, snapshot(m.tree))
+    return n

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, needs_fuse
+from conftest import Mounted, checkpoint_and_compare, make_traversable, needs_fuse
 from snapshot import assert_same, snapshot
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -28,22 +28,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.posix_fallocate.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
-
-
-def make_traversable(path: Path) -> None:
-    """Let other users reach ``path`` (pytest's temp dirs are private to root)."""
-    for p in [path, *path.parents]:
-        if p == Path("/"):
-            break
-        os.chmod(p, os.stat(p).st_mode | 0o011)
-
-
-def checkpoint_and_compare(m: Mounted, label: str = "t") -> int:
-    n = m.checkpoint(label)
-    expected = snapshot(m.source)
-    m.wait(n)
-    assert_same(expected, snapshot(m.tree))
-    return n
 
 
 def run(*args: str, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:

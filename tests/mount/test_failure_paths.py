@@ -10,20 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FJ, Mounted, needs_fuse
-from snapshot import assert_same, snapshot
+from conftest import FJ, Mounted, checkpoint_and_compare, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
 CONTROL = b"user.fusejournal.update_permission"
-
-
-def checkpoint_and_compare(m: Mounted, label: str = "t") -> int:
-    n = m.checkpoint(label)
-    expected = snapshot(m.source)
-    m.wait(n)
-    assert_same(expected, snapshot(m.tree))
-    return n
 
 
 def fj_names(path: Path) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, fj, is_mounted, needs_fuse
+from conftest import Mounted, checkpoint_and_compare, fj, is_mounted, make_traversable, needs_fuse
 from snapshot import assert_same, snapshot
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -26,25 +26,6 @@ def renameat2(old: Path, new: Path, flags: int) -> None:
     if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-
-
-def make_traversable(path: Path) -> None:
-    """Let other users reach ``path`` (pytest's temp dirs are private to root)."""
-    for p in [path, *path.parents]:
-        if p == Path("/"):
-            break
-        os.chmod(p, os.stat(p).st_mode | 0o011)
-
-
-def checkpoint_and_compare(m: Mounted, label: str = "t") -> int:
-    """Checkpoint, snapshot the original (quiescent), wait for the shadow, compare."""
-    n = m.checkpoint(label)
-    # the original itself (the same bytes the mount shows; SEEK_HOLE works there, so sparse
-    # files hash quickly)
-    expected = snapshot(m.source)
-    m.wait(n)
-    assert_same(expected, snapshot(m.tree))
-    return n
 
 
 # ----------------------------------------------------------- the basic path
