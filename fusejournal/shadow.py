@@ -45,7 +45,7 @@ from pathlib import Path
 from . import layout, sysc
 from .errors import UserError
 from .treewalk import O_DIR as _O_DIR
-from .treewalk import copy_data, data_extents, data_map, read_xattrs, write_xattrs
+from .treewalk import copy_data, data_extents, data_map, durable_replace, read_xattrs, write_xattrs
 
 # the fd helpers moved to treewalk.py; these names stay importable from here
 __all__ = ["Shadow", "ShadowError", "ShadowRefused", "copy_data", "data_extents", "data_map",
@@ -142,22 +142,6 @@ class Shadow:
                 chunks.append(b)
         finally:
             os.close(fd)
-
-    def _write_atomic(self, root_fd: int, name: str, data: bytes) -> None:
-        """Durably replace ``name`` in the root (0600, temp + fsync + rename + fsync of the root)."""
-        tmp = name + layout.TMP_SUFFIX
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     layout.PRIVATE_FILE_MODE, dir_fd=root_fd)
-        try:
-            os.fchmod(fd, layout.PRIVATE_FILE_MODE)
-            mv = memoryview(data)
-            while mv:
-                mv = mv[os.write(fd, mv):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
-        os.fsync(root_fd)
 
     # -------------------------------------------------------------- identity
 
@@ -290,8 +274,8 @@ class Shadow:
             except layout.LayoutError as e:
                 raise ShadowRefused(str(e)) from None
             if self.identity is not None and self.read_identity() is None:
-                self._write_atomic(fd, layout.SHADOW_IDENTITY,
-                                   json.dumps(self.identity, indent=1).encode() + b"\n")
+                durable_replace(layout.SHADOW_IDENTITY, json.dumps(self.identity, indent=1).encode() + b"\n",
+                                dir_fd=fd)
         finally:
             os.close(fd)
 
@@ -348,7 +332,7 @@ class Shadow:
         try:
             sysc.syncfs(dfd)
             data = json.dumps({"applied": n, "time_ns": time.time_ns()}).encode() + b"\n"
-            self._write_atomic(dfd, layout.SHADOW_APPLIED, data)
+            durable_replace(layout.SHADOW_APPLIED, data, dir_fd=dfd)
         finally:
             os.close(dfd)
 

@@ -16,7 +16,8 @@ Rules every helper here keeps:
 5. file contents are copied and compared extent by extent (SEEK_DATA /
    SEEK_HOLE), so holes stay holes;
 6. a small file the daemon keeps (journal metadata, log/end.json, the
-   needs-resync list) is replaced durably and atomically (``durable_replace``).
+   needs-resync list, the shadow's applied.json and shadow.json, the staging
+   cursor) is replaced durably and atomically (``durable_replace``).
 
 The updater's own walk (updater._Applier._resolve) keeps rule 2 with an fd
 cache of its own.
@@ -27,7 +28,6 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from . import layout
 from .sysc import fsync_dir
@@ -272,15 +272,21 @@ def files_equal(a: int, b: int, size: int) -> int | None:
     return None
 
 
-def durable_replace(path: Path, data: bytes, mode: int = layout.PRIVATE_FILE_MODE) -> None:
+def durable_replace(path: str | os.PathLike[str], data: bytes, mode: int = layout.PRIVATE_FILE_MODE, *,
+                    dir_fd: int | None = None) -> None:
     """Write-temp + fsync + rename + fsync(dir): after return, ``path`` holds ``data`` durably.
 
     The temporary file is ``NAME.tmp`` beside it, never reached through a
     symlink, and gets ``mode`` even if a loose leftover was there.  A kill at
-    any point leaves the old file or the new one, never a mix.
+    any point leaves the old file or the new one, never a mix.  With
+    ``dir_fd``, ``path`` is relative to that directory fd (the shadow's pinned
+    root, the staging directory): the temporary file and the rename stay in
+    it, and it is that fd that is fsync'ed, never a directory reopened by name.
     """
-    tmp = path.with_name(path.name + layout.TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    head, tail = os.path.split(os.fspath(path))
+    tmp = os.path.join(head, tail + layout.TMP_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                 dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)                 # a leftover temp file may be loose
         view = memoryview(data)
@@ -289,5 +295,8 @@ def durable_replace(path: Path, data: bytes, mode: int = layout.PRIVATE_FILE_MOD
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(path.parent)
+    os.rename(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    if dir_fd is None:
+        fsync_dir(head or ".")
+    else:
+        os.fsync(dir_fd)
