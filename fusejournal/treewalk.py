@@ -19,21 +19,22 @@ Rules every helper here keeps:
    needs-resync list, the shadow's applied.json and shadow.json, the staging
    cursor) is replaced durably and atomically (``durable_replace``).
 
-The updater's own walk (updater._Applier._resolve) keeps rule 2 with an fd
-cache of its own.
+The updater walks with :class:`ParentCache`: rule 2, with the last parent
+directories kept open across records until a rename or rmdir.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 
 from . import layout
 from .sysc import fsync_dir
 
 __all__ = ["O_DIR", "O_WALK", "O_PATH", "O_READ", "O_WRITE", "COPY_CHUNK", "NOTSUP",
-           "join", "listdir", "lstat_at", "same_object", "open_at", "open_read", "proc_path",
+           "join", "listdir", "lstat_at", "same_object", "open_at", "ParentCache", "open_read", "proc_path",
            "read_xattrs", "write_xattrs", "data_extents", "data_map", "copy_range", "copy_data",
            "files_equal", "durable_replace"]
 
@@ -76,22 +77,70 @@ def open_at(base_fd: int, path: bytes, flags: int) -> int:
     """Open ``path`` (relative, b"" = base itself) below ``base_fd`` without following symlinks.
 
     Every directory on the way is opened with O_NOFOLLOW|O_DIRECTORY; OSError
-    (ENOENT, ENOTDIR, ELOOP ...) if the path does not lead there.
+    (ENOENT, ENOTDIR, ELOOP ...) if the path does not lead there, its
+    ``filename`` the part of ``path`` up to the component that failed.
     """
     if not path:
         return os.open(".", flags, dir_fd=base_fd)
     comps = path.split(b"/")
     fd = base_fd
+    i = 0                                   # the component being opened
     try:
         for comp in comps[:-1]:
             nfd = os.open(comp, O_WALK, dir_fd=fd)
             if fd != base_fd:
                 os.close(fd)
             fd = nfd
+            i += 1
         return os.open(comps[-1], flags | os.O_NOFOLLOW, dir_fd=fd)
+    except OSError as e:
+        e.filename = b"/".join(comps[:i + 1])
+        raise
     finally:
         if fd != base_fd:
             os.close(fd)
+
+
+class ParentCache:
+    """Rule 2 for a stream of changes (the updater's): the parent directory of a
+    path, walked with :func:`open_at` (``O_DIR`` for the parent itself, readable so
+    that its mtime can be set), and the last ``size`` parents kept open.
+
+    Directories only move or disappear through the caller (a rename, an
+    rmdir): it calls :meth:`forget` after each, so a cached fd is always the
+    directory the path names now.  An fd returned is borrowed: valid until
+    ``size`` further misses, :meth:`forget` or :meth:`close`; never closed by
+    the caller.
+    """
+
+    def __init__(self, base_fd: int, size: int = 16) -> None:
+        self.base_fd = base_fd
+        self.size = size
+        self._fds: OrderedDict[bytes, int] = OrderedDict()
+
+    def parent(self, path: bytes) -> tuple[int, bytes]:
+        """(fd of the directory holding the last component of a non-root ``path``, that
+        component); the fd is ``base_fd`` itself for a name directly below it.  OSError
+        as :func:`open_at`."""
+        head, _, name = path.rpartition(b"/")
+        if not head:
+            return self.base_fd, name
+        fd = self._fds.get(head)
+        if fd is not None:
+            self._fds.move_to_end(head)
+            return fd, name
+        fd = open_at(self.base_fd, head, O_DIR)
+        self._fds[head] = fd
+        if len(self._fds) > self.size:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd, name
+
+    def forget(self) -> None:
+        """Close every cached fd (a directory may have moved)."""
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    close = forget
 
 
 def open_read(dir_fd: int, name: bytes | str) -> int:
