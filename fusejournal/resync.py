@@ -51,6 +51,7 @@ import itertools
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
+from typing import TypeAlias
 
 from . import layout, sysc
 from .activity import Intent
@@ -243,6 +244,9 @@ class _Lazy:
         self.fn = fn
 
 
+#: what a phase holds: records, and data records still to be produced
+_Item: TypeAlias = "Record | _Lazy"
+
 # ------------------------------------------------------------------ the resync
 
 class _Resync:
@@ -264,13 +268,13 @@ class _Resync:
             raise ResyncError(f"cannot open the shadow {shadow.root}: {e}") from None
         self.root_mtime = os.fstat(self.tree_fd).st_mtime_ns
         # phases, emitted in this order (see the module docstring)
-        self.p_files: list = []
-        self.p_parks: list = []
-        self.p_blocking: list = []
-        self.p_create: list = []
-        self.p_remove: list = []
-        self.p_unparks: list = []
-        self.p_dirattrs: list = []
+        self.p_files: list[_Item] = []
+        self.p_parks: list[_Item] = []
+        self.p_blocking: list[_Item] = []
+        self.p_create: list[_Item] = []
+        self.p_remove: list[_Item] = []
+        self.p_unparks: list[_Item] = []
+        self.p_dirattrs: list[_Item] = []
         # planning state
         self.kst: dict[int, os.stat_result | None] = {}     # key -> lstat(inodes/<key>) (pre-state)
         self.synced: set[int] = set()        # keys whose contents/attributes are taken care of
@@ -411,13 +415,13 @@ class _Resync:
         return os.readlink(str(key).encode(), dir_fd=self.inodes_fd)
 
     def sync_object(self, key: int, o: os.stat_result, k: os.stat_result, path_fd: int,
-                    loc: _Locator, always: bool) -> list:
+                    loc: _Locator, always: bool) -> list[_Item]:
         """Items making the shadow object inodes/<key> (stat ``k``) equal to the original ``o``.
 
         ``path_fd``: an O_PATH fd of the original object (for xattrs).  With
         ``always`` the contents are compared even if size and mtime agree.
         """
-        out: list = []
+        out: list[_Item] = []
         if stat.S_ISREG(o.st_mode):
             if o.st_size < k.st_size:
                 out.append(setattr_record(key, ATTR_SIZE | ATTR_MTIME, o))
@@ -743,7 +747,8 @@ class _Resync:
         out = self.p_create
         out.append(mkdir_record(st, pm, path))
         fd = os.open(name, _O_DIR, dir_fd=pfd)
-        stack = [(fd, path, iter(()), st)]
+        no_names: Iterator[bytes] = iter(())
+        stack = [(fd, path, no_names, st)]
         try:
             if not _same(os.fstat(fd), st):
                 raise ResyncError(f"the original changed during the resync at {path!r}")
@@ -788,7 +793,7 @@ class _Resync:
         for path, pm in self.removals:
             self.remove_tree(path, pm, self.p_remove, keymap, set())
 
-    def remove_tree(self, path: bytes, pm: int, out: list, keymap: dict[int, int], park: set[int]) -> None:
+    def remove_tree(self, path: bytes, pm: int, out: list[_Item], keymap: dict[int, int], park: set[int]) -> None:
         """Removal records for the shadow's ``path`` and everything below it, depth first.
 
         Non-directories whose shadow inode is in ``park`` are renamed to a
@@ -803,7 +808,8 @@ class _Resync:
             if not stat.S_ISDIR(st.st_mode):
                 self.remove_nondir(path, st, pm, out, keymap, park)
                 return
-            stack = [(os.open(name, _O_DIR, dir_fd=pfd), path, None, st, pm)]
+            no_names: Iterator[bytes] = iter(())
+            stack = [(os.open(name, _O_DIR, dir_fd=pfd), path, no_names, st, pm)]
         finally:
             os.close(pfd)
         try:
@@ -829,7 +835,7 @@ class _Resync:
             for fd, *_ in stack:
                 os.close(fd)
 
-    def remove_nondir(self, path: bytes, st: os.stat_result, pm: int, out: list,
+    def remove_nondir(self, path: bytes, st: os.stat_result, pm: int, out: list[_Item],
                       keymap: dict[int, int], park: set[int]) -> None:
         key = keymap.get(st.st_ino, UNKNOWN_KEY)
         self.stats["removed"] += 1

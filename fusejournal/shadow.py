@@ -39,7 +39,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from . import layout, sysc
@@ -50,6 +50,9 @@ from .treewalk import copy_data, data_extents, data_map, durable_replace, read_x
 # the fd helpers moved to treewalk.py; these names stay importable from here
 __all__ = ["Shadow", "ShadowError", "ShadowRefused", "copy_data", "data_extents", "data_map",
            "read_xattrs", "write_xattrs"]
+
+#: a JSON object as read from or written to shadow.json (values checked where they are used)
+JsonObject = dict[str, object]
 
 #: xattr namespaces compared by verify_matches (others are copied best-effort)
 _COMPARED_XATTRS = ("user.", "trusted.")
@@ -77,7 +80,7 @@ def _show(path: bytes) -> str:
 class Shadow:
     """The shadow directory of one journal (see the module docstring)."""
 
-    def __init__(self, root: str | Path, identity: dict | None = None) -> None:
+    def __init__(self, root: str | Path, identity: JsonObject | None = None) -> None:
         self.root = Path(root)
         self.tree = self.root / layout.SHADOW_TREE
         self.inodes = self.root / layout.SHADOW_INODES
@@ -134,7 +137,7 @@ class Shadow:
         """Contents of the file ``name`` in the root (FileNotFoundError if absent)."""
         fd = self.open_sub(name, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 b = os.read(fd, 1 << 16)
                 if not b:
@@ -146,7 +149,7 @@ class Shadow:
     # -------------------------------------------------------------- identity
 
     @staticmethod
-    def new_identity(source: dict, shadow_id: str) -> dict:
+    def new_identity(source: Mapping[str, object], shadow_id: str) -> JsonObject:
         """The shadow.json of a shadow of ``source`` (path, dev, ino) kept by the journal whose
         meta.json names ``shadow_id``."""
         return {"format": 1, "id": shadow_id, "source": dict(source)}
@@ -155,7 +158,7 @@ class Shadow:
     def new_id() -> str:
         return secrets.token_hex(16)
 
-    def read_identity(self) -> dict | None:
+    def read_identity(self) -> JsonObject | None:
         """The shadow's shadow.json, or None if it has none (ShadowError if unreadable)."""
         try:
             doc = json.loads(self._read_json(layout.SHADOW_IDENTITY))
@@ -168,7 +171,7 @@ class Shadow:
             raise ShadowError(f"{self.identity_path} is not a fusejournal shadow identity")
         return doc
 
-    def check_claim(self, source: dict, shadow_id: str | None, *, named_by_journal: bool,
+    def check_claim(self, source: Mapping[str, object], shadow_id: str | None, *, named_by_journal: bool,
                     reseed: bool) -> str:
         """May this directory serve as the shadow of the journal of ``source``?  Reads only.
 
@@ -219,6 +222,7 @@ class Shadow:
                               f"version) that this journal does not name: refusing to use it "
                               f"({nothing}); remove it or name another --shadow")
         src = ident["source"]
+        assert isinstance(src, dict)            # read_identity checked it
         if src.get("path") != source["path"] or src.get("ino") != source["ino"]:
             raise ShadowRefused(f"shadow {root} is the shadow of another source ({src.get('path')}), not of "
                               f"{source['path']}: refusing to use it ({nothing}); name another --shadow")
