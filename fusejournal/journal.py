@@ -60,19 +60,12 @@ def _check_journal_dir(path: Path) -> bool:
     or changed.
     """
     try:
-        layout.check_ancestors(path, "journal")
+        if not layout.check_state_dir(path, "journal"):
+            return False
     except layout.LayoutError as e:
         raise UserError(str(e)) from None
-    try:
-        lst = os.lstat(path)
-    except FileNotFoundError:
-        return False
     except OSError as e:
         raise UserError(f"journal {path} is not writable: {e.strerror}") from None
-    try:
-        layout.check_dir_stat(lst, path, "journal")
-    except layout.LayoutError as e:
-        raise UserError(str(e)) from None
     try:
         names = os.listdir(path)
     except OSError as e:

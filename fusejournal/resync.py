@@ -116,6 +116,15 @@ def _parent(path: bytes) -> bytes:
     return path.rpartition(b"/")[0]
 
 
+def _in_or_below(path: bytes, dirs: set[bytes]) -> bool:
+    """Is ``path``, or a directory above it (the root aside), in ``dirs``?"""
+    while path:
+        if path in dirs:
+            return True
+        path = _parent(path)
+    return False
+
+
 def _depth(path: bytes) -> int:
     return path.count(b"/") + 1 if path else 0
 
@@ -390,11 +399,7 @@ class _Resync:
         heapq.heappush(self.heap, (_depth(path), path))
 
     def is_copied(self, path: bytes) -> bool:
-        while path:
-            if path in self.copied:
-                return True
-            path = _parent(path)
-        return False
+        return _in_or_below(path, self.copied)
 
     # -- files
 
@@ -592,11 +597,7 @@ class _Resync:
 
     def anchored(self, path: bytes) -> bool:
         """Is the original's directory ``path`` taken to be the shadow's ``path`` (same object)?"""
-        while path:
-            if path in self.unanchored:
-                return False
-            path = _parent(path)
-        return True
+        return not _in_or_below(path, self.unanchored)
 
     def same_dir(self, pfd: int, spfd: int, name: bytes, o: os.stat_result, s: os.stat_result,
                  careful: bool) -> bool:

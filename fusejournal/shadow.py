@@ -195,15 +195,8 @@ class Shadow:
         """
         root = self.root
         try:
-            layout.check_ancestors(root, "shadow")
-        except layout.LayoutError as e:
-            raise ShadowRefused(str(e)) from None
-        try:
-            lst = os.lstat(root)
-        except FileNotFoundError:
-            return "missing"
-        try:
-            layout.check_dir_stat(lst, root, "shadow")
+            if not layout.check_state_dir(root, "shadow"):
+                return "missing"
         except layout.LayoutError as e:
             raise ShadowRefused(str(e)) from None
         names = os.listdir(root)

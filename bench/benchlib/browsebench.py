@@ -46,7 +46,6 @@ from .util import (
     log,
     pid_alive,
     proc_cpu_seconds,
-    proc_hwm_bytes,
     rmtree,
     run_cmd,
     wait_mounted,
@@ -88,10 +87,11 @@ def make_tree(source: Path, files: int, big: int) -> None:
         d += 1
 
 
-def _rss(pid: int) -> int | None:
+def _status_bytes(pid: int, field: str) -> int | None:
+    """A memory figure of /proc/PID/status (VmRSS: resident now, VmHWM: the peak), in bytes."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -172,7 +172,7 @@ def phase_browse(env, sizes) -> dict:
                 timeout=4 * 3600, env=cenv, stdout_path=base / "mount.log", on_timeout=lambda: fuse_abort(mnt))
         res["seed_s"] = round(time.perf_counter() - t0, 1)
         mpid = _daemon_of(mnt)
-        res["seed_daemon_hwm_mib"] = _mib(proc_hwm_bytes(mpid)) if mpid else None
+        res["seed_daemon_hwm_mib"] = _mib(_status_bytes(mpid, "VmHWM")) if mpid else None
         _stop(mnt, mpid, cli, cenv)
         mpid = None
         log(f"  browse: seeded in {res['seed_s']} s; browsing")
@@ -185,7 +185,7 @@ def phase_browse(env, sizes) -> dict:
         bpid = _daemon_of(point)
         if bpid is None:
             raise BenchError("browse daemon not found")
-        res["rss_start_mib"] = _mib(_rss(bpid))
+        res["rss_start_mib"] = _mib(_status_bytes(bpid, "VmRSS"))
         drop_caches()
 
         def cpu() -> float:
@@ -212,19 +212,19 @@ def phase_browse(env, sizes) -> dict:
             os.close(bfd)
         res["list_big_lstat_s"] = round(time.perf_counter() - t0, 3)
         res["list_big_lstat_cpu_s"] = round(cpu() - c0, 3)
-        res["hwm_after_big_mib"] = _mib(proc_hwm_bytes(bpid))
-        res["rss_after_big_mib"] = _mib(_rss(bpid))
+        res["hwm_after_big_mib"] = _mib(_status_bytes(bpid, "VmHWM"))
+        res["rss_after_big_mib"] = _mib(_status_bytes(bpid, "VmRSS"))
 
         log("  browse: walking the whole tree")
         t0, c0 = time.perf_counter(), cpu()
         res["walk_entries"] = _walk(str(point))
         res["walk_s"] = round(time.perf_counter() - t0, 1)
         res["walk_cpu_s"] = round(cpu() - c0, 1)
-        res["rss_after_walk_mib"] = _mib(_rss(bpid))
-        res["hwm_after_walk_mib"] = _mib(proc_hwm_bytes(bpid))
+        res["rss_after_walk_mib"] = _mib(_status_bytes(bpid, "VmRSS"))
+        res["hwm_after_walk_mib"] = _mib(_status_bytes(bpid, "VmHWM"))
         drop_caches()
         time.sleep(2)                   # the FORGETs arrive asynchronously
-        res["rss_after_forget_mib"] = _mib(_rss(bpid))
+        res["rss_after_forget_mib"] = _mib(_status_bytes(bpid, "VmRSS"))
         res["loadavg_1m_end"] = os.getloadavg()[0]
         log(f"  browse: {res}")
     finally:
