@@ -9,6 +9,8 @@ of the rounds; writes docs/performance.md and docs/perf/*.png.
     python bench/run.py --targets native,passthrough --workloads seqwrite_1m,smallfile
     python bench/run.py --targets fusejournal --workloads fjextras --extras group \
         --out bench/results/group.md      # only the consistency-group measurement
+    python bench/run.py --targets fusejournal --workloads fjextras --extras browse \
+        --out bench/results/browse.md     # the browse mount of 1,000,000 files
     python bench/run.py --render bench/results/run-XXXX.json   # re-render only
 
 Needs root (drop_caches, FUSE mounts), fio, dbench, fusermount3, setfattr.
@@ -67,6 +69,8 @@ class Env:
         self.mount_timeout = args.mount_timeout
         self.umount_timeout = args.umount_timeout
         self.workload_timeout = sizes.timeout
+        self.browse_files = args.browse_files
+        self.browse_dir_entries = args.browse_dir_entries
 
 
 def parse_list(text: str | None, allowed: list[str], aliases: dict, what: str) -> list[str]:
@@ -241,6 +245,10 @@ def main(argv=None) -> int:
                    help="recorded checkpoints of the group and of the single tree (extras phase group)")
     p.add_argument("--group-rate", type=float, metavar="OPS",
                    help="operations/s of each of the 4 writers in the group phase (0: no writers)")
+    p.add_argument("--browse-files", type=int, metavar="N",
+                   help="files in the tree of the browse phase (default 1,000,000; --quick 20,000)")
+    p.add_argument("--browse-dir-entries", type=int, metavar="N",
+                   help="entries of the one big directory of the browse phase (default 100,000)")
     p.add_argument("--scratch", default="/var/tmp", help="where backing directories go (default /var/tmp)")
     p.add_argument("--mount-timeout", type=float, default=60.0)
     p.add_argument("--umount-timeout", type=float, default=300.0)

@@ -35,11 +35,6 @@ from .treewalk import durable_replace
 PENDING = layout.PENDING
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write-temp + fsync + rename + fsync(dir): after return, ``path`` holds ``data`` durably."""
-    durable_replace(path, data)
-
-
 def read_meta(journal: Path) -> dict | None:
     try:
         with open(journal / layout.META, "rb") as f:
@@ -65,19 +60,12 @@ def _check_journal_dir(path: Path) -> bool:
     or changed.
     """
     try:
-        layout.check_ancestors(path, "journal")
+        if not layout.check_state_dir(path, "journal"):
+            return False
     except layout.LayoutError as e:
         raise UserError(str(e)) from None
-    try:
-        lst = os.lstat(path)
-    except FileNotFoundError:
-        return False
     except OSError as e:
         raise UserError(f"journal {path} is not writable: {e.strerror}") from None
-    try:
-        layout.check_dir_stat(lst, path, "journal")
-    except layout.LayoutError as e:
-        raise UserError(str(e)) from None
     try:
         names = os.listdir(path)
     except OSError as e:
@@ -220,7 +208,7 @@ class Journal:
 
     def _write_meta(self, meta: dict) -> None:
         try:
-            write_atomic(self.path / layout.META, json.dumps(meta, indent=1).encode())
+            durable_replace(self.path / layout.META, json.dumps(meta, indent=1).encode())
         except OSError as e:
             raise UserError(f"journal {self.path} is not writable: {e.strerror}") from None
 
@@ -242,7 +230,7 @@ class Journal:
         return self.path / layout.SPILL_DIR
 
     def write_daemon_info(self, info: dict) -> None:
-        write_atomic(self.path / layout.DAEMON, json.dumps(info).encode())
+        durable_replace(self.path / layout.DAEMON, json.dumps(info).encode())
 
     def remove_daemon_info(self) -> None:
         try:
@@ -256,7 +244,7 @@ class Journal:
         if not data:
             self.clear_pending()
             return 0
-        write_atomic(self.path / PENDING, compression.compress(data))
+        durable_replace(self.path / PENDING, compression.compress(data))
         return len(data)
 
     def load_pending(self) -> Iterator[rec_mod.Record]:

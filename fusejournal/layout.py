@@ -154,6 +154,19 @@ def check_dir_stat(lst: os.stat_result, path: str | Path, what: str) -> None:
                           f"of your own")
 
 
+def check_state_dir(path: str | Path, what: str) -> bool:
+    """May ``path`` be used as the journal or shadow?  Reads only: :func:`check_ancestors`,
+    then :func:`check_dir_stat` if it exists.  False if it does not exist yet; LayoutError if
+    it must not be used; OSError from its lstat other than ENOENT."""
+    check_ancestors(path, what)
+    try:
+        lst = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    check_dir_stat(lst, path, what)
+    return True
+
+
 def _private_group(gid: int, uid: int) -> bool:
     """True for a user-private group (named like its user, no other member): group write
     permission there gives nobody else access (umask 002 setups)."""

@@ -113,7 +113,7 @@ def validate_record(rec: Record) -> None:
     does not look at the shadow.
     """
     t = type(rec)
-    if t is Write:
+    if type(rec) is Write:
         ino, off, mtime, data = rec
         if (type(ino) is int and type(off) is int and type(mtime) is int and type(data) is bytes
                 and 0 < ino <= _U64 and 0 <= off <= _I64_MAX - len(data)
@@ -124,40 +124,40 @@ def validate_record(rec: Record) -> None:
             raise ValueError("write data is not bytes")
         _check_int(rec.offset, "offset", 0, _I64_MAX - len(rec.data))
         _check_times(rec.mtime_ns)
-    elif t is Mknod:
+    elif type(rec) is Mknod:
         _check_key(rec.ino)
         _check_perm(rec.mode, _NODE_TYPES)
         _check_ids(rec.uid, rec.gid)
         _check_int(rec.rdev, "rdev", 0, _U64)
         _check_times(rec.mtime_ns, rec.pmtime_ns)
         _check_path(rec.path)
-    elif t is Mkdir:
+    elif type(rec) is Mkdir:
         _check_perm(rec.mode, (0, stat.S_IFDIR))
         _check_ids(rec.uid, rec.gid)
         _check_times(rec.mtime_ns, rec.pmtime_ns)
         _check_path(rec.path)
-    elif t is Symlink:
+    elif type(rec) is Symlink:
         _check_key(rec.ino)
         _check_ids(rec.uid, rec.gid)
         _check_times(rec.mtime_ns, rec.pmtime_ns)
         _check_path(rec.path)
         if type(rec.target) is not bytes or not rec.target or b"\0" in rec.target:
             raise ValueError(f"bad symlink target {rec.target!r}")
-    elif t is Link or t is Unlink:
+    elif type(rec) is Link or type(rec) is Unlink:
         _check_key(rec.ino)
         _check_times(rec.pmtime_ns)
         _check_path(rec.path)
-    elif t is Rmdir:
+    elif type(rec) is Rmdir:
         _check_times(rec.pmtime_ns)
         _check_path(rec.path)
-    elif t is Rename:
+    elif type(rec) is Rename:
         if rec.flags not in (0, _RENAME_NOREPLACE, _RENAME_EXCHANGE):
             raise ValueError(f"bad rename flags {rec.flags!r}")
         _check_int(rec.ino, "inode key", 0, _U64)
         _check_times(rec.old_pmtime_ns, rec.new_pmtime_ns)
         _check_path(rec.old, "old path")
         _check_path(rec.new, "new path")
-    elif t is Setattr:
+    elif type(rec) is Setattr:
         _check_ref(rec.ino, rec.path)
         _check_int(rec.mask, "setattr mask", 0, _ATTR_ALL)
         _check_int(rec.mode, "mode", 0, 0xFFFFFFFF)
@@ -171,12 +171,12 @@ def validate_record(rec: Record) -> None:
             _check_int(rec.gid, "gid", 0, _ID_MAX)
         _check_int(rec.size, "size", 0, _I64_MAX)
         _check_times(rec.atime_ns, rec.mtime_ns)
-    elif t is Setxattr:
+    elif type(rec) is Setxattr:
         _check_ref(rec.ino, rec.path)
         _check_xattr_name(rec.name)
         if type(rec.value) is not bytes:
             raise ValueError("xattr value is not bytes")
-    elif t is Removexattr:
+    elif type(rec) is Removexattr:
         _check_ref(rec.ino, rec.path)
         _check_xattr_name(rec.name)
     else:

@@ -21,10 +21,9 @@ import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from . import layout
-from .activity import ActivityLog
+from .activity import ActivityLog, Intent
 from .daemonize import Reporter
 from .errors import UserError
 from .journal import Journal
@@ -115,7 +114,7 @@ def reseed(journal: Journal, shadow: Shadow, olog: OrderedLog, source_fd: int, s
     log.info("shadow re-seeded: %d entries, standing at checkpoint %d", n, olog.last_checkpoint)
 
 
-def recover(intents: list[Any], *, activity: ActivityLog, reporter: Reporter, olog: OrderedLog,
+def recover(intents: list[Intent], *, activity: ActivityLog, reporter: Reporter, olog: OrderedLog,
             updater: Updater, shadow: Shadow, source_fd: int, store: TempStore,
             resync_flag: ResyncFlag, applied: int) -> int:
     """The last daemon did not stop cleanly: what its temporary store held is

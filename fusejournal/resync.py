@@ -51,6 +51,7 @@ import itertools
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
+from typing import TypeAlias
 
 from . import layout, sysc
 from .activity import Intent
@@ -113,6 +114,15 @@ class ResyncError(Exception):
 
 def _parent(path: bytes) -> bytes:
     return path.rpartition(b"/")[0]
+
+
+def _in_or_below(path: bytes, dirs: set[bytes]) -> bool:
+    """Is ``path``, or a directory above it (the root aside), in ``dirs``?"""
+    while path:
+        if path in dirs:
+            return True
+        path = _parent(path)
+    return False
 
 
 def _depth(path: bytes) -> int:
@@ -243,6 +253,9 @@ class _Lazy:
         self.fn = fn
 
 
+#: what a phase holds: records, and data records still to be produced
+_Item: TypeAlias = "Record | _Lazy"
+
 # ------------------------------------------------------------------ the resync
 
 class _Resync:
@@ -264,13 +277,13 @@ class _Resync:
             raise ResyncError(f"cannot open the shadow {shadow.root}: {e}") from None
         self.root_mtime = os.fstat(self.tree_fd).st_mtime_ns
         # phases, emitted in this order (see the module docstring)
-        self.p_files: list = []
-        self.p_parks: list = []
-        self.p_blocking: list = []
-        self.p_create: list = []
-        self.p_remove: list = []
-        self.p_unparks: list = []
-        self.p_dirattrs: list = []
+        self.p_files: list[_Item] = []
+        self.p_parks: list[_Item] = []
+        self.p_blocking: list[_Item] = []
+        self.p_create: list[_Item] = []
+        self.p_remove: list[_Item] = []
+        self.p_unparks: list[_Item] = []
+        self.p_dirattrs: list[_Item] = []
         # planning state
         self.kst: dict[int, os.stat_result | None] = {}     # key -> lstat(inodes/<key>) (pre-state)
         self.synced: set[int] = set()        # keys whose contents/attributes are taken care of
@@ -386,11 +399,7 @@ class _Resync:
         heapq.heappush(self.heap, (_depth(path), path))
 
     def is_copied(self, path: bytes) -> bool:
-        while path:
-            if path in self.copied:
-                return True
-            path = _parent(path)
-        return False
+        return _in_or_below(path, self.copied)
 
     # -- files
 
@@ -411,13 +420,13 @@ class _Resync:
         return os.readlink(str(key).encode(), dir_fd=self.inodes_fd)
 
     def sync_object(self, key: int, o: os.stat_result, k: os.stat_result, path_fd: int,
-                    loc: _Locator, always: bool) -> list:
+                    loc: _Locator, always: bool) -> list[_Item]:
         """Items making the shadow object inodes/<key> (stat ``k``) equal to the original ``o``.
 
         ``path_fd``: an O_PATH fd of the original object (for xattrs).  With
         ``always`` the contents are compared even if size and mtime agree.
         """
-        out: list = []
+        out: list[_Item] = []
         if stat.S_ISREG(o.st_mode):
             if o.st_size < k.st_size:
                 out.append(setattr_record(key, ATTR_SIZE | ATTR_MTIME, o))
@@ -588,11 +597,7 @@ class _Resync:
 
     def anchored(self, path: bytes) -> bool:
         """Is the original's directory ``path`` taken to be the shadow's ``path`` (same object)?"""
-        while path:
-            if path in self.unanchored:
-                return False
-            path = _parent(path)
-        return True
+        return not _in_or_below(path, self.unanchored)
 
     def same_dir(self, pfd: int, spfd: int, name: bytes, o: os.stat_result, s: os.stat_result,
                  careful: bool) -> bool:
@@ -743,7 +748,8 @@ class _Resync:
         out = self.p_create
         out.append(mkdir_record(st, pm, path))
         fd = os.open(name, _O_DIR, dir_fd=pfd)
-        stack = [(fd, path, iter(()), st)]
+        no_names: Iterator[bytes] = iter(())
+        stack = [(fd, path, no_names, st)]
         try:
             if not _same(os.fstat(fd), st):
                 raise ResyncError(f"the original changed during the resync at {path!r}")
@@ -788,7 +794,7 @@ class _Resync:
         for path, pm in self.removals:
             self.remove_tree(path, pm, self.p_remove, keymap, set())
 
-    def remove_tree(self, path: bytes, pm: int, out: list, keymap: dict[int, int], park: set[int]) -> None:
+    def remove_tree(self, path: bytes, pm: int, out: list[_Item], keymap: dict[int, int], park: set[int]) -> None:
         """Removal records for the shadow's ``path`` and everything below it, depth first.
 
         Non-directories whose shadow inode is in ``park`` are renamed to a
@@ -803,7 +809,8 @@ class _Resync:
             if not stat.S_ISDIR(st.st_mode):
                 self.remove_nondir(path, st, pm, out, keymap, park)
                 return
-            stack = [(os.open(name, _O_DIR, dir_fd=pfd), path, None, st, pm)]
+            no_names: Iterator[bytes] = iter(())
+            stack = [(os.open(name, _O_DIR, dir_fd=pfd), path, no_names, st, pm)]
         finally:
             os.close(pfd)
         try:
@@ -829,7 +836,7 @@ class _Resync:
             for fd, *_ in stack:
                 os.close(fd)
 
-    def remove_nondir(self, path: bytes, st: os.stat_result, pm: int, out: list,
+    def remove_nondir(self, path: bytes, st: os.stat_result, pm: int, out: list[_Item],
                       keymap: dict[int, int], park: set[int]) -> None:
         key = keymap.get(st.st_ino, UNKNOWN_KEY)
         self.stats["removed"] += 1

@@ -87,7 +87,8 @@ class Seeder:
         write_xattrs(dst, False, read_xattrs(src, False))
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
-    def _copy_entry(self, src: int, dst: int, name: bytes, path: bytes):
+    def _copy_entry(self, src: int, dst: int, name: bytes,
+                    path: bytes) -> tuple[int, int, Iterator[bytes], bytes] | None:
         st = os.stat(name, dir_fd=src, follow_symlinks=False)
         if st.st_dev != self.dev:
             raise ShadowError(f"{_show(path)} is on another filesystem (a mount point inside "

@@ -39,17 +39,20 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from . import layout, sysc
 from .errors import UserError
 from .treewalk import O_DIR as _O_DIR
-from .treewalk import copy_data, data_extents, data_map, read_xattrs, write_xattrs
+from .treewalk import copy_data, data_extents, data_map, durable_replace, read_xattrs, write_xattrs
 
 # the fd helpers moved to treewalk.py; these names stay importable from here
 __all__ = ["Shadow", "ShadowError", "ShadowRefused", "copy_data", "data_extents", "data_map",
            "read_xattrs", "write_xattrs"]
+
+#: a JSON object as read from or written to shadow.json (values checked where they are used)
+JsonObject = dict[str, object]
 
 #: xattr namespaces compared by verify_matches (others are copied best-effort)
 _COMPARED_XATTRS = ("user.", "trusted.")
@@ -77,7 +80,7 @@ def _show(path: bytes) -> str:
 class Shadow:
     """The shadow directory of one journal (see the module docstring)."""
 
-    def __init__(self, root: str | Path, identity: dict | None = None) -> None:
+    def __init__(self, root: str | Path, identity: JsonObject | None = None) -> None:
         self.root = Path(root)
         self.tree = self.root / layout.SHADOW_TREE
         self.inodes = self.root / layout.SHADOW_INODES
@@ -134,7 +137,7 @@ class Shadow:
         """Contents of the file ``name`` in the root (FileNotFoundError if absent)."""
         fd = self.open_sub(name, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 b = os.read(fd, 1 << 16)
                 if not b:
@@ -143,26 +146,10 @@ class Shadow:
         finally:
             os.close(fd)
 
-    def _write_atomic(self, root_fd: int, name: str, data: bytes) -> None:
-        """Durably replace ``name`` in the root (0600, temp + fsync + rename + fsync of the root)."""
-        tmp = name + layout.TMP_SUFFIX
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     layout.PRIVATE_FILE_MODE, dir_fd=root_fd)
-        try:
-            os.fchmod(fd, layout.PRIVATE_FILE_MODE)
-            mv = memoryview(data)
-            while mv:
-                mv = mv[os.write(fd, mv):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
-        os.fsync(root_fd)
-
     # -------------------------------------------------------------- identity
 
     @staticmethod
-    def new_identity(source: dict, shadow_id: str) -> dict:
+    def new_identity(source: Mapping[str, object], shadow_id: str) -> JsonObject:
         """The shadow.json of a shadow of ``source`` (path, dev, ino) kept by the journal whose
         meta.json names ``shadow_id``."""
         return {"format": 1, "id": shadow_id, "source": dict(source)}
@@ -171,7 +158,7 @@ class Shadow:
     def new_id() -> str:
         return secrets.token_hex(16)
 
-    def read_identity(self) -> dict | None:
+    def read_identity(self) -> JsonObject | None:
         """The shadow's shadow.json, or None if it has none (ShadowError if unreadable)."""
         try:
             doc = json.loads(self._read_json(layout.SHADOW_IDENTITY))
@@ -184,7 +171,7 @@ class Shadow:
             raise ShadowError(f"{self.identity_path} is not a fusejournal shadow identity")
         return doc
 
-    def check_claim(self, source: dict, shadow_id: str | None, *, named_by_journal: bool,
+    def check_claim(self, source: Mapping[str, object], shadow_id: str | None, *, named_by_journal: bool,
                     reseed: bool) -> str:
         """May this directory serve as the shadow of the journal of ``source``?  Reads only.
 
@@ -208,15 +195,8 @@ class Shadow:
         """
         root = self.root
         try:
-            layout.check_ancestors(root, "shadow")
-        except layout.LayoutError as e:
-            raise ShadowRefused(str(e)) from None
-        try:
-            lst = os.lstat(root)
-        except FileNotFoundError:
-            return "missing"
-        try:
-            layout.check_dir_stat(lst, root, "shadow")
+            if not layout.check_state_dir(root, "shadow"):
+                return "missing"
         except layout.LayoutError as e:
             raise ShadowRefused(str(e)) from None
         names = os.listdir(root)
@@ -235,6 +215,7 @@ class Shadow:
                               f"version) that this journal does not name: refusing to use it "
                               f"({nothing}); remove it or name another --shadow")
         src = ident["source"]
+        assert isinstance(src, dict)            # read_identity checked it
         if src.get("path") != source["path"] or src.get("ino") != source["ino"]:
             raise ShadowRefused(f"shadow {root} is the shadow of another source ({src.get('path')}), not of "
                               f"{source['path']}: refusing to use it ({nothing}); name another --shadow")
@@ -290,8 +271,8 @@ class Shadow:
             except layout.LayoutError as e:
                 raise ShadowRefused(str(e)) from None
             if self.identity is not None and self.read_identity() is None:
-                self._write_atomic(fd, layout.SHADOW_IDENTITY,
-                                   json.dumps(self.identity, indent=1).encode() + b"\n")
+                durable_replace(layout.SHADOW_IDENTITY, json.dumps(self.identity, indent=1).encode() + b"\n",
+                                dir_fd=fd)
         finally:
             os.close(fd)
 
@@ -348,7 +329,7 @@ class Shadow:
         try:
             sysc.syncfs(dfd)
             data = json.dumps({"applied": n, "time_ns": time.time_ns()}).encode() + b"\n"
-            self._write_atomic(dfd, layout.SHADOW_APPLIED, data)
+            durable_replace(layout.SHADOW_APPLIED, data, dir_fd=dfd)
         finally:
             os.close(dfd)
 

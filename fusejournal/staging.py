@@ -4,8 +4,9 @@ that says how far the batch being applied has come.
 
 1. **begin** (``StagingCursor.begin``): a batch starts with a new cursor
    ``(checkpoint, 0)``, written to cursor.tmp, fsynced, renamed over cursor,
-   and the staging directory fsynced: atomic (a kill never leaves a
-   half-written cursor) and durable before the first change to tree/.  A
+   and the staging directory fsynced (``treewalk.durable_replace``): atomic (a
+   kill never leaves a half-written cursor) and durable before the first
+   change to tree/; then reopened for the advances.  A
    batch resumed after a kill reopens the cursor it left.
 2. **advance**: after each record, the cursor is overwritten in place with
    ``(checkpoint, next index, token)``, without fsync: 48 bytes in one pwrite
@@ -30,6 +31,7 @@ from . import layout
 from .errors import UpdaterError
 from .layout import SHADOW_STAGING
 from .shadow import Shadow
+from .treewalk import durable_replace
 
 __all__ = ["CURSOR", "Cursor", "StagingCursor", "boot_id", "read_cursor", "clear_cursor"]
 
@@ -140,18 +142,9 @@ class StagingCursor:
         # A new cursor: atomic (a kill never leaves a half-written one) and
         # durable before the first change to tree/, so that after a power
         # loss an interrupted batch is always noticed (see Updater.run_once).
-        tmp = CURSOR + layout.TMP_SUFFIX
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=self.staging_fd)
-        try:
-            os.pwrite(fd, Cursor(self.checkpoint, start, (0, 0), boot_id()).pack(), 0)
-            os.fsync(fd)
-            os.rename(tmp, CURSOR, src_dir_fd=self.staging_fd, dst_dir_fd=self.staging_fd)
-            os.fsync(self.staging_fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.cursor_fd = fd
+        durable_replace(CURSOR, Cursor(self.checkpoint, start, (0, 0), boot_id()).pack(),
+                        dir_fd=self.staging_fd)
+        self.cursor_fd = os.open(CURSOR, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.staging_fd)
 
     def advance(self, index: int, token: tuple[int, int] = (0, 0)) -> None:
         """Record that records before ``index`` are applied (in place, no fsync)."""

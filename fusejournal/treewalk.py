@@ -16,24 +16,25 @@ Rules every helper here keeps:
 5. file contents are copied and compared extent by extent (SEEK_DATA /
    SEEK_HOLE), so holes stay holes;
 6. a small file the daemon keeps (journal metadata, log/end.json, the
-   needs-resync list) is replaced durably and atomically (``durable_replace``).
+   needs-resync list, the shadow's applied.json and shadow.json, the staging
+   cursor) is replaced durably and atomically (``durable_replace``).
 
-The updater's own walk (updater._Applier._resolve) keeps rule 2 with an fd
-cache of its own.
+The updater walks with :class:`ParentCache`: rule 2, with the last parent
+directories kept open across records until a rename or rmdir.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
 
 from . import layout
 from .sysc import fsync_dir
 
 __all__ = ["O_DIR", "O_WALK", "O_PATH", "O_READ", "O_WRITE", "COPY_CHUNK", "NOTSUP",
-           "join", "listdir", "lstat_at", "same_object", "open_at", "open_read", "proc_path",
+           "join", "listdir", "lstat_at", "same_object", "open_at", "ParentCache", "open_read", "proc_path",
            "read_xattrs", "write_xattrs", "data_extents", "data_map", "copy_range", "copy_data",
            "files_equal", "durable_replace"]
 
@@ -76,22 +77,70 @@ def open_at(base_fd: int, path: bytes, flags: int) -> int:
     """Open ``path`` (relative, b"" = base itself) below ``base_fd`` without following symlinks.
 
     Every directory on the way is opened with O_NOFOLLOW|O_DIRECTORY; OSError
-    (ENOENT, ENOTDIR, ELOOP ...) if the path does not lead there.
+    (ENOENT, ENOTDIR, ELOOP ...) if the path does not lead there, its
+    ``filename`` the part of ``path`` up to the component that failed.
     """
     if not path:
         return os.open(".", flags, dir_fd=base_fd)
     comps = path.split(b"/")
     fd = base_fd
+    i = 0                                   # the component being opened
     try:
         for comp in comps[:-1]:
             nfd = os.open(comp, O_WALK, dir_fd=fd)
             if fd != base_fd:
                 os.close(fd)
             fd = nfd
+            i += 1
         return os.open(comps[-1], flags | os.O_NOFOLLOW, dir_fd=fd)
+    except OSError as e:
+        e.filename = b"/".join(comps[:i + 1])
+        raise
     finally:
         if fd != base_fd:
             os.close(fd)
+
+
+class ParentCache:
+    """Rule 2 for a stream of changes (the updater's): the parent directory of a
+    path, walked with :func:`open_at` (``O_DIR`` for the parent itself, readable so
+    that its mtime can be set), and the last ``size`` parents kept open.
+
+    Directories only move or disappear through the caller (a rename, an
+    rmdir): it calls :meth:`forget` after each, so a cached fd is always the
+    directory the path names now.  An fd returned is borrowed: valid until
+    ``size`` further misses, :meth:`forget` or :meth:`close`; never closed by
+    the caller.
+    """
+
+    def __init__(self, base_fd: int, size: int = 16) -> None:
+        self.base_fd = base_fd
+        self.size = size
+        self._fds: OrderedDict[bytes, int] = OrderedDict()
+
+    def parent(self, path: bytes) -> tuple[int, bytes]:
+        """(fd of the directory holding the last component of a non-root ``path``, that
+        component); the fd is ``base_fd`` itself for a name directly below it.  OSError
+        as :func:`open_at`."""
+        head, _, name = path.rpartition(b"/")
+        if not head:
+            return self.base_fd, name
+        fd = self._fds.get(head)
+        if fd is not None:
+            self._fds.move_to_end(head)
+            return fd, name
+        fd = open_at(self.base_fd, head, O_DIR)
+        self._fds[head] = fd
+        if len(self._fds) > self.size:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd, name
+
+    def forget(self) -> None:
+        """Close every cached fd (a directory may have moved)."""
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    close = forget
 
 
 def open_read(dir_fd: int, name: bytes | str) -> int:
@@ -272,15 +321,21 @@ def files_equal(a: int, b: int, size: int) -> int | None:
     return None
 
 
-def durable_replace(path: Path, data: bytes, mode: int = layout.PRIVATE_FILE_MODE) -> None:
+def durable_replace(path: str | os.PathLike[str], data: bytes, mode: int = layout.PRIVATE_FILE_MODE, *,
+                    dir_fd: int | None = None) -> None:
     """Write-temp + fsync + rename + fsync(dir): after return, ``path`` holds ``data`` durably.
 
     The temporary file is ``NAME.tmp`` beside it, never reached through a
     symlink, and gets ``mode`` even if a loose leftover was there.  A kill at
-    any point leaves the old file or the new one, never a mix.
+    any point leaves the old file or the new one, never a mix.  With
+    ``dir_fd``, ``path`` is relative to that directory fd (the shadow's pinned
+    root, the staging directory): the temporary file and the rename stay in
+    it, and it is that fd that is fsync'ed, never a directory reopened by name.
     """
-    tmp = path.with_name(path.name + layout.TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    head, tail = os.path.split(os.fspath(path))
+    tmp = os.path.join(head, tail + layout.TMP_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                 dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)                 # a leftover temp file may be loose
         view = memoryview(data)
@@ -289,5 +344,8 @@ def durable_replace(path: Path, data: bytes, mode: int = layout.PRIVATE_FILE_MOD
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(path.parent)
+    os.rename(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    if dir_fd is None:
+        fsync_dir(head or ".")
+    else:
+        os.fsync(dir_fd)

@@ -66,8 +66,8 @@ from .records_check import check_record, validate_record, validate_records
 from .shadow import Shadow
 from .staging import CURSOR, Cursor, StagingCursor, boot_id, clear_cursor, read_cursor
 from .treewalk import O_DIR as _O_DIR
-from .treewalk import O_WALK as _O_WALK
 from .treewalk import O_WRITE as _O_WRITE
+from .treewalk import ParentCache
 from .treewalk import same_object as _samestat
 
 # validation lives beside the record types (records_check.py), the staging cursor in
@@ -112,9 +112,11 @@ class _Applier:
         self.token: tuple[int, int, int] | None = None    # (index, st_dev, st_ino), see Cursor
         self.staging: StagingCursor | None = None
         self.tree_fd = self.inodes_fd = -1
+        self.walk: ParentCache | None = None
         try:
             # from the shadow root opened with O_NOFOLLOW (and pinned): never a swapped symlink
             self.tree_fd = shadow.open_sub(SHADOW_TREE)
+            self.walk = ParentCache(self.tree_fd)
             self.inodes_fd = shadow.open_sub(SHADOW_INODES)
             self.staging = StagingCursor(shadow, checkpoint)
         except BaseException:
@@ -134,6 +136,8 @@ class _Applier:
         self.fds.clear()
         if self.staging is not None:
             self.staging.close()
+        if self.walk is not None:
+            self.walk.close()
         for name in ("tree_fd", "inodes_fd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -159,35 +163,26 @@ class _Applier:
     def _resolve(self, path: bytes) -> tuple[int, bytes]:
         """(fd of the parent directory, last component) of a validated non-root path.
 
-        Each directory is opened relative to the previous one with O_NOFOLLOW
-        and O_DIRECTORY, starting at tree/: a symlink (or a non-directory)
-        on the way is an error, never followed.  The caller closes the fd
-        with _release.
+        treewalk's walk from tree/ (``ParentCache``): each directory opened
+        relative to the previous one with O_NOFOLLOW and O_DIRECTORY, a
+        symlink (or a non-directory) on the way is an error, never followed;
+        the last parents stay open until a Rename or Rmdir (``_rename``,
+        ``_rmdir`` forget them).  The fd is borrowed (``_release`` leaves it).
         """
-        comps = path.split(b"/")
-        fd = self.tree_fd
+        assert self.walk is not None
         try:
-            for i, comp in enumerate(comps[:-1]):
-                flags = _O_DIR if i == len(comps) - 2 else _O_WALK
-                nfd = os.open(comp, flags, dir_fd=fd)
-                if fd != self.tree_fd:
-                    os.close(fd)
-                fd = nfd
+            return self.walk.parent(path)
         except OSError as e:
-            if fd != self.tree_fd:
-                os.close(fd)
-            where = b"/".join(comps[:i + 1])
+            where = e.filename
             if e.errno in (errno.ENOTDIR, errno.ELOOP):
                 raise _ApplyError(f"{where!r} is not a directory in the shadow "
                                   f"(a symlink is never followed)") from None
             if e.errno == errno.ENOENT:
                 raise _ApplyError(f"directory {where!r} is missing in the shadow") from None
             raise
-        return fd, comps[-1]
 
     def _release(self, fd: int) -> None:
-        if fd != self.tree_fd:
-            os.close(fd)
+        """A parent fd from _resolve belongs to the walk's cache: nothing to do."""
 
     def _open_dir(self, path: bytes) -> int:
         """A readable fd of the directory at ``path`` (b"": the root); caller closes it."""
@@ -396,6 +391,7 @@ class _Applier:
             self._set_dir_mtime(pfd, r.pmtime_ns)
         finally:
             self._release(pfd)
+            self._forget_dirs()
 
     def _rename(self, r: Rename, index: int) -> None:
         opfd, oname = self._resolve(r.old)
@@ -409,6 +405,12 @@ class _Applier:
                 self._release(npfd)
         finally:
             self._release(opfd)
+            self._forget_dirs()
+
+    def _forget_dirs(self) -> None:
+        """A directory may have moved or gone (rename, rmdir): walk afresh from now on."""
+        assert self.walk is not None
+        self.walk.forget()
 
     def _do_rename(self, r: Rename, index: int, opfd: int, oname: bytes, npfd: int, nname: bytes) -> None:
         ost = self._lstat(opfd, oname)

@@ -68,7 +68,7 @@ class Verifier:
             os.close(self.inodes_fd)
         return self.diffs
 
-    def _compare_dir(self, src: int, dst: int, path: bytes, stack: list) -> None:
+    def _compare_dir(self, src: int, dst: int, path: bytes, stack: list[tuple[int, int, bytes]]) -> None:
         a, b = _listdir(src), _listdir(dst)
         bset = set(b)
         aset = set(a)

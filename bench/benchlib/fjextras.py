@@ -7,6 +7,9 @@
 * compress    fusejournal's lz4 compression speed on this machine
 * group       a 4-member consistency group against a single tree under the same
               write load: halt and setfattr time per checkpoint (groupbench.py)
+* browse      the browse mount at scale: seed time, browse daemon memory and first
+              listings of a tree of 1,000,000 files and of a directory of 100,000
+              (browsebench.py; not in the default phases: ``--extras browse``)
 
 Each phase gets a fresh mount; a failing phase is reported, not fatal.
 """
@@ -22,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from .browsebench import phase_browse
 from .groupbench import phase_group
 from .targets import CONTROL_XATTR, SHADOW_XATTR, Fusejournal
 from .util import (
@@ -407,7 +411,7 @@ def du(path: Path) -> int:
 def run_extras(env, sizes, phases=PHASES) -> dict:
     res: dict = {}
     fns = {"compress": phase_compress, "cpu_rss": phase_cpu_rss, "halt": phase_halt,
-           "log_ratio": phase_log_ratio, "group": phase_group}
+           "log_ratio": phase_log_ratio, "group": phase_group, "browse": phase_browse}
     for name in phases:
         log(f"fusejournal extras: {name}")
         drop_caches()

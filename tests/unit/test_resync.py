@@ -32,6 +32,7 @@ from fusejournal.shadow import Shadow
 from fusejournal.updater import apply_records, validate_records
 
 from snapshot import assert_same, snapshot
+from unithelp import create_reusing
 
 ROOT = os.geteuid() == 0
 pytestmark = pytest.mark.skipif(not ROOT, reason="file handles (open_by_handle_at) need root")
@@ -673,25 +674,11 @@ def test_duplicate_intents_and_several_periods(env):
     env.crash_and_resync()
 
 
-def _create_reusing(env: Env, rel: bytes, ino: int, tries: int = 50) -> None:
-    extra = []
-    for i in range(tries):
-        if env.create(rel) == ino:
-            break
-        name = rel + b".%d" % i
-        env.rename(rel, name)
-        extra.append(name)
-    else:
-        pytest.skip("the filesystem did not reuse the inode number")
-    for name in extra:
-        env.unlink(name)
-
-
 def test_inode_number_reused_in_place(env):
     ino = env.put(b"a", b"first life, a long content")
     env.seed()
     env.unlink(b"a")
-    _create_reusing(env, b"a", ino)                         # same name, same number, new file
+    create_reusing(env, b"a", ino)                          # same name, same number, new file
     env.write(b"a", 0, b"second")
     env.crash_and_resync()
 
@@ -701,7 +688,7 @@ def test_inode_number_reused_elsewhere_and_touched_later(env):
     ino = env.put(b"d/a", b"old object")
     env.seed()
     env.unlink(b"d/a")
-    _create_reusing(env, b"e/b", ino)
+    create_reusing(env, b"e/b", ino)
     env.write(b"e/b", 0, b"new object, same number")
     env.new_period()
     env.write(b"e/b", 3, b"!!")                             # an intent whose key is the old object's

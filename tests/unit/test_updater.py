@@ -55,6 +55,7 @@ from fusejournal.updater import Cursor, Updater, UpdaterError, apply_records, re
 
 from snapshot import assert_same
 from snapshot import snapshot as tree_snapshot
+from unithelp import create_reusing
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (chown, trusted.* xattrs, devices)")
@@ -583,21 +584,6 @@ def test_unlink_keeps_other_links_reachable(env):
     assert (env.shadow.tree / "g").read_bytes() == b"DATA"
 
 
-def _create_reusing(r: Recorder, rel: bytes, ino: int, tries: int = 50) -> None:
-    """Create ``rel`` so that it gets inode ``ino`` (freed just before); skip if the fs won't."""
-    extra = []
-    for i in range(tries):
-        if r.create(rel) == ino:
-            break
-        name = rel + b".%d" % i
-        r.rename(rel, name)
-        extra.append(name)
-    else:
-        pytest.skip("the filesystem did not reuse the inode number")
-    for name in extra:
-        r.unlink(name)
-
-
 def test_inode_number_reuse(env):
     r = env.rec
     r.create(b"a", 0o644, b"first life")
@@ -606,7 +592,7 @@ def test_inode_number_reuse(env):
     r.write(b"a", 0, b"FIRST")                        # deferred mtime for ino ...
     r.unlink(b"a")
     time.sleep(0.02)                                  # (so a leaked mtime would be visible)
-    _create_reusing(r, b"b", ino)                     # ... must not leak into the new file
+    create_reusing(r, b"b", ino)                     # ... must not leak into the new file
     env.sync()
     assert env.inode_keys() == {str(ino)}
     r.write(b"b", 0, b"second life")
@@ -617,7 +603,7 @@ def test_inode_number_reuse(env):
     ino_c = r.lst(b"c").st_ino
     r.create(b"new", 0o644, b"replacement")
     r.rename(b"new", b"c")
-    _create_reusing(r, b"d", ino_c)
+    create_reusing(r, b"d", ino_c)
     r.write(b"d", 0, b"d data")
     env.sync()
 
