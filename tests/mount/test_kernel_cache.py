@@ -196,3 +196,26 @@ def test_attributes_are_fresh_after_changes_by_another_process(m: Mounted) -> No
     finally:
         os.close(fd)
     checkpoint_and_compare(m)
+
+
+@pytest.mark.skipif(shutil.which("setcap") is None, reason="needs setcap")
+def test_security_capability_passes_through_the_per_inode_cache(m: Mounted) -> None:
+    """The daemon remembers "no security.capability" per inode (the kernel asks before
+    every write); a capability set through the mount is seen at once, the kernel's own
+    removal at the next write by another process reaches the original, and the
+    checkpoint has the file as the original has it."""
+    f = m.mountpoint / "prog"
+    f.write_bytes(b"#!/bin/sh\n")
+    with open(f, "ab") as w:                 # several writes: "none" is cached now
+        for _ in range(3):
+            w.write(b"# x\n")
+            w.flush()
+    subprocess.run(["setcap", "cap_net_raw+ep", f], check=True)
+    caps = os.getxattr(f, "security.capability")
+    assert caps and os.getxattr(m.source / "prog", "security.capability") == caps
+    run("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_APPEND); os.write(fd, b'# y'); "
+        "os.close(fd)", f, nobody=False)
+    for p in (f, m.source / "prog"):         # a write drops file capabilities, as on ext4
+        with pytest.raises(OSError):
+            os.getxattr(p, "security.capability")
+    checkpoint_and_compare(m)
