@@ -219,3 +219,33 @@ def test_security_capability_passes_through_the_per_inode_cache(m: Mounted) -> N
         with pytest.raises(OSError):
             os.getxattr(p, "security.capability")
     checkpoint_and_compare(m)
+
+
+def test_requests_per_write_and_stat(m: Mounted) -> None:
+    """A guard on what the kernel sends (docs/performance-analysis.md, "Requests per
+    operation"): a 4 KiB write(2) is a WRITE and the GETXATTR of security.capability
+    (the WRITEs merged with the writeback cache), nothing more; after the writes the
+    second stat is served by the kernel.  Zero attribute
+    timeouts, or an invalidation of our own, would add requests here."""
+    f = m.mountpoint / "w"
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"x" * 4096)           # the file's first write: caches "no capability"
+        before = requests(m)
+        for _ in range(100):
+            os.write(fd, b"x" * 4096)
+        after = requests(m)
+    finally:
+        os.close(fd)
+    assert sent(before, after, "getxattr") - 1 == 100            # -1: reading the counter
+    if m.mode == "default":
+        assert sent(before, after, "write") == 100
+    else:                                   # merged; a sync(2) elsewhere may start write-back
+        assert sent(before, after, "write") <= 5
+    # nothing else (FORGETs come when another process drops the machine's caches)
+    assert {op for op in after if sent(before, after, op)} <= {"getxattr", "write", "forget"}
+    os.stat(f)
+    before = requests(m)
+    for _ in range(10):
+        os.stat(f)
+    assert sent(before, requests(m), "getattr") == 0
