@@ -75,7 +75,7 @@ XATTR_REQUESTS = XATTR_PREFIX + b"requests"
 
 def _handler(fn: Callable) -> Callable:
     """Map every exception of a handler to a FUSE error reply; count the request."""
-    name = fn.__name__
+    name = fn.__name__.lstrip("_")   # _getxattr (behind its fast path) counts as getxattr
 
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -553,8 +553,17 @@ class Operations(pyfuse3.Operations):
         fd = self.files[fh].fd
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
-    @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # The kernel asks for security.capability before every write(2) (docs/design.md,
+        # "Requests per operation"): a cached "none" is answered here, without the
+        # _handler layer (nothing below can raise anything but this FUSEError).
+        if name == _CAPS and inode in self._no_caps:
+            self.requests["getxattr"] += 1
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return await self._getxattr(inode, name, ctx)
+
+    @_handler
+    async def _getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name.startswith(XATTR_PREFIX):
             if inode == ROOT and name == XATTR_PID:
                 return str(os.getpid()).encode()
@@ -574,8 +583,8 @@ class Operations(pyfuse3.Operations):
             try:
                 return os.getxattr(node.proc, name)
             except OSError as e:
-                if e.errno == pyfuse3.ENOATTR:
-                    self._no_caps.add(inode)
+                if e.errno == pyfuse3.ENOATTR and not self.read_only:
+                    self._no_caps.add(inode)     # (the browse mount's tree changes behind it)
                 raise
         return os.getxattr(node.proc, name)
 

@@ -160,3 +160,27 @@ async def test_the_kernels_empty_setattr_after_a_write_clears_setgid(ops: Operat
         assert stat.S_IMODE(os.stat(p).st_mode) == stat.S_IMODE(attr.st_mode)
         recs = list(ops.store.take())
         assert [r.mask for r in recs] == ([] if kept else [R.ATTR_MODE])
+
+
+async def test_no_capability_is_answered_from_the_cache_until_an_xattr_changes(ops: Operations, monkeypatch) -> None:
+    """The kernel asks for security.capability before every write(2): after the first
+    ENODATA the answer comes from the per-inode cache (no system call, counted as a
+    getxattr); a setxattr or removexattr through the mount ends it."""
+    (ops.src / "f").write_bytes(b"x")
+    f = await ops.lookup(ROOT, b"f", CTX)
+    calls = []
+    real = os.getxattr
+    monkeypatch.setattr(os, "getxattr", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    for _ in range(50):
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.getxattr(f.st_ino, b"security.capability", CTX)
+        assert e.value.errno == pyfuse3.ENOATTR
+    assert calls == [b"security.capability"]
+    assert ops.requests["getxattr"] == 50
+    await ops.setxattr(f.st_ino, b"user.a", b"1", CTX)
+    with pytest.raises(pyfuse3.FUSEError):
+        await ops.getxattr(f.st_ino, b"security.capability", CTX)
+    assert len(calls) == 2
+    await ops.getxattr(f.st_ino, b"user.a", CTX)            # other names are never cached
+    await ops.getxattr(f.st_ino, b"user.a", CTX)
+    assert calls[2:] == [b"user.a", b"user.a"]
