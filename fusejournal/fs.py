@@ -34,8 +34,10 @@ count hides the shadow's hidden inode-key link.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -66,12 +68,18 @@ _OPEN_STRIP = (os.O_APPEND | os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_NOCTTY 
                | os.O_TRUNC)
 _THREAD_IO = 256 * 1024   # reads at least this big go to a worker thread
 _CAPS = b"security.capability"
+# FUSE requests served, per handler, on the mount root (root or the owner only):
+# docs/performance-analysis.md, "Requests per operation"
+XATTR_REQUESTS = XATTR_PREFIX + b"requests"
 
 
 def _handler(fn: Callable) -> Callable:
-    """Map every exception of a handler to a FUSE error reply."""
+    """Map every exception of a handler to a FUSE error reply; count the request."""
+    name = fn.__name__.lstrip("_")   # _getxattr (behind its fast path) counts as getxattr
+
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args[0].requests[name] += 1
         args[0].inodes.new_request()     # fds handed out before may be evicted now
         try:
             return await fn(*args, **kwargs)
@@ -87,6 +95,26 @@ def _handler(fn: Callable) -> Callable:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
     return wrapper
+
+
+_CAP_FSETID = 1 << 4
+
+
+def _caller_creds(pid: int) -> tuple[int, frozenset[int], bool] | None:
+    """(fsgid, supplementary groups, has CAP_FSETID) of a caller thread, from
+    ``/proc/PID/status``; None if it cannot be read (the caller is gone, pid 0)."""
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            text = f.read()
+        fields = dict(line.split(b":", 1) for line in text.splitlines() if b":" in line)
+        fsgid = int(fields[b"Gid"].split()[3])
+        groups = frozenset(int(g) for g in fields[b"Groups"].split())
+        cap = bool(int(fields[b"CapEff"].strip(), 16) & _CAP_FSETID)
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+    return fsgid, groups, cap
 
 
 @dataclass
@@ -137,6 +165,7 @@ class Operations(pyfuse3.Operations):
         self.files: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
+        self.requests: collections.Counter[str] = collections.Counter()   # per handler
         self._no_caps: set[int] = set()      # inodes known to have no security.capability
         # The barrier before the halt (mount.Daemon.flush_mount): handles open for
         # writing (fh -> FUSE inode), the daemon's own threads opening inodes through
@@ -355,7 +384,19 @@ class Operations(pyfuse3.Operations):
             # halt) of an object it has forgotten since: gone, not a daemon error
             log.debug("file handle of forgotten inode %d: ESTALE", parent_inode)
             raise pyfuse3.FUSEError(errno.ESTALE)
-        fino, _, st = self._lookup(parent_inode, name)
+        try:
+            fino, _, st = self._lookup(parent_inode, name)
+        except FileNotFoundError:
+            if self.read_only:
+                raise
+            # a negative entry: the kernel caches "no such name" as it caches names,
+            # so a second stat (or the open(O_CREAT) after it) sends no LOOKUP; every
+            # creation goes through the mount and replaces it
+            # (docs/design.md, "Requests per operation: what the kernel caches")
+            e = pyfuse3.EntryAttributes()
+            e.st_ino = 0
+            e.entry_timeout = self.timeout
+            return e
         return self._attr(st, fino)
 
     @_handler
@@ -367,6 +408,7 @@ class Operations(pyfuse3.Operations):
         return os.readlink(b"", dir_fd=self._inode(inode).fd)
 
     async def forget(self, inode_list) -> None:   # must not raise: there is no reply
+        self.requests["forget"] += 1
         try:
             self._forget(inode_list)
         except Exception:
@@ -453,7 +495,10 @@ class Operations(pyfuse3.Operations):
                 self._touch(node)
                 fd = self._open_backing(node, flags, os.O_TRUNC)
                 try:
-                    self._record_attrs(node, R.ATTR_SIZE, os.fstat(fd))
+                    # the kernel leaves an O_TRUNC truncation (atomic_o_trunc), and so
+                    # the set-id bits it would clear, to the daemon
+                    mask = R.ATTR_SIZE | self._drop_set_id(os.fstat(fd), fd, ctx)
+                    self._record_attrs(node, mask, os.fstat(fd))
                 except Exception as e:
                     self._needs_resync([node], "open with O_TRUNC", e)
         else:
@@ -486,9 +531,9 @@ class Operations(pyfuse3.Operations):
         rest = await trio.to_thread.run_sync(os.pread, fd, size - n, off + n)
         return bytes(buf[:n]) + rest if n else rest
 
-    @_handler
     async def flush(self, fh: int) -> None:
-        return None
+        # sent at every close(2); nothing to do (no _handler layer: nothing here can raise)
+        self.requests["flush"] += 1
 
     @_handler
     async def release(self, fh: int) -> None:
@@ -508,11 +553,22 @@ class Operations(pyfuse3.Operations):
         fd = self.files[fh].fd
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
-    @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # The kernel asks for security.capability before every write(2) (docs/design.md,
+        # "Requests per operation"): a cached "none" is answered here, without the
+        # _handler layer (nothing below can raise anything but this FUSEError).
+        if name == _CAPS and inode in self._no_caps:
+            self.requests["getxattr"] += 1
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return await self._getxattr(inode, name, ctx)
+
+    @_handler
+    async def _getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name.startswith(XATTR_PREFIX):
             if inode == ROOT and name == XATTR_PID:
                 return str(os.getpid()).encode()
+            if inode == ROOT and name == XATTR_REQUESTS:
+                return self._requests_json(ctx)
             if inode == ROOT and self.control is not None:
                 return self.control.getxattr(name)
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)    # reserved: never read from the original
@@ -527,10 +583,17 @@ class Operations(pyfuse3.Operations):
             try:
                 return os.getxattr(node.proc, name)
             except OSError as e:
-                if e.errno == pyfuse3.ENOATTR:
-                    self._no_caps.add(inode)
+                if e.errno == pyfuse3.ENOATTR and not self.read_only:
+                    self._no_caps.add(inode)     # (the browse mount's tree changes behind it)
                 raise
         return os.getxattr(node.proc, name)
+
+    def _requests_json(self, ctx: pyfuse3.RequestContext) -> bytes:
+        """The requests served so far, per handler (this getxattr included), as JSON;
+        for root and the mount root's owner only."""
+        if ctx.uid != 0 and ctx.uid != os.fstat(self.inodes[ROOT].fd).st_uid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return json.dumps(dict(sorted(self.requests.items()))).encode()
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -608,6 +671,7 @@ class Operations(pyfuse3.Operations):
         # The hot path: error mapping inlined (no _handler layer), and no
         # in-flight accounting, because nothing below awaits once the gate
         # is passed: the halt cannot begin between the pwrite and the record.
+        self.requests["write"] += 1
         if self.halt.is_halted:
             await self.halt.wait_open()
         try:
@@ -668,6 +732,10 @@ class Operations(pyfuse3.Operations):
                     utimens_path_fd(node.fd, attr.st_atime_ns if fields.update_atime else None,
                                     attr.st_mtime_ns if fields.update_mtime else None)
                     mask |= (R.ATTR_ATIME if fields.update_atime else 0) | (R.ATTR_MTIME if fields.update_mtime else 0)
+                if not fields.update_mode and (fields.update_size or not mask) and not node.is_dir:
+                    # a truncate, or the kernel's empty SETATTR after a write by a caller
+                    # whose set-id bits it meant to drop (see _drop_set_id)
+                    mask |= self._drop_set_id(os.fstat(node.fd), None, ctx, node)
             except Exception:
                 # a later step failed: the earlier ones reached the original
                 self._record_reached(node, inode, mask, "setattr")
@@ -682,6 +750,35 @@ class Operations(pyfuse3.Operations):
                 if st is None:
                     raise
             return self._attr(st, inode)
+
+    def _drop_set_id(self, st: os.stat_result, fd: int | None, ctx: pyfuse3.RequestContext,
+                     node: Inode | None = None) -> int:
+        """Clear the set-id bits of a regular file that the kernel drops when the caller
+        of ``ctx`` writes or truncates it (``setattr_should_drop_suidgid``, Linux 6.18):
+        S_ISUID always, S_ISGID with group-exec or when the caller is not in the file's
+        group, unless the caller has CAP_FSETID; read from ``/proc/PID/status`` of the
+        caller, which is blocked in its system call.  The daemon (root, CAP_FSETID) keeps
+        them when it writes the original, and FUSE's own recalculation
+        (``fuse_setattr``) drops S_ISGID only with group-exec, and nothing for an
+        ``O_TRUNC`` open: both reach here.  Returns R.ATTR_MODE if bits were cleared,
+        else 0.  Through ``fd`` or ``node``."""
+        mode = st.st_mode
+        if not stat.S_ISREG(mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
+            return 0
+        creds = _caller_creds(ctx.pid)
+        if creds is None or creds[2]:
+            return 0
+        fsgid, groups, _ = creds
+        drop = mode & stat.S_ISUID
+        if mode & stat.S_ISGID and (mode & stat.S_IXGRP or (st.st_gid != fsgid and st.st_gid not in groups)):
+            drop |= stat.S_ISGID
+        if not drop:
+            return 0
+        if fd is not None:
+            os.fchmod(fd, stat.S_IMODE(mode) & ~drop)
+        elif node is not None:
+            os.chmod(node.proc, stat.S_IMODE(mode) & ~drop)
+        return R.ATTR_MODE
 
     def _unnamed(self, st: os.stat_result, parent: int, name: bytes) -> None:
         """``name`` in ``parent`` (stat ``st`` from before) is gone: the inode forgets that name."""

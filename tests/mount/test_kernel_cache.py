@@ -1,0 +1,251 @@
+"""What the kernel caches in front of the Operations, and that nothing it caches is
+ever stale (promise 4): real mounts, changes made from other processes and
+another uid (65534, via ``setpriv``), in the default mode and with
+``--writeback-cache``.
+
+The per-handler request counter (``user.fusejournal.requests`` on the mount
+root) shows which requests reach the daemon; docs/performance-analysis.md,
+"Requests per operation", has the table for each workload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import Mounted, checkpoint_and_compare, daemon_errors, needs_fuse
+
+pytestmark = [needs_fuse, pytest.mark.mount]
+
+NOBODY = 65534
+SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+MODES = {"default": [], "writeback": ["--writeback-cache"]}
+
+
+@pytest.fixture(params=sorted(MODES))
+def m(request: pytest.FixtureRequest) -> Mounted:
+    """A journaled mount whose root every user may write, in each caching mode.  Its
+    base directory is its own (0711), not pytest's: pytest resets its temporary root to
+    0700 whenever a session starts, which would lock the other user out mid-test."""
+    base = Path(tempfile.mkdtemp(prefix="fj-kcache-", dir="/tmp"))
+    os.chmod(base, 0o711)
+    src, mnt = base / "src", base / "mnt"
+    src.mkdir(mode=0o777)
+    mnt.mkdir()
+    os.chmod(src, 0o777)
+    mk = Mounted(src, mnt, base / "journal", base / "shadow")
+    mk.base = base
+    try:
+        mk.mount(*MODES[request.param])
+        mk.mode = request.param
+        yield mk
+    finally:
+        mk.cleanup()
+        errors = daemon_errors(mk.journal)
+        shutil.rmtree(base, ignore_errors=True)
+    assert not errors, errors
+
+
+def requests(m: Mounted) -> dict[str, int]:
+    return json.loads(os.getxattr(m.mountpoint, b"user.fusejournal.requests"))
+
+
+def sent(before: dict[str, int], after: dict[str, int], op: str) -> int:
+    return after.get(op, 0) - before.get(op, 0)
+
+
+def run(code: str, *args: object, nobody: bool = True) -> None:
+    """Run python ``code`` in another process (as uid 65534 unless ``nobody`` is False)."""
+    cmd = [*SETPRIV] if nobody else []
+    r = subprocess.run([*cmd, sys.executable, "-c", code, *map(os.fspath, args)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (code, r.stderr)
+
+
+def missing(p: Path) -> bool:
+    try:
+        os.stat(p)
+    except FileNotFoundError:
+        return True
+    return False
+
+
+def test_a_missing_name_is_looked_up_once(m: Mounted) -> None:
+    """A negative entry: the second stat of a missing name is answered by the kernel
+    (failed before: one LOOKUP per stat, the daemon answered ENOENT)."""
+    p = m.mountpoint / "later"
+    assert missing(p)
+    before = requests(m)
+    for _ in range(5):
+        assert missing(p)
+    assert sent(before, requests(m), "lookup") == 0
+
+
+def test_names_made_after_a_negative_entry_are_seen(m: Mounted) -> None:
+    """Every way of making a name, by another process and another uid, over a name the
+    kernel holds as missing: each is seen at once through the mount (by this process
+    too), and the checkpoint has it."""
+    mnt = m.mountpoint
+    names = ["file", "dir", "sym", "hard", "moved", "fifo"]
+    for n in names + ["src"]:
+        assert missing(mnt / n)
+        assert missing(mnt / n)                  # now a cached negative entry
+    run("import os, sys; d = sys.argv[1]\n"
+        "fd = os.open(d + '/file', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)\n"
+        "os.write(fd, b'made'); os.close(fd)\n"
+        "os.mkdir(d + '/dir'); os.symlink('file', d + '/sym'); os.link(d + '/file', d + '/hard')\n"
+        "open(d + '/src', 'w').write('x'); os.rename(d + '/src', d + '/moved')\n"
+        "os.mkfifo(d + '/fifo')", mnt)
+    assert (mnt / "file").read_bytes() == b"made"
+    assert (mnt / "dir").is_dir() and os.readlink(mnt / "sym") == "file"
+    assert os.stat(mnt / "hard").st_ino == os.stat(mnt / "file").st_ino
+    assert os.stat(mnt / "file").st_nlink == 2
+    assert (mnt / "moved").read_text() == "x" and missing(mnt / "src")
+    assert stat.S_ISFIFO(os.stat(mnt / "fifo").st_mode)
+    # and gone again: the kernel does not keep a removed name
+    run("import os, sys; os.unlink(sys.argv[1] + '/moved')", mnt)
+    assert missing(mnt / "moved")
+    checkpoint_and_compare(m)
+
+
+SUID_CASES = [0o6777, 0o4777, 0o2777, 0o2767]    # setgid without group-exec is kept on ext4
+
+
+def suid_results(d: Path) -> list[tuple[int, str, int]]:
+    """Mode of a set-id file after a write, a truncate and an O_TRUNC open by another
+    uid, and after a write by root, for each starting mode."""
+    out = []
+    for mode in SUID_CASES:
+        f = d / f"m{mode:o}"
+        for how, code, nobody in (
+                ("write", "import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_APPEND); "
+                          "os.write(fd, b'x'); os.close(fd)", True),
+                ("truncate", "import os,sys; os.truncate(sys.argv[1], 1)", True),
+                ("otrunc", "import os,sys; os.close(os.open(sys.argv[1], os.O_WRONLY|os.O_TRUNC))", True),
+                ("root write", "import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_APPEND); "
+                               "os.write(fd, b'x'); os.close(fd)", False)):
+            if not f.exists():
+                f.write_bytes(b"0123")
+            os.chmod(f, mode)
+            run(code, f, nobody=nobody)
+            out.append((mode, how, stat.S_IMODE(os.stat(f).st_mode)))
+    return out
+
+
+def test_set_id_bits_are_cleared_on_write_as_on_the_backing_filesystem(m: Mounted) -> None:
+    """A write or truncate by a user without CAP_FSETID clears S_ISUID (and S_ISGID
+    with group-exec) exactly as the backing filesystem does when written directly; a
+    write by root keeps them.  The shadow gets the cleared modes."""
+    native = m.base / "native"
+    native.mkdir()
+    os.chmod(native, 0o777)
+    expected = suid_results(native)
+    assert (0o4777, "write", 0o777) in expected          # the backing filesystem clears it
+    assert suid_results(m.mountpoint) == expected
+    for mode in SUID_CASES:                              # the original holds what the mount showed
+        f = f"m{mode:o}"
+        assert os.stat(m.source / f).st_mode == os.stat(m.mountpoint / f).st_mode
+    checkpoint_and_compare(m)
+
+
+ATTRS = ("st_mode", "st_uid", "st_gid", "st_size", "st_nlink", "st_mtime_ns", "st_blocks")
+
+
+def attrs(p: Path | int, mode: str = "default") -> dict[str, int]:
+    """The attributes compared; with the writeback cache the kernel owns the mtime
+    (docs/design.md, "Writeback cache (opt-in)"): it is compared in the default mode."""
+    st = os.stat(p)
+    return {a: getattr(st, a) for a in ATTRS if mode == "default" or a != "st_mtime_ns"}
+
+
+def test_attributes_are_fresh_after_changes_by_another_process(m: Mounted) -> None:
+    """This process caches a file's attributes (stat, and an open fd); another process
+    and another uid write, truncate, chmod and utime it through the mount: every stat
+    and fstat here then shows what the original holds (a stale size, mode or mtime
+    would break promise 4)."""
+    f = m.mountpoint / "f"
+    f.write_bytes(b"a" * 100)
+    os.chmod(f, 0o666)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert attrs(f, m.mode) == attrs(m.source / "f", m.mode)
+        steps = [
+            ("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_APPEND); "
+             "os.write(fd, b'b' * 5000); os.close(fd)", True),
+            ("import os,sys; os.truncate(sys.argv[1], 50)", True),
+            ("import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); os.pwrite(fd, b'c', 9000); "
+             "os.fsync(fd); os.close(fd)", True),
+            ("import os,sys; os.chmod(sys.argv[1], 0o640)", False),
+            ("import os,sys; os.utime(sys.argv[1], ns=(1, 1_000_000_123))", False),
+            ("import os,sys; os.chown(sys.argv[1], 65534, 65534)", False),
+        ]
+        for code, nobody in steps:
+            run(code, f, nobody=nobody)
+            want = attrs(m.source / "f", m.mode)
+            assert attrs(f, m.mode) == want, code
+            assert attrs(fd, m.mode) == want, code
+        assert os.pread(fd, 1, 9000) == b"c" and os.stat(f).st_size == 9001
+    finally:
+        os.close(fd)
+    checkpoint_and_compare(m)
+
+
+@pytest.mark.skipif(shutil.which("setcap") is None, reason="needs setcap")
+def test_security_capability_passes_through_the_per_inode_cache(m: Mounted) -> None:
+    """The daemon remembers "no security.capability" per inode (the kernel asks before
+    every write); a capability set through the mount is seen at once, the kernel's own
+    removal at the next write by another process reaches the original, and the
+    checkpoint has the file as the original has it."""
+    f = m.mountpoint / "prog"
+    f.write_bytes(b"#!/bin/sh\n")
+    with open(f, "ab") as w:                 # several writes: "none" is cached now
+        for _ in range(3):
+            w.write(b"# x\n")
+            w.flush()
+    subprocess.run(["setcap", "cap_net_raw+ep", f], check=True)
+    caps = os.getxattr(f, "security.capability")
+    assert caps and os.getxattr(m.source / "prog", "security.capability") == caps
+    run("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_APPEND); os.write(fd, b'# y'); "
+        "os.close(fd)", f, nobody=False)
+    for p in (f, m.source / "prog"):         # a write drops file capabilities, as on ext4
+        with pytest.raises(OSError):
+            os.getxattr(p, "security.capability")
+    checkpoint_and_compare(m)
+
+
+def test_requests_per_write_and_stat(m: Mounted) -> None:
+    """A guard on what the kernel sends (docs/performance-analysis.md, "Requests per
+    operation"): a 4 KiB write(2) is a WRITE and the GETXATTR of security.capability
+    (the WRITEs merged with the writeback cache), nothing more; after the writes the
+    second stat is served by the kernel.  Zero attribute
+    timeouts, or an invalidation of our own, would add requests here."""
+    f = m.mountpoint / "w"
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"x" * 4096)           # the file's first write: caches "no capability"
+        before = requests(m)
+        for _ in range(100):
+            os.write(fd, b"x" * 4096)
+        after = requests(m)
+    finally:
+        os.close(fd)
+    assert sent(before, after, "getxattr") - 1 == 100            # -1: reading the counter
+    if m.mode == "default":
+        assert sent(before, after, "write") == 100
+    else:                                   # merged; a sync(2) elsewhere may start write-back
+        assert sent(before, after, "write") <= 5
+    # nothing else (FORGETs come when another process drops the machine's caches)
+    assert {op for op in after if sent(before, after, op)} <= {"getxattr", "write", "forget"}
+    os.stat(f)
+    before = requests(m)
+    for _ in range(10):
+        os.stat(f)
+    assert sent(before, requests(m), "getattr") == 0
