@@ -996,6 +996,11 @@ class OrderedLog:
                 return
             unmarked = None
             try:
+                if self._state == "broken" and self._open_start is not None:
+                    # a failed append could not be cut back: the tail is unknown, and so is
+                    # whether streamed entries survive; the caller recovers as after a crash
+                    raise LogError("the ordered log's tail is in an unknown state (a failed append "
+                                   "could not be cut back)")
                 if self._state == "open" and self._open_start is not None and self._wfd is not None:
                     # streamed entries not closed by a marker: durable, and named in END_FILE,
                     # so the next open keeps them for the next marker (a crash's scan cuts them)
