@@ -40,11 +40,13 @@ class Mount:
         self.run("mount", self.src, self.mnt, "--journal", base / "journal", "--shadow", base / "shadow",
                  "--memory-limit", memory_limit)
         self.pid = self.status()["pid"]
+        self.streaming = "stream_error" in self.status()
 
     def run(self, *args: object) -> None:
         env = {**os.environ, "PYTHONPATH": str(self.tree)}
         subprocess.run([sys.executable, "-c", "from fusejournal.cli import main; main()",
-                        *map(str, args)], check=True, env=env, capture_output=True, timeout=600)
+                        *map(str, args)], check=True, env=env, capture_output=True, timeout=600,
+                       cwd="/")       # not the repository: -c puts the cwd first on sys.path
 
     def status(self) -> dict:
         return json.loads(os.getxattr(self.mnt, b"user.fusejournal.status"))
@@ -91,7 +93,7 @@ def measure_size(tree: Path, size_mib: int, scratch: Path, memory_limit: str) ->
                 st = m.status()
                 took = m.checkpoint(f"{size_mib}M")
                 st2 = m.status()
-                out[mode] = {"setfattr_ms": round(took * 1000, 1),
+                out[mode] = {"streaming": m.streaming, "setfattr_ms": round(took * 1000, 1),
                              "write_mib_s": round(size_mib / wt, 1),
                              "last_second_ms": round(min(1.0, wt) * 1000 / 1, 1),
                              "pending_at_trigger_mib": round(st["pending_bytes"] / MiB, 1),
@@ -125,7 +127,7 @@ def measure_burst(tree: Path, burst_mib: int, scratch: Path, memory_limit: str) 
             stop.set()
             th.join()
             hwm = rss_kib(m.pid, "VmHWM")
-            return {"burst_mib": burst_mib, "write_mib_s": round(burst_mib / wt, 1),
+            return {"streaming": m.streaming, "burst_mib": burst_mib, "write_mib_s": round(burst_mib / wt, 1),
                     "rss_before_mib": round(base / 1024, 1), "rss_peak_sampled_mib": round(peak[0] / 1024, 1),
                     "vmhwm_mib": round(hwm / 1024, 1),
                     "spilled_total_mib": round(st.get("spilled_total_bytes", -MiB) / MiB, 1),

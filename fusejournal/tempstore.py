@@ -33,7 +33,7 @@ from .records import Record
 
 #: a spill file no longer takes new chunks beyond this size (it is closed once every
 #: chunk in it was streamed or checkpointed, so the journal's space comes back)
-SPILL_FILE_LIMIT = 64 << 20
+SPILL_FILE_LIMIT = 16 << 20
 
 
 @dataclass
@@ -41,16 +41,25 @@ class SpillFile:
     """An anonymous (O_TMPFILE) file holding encoded records.
 
     ``refs`` counts the :class:`SpillRef` s into it plus one while the store
-    still writes into it; the fd is closed when the count drops to zero."""
+    still writes into it (``writing``); the fd is closed when the count drops
+    to zero, and a file the store still writes into is emptied (its space
+    given back) as soon as no range of it is referenced."""
     fd: int
     size: int = 0
     refs: int = 1
+    writing: bool = True
 
     def release(self) -> None:
         self.refs -= 1
         if self.refs == 0 and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        elif self.refs == 1 and self.writing and self.size:
+            try:
+                os.ftruncate(self.fd, 0)
+                self.size = 0
+            except OSError:
+                pass        # the space comes back when the file is closed
 
 
 @dataclass
@@ -206,8 +215,7 @@ class TempStore:
 
     def _spill_file(self) -> SpillFile:
         if self._spill is not None and self._spill.size >= SPILL_FILE_LIMIT:
-            self._spill.release()             # the store writes no more into it
-            self._spill = None
+            self._drop_spill()
         if self._spill is None:
             assert self.spill_dir is not None
             d = os.fspath(self.spill_dir)
@@ -219,6 +227,13 @@ class TempStore:
                 os.unlink(name)
             self._spill = SpillFile(fd)
         return self._spill
+
+    def _drop_spill(self) -> None:
+        """The store writes no more into its spill file."""
+        if self._spill is not None:
+            self._spill.writing = False
+            self._spill.release()
+            self._spill = None
 
     def _spill_current(self) -> None:
         """Encode the current chunk into the spill file and replace it by a SpillRef.
@@ -252,6 +267,7 @@ class TempStore:
             self._sizes[-1] = self._cur_bytes
         batch = Batch(self._parts, self.operations, self.raw_bytes, self._sizes)
         self._reset()
+        self._drop_spill()          # (not I/O: a close at most) the next chunk spills to a new file
         return batch
 
     def take_front(self, max_bytes: int) -> Batch:

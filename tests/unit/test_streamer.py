@@ -352,3 +352,19 @@ async def test_the_task_streams_by_size_and_by_time_and_stops(tmp_path: Path) ->
                 await trio.sleep(0.01)
         streamer.stop()
     assert olog.unmarked[0] == 21 and store.on_chunk is None
+
+
+def test_streamed_spill_ranges_give_their_space_back(tmp_path: Path) -> None:
+    """With the streamer draining spilled chunks, the spill file must not keep their
+    space until the next checkpoint (a small journal filled up with dead spill data)."""
+    store = TempStore(tmp_path, memory_limit=8000, chunk_bytes=4000)
+    for r in writes(40):
+        store.append(r)
+    spill = store._spill
+    assert spill is not None and os.fstat(spill.fd).st_size > 20_000
+    while store.operations:
+        store.take_front(10_000).close()         # streamed: dropped after the append
+    assert os.fstat(spill.fd).st_size == 0 and spill.size == 0
+    for r in writes(10):                          # the file is reused from its start
+        store.append(r)
+    assert list(store.take()) == writes(10)
