@@ -108,6 +108,7 @@ class DirHandle:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False   # per instance, see __init__ and docs/design.md
+    backpressure: Any = None         # the streamer (streamer.py): writes wait while it catches up
 
     def __init__(self, source_fd: int, *, store: TempStore | None = None,
                  halt: Halt | None = None, control: Any = None, activity: Any = None,
@@ -608,6 +609,9 @@ class Operations(pyfuse3.Operations):
         # The hot path: error mapping inlined (no _handler layer), and no
         # in-flight accounting, because nothing below awaits once the gate
         # is passed: the halt cannot begin between the pwrite and the record.
+        bp = self.backpressure
+        if bp is not None and bp.congested():
+            await bp.room()              # before the gate: as if the request came later
         if self.halt.is_halted:
             await self.halt.wait_open()
         try:

@@ -184,6 +184,7 @@ class Daemon:
                               activity=self.activity, writeback=cfg.writeback,
                               resync_flag=self.resync_flag)
         self.stack.callback(self.ops.close_all)
+        self.ops.backpressure = self.streamer       # writes wait while the streamer catches up
         if self.member is not None:
             self.member.attach(self.checkpointer, self.control)
 

@@ -23,6 +23,15 @@ step in flight: the log then holds, in order, the streamed entries, then the
 tail the acquisition takes, then the marker) and :meth:`resume` s it once the
 marker is durable or the checkpoint failed.
 
+Back-pressure: while the streamer runs and is neither paused nor failing,
+a WRITE that finds ``high_water`` bytes or more of records in memory waits
+(:meth:`room`, awaited by the write handler *before* the halt gate, so it is
+as if the request arrived later) until a step has made room, at most
+``max_wait`` seconds.  So a writer faster than the compressor is slowed to
+its pace instead of the store spilling raw data that must be read back; the
+spill file remains the valve while the streamer is paused (a checkpoint, a
+group checkpoint in doubt) or failing, or a wait timed out.
+
 Failure: if the append fails (ENOSPC, EIO: the log cut itself back), the
 batch goes back in front of the temporary store, so nothing is lost and the
 order is kept; the streamer waits (1 s, doubling up to 30 s) and tries again;
@@ -49,7 +58,8 @@ log = logging.getLogger(__name__)
 class Streamer:
     def __init__(self, store: TempStore, olog: OrderedLog, *, wake_bytes: int = 4 << 20,
                  step_bytes: int = 8 << 20, interval: float = 0.5, sync_bytes: int = 32 << 20,
-                 sync_interval: float = 0.5, retry_max: float = 30.0) -> None:
+                 sync_interval: float = 0.5, retry_max: float = 30.0,
+                 high_water: int | None = None, max_wait: float = 1.0) -> None:
         self.store = store
         self.olog = olog
         self.wake_bytes = wake_bytes
@@ -58,6 +68,15 @@ class Streamer:
         self.sync_bytes = sync_bytes
         self.sync_interval = sync_interval
         self.retry_max = retry_max
+        #: writers wait from here (default: 16 MiB, two steps: enough to keep the streamer
+        #: busy; at most 3/4 of the memory limit, so spilling stays rare).  It bounds the
+        #: tail a checkpoint has to write when writers outrun the streamer.
+        self.high_water = high_water if high_water is not None else max(
+            2 * store.chunk_bytes, min(16 << 20, store.memory_limit * 3 // 4))
+        self.max_wait = max_wait
+        self._running = False
+        self._room = trio.Event()
+        self.waits = 0                    # writes that waited for room (status, tests)
         self._lock = trio.Lock()          # held by a step (take + append); pause() waits for it
         self._paused = 0
         self._wake = trio.Event()
@@ -77,6 +96,7 @@ class Streamer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stream until :meth:`stop` (or cancelled)."""
         self.store.on_chunk = self.wake
+        self._running = True
         task_status.started()
         try:
             while not self._stopping:
@@ -88,6 +108,8 @@ class Streamer:
                         break
         finally:
             self.store.on_chunk = None
+            self._running = False
+            self._made_room()
 
     def stop(self) -> None:
         self._stopping = True
@@ -104,6 +126,25 @@ class Streamer:
         """Stop taking from the store; returns once no append is in flight."""
         async with self._lock:
             self._paused += 1
+        self._made_room()                 # writers waiting for the streamer: not now
+
+    # ------------------------------------------------------------ back-pressure
+
+    def congested(self) -> bool:
+        """Should a write wait for the streamer (cheap: asked by every WRITE)?"""
+        return (self.store.memory_bytes >= self.high_water and self._running
+                and not self._paused and self.last_error is None)
+
+    async def room(self) -> None:
+        """Wait while :meth:`congested`, at most ``max_wait`` seconds."""
+        self.waits += 1
+        with trio.move_on_after(self.max_wait):
+            while self.congested():
+                await self._room.wait()
+
+    def _made_room(self) -> None:
+        self._room.set()
+        self._room = trio.Event()
 
     def resume(self) -> None:
         if self._paused > 0:
@@ -137,6 +178,7 @@ class Streamer:
                 if not isinstance(e, Exception):
                     raise
                 self._failed(e, sync)
+                self._made_room()
                 return False
             self.inflight = (0, 0)
             batch.close()
@@ -146,6 +188,7 @@ class Streamer:
             self.streamed_operations += ops
             self.streamed_bytes += raw
             self.steps += 1
+            self._made_room()
             if self.last_error is not None:
                 log.info("streaming into the ordered log works again")
                 self.last_error = None
@@ -171,4 +214,5 @@ class Streamer:
         ops, raw = self.olog.unmarked
         return {"stream_error": self.last_error, "streamed_unmarked_operations": ops,
                 "streamed_unmarked_bytes": raw, "stream_paused": self.paused,
-                "streamed_bytes": self.streamed_bytes, "spilled_total_bytes": self.store.spilled_total}
+                "streamed_bytes": self.streamed_bytes, "spilled_total_bytes": self.store.spilled_total,
+                "stream_waits": self.waits}

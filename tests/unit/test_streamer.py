@@ -368,3 +368,28 @@ def test_streamed_spill_ranges_give_their_space_back(tmp_path: Path) -> None:
     for r in writes(10):                          # the file is reused from its start
         store.append(r)
     assert list(store.take()) == writes(10)
+
+
+async def test_writers_wait_for_room_while_the_streamer_runs_not_while_it_is_paused(tmp_path: Path) -> None:
+    store = TempStore(tmp_path, memory_limit=40_000, chunk_bytes=4000)
+    olog = opened(tmp_path / "log", chunk_bytes=4000)
+    streamer = Streamer(store, olog, wake_bytes=1 << 30, step_bytes=8000, interval=3600)
+    assert streamer.high_water == 30_000
+    for r in writes(35):
+        store.append(r)
+    assert not streamer.congested()              # not running: nothing to wait for
+    async with trio.open_nursery() as n:
+        await n.start(streamer.run)
+        assert streamer.congested()
+        with trio.fail_after(5):
+            n.start_soon(streamer.step)           # (woken by size in real life)
+            await streamer.room()                 # returns once a step made room
+        assert not streamer.congested() and olog.unmarked[0] > 0
+        for r in writes(10, 35):
+            store.append(r)
+        assert streamer.congested()
+        await streamer.pause()
+        assert not streamer.congested()           # a checkpoint holds it: spill, never wait
+        streamer.resume()
+        streamer.stop()
+    assert store.spilled_total == 0
