@@ -16,7 +16,8 @@ Each step (docs/design.md, "Streaming the log"):
    ``sync_interval`` seconds, ``fdatasync`` (:meth:`OrderedLog.sync`), so that
    the checkpoint's own ``fdatasync`` has little left to write;
 4. then drop the batch (frees its spill file ranges) and go on at once while
-   the store still holds ``wake_bytes``.
+   the store still holds ``wake_bytes``; once the store is empty, what was
+   streamed and not yet synced is synced after ``sync_interval``.
 
 A checkpoint :meth:`pause` s the streamer before its halt (waiting for the
 step in flight: the log then holds, in order, the streamed entries, then the
@@ -157,7 +158,11 @@ class Streamer:
     async def step(self) -> bool:
         """Steps 2-4 once; True if something was streamed."""
         async with self._lock:
-            if self._paused or not self.store.operations or time.monotonic() < self._retry_at:
+            if self._paused or time.monotonic() < self._retry_at:
+                return False
+            if not self.store.operations:
+                if self._unsynced and time.monotonic() - self._synced_at >= self.sync_interval:
+                    await self._idle_sync()        # writers stopped: leave the marker little to do
                 return False
             batch = self.store.take_front(self.step_bytes)
             self.inflight = (batch.operations, batch.raw_bytes)
@@ -194,6 +199,15 @@ class Streamer:
                 self.last_error = None
                 self._retry_delay = 0.0
             return True
+
+    async def _idle_sync(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self.olog.sync)
+        except Exception as e:
+            self._failed(e, True)
+            return
+        self._unsynced = 0
+        self._synced_at = time.monotonic()
 
     def _failed(self, e: Exception, synced: bool) -> None:
         self._retry_delay = min(self.retry_max, max(1.0, 2 * self._retry_delay))

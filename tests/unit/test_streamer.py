@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -393,3 +394,17 @@ async def test_writers_wait_for_room_while_the_streamer_runs_not_while_it_is_pau
         streamer.resume()
         streamer.stop()
     assert store.spilled_total == 0
+
+
+async def test_streamed_entries_are_synced_once_writers_stop(tmp_path: Path) -> None:
+    store, olog, streamer, cp = setup(tmp_path)
+    streamer.sync_interval = 0.05
+    streamer.sync_bytes = 1 << 30
+    for r in writes(3):
+        store.append(r)
+    streamer._synced_at = time.monotonic()       # (as if it had just synced)
+    assert await streamer.step()
+    assert olog._dirty                            # written, not yet synced
+    await trio.sleep(0.06)
+    assert not await streamer.step()              # nothing to take: it syncs instead
+    assert not olog._dirty and streamer._unsynced == 0
