@@ -12,18 +12,26 @@ The order of one checkpoint (docs/design.md, "The halt"):
    thread (:func:`sync_through_mount`), while the trio thread keeps serving
    the WRITE requests this causes.  At most ``barrier_timeout`` seconds;
    then :class:`BarrierTimeout`, and nothing has been taken;
-3. the halt closes: new mutating operations wait, in-flight ones finish;
-   the whole temporary store is taken out (:meth:`TempStore.take`, O(1));
-4. the halt opens: operations flow again (a new activity period has begun);
-5. outside the halt, in a worker thread, the batch is lz4-compressed and
-   appended to the ordered log with its marker, then fdatasync'ed;
-6. only then the setxattr returns 0, the activity periods it covers are
-   deleted, and the updater is signalled.
+3. the streamer (fusejournal/streamer.py) is paused: the append it has in
+   flight finishes first, so what it streamed precedes the tail in the log;
+4. the halt closes: new mutating operations wait, in-flight ones finish;
+   the whole temporary store is taken out (:meth:`TempStore.take`, O(1)):
+   the *tail*, what the streamer had not yet streamed;
+5. the halt opens: operations flow again (a new activity period has begun);
+6. outside the halt, in a worker thread, the tail is lz4-compressed and
+   appended to the ordered log after the streamed entries, with the marker
+   that closes them all, then fdatasync'ed;
+7. only then the setxattr returns 0, the activity periods it covers are
+   deleted, the streamer resumes, and the updater is signalled.
 
 If step 2 fails or times out, the checkpoint fails before the halt: the
-temporary store is untouched.  If step 5 fails (ENOSPC, EIO, ...) the batch is
-put back in front of the temporary store: nothing captured is lost, it belongs
-to the next checkpoint.
+temporary store is untouched.  If step 6 fails (ENOSPC, EIO, ...) the tail is
+put back in front of the temporary store, and what was streamed stays in the
+log, unmarked: nothing captured is lost, it all belongs to the next
+checkpoint.  A group member whose appended checkpoint is aborted gets the
+whole checkpoint back in front of the store (:meth:`Checkpointer.restore`:
+the streamed part is read back from the log); the streamer stays paused
+from the take until the outcome is known (confirm or restore).
 
 Cancellation: the barrier's thread is abandoned (it ends by itself once its
 fsync returns; it holds nothing the daemon needs).  The log append runs in a
@@ -46,8 +54,9 @@ import trio
 from .faults import fault
 from .halt import Halt, HaltTimeout
 from .log import CheckpointInfo, Marker, OrderedLog
+from .streamer import Streamer
 from .sysc import open_fuse_inode
-from .tempstore import Batch, TempStore
+from .tempstore import Batch, LogRef, TempStore
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +184,10 @@ class Checkpointer:
                  halt_timeout: float = 5.0, activity=None,
                  barrier: Callable[[], Awaitable[object]] | None = None,
                  barrier_timeout: float = 30.0,
-                 on_confirmed: Callable[[CheckpointInfo], None] | None = None) -> None:
+                 on_confirmed: Callable[[CheckpointInfo], None] | None = None,
+                 streamer: Streamer | None = None) -> None:
         self.store = store
+        self.streamer = streamer
         self.halt = halt
         self.olog = ordered_log
         self.halt_timeout = halt_timeout
@@ -228,23 +239,37 @@ class Checkpointer:
             await self._barrier(label)
         if before_halt is not None:
             await before_halt()
-        closed_ns = time.monotonic_ns()
-        async with self.halt.halted(self.halt_timeout):
-            batch = self.store.take()
-            # a new activity period starts with the new temporary store
-            period = self.activity.new_period() if self.activity is not None else 0
-            if hold is not None:
-                try:
-                    await hold()
-                except BaseException:
-                    self.store.restore(batch)
-                    raise
+        if self.streamer is not None:
+            await self.streamer.pause()       # step 3: its append in flight lands first
+        try:
+            closed_ns = time.monotonic_ns()
+            async with self.halt.halted(self.halt_timeout):
+                batch = self.store.take()
+                # a new activity period starts with the new temporary store
+                period = self.activity.new_period() if self.activity is not None else 0
+                if hold is not None:
+                    try:
+                        await hold()
+                    except BaseException:
+                        self.store.restore(batch)
+                        raise
+        except BaseException:
+            self._resume()
+            raise
         opened_ns = time.monotonic_ns()
         fault("acquisition.after_take")
         self.last_halt_ns = self.halt.last_duration_ns
         self.halt_history.append(self.last_halt_ns)
         del self.halt_history[:-1000]
-        return Taken(label, wall, batch, period, closed_ns, opened_ns)
+        return Taken(label, wall, batch, period, closed_ns, opened_ns, paused=self.streamer is not None)
+
+    def _resume(self, taken: Taken | None = None) -> None:
+        """The streamer goes on (once per take)."""
+        if self.streamer is None or (taken is not None and not taken.paused):
+            return
+        if taken is not None:
+            taken.paused = False
+        self.streamer.resume()
 
     async def append(self, taken: Taken, extra: dict | None = None) -> CheckpointInfo:
         """Step 5: compress and append the batch with its marker, durably.
@@ -255,16 +280,23 @@ class Checkpointer:
                         operations=batch.operations, raw_bytes=batch.raw_bytes,
                         stored_bytes=0, halt_ns=self.last_halt_ns, extra=dict(extra or {}))
         try:
-            return await trio.to_thread.run_sync(self.olog.append, batch, marker)
+            info = await trio.to_thread.run_sync(self.olog.append, batch, marker)
         except BaseException as e:
             self.store.restore(batch)
+            self._resume(taken)
+            streamed = self.olog.unmarked[0] if self.streamer is not None else 0
             self.last_error = f"checkpoint {marker.checkpoint} ({label!r}) failed: {e}"
-            log.error("%s; its %d operation(s) stay pending", self.last_error, marker.operations)
+            log.error("%s; its %d operation(s) stay pending%s", self.last_error,
+                      marker.operations + streamed,
+                      f" ({streamed} of them streamed into the log, unmarked)" if streamed else "")
             raise
+        taken.info = info
+        return info
 
     def confirm(self, taken: Taken, info: CheckpointInfo) -> None:
         """Step 6: the checkpoint counts: drop the batch, close the activity period, wake the updater."""
         taken.batch.close()
+        self._resume(taken)
         self.confirmed_raw_bytes += info.marker.raw_bytes
         self.confirmed_stored_bytes += info.marker.stored_bytes
         if self.activity is not None:
@@ -279,9 +311,22 @@ class Checkpointer:
 
     def restore(self, taken: Taken, why: str) -> None:
         """A durably appended batch that will never be applied (its group checkpoint
-        aborted): its records go back in front of the temporary store."""
-        ops = taken.batch.operations
-        self.store.restore(taken.batch)
+        aborted): its records go back in front of the temporary store.
+
+        With streaming, most of them are only in the log now: the whole
+        checkpoint is put back as a :class:`LogRef`, read back from the log
+        (chunk by chunk) when streamed or appended again."""
+        info = taken.info
+        ops = info.marker.operations if info is not None else taken.batch.operations
+        if info is not None and info.marker.operations != taken.batch.operations:
+            taken.batch.close()
+            self.store.restore(Batch([LogRef(lambda: self.olog.records(info), info.marker.raw_bytes,
+                                             info.marker.operations)],
+                                     info.marker.operations, info.marker.raw_bytes,
+                                     [info.marker.raw_bytes]))
+        else:
+            self.store.restore(taken.batch)
+        self._resume(taken)
         self.last_error = why
         log.error("%s; its %d operation(s) stay pending", why, ops)
 
@@ -314,3 +359,5 @@ class Taken:
     period: int
     closed_ns: int      # CLOCK_MONOTONIC just before the gate closed
     opened_ns: int      # ... just after it opened again
+    paused: bool = False                # the streamer is paused for it (until confirm/restore)
+    info: CheckpointInfo | None = None  # once appended

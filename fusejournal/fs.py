@@ -136,6 +136,7 @@ class DirHandle:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False   # per instance, see __init__ and docs/design.md
+    backpressure: Any = None         # the streamer (streamer.py): writes wait while it catches up
 
     def __init__(self, source_fd: int, *, store: TempStore | None = None,
                  halt: Halt | None = None, control: Any = None, activity: Any = None,
@@ -672,6 +673,9 @@ class Operations(pyfuse3.Operations):
         # in-flight accounting, because nothing below awaits once the gate
         # is passed: the halt cannot begin between the pwrite and the record.
         self.requests["write"] += 1
+        bp = self.backpressure
+        if bp is not None and bp.congested():
+            await bp.room()              # before the gate: as if the request came later
         if self.halt.is_halted:
             await self.halt.wait_open()
         try:

@@ -14,6 +14,13 @@ What is durable when:
 * A crash *during* an append leaves an uncommitted tail (a partial entry,
   garbage, or batch entries without their marker) at the end of the last
   segment.  :meth:`OrderedLog.open` cuts it off; nothing committed is lost.
+* :meth:`OrderedLog.append_unmarked` (the streamer, fusejournal/streamer.py)
+  writes batch entries of the next checkpoint ahead of its marker;
+  :meth:`OrderedLog.sync` makes them durable, but only the marker written by
+  the next :meth:`OrderedLog.append` commits them (it closes every entry since
+  the previous marker).  A crash leaves them as an uncommitted tail (cut;
+  recovery resyncs what they held); a clean :meth:`OrderedLog.close` names
+  them in END_FILE, and the next open keeps them for the next marker.
 * Damage anywhere else (a bad checksum followed by further committed data,
   or in an earlier segment) is never cut automatically: :attr:`OrderedLog.damage`
   records it, the damaged checkpoint and everything after it are left out of
@@ -69,21 +76,57 @@ def _span(a: int, b: int) -> str:
     return f"checkpoint {a} was" if a == b else f"checkpoints {a}..{b} were"
 
 
-def read_end(directory: str | Path) -> int | None:
-    """The last checkpoint recorded by the last clean close (None if unknown)."""
+def _read_end_doc(directory: str | Path) -> dict | None:
     try:
         with open(Path(directory) / END_FILE, "rb") as f:
             doc = json.loads(f.read())
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError):
         return None
-    n = doc.get("last_checkpoint") if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) else None
+
+
+def read_end(directory: str | Path) -> int | None:
+    """The last checkpoint recorded by the last clean close (None if unknown)."""
+    doc = _read_end_doc(directory)
+    n = doc.get("last_checkpoint") if doc is not None else None
     return n if type(n) is int and n >= 0 else None
 
 
-def _write_end(directory: Path, last: int) -> None:
-    durable_replace(directory / END_FILE, json.dumps({"last_checkpoint": last}).encode() + b"\n")
+@dataclass(frozen=True)
+class Unmarked:
+    """Streamed batch entries not yet closed by a marker, at the end of the last
+    segment: they belong to checkpoint ``checkpoint`` (the next marker)."""
+    checkpoint: int
+    segment: int
+    start: int          # offset of the first of them
+    end: int            # offset just after the last (the segment's size)
+    operations: int
+    raw_bytes: int
+
+    def doc(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _read_unmarked(directory: Path) -> Unmarked | None:
+    """The unmarked entries the last clean close kept for the next marker (END_FILE)."""
+    doc = _read_end_doc(directory)
+    u = doc.get("unmarked") if doc is not None else None
+    if not isinstance(u, dict):
+        return None
+    try:
+        vals = {f.name: u[f.name] for f in dataclasses.fields(Unmarked)}
+    except KeyError:
+        return None
+    if not all(type(v) is int and v >= 0 for v in vals.values()):
+        return None
+    return Unmarked(**vals)
+
+
+def _write_end(directory: Path, last: int, unmarked: Unmarked | None = None) -> None:
+    doc: dict = {"last_checkpoint": last}
+    if unmarked is not None:
+        doc["unmarked"] = unmarked.doc()
+    durable_replace(directory / END_FILE, json.dumps(doc).encode() + b"\n")
 
 
 def _remove_end(directory: Path) -> bool:
@@ -311,6 +354,7 @@ class _SegScan:
     infos: list = field(default_factory=list)
     good_end: int = 0               # end of the committed prefix
     problem: tuple[int, str] | None = None  # (offset, reason) of the first bad thing
+    open_start: int | None = None   # intact batch entries not closed by a marker start here
 
 
 def _check_version(path: Path) -> None:
@@ -367,7 +411,7 @@ def _scan_segment(fd: int, index: int, path: Path, expected: int | None) -> _Seg
                 start = None
             pos = e.end
         if start is not None:
-            pos = start
+            pos = s.open_start = start
             raise _Bad("batch not closed by a marker")
     except _Bad as e:
         s.problem = (pos, str(e))
@@ -395,6 +439,7 @@ class _LogScan:
     torn: str | None = None
     torn_cut: tuple[int, int | None] | None = None
     end: int | None = None              # read_end(): the last checkpoint at the last clean close
+    unmarked: Unmarked | None = None    # streamed entries kept by the last clean close
 
 
 def _list_segments(directory: Path) -> list[tuple[int, Path]]:
@@ -434,6 +479,14 @@ def _scan_log(directory: Path) -> _LogScan:
                 continue
             offset, reason = s.problem
             cut = (index, s.good_end if s.base is not None else None)
+            if i == len(paths) - 1 and s.open_start is not None:
+                u = _read_unmarked(directory)
+                if u is not None and (u.checkpoint, u.segment, u.start, u.end) == (
+                        s.next_cp, index, s.open_start, s.size):
+                    # every entry intact (checked above), kept by a clean close: they
+                    # belong to the next marker, not a crash's uncommitted tail
+                    scan.unmarked = u
+                    continue
             if i == len(paths) - 1 and _is_torn(fd, s):
                 what = (f"removed {path.name}" if cut[1] is None
                         else f"cut {path.name} at offset {cut[1]} ({s.size - cut[1]} bytes)")
@@ -457,6 +510,7 @@ def _scan_log(directory: Path) -> _LogScan:
                                  f"missing ({what}): a segment was truncated or removed")
         scan.damage_cut = None
         scan.torn = scan.torn_cut = None    # not a crash's uncommitted tail: cut nothing
+        scan.unmarked = None
     return scan
 
 
@@ -600,6 +654,13 @@ class OrderedLog:
         self._wfd: int | None = None     # last segment, for appending
         self._size = 0                   # committed size of the last segment
         self._state = "new"              # new -> open -> closed; "broken" after a failed rollback
+        # streamed batch entries since the last marker (append_unmarked): they start at
+        # _open_start in the last segment and end at _size; the next marker closes them
+        self._open_start: int | None = None
+        self._open_ops = 0
+        self._open_raw = 0
+        self._dirty = False              # written since the last fdatasync
+        self._dir_dirty = False          # a new segment's directory entry not yet fsync'ed
 
     # -- opening
 
@@ -641,6 +702,9 @@ class OrderedLog:
             self._wfd = os.open(self.directory / format_segment_name(segments[-1]),
                                 os.O_RDWR | os.O_CLOEXEC)
             self._size = os.fstat(self._wfd).st_size
+            u = scan.unmarked
+            if u is not None and u.segment == segments[-1] and u.end == self._size:
+                self._open_start, self._open_ops, self._open_raw = u.start, u.operations, u.raw_bytes
         self._state = "open"
         return warnings
 
@@ -702,69 +766,174 @@ class OrderedLog:
 
     # -- writing
 
+    @property
+    def unmarked(self) -> tuple[int, int]:
+        """(operations, raw bytes) streamed since the last marker, not yet closed by one."""
+        return self._open_ops, self._open_raw
+
+    def _check_writable(self) -> None:
+        if self._state != "open":
+            raise LogError(f"log is {self._state}; cannot append")
+        if self.damage is not None:
+            raise LogError(f"log is damaged, appends refused until repaired: {self.damage}")
+
+    def _writer(self, cp: int) -> tuple[bool, int, int, Path]:
+        """Where the next entry of checkpoint ``cp`` goes: (new segment?, index, fd, path).
+
+        A new segment is begun only at a checkpoint's first entry (a checkpoint
+        never spans two segments), so the segment limit is checked there."""
+        new = self._open_start is None and (
+            self._wfd is None or (self._size >= self.segment_limit and self._size > _FILE_HEADER.size))
+        if new:
+            index = self._segments[-1] + 1 if self._segments else 1
+            path = self.directory / format_segment_name(index)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, _file_header(index, cp))
+            except BaseException:
+                self._rollback(fd, True, path, 0)
+                raise
+        else:
+            assert self._wfd is not None
+            index, fd = self._segments[-1], self._wfd
+            path = self.directory / format_segment_name(index)
+            os.lseek(fd, self._size, os.SEEK_SET)
+        return new, index, fd, path
+
+    def _adopt(self, new: bool, index: int, fd: int) -> None:
+        """A new segment written to successfully becomes the one appended to."""
+        if new:
+            if self._wfd is not None:
+                os.close(self._wfd)
+            self._wfd = fd
+            self._size = _FILE_HEADER.size
+            self._dir_dirty = True
+            with self._lock:
+                self._segments.append(index)
+
+    def _write_batches(self, fd: int, cp: int, records: Iterable[Record]) -> tuple[int, int, int]:
+        """Write ``records`` as BATCH entries of ``cp``: (operations, raw bytes, bytes written)."""
+        written, ops, raw = 0, 0, 0
+        for chunk in _chunked(records, self.chunk_bytes):
+            data = encode(chunk)
+            ops += len(chunk)
+            raw += len(data)
+            del chunk
+            payload = compression.compress(data)
+            del data
+            written += _write_entry(fd, BATCH, cp, payload)
+            del payload
+        return ops, raw, written
+
+    def append_unmarked(self, records: Iterable[Record]) -> tuple[int, int]:
+        """Stream records into the log ahead of their marker (the streamer's append).
+
+        They are written as BATCH entries of checkpoint ``last_checkpoint + 1``
+        after those streamed before, not synced (:meth:`sync`) and not closed:
+        the next :meth:`append` writes the rest of the batch and the marker that
+        closes them all.  Until then no reader uses them, and a scan after a crash
+        cuts them off as an uncommitted tail (a clean :meth:`close` keeps them).
+        Returns (operations, raw bytes) written.  On any exception the segment
+        is cut back to where it was (earlier streamed entries stay) and the
+        exception is re-raised: the caller still holds the records.
+        """
+        with self._wlock:
+            self._check_writable()
+            cp = self._last + 1
+            new, index, fd, path = self._writer(cp)
+            start = _FILE_HEADER.size if new else self._size
+            try:
+                ops, raw, written = self._write_batches(fd, cp, records)
+                fault("log.stream_written")
+            except BaseException:
+                self._rollback(fd, new, path, start)
+                raise
+            self._adopt(new, index, fd)
+            if ops:
+                if self._open_start is None:
+                    self._open_start = start
+                self._size = start + written
+                self._open_ops += ops
+                self._open_raw += raw
+                self._dirty = True
+            return ops, raw
+
+    def sync(self) -> bool:
+        """Make what :meth:`append_unmarked` wrote durable (``fdatasync``; the log
+        directory too for a new segment).  Durable is not committed: only a
+        marker commits.  Returns whether anything was synced."""
+        with self._wlock:
+            if self._wfd is None or not (self._dirty or self._dir_dirty):
+                return False
+            if self._dirty:
+                os.fdatasync(self._wfd)
+                self._dirty = False
+            if self._dir_dirty:
+                fsync_dir(self.directory)
+                self._dir_dirty = False
+            fault("log.stream_synced")
+            return True
+
+    def discard_unmarked(self) -> int:
+        """Cut the streamed entries not closed by a marker off the log, durably
+        (recovery after an unclean stop resyncs everything they held; a re-seed
+        supersedes them).  Returns the operations dropped."""
+        with self._wlock:
+            if self._open_start is None or self._wfd is None:
+                return 0
+            ops = self._open_ops
+            os.ftruncate(self._wfd, self._open_start)
+            os.fsync(self._wfd)
+            self._size = self._open_start
+            self._open_start, self._open_ops, self._open_raw = None, 0, 0
+            self._dirty = False
+            if _read_unmarked(self.directory) is not None:
+                _write_end(self.directory, self._last)
+            return ops
+
     def append(self, records: Iterable[Record], marker: Marker) -> CheckpointInfo:
         """Append one checkpoint (its records, then its marker), durably.
 
         ``marker.checkpoint`` must be ``last_checkpoint + 1`` (ValueError).
+        The marker closes the entries streamed since the last marker
+        (:meth:`append_unmarked`) and ``records``, which follow them.
         The returned info's marker has operations, raw_bytes and stored_bytes
-        filled in.  Records are streamed in chunks of about ``chunk_bytes``.
-        Returns only once the checkpoint is durable.  On any exception the
-        segment is cut back to where it was (a segment file created here is
-        removed), the index is unchanged and the exception is re-raised.
+        filled in (of the whole checkpoint).  Records are streamed in chunks of
+        about ``chunk_bytes``.  Returns only once the checkpoint is durable.  On
+        any exception the segment is cut back to where it was (a segment file
+        created here is removed; entries streamed before stay, for the next
+        marker), the index is unchanged and the exception is re-raised.
         """
         with self._wlock:
-            if self._state != "open":
-                raise LogError(f"log is {self._state}; cannot append")
-            if self.damage is not None:
-                raise LogError(f"log is damaged, appends refused until repaired: {self.damage}")
+            self._check_writable()
             cp = marker.checkpoint
             if cp != self._last + 1:
                 raise ValueError(f"checkpoint {cp} appended after {self._last}")
             _marker_json(marker)  # reject a bad marker before writing anything
-            new = self._wfd is None or (self._size >= self.segment_limit
-                                        and self._size > _FILE_HEADER.size)
-            if new:
-                index = self._segments[-1] + 1 if self._segments else 1
-                path = self.directory / format_segment_name(index)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                start = _FILE_HEADER.size
-            else:
-                index, fd, start = self._segments[-1], self._wfd, self._size
-                path = self.directory / format_segment_name(index)
+            new, index, fd, path = self._writer(cp)
+            wstart = _FILE_HEADER.size if new else self._size
+            start = self._open_start if self._open_start is not None else wstart
             try:
-                if new:
-                    _write_all(fd, _file_header(index, cp))
-                else:
-                    os.lseek(fd, start, os.SEEK_SET)
-                pos, ops, raw = start, 0, 0
-                for chunk in _chunked(records, self.chunk_bytes):
-                    data = encode(chunk)
-                    ops += len(chunk)
-                    raw += len(data)
-                    del chunk
-                    payload = compression.compress(data)
-                    del data
-                    pos += _write_entry(fd, BATCH, cp, payload)
-                    del payload
-                final, payload = _final_marker(marker, ops, raw, pos - start)
+                ops, raw, written = self._write_batches(fd, cp, records)
+                pos = wstart + written
+                fault("log.before_marker")
+                final, payload = _final_marker(marker, self._open_ops + ops, self._open_raw + raw,
+                                               pos - start)
                 pos += _write_entry(fd, MARKER, cp, payload)
                 fault("log.before_fsync")
                 os.fdatasync(fd)
-                if new:
+                if new or self._dir_dirty:
                     fsync_dir(self.directory)
                 fault("log.after_fsync")
             except BaseException:
-                self._rollback(fd, new, path, start)
+                self._rollback(fd, new, path, wstart)
                 raise
             info = CheckpointInfo(final, Position(index, start), Position(index, pos))
-            if new:
-                if self._wfd is not None:
-                    os.close(self._wfd)
-                self._wfd = fd
+            self._adopt(new, index, fd)
             self._size = pos
+            self._open_start, self._open_ops, self._open_raw = None, 0, 0
+            self._dirty = self._dir_dirty = False
             with self._lock:
-                if new:
-                    self._segments.append(index)
                 self._infos.append(info)
                 self._last = cp
             return info
@@ -816,18 +985,42 @@ class OrderedLog:
 
         An open, undamaged log records its last checkpoint in END_FILE
         (durably), so that a later scan notices confirmed checkpoints cut off
-        while it was closed.
+        while it was closed.  Entries streamed since the last marker are
+        fdatasync'ed first and named there too, so that the next :meth:`open`
+        keeps them for the next marker instead of cutting them as a torn tail;
+        if that cannot be done, OSError (the caller must then make the next
+        mount recover as after a crash).  Closing twice is a no-op.
         """
         with self._wlock:
-            if self._wfd is not None:
-                os.close(self._wfd)
-                self._wfd = None
-            if self._state == "open" and self.damage is None and self._last:
-                try:
-                    _write_end(self.directory, self._last)
-                except OSError:
-                    pass        # only a safety check is lost; the log itself is intact
-            self._state = "closed"
+            if self._state == "closed":
+                return
+            unmarked = None
+            try:
+                if self._state == "broken" and self._open_start is not None:
+                    # a failed append could not be cut back: the tail is unknown, and so is
+                    # whether streamed entries survive; the caller recovers as after a crash
+                    raise LogError("the ordered log's tail is in an unknown state (a failed append "
+                                   "could not be cut back)")
+                if self._state == "open" and self._open_start is not None and self._wfd is not None:
+                    # streamed entries not closed by a marker: durable, and named in END_FILE,
+                    # so the next open keeps them for the next marker (a crash's scan cuts them)
+                    os.fdatasync(self._wfd)
+                    if self._dir_dirty:
+                        fsync_dir(self.directory)
+                    unmarked = Unmarked(self._last + 1, self._segments[-1], self._open_start,
+                                        self._size, self._open_ops, self._open_raw)
+                if self._state == "open" and self.damage is None and (self._last or unmarked):
+                    try:
+                        _write_end(self.directory, self._last, unmarked)
+                    except OSError:
+                        if unmarked is not None:
+                            raise   # they would be cut as a torn tail: the caller must know
+                        # otherwise only a safety check is lost; the log itself is intact
+            finally:
+                if self._wfd is not None:
+                    os.close(self._wfd)
+                    self._wfd = None
+                self._state = "closed"
 
 
 # ---------------------------------------------------------------- fsck

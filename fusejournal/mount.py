@@ -55,6 +55,7 @@ from .recovery import discard_seed, recover, reseed, seed_or_discard
 from .resyncflag import NO_HANDLE, ResyncFlag
 from .session import serve_session
 from .shadow import Shadow
+from .streamer import Streamer
 from .tempstore import TempStore
 from .updatetask import UpdateTask
 
@@ -171,10 +172,11 @@ class Daemon:
                 log.info("%d operation(s) pending from before the last unmount", pending)
 
         self.halt = Halt()
+        self.streamer = Streamer(self.store, self.olog)     # the store into the log, in the background
         self.checkpointer = Checkpointer(self.store, self.halt, self.olog,
                                          halt_timeout=cfg.halt_timeout, activity=self.activity,
                                          barrier=self.flush_mount,
-                                         on_confirmed=self._confirmed)
+                                         on_confirmed=self._confirmed, streamer=self.streamer)
         self.control = Control(self.checkpointer, root_uid=lambda: os.fstat(source_fd).st_uid,
                                shadow_checkpoint=lambda: self.shadow_applied,
                                status=self.status, journal_path=os.fspath(os.path.abspath(cfg.journal)))
@@ -182,6 +184,7 @@ class Daemon:
                               activity=self.activity, writeback=cfg.writeback,
                               resync_flag=self.resync_flag)
         self.stack.callback(self.ops.close_all)
+        self.ops.backpressure = self.streamer       # writes wait while the streamer catches up
         if self.member is not None:
             self.member.attach(self.checkpointer, self.control)
 
@@ -222,6 +225,7 @@ class Daemon:
     def status(self) -> dict:
         cps = self.olog.checkpoints(0)
         hist = sorted(self.checkpointer.halt_history)
+        streamed_ops, streamed_bytes = self.streamer.pending()
         return {
             "source": os.fspath(self.cfg.source),
             "mountpoint": os.fspath(self.cfg.mountpoint),
@@ -230,8 +234,8 @@ class Daemon:
             "pid": os.getpid(),
             "last_checkpoint": self.olog.last_checkpoint,
             "shadow_checkpoint": self.shadow_applied,
-            "pending_operations": self.store.operations,
-            "pending_bytes": self.store.raw_bytes,
+            "pending_operations": self.store.operations + streamed_ops,
+            "pending_bytes": self.store.raw_bytes + streamed_bytes,
             "pending_memory_bytes": self.store.memory_bytes,
             "pending_spilled_bytes": self.store.spilled_bytes,
             "log_raw_bytes": sum(c.marker.raw_bytes for c in cps),
@@ -248,6 +252,7 @@ class Daemon:
             "checkpoint_error": self.checkpointer.last_error,
             "updater_error": self.update_task.error,
             "updater_state": self.update_task.state(),
+            **self.streamer.status(),
             "log_damage": str(self.olog.damage) if getattr(self.olog, "damage", None) else None,
             **(self.member.status() if self.member is not None else {}),
         }
@@ -268,7 +273,7 @@ class Daemon:
         try:
             await serve_session(self.ops, cfg.mountpoint,
                                 mount_options(cfg.options, fsname=_fsname(cfg.source, "fusejournal")),
-                                ready, self.update_task.run,
+                                ready, self.update_task.run, self.streamer.run,
                                 *([self.member.serve] if self.member is not None else []))
         finally:
             if mounted:
@@ -283,6 +288,7 @@ class Daemon:
             if ops:
                 n = self.journal.save_pending(self.store.take())
                 log.info("%d operation(s), %d bytes, kept pending for the next mount", ops, n)
+            self.olog.close()          # streamed entries not yet marked: kept for the next marker
         except Exception:
             # daemon.json stays: the next mount treats this as a crash and resyncs
             log.exception("could not save the pending operations; the next mount will resync")

@@ -105,6 +105,7 @@ def reseed(journal: Journal, shadow: Shadow, olog: OrderedLog, source_fd: int, s
     shadow.create()
     n = shadow.seed(source_fd, reporter.progress)
     shadow.set_applied(olog.last_checkpoint)
+    olog.discard_unmarked()          # streamed after the last marker: the copy has them
     journal.clear_pending()
     journal.remove_daemon_info()
     act = journal.path / layout.ACTIVITY_DIR
@@ -121,6 +122,12 @@ def recover(intents: list[Intent], *, activity: ActivityLog, reporter: Reporter,
     lost, so resync exactly the objects its activity log names.  Returns the
     checkpoint the shadow stands at (``applied`` if nothing was applied)."""
     from .resync import resync_iter
+    # records streamed into the log after the last marker (kept by a clean close the
+    # run before): superseded like the pending ones, by the resync below
+    dropped = olog.discard_unmarked()
+    if dropped:
+        log.info("recovery: %d streamed operation(s) after the last marker dropped (resynced "
+                 "instead)", dropped)
     if not activity.enabled:
         msg = ("the last daemon did not stop cleanly and kept no activity log (it did not run "
                "as root): files changed since the last checkpoint may differ in the shadow; "

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
   fusejournal/halt.py fusejournal/compression.py fusejournal/faults.py fusejournal/layout.py \
   fusejournal/errors.py fusejournal/tempstore.py fusejournal/activity.py fusejournal/sysc.py \
   fusejournal/resyncflag.py fusejournal/inodes.py fusejournal/staging.py fusejournal/session.py \
-  fusejournal/checks.py fusejournal/daemonize.py fusejournal/treewalk.py
+  fusejournal/checks.py fusejournal/daemonize.py fusejournal/treewalk.py fusejournal/streamer.py
 # the browse gate, restore and verify (issue 10)
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/browsegate.py fusejournal/restore.py fusejournal/verify_cmd.py
