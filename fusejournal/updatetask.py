@@ -75,11 +75,37 @@ def _how_it_ended(rc: int | None) -> str:
     return f"exit status {rc}"
 
 
+def _flock_holders(st: os.stat_result) -> list[int]:
+    """The pids /proc/locks names for flocks on this file: the process that took the
+    lock, even when it is gone and a child that inherited the open file holds it."""
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == dev:
+                    pids.append(int(fields[4]))
+    except (OSError, ValueError):
+        pass
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            line = f.read()
+    except OSError:
+        return False
+    return line[line.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+
+
 def wait_for_previous_updater(shadow_root: Path, timeout: float = 10.0) -> None:
-    """Before a daemon claims the shadow: an updater process of a daemon that was just
+    """Before a daemon claims the shadow: the updater process of a daemon that was just
     killed may still be dying (it holds that daemon's flock on the shadow root until
-    it is gone).  Wait for it, at most ``timeout`` s; the claim itself reports a
-    shadow still in use."""
+    it is gone).  Wait for it, at most ``timeout`` s.  A flock taken by a live process
+    (another daemon using this shadow) is not waited for: the claim itself refuses it
+    at once, as it refuses a shadow still in use after the timeout."""
     try:
         fd = os.open(shadow_root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -94,6 +120,8 @@ def wait_for_previous_updater(shadow_root: Path, timeout: float = 10.0) -> None:
             except OSError as e:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() > deadline:
                     return
+            if any(_alive(pid) for pid in _flock_holders(os.fstat(fd))):
+                return                    # a live daemon's claim, not a dying updater's
             time.sleep(0.01)
     finally:
         os.close(fd)
@@ -172,19 +200,23 @@ class UpdateTask:
         await stream.send_all(encode_message(msg))
 
     async def _tell(self, stream: trio.SocketStream) -> None:
-        """Step 2: every confirmed checkpoint not told yet, on each wake-up; then stop."""
-        while True:
-            self._wake = trio.Event()        # before looking: no wake-up is lost
-            infos = self.olog.checkpoints(max(self._told, self.applied))
-            if infos:
-                self._seq += 1
-                await self._send(stream, {"op": "checkpoints", "seq": self._seq,
-                                          "infos": [info_to_json(i) for i in infos]})
-                self._told = infos[-1].marker.checkpoint
-            if self._stopped:
-                await self._send(stream, {"op": "stop"})
-                return
-            await self._wake.wait()
+        """Step 2: every confirmed checkpoint not told yet, on each wake-up; then stop.
+        Returns quietly if the process is gone (``_listen`` sees it end)."""
+        try:
+            while True:
+                self._wake = trio.Event()        # before looking: no wake-up is lost
+                infos = self.olog.checkpoints(max(self._told, self.applied))
+                if infos:
+                    self._seq += 1
+                    await self._send(stream, {"op": "checkpoints", "seq": self._seq,
+                                              "infos": [info_to_json(i) for i in infos]})
+                    self._told = infos[-1].marker.checkpoint
+                if self._stopped:
+                    await self._send(stream, {"op": "stop"})
+                    return
+                await self._wake.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
 
     async def _listen(self, stream: trio.SocketStream) -> None:
         """Step 3, until the process closes its end."""
@@ -224,15 +256,17 @@ class UpdateTask:
         log.info("the updater's process %d started", proc.pid)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         try:
+            # neither task lets an error out (a nursery would wrap it in an ExceptionGroup)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._tell, stream)
                 try:
                     await self._listen(stream)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
+                    pass                      # the process is gone
+                except (ValueError, KeyError, TypeError) as e:
+                    log.error("the updater's process sent something unreadable (%s): killing it", e)
+                    proc.kill()
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass                              # _tell: the process is gone
         finally:
             with trio.CancelScope(shield=True):
                 if proc.poll() is None:

@@ -43,7 +43,7 @@ SCALE = 10
 CLIENTS = 4
 THREADS = 2
 #: seconds per side and pairs, by benchmark mode (bench/run.py --pgbench-seconds/--pgbench-pairs)
-DEFAULTS = {"full": (120, 3), "quick": (30, 1), "smoke": (10, 1)}
+DEFAULTS = {"full": (60, 3), "quick": (30, 1), "smoke": (10, 1)}
 INTERVAL = 10.0
 _PROGRESS = re.compile(r"progress: ([0-9.]+) s, ([0-9.]+) tps")
 _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")

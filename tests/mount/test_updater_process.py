@@ -134,16 +134,19 @@ def test_updater_killed_repeatedly_during_continuous_checkpoints(mounted: Mounte
     mp = mounted.mountpoint
     (mp / "d").mkdir()
     last = 0
-    for round_ in range(6):
+    for round_ in range(10):
         for i in range(20):
             (mp / "d" / f"f{(round_ * 7 + i) % 25}").write_bytes(os.urandom(3000))
         last = mounted.checkpoint(f"r{round_}")
         child = mounted.status()["updater_pid"]
         if child:
             os.kill(child, signal.SIGKILL)
+            # at once: the daemon tells a process that may be dead (its socket closed)
+            (mp / "d" / "f0").write_bytes(os.urandom(100))
+            last = mounted.checkpoint(f"r{round_} right after the kill")
             _until(lambda c=child: not alive(c), what="the updater's process to die")
         st = mounted.status()
-        assert not st["updater_state"].startswith("stopped"), st
+        assert st["pid"] == mounted.pid and not st["updater_state"].startswith("stopped"), st
     mounted.wait(last, timeout=90)
     assert_same(snapshot(mp), snapshot(mounted.tree))
 

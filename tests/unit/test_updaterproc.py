@@ -44,36 +44,84 @@ def test_lines_split_across_chunks() -> None:
     assert lines.feed(data[-3:]) == [{"op": "applied", "applied": 2}]
 
 
-def test_a_new_daemon_waits_for_the_previous_updater_to_be_gone(tmp_path: Path) -> None:
-    """A process holding the shadow root's flock (as a dying updater's process does) is
-    waited for: when wait_for_previous_updater returns, it has exited."""
-    root = tmp_path / "shadow"
-    root.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
+def _hold_then_die(root: Path, child_seconds: float) -> subprocess.Popen:
+    """A process (a daemon) that flocks ``root``, starts a child (its updater) that inherits
+    the open file and lives ``child_seconds``, then dies itself.  Returns the child."""
+    script = (
+        "import fcntl, os, subprocess, sys\n"
         f"fd = os.open({os.fspath(root)!r}, os.O_RDONLY)\n"
         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "print('held', flush=True)\n"
-        "time.sleep(0.7)\n")], stdout=subprocess.PIPE, text=True)
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep("
+        f"{child_seconds})'], pass_fds=(fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return int(r.stdout)
+
+
+def _gone(pid: int) -> bool:
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        wait_for_previous_updater(root, timeout=30)
-        assert holder.poll() is not None
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def test_a_new_daemon_waits_for_the_previous_updater_to_be_gone(tmp_path: Path) -> None:
+    """The flock a dead daemon took, still held by its updater's process (which inherited
+    it), is waited for: when wait_for_previous_updater returns, that process is gone."""
+    root = tmp_path / "shadow"
+    root.mkdir()
+    child = _hold_then_die(root, 1.0)
+    try:
+        assert not _gone(child)
+        wait_for_previous_updater(root, timeout=60)
+        assert _gone(child)
         fd = os.open(root, os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # and the claim is free
         os.close(fd)
     finally:
-        holder.kill()
-        holder.wait()
+        if not _gone(child):
+            os.kill(child, 9)
 
 
-def test_waiting_is_bounded_and_missing_shadow_is_fine(tmp_path: Path) -> None:
+def test_a_live_daemons_claim_is_not_waited_for(tmp_path: Path) -> None:
+    """A flock taken by a live process (another daemon using this shadow) is left to the
+    claim, which refuses it at once: no waiting out the bound."""
+    import time
     wait_for_previous_updater(tmp_path / "missing")
     root = tmp_path / "held"
     root.mkdir()
     fd = os.open(root, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)           # held by this very process (another fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)           # held by this very (live) process
     try:
-        wait_for_previous_updater(root, timeout=0.2)    # returns: the claim reports it
+        t0 = time.monotonic()
+        wait_for_previous_updater(root, timeout=60)
+        assert time.monotonic() - t0 < 60
     finally:
         os.close(fd)
+
+
+async def test_telling_a_process_that_is_gone_returns_quietly(tmp_path: Path) -> None:
+    """The daemon tells its updater's process of a checkpoint just after that process
+    died: the send fails (EPIPE) and ``_tell`` returns; an error escaping it would be
+    wrapped in an ExceptionGroup by the nursery and end the daemon."""
+    import socket
+
+    import trio
+
+    from fusejournal.updatetask import UpdateTask
+    olog = OrderedLog(tmp_path / "log")
+    olog.open()
+    olog.append([Write(7, 0, 9, b"x")], Marker(1, "a", 5, 0, 0, 0))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.close()                        # the process is gone
+    task = UpdateTask(None, olog, None, 0)   # type: ignore[arg-type]
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    with trio.fail_after(10):
+        await task._tell(stream)
+    await stream.aclose()
+    olog.close()
