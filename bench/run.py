@@ -71,6 +71,8 @@ class Env:
         self.workload_timeout = sizes.timeout
         self.browse_files = args.browse_files
         self.browse_dir_entries = args.browse_dir_entries
+        self.pgbench_seconds = getattr(args, "pgbench_seconds", None)
+        self.pgbench_pairs = getattr(args, "pgbench_pairs", None)
 
 
 def parse_list(text: str | None, allowed: list[str], aliases: dict, what: str) -> list[str]:
@@ -249,6 +251,12 @@ def main(argv=None) -> int:
                    help="files in the tree of the browse phase (default 1,000,000; --quick 20,000)")
     p.add_argument("--browse-dir-entries", type=int, metavar="N",
                    help="entries of the one big directory of the browse phase (default 100,000)")
+    p.add_argument("--pgbench-seconds", type=int, metavar="S",
+                   help="seconds per side of the pgbench phase (extras phase pgbench)")
+    p.add_argument("--pgbench-pairs", type=int, metavar="N", help="native/fusejournal pairs of pgbench")
+    p.add_argument("--setfattr-sizes", metavar="SIZES",
+                   help="pending sizes of the halt/setfattr phase, e.g. 1M,1G,10Gx1 (xN: repeats, "
+                        "default 3); default: the mode's own")
     p.add_argument("--scratch", default="/var/tmp", help="where backing directories go (default /var/tmp)")
     p.add_argument("--mount-timeout", type=float, default=60.0)
     p.add_argument("--umount-timeout", type=float, default=300.0)
@@ -278,6 +286,10 @@ def main(argv=None) -> int:
         sizes = dataclasses.replace(
             sizes, group_checkpoints=max(1, args.group_checkpoints or sizes.group_checkpoints),
             group_rate=sizes.group_rate if args.group_rate is None else max(0.0, args.group_rate))
+    if args.setfattr_sizes:
+        pending = fjextras.parse_sizes(args.setfattr_sizes)
+        sizes = dataclasses.replace(sizes, halt_pending=pending,
+                                    timeout=max(sizes.timeout, 600 + max(b for b, _ in pending) / 20e6))
     default_targets = "native,fusejournal" if args.smoke else None
     targets_sel = parse_list(args.targets or default_targets, TARGET_KEYS, TARGET_ALIASES, "target")
     workloads_sel = parse_list(args.workloads, ALL_WORKLOADS, {"extras": EXTRAS}, "workload")

@@ -13,7 +13,8 @@ and byte 2, **hold**: a long reader of the shadow (``fusejournal restore``,
 ``fusejournal verify``; :func:`holding`) holds it shared for its whole run;
 the updater takes it exclusively first, waiting without bound.
 
-The updater (:func:`updating`, in a worker thread of the journaled daemon):
+The updater (:meth:`UpdaterSide.updating`, in the updater's process, a child of the
+journaled daemon: updaterproc.py):
 
 0. takes *hold* (waits while a restore or verify runs; browse mounts are
    not held up meanwhile, *want* is not taken yet);
@@ -101,7 +102,7 @@ def holding(shadow_root: str | os.PathLike[str]) -> Iterator[None]:
 
 
 class UpdaterSide:
-    """The updater's half, one per journaled daemon (its lock file stays open)."""
+    """The updater's half, one per updater process (its lock file stays open)."""
 
     def __init__(self, shadow_root: str | os.PathLike[str], bound: float = 10.0) -> None:
         self.root = Path(shadow_root)

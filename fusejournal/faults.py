@@ -23,6 +23,11 @@ import time
 
 import trio
 
+#: a process killed together with this one by a "kill" fault: the updater's process
+#: (updaterproc.py) names its daemon, so a fault point in the updater is a crash of the
+#: whole daemon, as the crash tests expect; a test kills the updater's process alone by pid
+kill_also: int | None = None
+
 _name, _n, _action = (os.environ.get("FUSEJOURNAL_FAULT", "").split(":") + ["", ""])[:3]
 _remaining = int(_n) if _n.isdigit() else 1
 
@@ -51,6 +56,8 @@ def fault(name: str) -> None:
     elif action == "error":
         raise OSError(errno.EIO, f"injected fault at {name}")
     elif action == "kill":
+        if kill_also is not None:
+            os.kill(kill_also, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

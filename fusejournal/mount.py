@@ -57,7 +57,7 @@ from .session import serve_session
 from .shadow import Shadow
 from .streamer import Streamer
 from .tempstore import TempStore
-from .updatetask import UpdateTask
+from .updatetask import UpdateTask, wait_for_previous_updater
 
 # the names other modules and the tests import from here (moved: issue 8)
 __all__ = ["MountConfig", "Daemon", "run_daemon", "run_browse", "fuse_mount_at", "lazy_unmount",
@@ -115,6 +115,7 @@ class Daemon:
 
         self.shadow = Shadow(self.journal.shadow_path, identity=self.journal.shadow_identity)
         self.stack.callback(self.shadow.close)
+        wait_for_previous_updater(self.shadow.root)     # a killed daemon's updater process, dying
         if cfg.reseed:
             reseed(self.journal, self.shadow, self.olog, source_fd, cfg.source, self.reporter)
         elif not self.shadow.exists():
@@ -136,7 +137,9 @@ class Daemon:
 
         self.store = TempStore(self.journal.spill_dir, memory_limit=cfg.memory_limit)
         self.updater = Updater(self.olog, self.shadow)
-        self.update_task = UpdateTask(self.updater, self.olog, self.shadow, applied)
+        self.update_task = UpdateTask(self.updater, self.olog, self.shadow, applied, journal=cfg.journal,
+                                      group=(os.fspath(cfg.group), cfg.member) if cfg.group else None,
+                                      debug=cfg.debug)
         self.member = None
         if cfg.group is not None:               # a consistency group member (member.py)
             from .member import GroupMember
@@ -253,6 +256,7 @@ class Daemon:
             "updater_error": self.update_task.error,
             "updater_state": self.update_task.state(),
             **self.streamer.status(),
+            "updater_pid": self.update_task.pid,
             "log_damage": str(self.olog.damage) if getattr(self.olog, "damage", None) else None,
             **(self.member.status() if self.member is not None else {}),
         }

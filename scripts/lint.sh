@@ -20,6 +20,9 @@ cd "$(dirname "$0")/.."
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/shadow.py fusejournal/seed.py fusejournal/verify.py fusejournal/resync.py \
   fusejournal/records_check.py fusejournal/recovery.py
+# the updater's process and its task in the daemon (issue 11)
+.venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
+  fusejournal/updatetask.py fusejournal/updaterproc.py
 # One FUSE layer: no other module imports pyfuse3
 if grep -lE '^\s*(import pyfuse3|from pyfuse3)' fusejournal/*.py | grep -vE '/(fs|browse|session)\.py$'; then
   echo "pyfuse3 is imported outside the FUSE layer (fs.py, browse.py, session.py)" >&2; exit 1

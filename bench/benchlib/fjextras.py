@@ -5,6 +5,8 @@
               vs pending bytes, updater throughput and shadow lag
 * log_ratio   log bytes stored vs bytes written, text-like and random data
 * compress    fusejournal's lz4 compression speed on this machine
+* pgbench     PostgreSQL's pgbench on native ext4 and through a mount with a
+              checkpoint every 10 s: TPS ratio, the worst second (pgbench.py)
 * group       a 4-member consistency group against a single tree under the same
               write load: halt and setfattr time per checkpoint (groupbench.py)
 * browse      the browse mount at scale: seed time, browse daemon memory and first
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from .browsebench import phase_browse
 from .groupbench import phase_group
+from .pgbench import phase_pgbench
 from .targets import CONTROL_XATTR, SHADOW_XATTR, Fusejournal
 from .util import (
     REPO,
@@ -45,7 +48,20 @@ from .util import (
     watchdog,
 )
 
-PHASES = ("compress", "cpu_rss", "halt", "log_ratio", "group")
+PHASES = ("compress", "cpu_rss", "halt", "log_ratio", "group", "pgbench")
+
+
+def parse_sizes(text: str) -> tuple:
+    """``1M,100M,1G,10Gx1`` -> ((bytes, repeats), ...) for the halt phase (repeats default 3)."""
+    units = {"": 1, "K": 1 << 10, "M": MiB, "G": GiB}
+    out = []
+    for part in text.split(","):
+        size, _, reps = part.strip().upper().partition("X")
+        num, unit = size.rstrip("KMGIB"), size[len(size.rstrip("KMGIB")):].rstrip("IB")
+        if not num or unit not in units:
+            raise SystemExit(f"--setfattr-sizes: bad size {part!r} (e.g. 1M, 512K, 10Gx1)")
+        out.append((int(float(num) * units[unit]), int(reps) if reps else 3))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- data
@@ -411,7 +427,9 @@ def du(path: Path) -> int:
 def run_extras(env, sizes, phases=PHASES) -> dict:
     res: dict = {}
     fns = {"compress": phase_compress, "cpu_rss": phase_cpu_rss, "halt": phase_halt,
-           "log_ratio": phase_log_ratio, "group": phase_group, "browse": phase_browse}
+           "log_ratio": phase_log_ratio, "group": phase_group, "browse": phase_browse,
+           "pgbench": lambda env, sizes: phase_pgbench(env, sizes, getattr(env, "pgbench_seconds", None),
+                                                       getattr(env, "pgbench_pairs", None))}
     for name in phases:
         log(f"fusejournal extras: {name}")
         drop_caches()

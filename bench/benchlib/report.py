@@ -6,6 +6,7 @@ import os
 from math import floor, log10
 from pathlib import Path
 
+from . import pgbench
 from .util import MiB, median, short
 from .workloads import METRIC, METRICS, WORKLOAD_METRICS
 
@@ -418,6 +419,7 @@ def render_extras(L: list[str], results: dict) -> None:
                  "os.urandom. Each on a fresh mount, one checkpoint, sizes from that checkpoint's marker.")
         L.append("")
     render_group(L, ex.get("group") or {})
+    pgbench.render_markdown(L, ex.get("pgbench") or {}, fmt)
     cr = ex.get("cpu_rss") or {}
     if cr.get("error"):
         L.append(f"CPU / RSS: failed: {cr['error']}")
@@ -679,6 +681,28 @@ def render_charts(results: dict, outdir: Path) -> list[tuple[str, str]]:
             fig.savefig(p, dpi=110)
             plt.close(fig)
             charts.append(("Consistency group vs single tree: halt and setfattr per checkpoint", str(p)))
+
+    sm = halt.get("samples") or []
+    if sm and max(s_["written"] for s_ in sm) >= 1 << 30:     # --setfattr-sizes up to GiBs
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        ax.scatter([s_["written"] / (1 << 30) for s_ in sm], [s_["setfattr_ms"] / 1000 for s_ in sm], s=14,
+                   label="setfattr return (each checkpoint)")
+        ps = halt.get("per_size") or []
+        ax.plot([p_["pending"] / (1 << 30) for p_ in ps], [p_["setfattr_allowance_ms"] / 1000 for p_ in ps],
+                color="red", ls="--", label="allowance: 20 ms + compress@300MB/s + fsync")
+        ax.set_xlabel("pending GiB (written since the previous checkpoint)")
+        ax.set_ylabel("seconds")
+        ax.set_title("setfattr against pending size" + suffix, fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = outdir / "setfattr_pending.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        charts.append(("setfattr against pending size", str(p)))
+
+    pg_chart = pgbench.render_chart(ex.get("pgbench") or {}, outdir, plt, suffix)
+    if pg_chart:
+        charts.append(pg_chart)
 
     lr = ex.get("log_ratio") or {}
     if lr and not lr.get("error"):
