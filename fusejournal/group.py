@@ -51,7 +51,6 @@ COORDINATOR_SOCK = layout.GROUP_COORDINATOR_SOCK
 COORDINATOR_PID = layout.GROUP_COORDINATOR_PID
 MEMBERS_DIR = layout.GROUP_MEMBERS_DIR
 MAX_SOCKET_PATH = 107           # sun_path is 108 bytes with the NUL
-MAX_GROUP_MEMBERS = 1024        # = groupgate.MAX_MEMBERS (a gate byte each)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
 _GROUP_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "journal": str, "halt_timeout": (int, float), "append_timeout": (int, float)}
@@ -192,9 +191,6 @@ def parse_group(text: str, path: Path) -> Group:
         raise ValueError("member must be an array of tables ([[member]])")
     if not members_raw:
         raise ValueError("no [[member]] tables")
-    if len(members_raw) > MAX_GROUP_MEMBERS:
-        raise ValueError(f"{len(members_raw)} members: a group has at most {MAX_GROUP_MEMBERS} "
-                         f"(one byte each in the shared gate page)")
     members: list[Member] = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(members_raw, 1):

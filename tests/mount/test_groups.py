@@ -482,6 +482,7 @@ def expect_group_failure(g: Group, on: str) -> OSError:
     return ei.value
 
 
+@pytest.mark.daemon_errors      # (the failed checkpoint is logged as an error, by design)
 @pytest.mark.parametrize("fault", ["group.member_cut", "group.member_taken", "group.member_durable"])
 def test_a_member_killed_during_a_group_checkpoint(group: Group, fault: str) -> None:
     """b's daemon dies at its cut (the epoch moved, its store not taken yet), just after
@@ -534,6 +535,7 @@ def test_a_member_killed_during_a_group_checkpoint(group: Group, fault: str) -> 
     g.assert_exact()
 
 
+@pytest.mark.daemon_errors      # (ENOSPC at b's append, the abort)
 def test_a_member_whose_journal_is_full(tmp_path: Path, tmpfs: Path) -> None:
     """b's journal (on a small tmpfs) fills up after b's data was captured: b's append fails
     with ENOSPC, so the group checkpoint fails everywhere with ENOSPC; a's batch, already
@@ -573,6 +575,7 @@ def test_a_member_whose_journal_is_full(tmp_path: Path, tmpfs: Path) -> None:
         g.cleanup()
 
 
+@pytest.mark.daemon_errors      # (the caller's failed checkpoint, the batch put back)
 @pytest.mark.parametrize("fault", ["coordinator.epoch_moved", "coordinator.before_commit",
                                    "coordinator.after_commit"])
 def test_the_coordinator_killed_around_the_commit(group: Group, fault: str) -> None:
@@ -609,6 +612,7 @@ def test_the_coordinator_killed_around_the_commit(group: Group, fault: str) -> N
     g.assert_exact()
 
 
+@pytest.mark.daemon_errors      # (the checkpoints failing after the kill)
 def test_a_member_killed_at_random(group: Group) -> None:
     g = group
     g.mount()
