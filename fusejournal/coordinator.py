@@ -20,16 +20,16 @@ sequence diagram):
 
 1. connect to every member (bounded by the halt bound T);
 2. send ``take`` to all at once; each member runs its barrier (the kernel's
-   pending writes reach its temporary store; not halted) and replies
-   ``ready`` (within 35 s); then send ``halt`` to all at once; each member
-   closes its halt, takes its temporary store out and replies ``taken`` with
-   its gate still closed; it holds the gate at most T.  (The barriers come
-   first so that no member's halt includes another member's barrier);
-3. only when every member has answered ``taken`` (within T) send ``release``
-   to all: the halt of the whole group is one interval;
-4. each member opens its gate, appends its batch to its own ordered log with
-   G in the marker (``group_checkpoint``), durably, and replies ``durable``
-   with its own checkpoint id for it (within ``append_timeout``);
+   pending writes reach its temporary store; not halted), from then on
+   expects G, and replies ``ready`` (within 35 s);
+3. open every member's wake FIFO, then move the group's epoch in the shared
+   gate page (one byte: fusejournal/groupgate.py) and wake every member.  Each
+   member makes its cut — by its next mutating operation, or by its
+   checkpoint task if none comes first — without waiting for any other
+   process; the barriers came first, so no cut includes a barrier;
+4. each member appends its batch to its own ordered log with G in the marker
+   (``group_checkpoint``), durably, and replies ``durable`` with its own
+   checkpoint id for it and its cut's times (within T + ``append_timeout``);
 5. append the commit line (G, each member's own checkpoint id, the group halt
    duration) to the group commit log and ``fdatasync`` it: from here G counts;
 6. send ``commit`` to all (a member then confirms: drops the batch, closes its
@@ -38,18 +38,19 @@ sequence diagram):
    the member resolves it from the commit log);
 7. reply to the caller.
 
-Failure at 1-5 (a member unreachable, dead, too slow, out of space ...): send
-``abort`` to every member still connected — one still halted puts its batch
-back and opens its gate; one whose batch is already durable puts the batch
-back in front of its temporary store (the records are captured again by the
-next checkpoint) and its own checkpoint for G is never applied, because no
-commit line names it; write an abort line; reply with the error.  A member
-that lost the connection decides alone: before the release it puts its batch
-back and opens its gate; after its batch is durable it keeps the batch "in
-doubt" and resolves it from the commit log at the next take or at unmount.
+Failure at 1-5 (a member unreachable, dead, unable to cut within T, out of
+space ...): send ``abort`` to every member still connected — one whose batch
+is already durable puts the batch back in front of its temporary store (the
+records are captured again by the next checkpoint) and its own checkpoint for
+G is never applied, because no commit line names it; write an abort line;
+reply with the error.  A member that lost the connection decides alone:
+before its cut it takes nothing (and adopts the epoch if it moves); after its
+batch is durable it keeps the batch "in doubt" and resolves it from the
+commit log at the next take or at unmount.
 
 Cancellation: the coordinator's checkpoint runs under a lock, one at a time;
-if the coordinator dies, members release themselves within T.
+if the coordinator dies, no member is left holding anything (a moved epoch
+holds nobody: fusejournal/groupgate.py).
 """
 
 from __future__ import annotations
@@ -65,17 +66,21 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from . import layout
 from .faults import fault
 from .group import COORDINATOR_PID, CommitLog, Group, GroupFileError, ensure_run_dir, load_group
+from .groupgate import SharedGate, Waker
 
 log = logging.getLogger("fusejournal.coordinator")
 
 MAX_LINE = 1 << 16
+JSON = dict[str, Any]
 COORDINATOR_LOCK = layout.GROUP_COORDINATOR_LOCK
 ACK_TIMEOUT = 5.0
 BARRIER_TIMEOUT = 35.0          # every member's barrier (each bounded at 30 s by its Checkpointer)
@@ -87,12 +92,13 @@ class ProtocolError(Exception):
     """The peer broke the protocol, went away, or was too slow."""
 
 
-def peer_uid(sock) -> int:
+def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)[1]
+    uid: int = struct.unpack("3i", raw)[1]
+    return uid
 
 
-def peer_allowed(sock) -> bool:
+def peer_allowed(sock: socket.socket | trio.socket.SocketType) -> bool:
     """Only the mounting user (this process's euid) and root."""
     uid = peer_uid(sock)
     return uid == 0 or uid == os.geteuid()
@@ -105,13 +111,13 @@ class Channel:
         self.stream = stream
         self._buf = bytearray()
 
-    async def send(self, obj: dict) -> None:
+    async def send(self, obj: JSON) -> None:
         try:
             await self.stream.send_all(json.dumps(obj).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise ProtocolError(f"connection lost ({e})") from None
 
-    async def recv(self) -> dict:
+    async def recv(self) -> JSON:
         while b"\n" not in self._buf:
             if len(self._buf) > MAX_LINE:
                 raise ProtocolError("message too long")
@@ -156,7 +162,7 @@ def listen_unix(path: Path) -> socket.socket:
     return s
 
 
-async def serve_unix(sock: socket.socket, handler) -> None:
+async def serve_unix(sock: socket.socket, handler: Callable[[Channel], Awaitable[None]]) -> None:
     """Accept connections on ``sock`` forever; refuse peers that are not the owner or root."""
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
@@ -181,7 +187,7 @@ async def serve_unix(sock: socket.socket, handler) -> None:
     await trio.serve_listeners(guarded, [listener])
 
 
-def request(path: Path, obj: dict, timeout: float) -> dict:
+def request(path: Path, obj: JSON, timeout: float) -> JSON:
     """Blocking client (the CLI): send one request, return the reply."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
@@ -206,9 +212,12 @@ def request(path: Path, obj: dict, timeout: float) -> dict:
     finally:
         s.close()
     try:
-        return json.loads(buf.partition(b"\n")[0])
+        reply = json.loads(buf.partition(b"\n")[0])
     except ValueError:
         raise ProtocolError("the group coordinator answered garbage") from None
+    if not isinstance(reply, dict):
+        raise ProtocolError("the group coordinator answered garbage")
+    return reply
 
 
 # ------------------------------------------------------------------ coordinator
@@ -231,8 +240,10 @@ class Coordinator:
         self.last_error: str | None = None
         self.failed = 0
         self.stop = trio.Event()
+        self.gate = SharedGate(group.gate_path)
 
-    async def _each(self, names, fn, timeout: float, what: str) -> dict[str, object]:
+    async def _each(self, names: list[str], fn: Callable[[str], Awaitable[object]], timeout: float,
+                    what: str) -> dict[str, object]:
         """Run ``fn(name)`` for every name at once, within ``timeout``; name -> result or exception."""
         out: dict[str, object] = {}
 
@@ -270,6 +281,7 @@ class Coordinator:
         T = g.halt_timeout
         chans: dict[str, Channel] = {}
         wall = time.time_ns()
+        waker: Waker | None = None
 
         async def abort(error: str, durable: dict[str, int]) -> None:
             async def tell(name: str) -> None:
@@ -282,7 +294,7 @@ class Coordinator:
             except OSError as e:
                 log.error("could not record the abort of %d: %s", gid, e)
 
-        def first_error(results: dict, what: str) -> str | None:
+        def first_error(results: dict[str, object], what: str) -> str | None:
             bad = [(n, r) for n, r in results.items() if isinstance(r, BaseException)]
             if not bad:
                 return None
@@ -303,8 +315,12 @@ class Coordinator:
                 await abort(err, {})
                 raise GroupCheckpointError(err, errno.EIO)
 
-            # 2a. every member runs its barrier (not halted) and reports ready
-            async def ready(name: str) -> dict:
+            # 2a. every member runs its barrier (not halted) and reports ready; the
+            # wake FIFOs are opened now, so that nothing but stores and writes is left
+            # for the closed window
+            waker = Waker(g.wake_path(n) for n in names)
+
+            async def ready(name: str) -> dict[str, Any]:
                 await chans[name].send({"op": "take", "id": gid, "label": label, "timeout": T})
                 r = await chans[name].recv()
                 if not r.get("ok"):
@@ -318,46 +334,42 @@ class Coordinator:
                 await abort(err, {})
                 raise GroupCheckpointError(err, errno.EBUSY if busy else errno.EIO)
 
-            # 2b. take: every member halts and takes its temporary store
-            async def take(name: str) -> dict:
-                await chans[name].send({"op": "halt"})
-                r = await chans[name].recv()
-                if not r.get("ok"):
-                    raise GroupCheckpointError(r.get("error", "failed"), r.get("errno", errno.EIO))
-                return r
-            res = await self._each(names, take, T, "halt")
-            err = first_error(res, "could not halt")
-            if err:
-                busy = any(isinstance(r, GroupCheckpointError) and r.errno == errno.EBUSY
-                           or isinstance(r, ProtocolError) and "within" in str(r) for r in res.values())
-                await abort(err, {})
-                raise GroupCheckpointError(err, errno.EBUSY if busy else errno.EIO)
+            # 2b. the cut: move the group's epoch (one store every member sees at once)
+            # and wake every member; each member's next mutating operation, or its
+            # checkpoint task if none comes first, takes its temporary store out (no
+            # member waits for another process: fusejournal/groupgate.py)
+            epoch = self.gate.advance(gid)
+            waker.wake()
+            fault("coordinator.epoch_moved")
 
-            # 3. all have taken: release all; 4. each appends durably and reports
-            async def release(name: str) -> dict:
-                await chans[name].send({"op": "release"})
+            # 3./4. each member reports its batch durable (with its cut's times)
+            async def outcome(name: str) -> dict[str, Any]:
                 r = await chans[name].recv()
                 if not r.get("ok"):
                     raise GroupCheckpointError(r.get("error", "failed"), r.get("errno", errno.EIO))
-                if not all(type(r.get(k)) is int for k in ("local", "closed_ns", "opened_ns")):
+                if not all(type(r.get(k)) is int for k in ("local", "seen_ns", "cut_ns")):
                     raise ProtocolError(f"bad durable answer {r!r}")
                 return r
-            res = await self._each(names, release, g.append_timeout, "append")
+            res = await self._each(names, outcome, T + g.append_timeout, "cut and append")
             durable = {n: r["local"] for n, r in res.items() if isinstance(r, dict)}
-            err = first_error(res, "could not make its batch durable")
+            err = first_error(res, "failed at its cut or append")
             if err:
                 codes = {r.errno for r in res.values() if isinstance(r, GroupCheckpointError)}
+                lost = any(isinstance(r, ProtocolError) for r in res.values())
                 await abort(err, durable)
-                raise GroupCheckpointError(err, codes.pop() if len(codes) == 1 else errno.EIO)
-            halt_ns = (max(r["opened_ns"] for r in res.values()) -
-                       min(r["closed_ns"] for r in res.values()))
+                raise GroupCheckpointError(err, errno.EIO if lost or len(codes) != 1 else codes.pop())
+            # the group halt: the longest any member held its operations for its cut;
+            # the spread: from the epoch's move to the last member's cut (holds nobody)
+            oks = [r for r in res.values() if isinstance(r, dict)]
+            halt_ns = max(r["cut_ns"] - r["seen_ns"] for r in oks)
+            spread_ns = max(r["cut_ns"] for r in oks) - epoch.moved_ns
 
             # 5. the commit line, durably: from here the group checkpoint counts
             fault("coordinator.before_commit")
             try:
                 await trio.to_thread.run_sync(lambda: self.commits.append(
                     {"commit": gid, "label": label, "time_ns": wall, "halt_ns": halt_ns,
-                     "members": durable}, durable=True))
+                     "cut_spread_ns": spread_ns, "members": durable}, durable=True))
             except OSError as e:
                 err = f"cannot write the group commit log {self.commits.path}: {e.strerror or e}"
                 await abort(err, durable)
@@ -373,6 +385,8 @@ class Coordinator:
                 if isinstance(r, BaseException):
                     log.warning("member %r did not acknowledge commit %d: %s", n, gid, r)
         finally:
+            if waker is not None:
+                waker.close()
             for c in chans.values():
                 await c.aclose()
         self.last_halt_ns = halt_ns
@@ -382,7 +396,7 @@ class Coordinator:
         log.info("group checkpoint %d %r committed: %s, group halt %.3f ms", gid, label, durable, halt_ns / 1e6)
         return gid, halt_ns
 
-    def status(self) -> dict:
+    def status(self) -> JSON:
         hist = sorted(self.halt_history)
         self.commits.refresh()
         return {"group": self.group.name, "pid": os.getpid(),

@@ -433,6 +433,11 @@ class Operations(pyfuse3.Operations):
         the mount root is the root itself."""
         if name == b"." or h.inode_id == ROOT:
             return os.fstat(h.fd), h.inode_id
+        node = self.inodes.get(h.inode_id)
+        if node is not None and node.parent == ROOT:
+            # the root itself: never ".." by path (mounted in place, it leads into this very
+            # mount, and the daemon would wait on itself)
+            return os.fstat(self._inode(ROOT).fd), ROOT
         try:
             st = os.stat(b"..", dir_fd=h.fd)
         except OSError:              # a removed directory: it is its own ".." then

@@ -41,6 +41,7 @@ import tomllib
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import layout
 
@@ -52,8 +53,8 @@ MEMBERS_DIR = layout.GROUP_MEMBERS_DIR
 MAX_SOCKET_PATH = 107           # sun_path is 108 bytes with the NUL
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
-_GROUP_KEYS = {"name": str, "journal": str, "halt_timeout": (int, float), "append_timeout": (int, float)}
-_MEMBER_KEYS = {"name": str, "source": str, "shadow": str, "journal": str, "mountpoint": str}
+_GROUP_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "journal": str, "halt_timeout": (int, float), "append_timeout": (int, float)}
+_MEMBER_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "source": str, "shadow": str, "journal": str, "mountpoint": str}
 _REQUIRED_GROUP = ("name", "journal")
 _REQUIRED_MEMBER = ("name", "source")
 
@@ -92,6 +93,13 @@ class Group:
         return self.run_dir / f"m-{name}.sock"
 
     @property
+    def gate_path(self) -> Path:
+        return self.run_dir / layout.GROUP_GATE
+
+    def wake_path(self, name: str) -> Path:
+        return self.run_dir / f"{layout.GROUP_WAKE_PREFIX}{name}"
+
+    @property
     def commits_path(self) -> Path:
         return self.journal / COMMITS
 
@@ -102,13 +110,14 @@ class Group:
         raise GroupFileError(f"group file {self.path}: no member named {name!r}")
 
 
-def _type_name(t) -> str:
+def _type_name(t: type | tuple[type, ...]) -> str:
     if isinstance(t, tuple):
         return "a number"
-    return {str: "a string"}.get(t, t.__name__)
+    return "a string" if t is str else t.__name__
 
 
-def _check_table(where: str, table: object, keys: dict, required: tuple[str, ...]) -> dict:
+def _check_table(where: str, table: object, keys: dict[str, type | tuple[type, ...]],
+                 required: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ValueError(f"{where} must be a table")
     for k, v in table.items():
@@ -249,7 +258,7 @@ def check_group(group: Group) -> None:
                          f"({longest} exceeds {MAX_SOCKET_PATH} bytes)")
 
 
-def load_group(path: str | os.PathLike, *, check: bool = True) -> Group:
+def load_group(path: str | os.PathLike[str], *, check: bool = True) -> Group:
     """Read, parse and check a group file; GroupFileError with one line on any problem."""
     p = Path(path)
     try:
@@ -304,12 +313,12 @@ def ensure_run_dir(group: Group) -> Path:
 
 # ------------------------------------------------------------ the commit log
 
-def _line(rec: dict) -> bytes:
+def _line(rec: dict[str, Any]) -> bytes:
     body = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
     return b"%08x " % zlib.crc32(body) + body + b"\n"
 
 
-def _parse(line: bytes) -> dict | None:
+def _parse(line: bytes) -> dict[str, Any] | None:
     if not line.endswith(b"\n") or len(line) < 10 or line[8:9] != b" ":
         return None
     body = line[9:-1]
@@ -326,8 +335,8 @@ def _parse(line: bytes) -> dict | None:
 class CommitLog:
     """The group commit log: read by everyone, appended by the coordinator only."""
     path: Path
-    commits: list[dict] = field(default_factory=list)
-    aborts: list[dict] = field(default_factory=list)
+    commits: list[dict[str, Any]] = field(default_factory=list)
+    aborts: list[dict[str, Any]] = field(default_factory=list)
     _size: int = 0
 
     def refresh(self) -> None:
@@ -369,7 +378,7 @@ class CommitLog:
     def last_committed(self) -> int:
         return max((r["commit"] for r in self.commits), default=0)
 
-    def commit_record(self, gid: int) -> dict | None:
+    def commit_record(self, gid: int) -> dict[str, Any] | None:
         for r in self.commits:
             if r["commit"] == gid:
                 return r
@@ -395,7 +404,7 @@ class CommitLog:
                 return False
         return None
 
-    def append(self, rec: dict, *, durable: bool) -> None:
+    def append(self, rec: dict[str, Any], *, durable: bool) -> None:
         new = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

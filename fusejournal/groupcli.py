@@ -19,10 +19,11 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from . import layout
 from .errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, UserError
-from .group import COORDINATOR_PID, CommitLog, Group, GroupFileError, ensure_run_dir, load_group
+from .group import COORDINATOR_PID, CommitLog, Group, GroupFileError, Member, ensure_run_dir, load_group
 
 
 def _load(path: str, check: bool = True) -> Group:
@@ -32,7 +33,7 @@ def _load(path: str, check: bool = True) -> Group:
         raise UserError(str(e), EXIT_USAGE) from None
 
 
-def _coordinator(group: Group, obj: dict, timeout: float = 10.0) -> dict:
+def _coordinator(group: Group, obj: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     from .coordinator import ProtocolError, request
     try:
         return request(group.coordinator_socket, obj, timeout)
@@ -47,7 +48,7 @@ def _coordinator_alive(group: Group) -> bool:
         return False
 
 
-def _member_mounted(m) -> bool:
+def _member_mounted(m: Member) -> bool:
     """True if the member's mountpoint is a live fusejournal mount of its journal."""
     from .cli import _getxattr
     try:
@@ -90,7 +91,7 @@ def mount_group(a: argparse.Namespace) -> int:
     except (GroupFileError, OSError) as e:
         raise UserError(f"group journal {group.journal}: {e}") from None
     started_coordinator = False
-    mounted: list = []
+    mounted: list[Member] = []
     current = None
     try:
         if not _coordinator_alive(group):
@@ -109,7 +110,9 @@ def mount_group(a: argparse.Namespace) -> int:
                 argv += ["-o", o]
             if a.debug:
                 argv.append("--debug")
-            info = spawn(argv, on_message=lambda t, n=m.name: print(f"member {n}: {t}", file=sys.stderr))
+            def tell(text: str, name: str = m.name) -> None:
+                print(f"member {name}: {text}", file=sys.stderr)
+            info = spawn(argv, on_message=tell)
             mounted.append(m)
             print(f"member {m.name}: mounted {m.source} at {m.mountpoint} (journal {m.journal}, "
                   f"shadow {m.shadow}, pid {info.get('pid')})")
@@ -167,7 +170,7 @@ def checkpoint_group(a: argparse.Namespace) -> int:
     return 0
 
 
-def _member_status(m) -> dict:
+def _member_status(m: Member) -> dict[str, Any]:
     from .cli import Target
     try:
         t = Target(os.fspath(m.mountpoint) if _member_mounted(m) else os.fspath(m.journal))
@@ -181,7 +184,7 @@ def status_group(a: argparse.Namespace) -> int:
     commits = CommitLog(group.commits_path)
     commits.refresh()
     last = commits.commit_record(commits.last_committed)
-    st: dict = {"group": group.name, "last_group_checkpoint": commits.last_committed,
+    st: dict[str, Any] = {"group": group.name, "last_group_checkpoint": commits.last_committed,
                 "last_group_halt_ns": last["halt_ns"] if last else 0,
                 "group_halts_committed": len(commits.commits), "group_aborted": len(commits.aborts),
                 "coordinator": None, "members": {}}

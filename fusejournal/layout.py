@@ -85,6 +85,8 @@ GROUP_RUN_DIR = "run"
 GROUP_COORDINATOR_SOCK = "coordinator.sock"     # in GROUP_RUN_DIR
 GROUP_COORDINATOR_PID = "coordinator.pid"       # in GROUP_RUN_DIR
 GROUP_COORDINATOR_LOCK = "coordinator.lock"     # in GROUP_RUN_DIR
+GROUP_GATE = "gate"                             # in GROUP_RUN_DIR: the shared gate page (groupgate.py)
+GROUP_WAKE_PREFIX = "w-"                        # in GROUP_RUN_DIR: w-MEMBER, a member's wake FIFO
 GROUP_MEMBERS_DIR = "members"
 
 #: the name a file is written under before it is renamed over NAME

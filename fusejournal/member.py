@@ -7,18 +7,25 @@ of a group checkpoint are in fusejournal/coordinator.py):
 * update permission on its root (setxattr) is not a local checkpoint: it asks
   the coordinator for a group checkpoint (:meth:`GroupMember.request_checkpoint`)
   and returns once that is committed on every member, or fails with its errno;
+* its halt is a :class:`~fusejournal.groupgate.GroupHalt`: its mutating
+  handlers compare the group's epoch (one byte of the shared gate page, moved
+  by the coordinator) with the one of its last cut, and make the cut the
+  moved epoch asks for before they go on (fusejournal/groupgate.py);
 * it serves ``run/m-NAME.sock`` for the coordinator: one connection per group
   checkpoint (:meth:`GroupMember.session`) drives the phases of its
-  :class:`~fusejournal.acquisition.Checkpointer` — halt and take, hold the gate
-  closed until ``release`` (at most the halt bound), append durably with the
-  group checkpoint id in the marker, then confirm on ``commit`` or put the
+  :class:`~fusejournal.acquisition.Checkpointer` — the barrier, then
+  ``ready``; once the epoch moved (its FIFO woke it), the cut (made already by
+  an operation, or now, draining in-flight operations at most the halt bound),
+  append durably with the group checkpoint id in the marker, report
+  ``durable`` with the cut's times, then confirm on ``commit`` or put the
   batch back on ``abort``;
 * its updater applies a batch of a group checkpoint only once the group commit
   log names it (:meth:`GroupMember.committed`); an aborted one is skipped, and
   its records, put back in the temporary store, come again in the next one.
 
-Failure and cancellation: if the coordinator goes away or is too slow before
-``release``, the batch goes back and the gate opens (inside the halt bound).
+Failure and cancellation: if the coordinator goes away before the epoch
+moved, nothing was taken; a cut that is not appended (the session failed or
+was cancelled) goes back in front of the temporary store.
 If it goes away after this member's batch is durable, the outcome is "in
 doubt": the batch is kept aside and resolved from the commit log — confirmed
 if a commit line names it, else put back — at the next take (the coordinator
@@ -27,9 +34,12 @@ has then finished with it) or at unmount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import time
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -38,8 +48,13 @@ from .acquisition import Checkpointer, Taken
 from .coordinator import Channel, ProtocolError, listen_unix, serve_unix
 from .faults import fault
 from .group import CommitLog, load_group
+from .groupgate import Cut, GroupHalt, Notifier, SharedGate, make_fifo
 from .halt import HaltTimeout
 from .log import CheckpointInfo, Marker
+from .tempstore import TempStore
+
+if TYPE_CHECKING:
+    from .activity import ActivityLog
 
 log = logging.getLogger("fusejournal.member")
 
@@ -52,8 +67,43 @@ class _Abort(Exception):
     pass
 
 
+class _Control(Protocol):
+    checkpoint: Any
+    checkpoint_id: Any
+
+
+class _Inbox:
+    """Reads the coordinator's next message (during a checkpoint: an abort before the
+    gates close, or the outcome after ``durable``) and pokes the notifier, so that a
+    wait on the gate also ends when the coordinator speaks or goes away."""
+
+    def __init__(self, ch: Channel, notifier: Notifier) -> None:
+        self.ch = ch
+        self.notifier = notifier
+        self.message: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.finished = trio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.finished.is_set()
+
+    def describe(self) -> str:
+        if self.message is not None:
+            return str(self.message.get("error") or self.message.get("op"))
+        return self.error or "?"
+
+    async def run(self) -> None:
+        try:
+            self.message = await self.ch.recv()
+        except ProtocolError as e:
+            self.error = str(e)
+        self.finished.set()
+        self.notifier.poke()
+
+
 class GroupMember:
-    def __init__(self, group_file, name: str) -> None:
+    def __init__(self, group_file: str | os.PathLike[str], name: str) -> None:
         self.group = load_group(group_file, check=False)
         self.member = self.group.member(name)
         self.name = name
@@ -65,8 +115,24 @@ class GroupMember:
         self.in_doubt: tuple[int, Taken, CheckpointInfo] | None = None
         self.last_error: str | None = None
         self.sock = listen_unix(self.group.member_socket(name))
+        # the shared gate and this member's wake FIFO (fusejournal/groupgate.py)
+        self.gate = SharedGate(self.group.gate_path)
+        self._fifo = make_fifo(self.group.wake_path(name))
+        self.notifier = Notifier(self._fifo)
+        self._halt: GroupHalt | None = None
 
-    def attach(self, checkpointer: Checkpointer, control) -> None:
+    def make_halt(self, store: TempStore, activity: ActivityLog | None) -> GroupHalt:
+        """This member's halt (mount.py): the group's epoch is its gate."""
+        self._halt = GroupHalt(self.gate, self.notifier, store, activity)
+        return self._halt
+
+    @property
+    def halt(self) -> GroupHalt:
+        if self._halt is None:
+            raise RuntimeError("the member's halt is not made yet")
+        return self._halt
+
+    def attach(self, checkpointer: Checkpointer, control: _Control) -> None:
         """Take over the control attributes' update permission and checkpoint id."""
         self.cp = checkpointer
         control.checkpoint = self.request_checkpoint
@@ -113,7 +179,14 @@ class GroupMember:
     # ------------------------------------------------------------ the coordinator's session
 
     async def serve(self) -> None:
-        await serve_unix(self.sock, self.session)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.notifier.run)
+            await serve_unix(self.sock, self.session)
+
+    def _checkpointer(self) -> Checkpointer:
+        if self.cp is None:
+            raise RuntimeError("the member is not attached to its checkpointer")
+        return self.cp
 
     def _resolve_in_doubt(self) -> None:
         if self.in_doubt is None:
@@ -124,10 +197,10 @@ class GroupMember:
         rec = self.commits.commit_record(gid)
         if rec is not None and rec["members"].get(self.name) == info.marker.checkpoint:
             log.info("group checkpoint %d was committed (resolved from the commit log)", gid)
-            self.cp.confirm(taken, info)
+            self._checkpointer().confirm(taken, info)
             self.last_group = max(self.last_group, gid)
         else:
-            self.cp.restore(taken, f"group checkpoint {gid} was not committed")
+            self._checkpointer().restore(taken, f"group checkpoint {gid} was not committed")
 
     async def session(self, ch: Channel) -> None:
         req = await ch.recv()
@@ -138,80 +211,121 @@ class GroupMember:
         if not isinstance(gid, int) or not isinstance(label, str):
             await ch.send({"ok": False, "error": "bad take request", "errno": errno.EINVAL})
             return
-        bound = self.group.halt_timeout
-        async with self.cp.lock:
+        cp = self._checkpointer()
+        async with cp.lock, trio.open_nursery() as nursery:
             self._resolve_in_doubt()
-
-            async def before_halt() -> None:
-                # after this member's barrier, not halted yet: wait until every
-                # member is past its barrier, so no member's halt includes another's
-                await ch.send({"ok": True, "state": "ready"})
-                with trio.move_on_after(HALT_ORDER_TIMEOUT) as scope:
-                    msg = await ch.recv()
-                if scope.cancelled_caught:
-                    raise _Abort(f"no order to halt within {HALT_ORDER_TIMEOUT:g} s")
-                if msg.get("op") != "halt":
-                    raise _Abort(f"aborted by the coordinator before the halt: {msg.get('error')}")
-                if faults.armed("group.member_before_halt"):     # tests: a member slow to halt
-                    await faults.hold("group.member_before_halt")
-
-            async def hold() -> None:
-                # inside the halt, the temporary store taken: tell the coordinator,
-                # and keep the gate closed until every member has taken (bounded)
-                fault("group.member_taken")
-                await ch.send({"ok": True, "state": "taken"})
-                with trio.move_on_after(bound) as scope:
-                    msg = await ch.recv()
-                if scope.cancelled_caught:
-                    raise _Abort(f"no release within {bound:g} s")
-                if msg.get("op") != "release":
-                    raise _Abort(f"aborted by the coordinator: {msg.get('error')}")
+            # the coordinator's next message (an abort before the cut, or the outcome
+            # after ``durable``), read beside the session: it pokes the notifier, so a
+            # wait for the epoch also ends when the coordinator speaks or goes away
+            inbox = _Inbox(ch, self.notifier)
+            nursery.start_soon(inbox.run)
+            handed: list[bool] = [False]
             try:
-                taken = await self.cp.take(label, hold, before_halt)
-            except HaltTimeout as e:          # the halt, or the barrier (BarrierTimeout)
+                await self._session(ch, cp, gid, label, inbox, handed)
+            finally:
+                left = self.halt.finish()
+                if left is not None and not handed[0]:
+                    self.store_restore(left, f"group checkpoint {gid}: the cut was not appended")
+                nursery.cancel_scope.cancel()
+
+    def store_restore(self, cut: Cut, why: str) -> None:
+        ops = cut.batch.operations
+        self.halt.store.restore(cut.batch)
+        log.warning("%s; its %d operation(s) stay pending", why, ops)
+
+    async def _session(self, ch: Channel, cp: Checkpointer, gid: int, label: str, inbox: _Inbox,
+                       handed: list[bool]) -> None:
+        bound = self.group.halt_timeout
+        halt = self.halt
+        wall = time.time_ns()
+        paused = False
+        try:
+            # 1. the barrier (not halted), as a single tree's acquisition does
+            cp.last_barrier_ns = 0
+            if cp.barrier is not None:
+                await cp._barrier(label)
+            # the streamer is paused before the epoch can move (its append in flight
+            # lands first): records it took after the cut would land before this
+            # checkpoint's marker.  It resumes with the outcome (confirm/restore),
+            # or below if nothing is taken.
+            if cp.streamer is not None:
+                await cp.streamer.pause()
+                paused = True
+            # 2. expect the cut, report ready; wait for the coordinator to move the epoch
+            halt.expecting = gid
+            await ch.send({"ok": True, "state": "ready"})
+            with trio.move_on_after(HALT_ORDER_TIMEOUT):
+                while True:
+                    ev = self.notifier.changed
+                    if halt.moved(gid):
+                        break
+                    if inbox.done:
+                        raise _Abort(f"aborted by the coordinator before the cut: {inbox.describe()}")
+                    await ev.wait()
+            if not halt.moved(gid):
+                raise _Abort(f"the epoch did not move within {HALT_ORDER_TIMEOUT:g} s")
+            if faults.armed("group.member_before_halt"):     # tests: a checkpoint task slow to cut
+                await faults.hold("group.member_before_halt")
+            # 3. the cut (made already by an operation, or now), bounded by T
+            cut = await halt.cut_for(gid, bound)
+        except BaseException as e:
+            if paused:                    # nothing taken: the streamer goes on
+                cp._resume()
+            if isinstance(e, HaltTimeout):          # the drain, or the barrier (BarrierTimeout)
                 self.last_error = f"group checkpoint {gid}: {e}"
                 await ch.send({"ok": False, "error": str(e), "errno": errno.EBUSY})
                 return
-            except (_Abort, ProtocolError) as e:
-                self.last_error = f"group checkpoint {gid} abandoned before the release: {e}"
-                log.warning("%s; nothing taken, or the batch went back", self.last_error)
+            if isinstance(e, _Abort):
+                self.last_error = f"group checkpoint {gid} abandoned before the cut: {e}"
+                log.warning("%s; nothing taken", self.last_error)
                 return
-            except OSError as e:              # the barrier failed (nothing taken)
+            if isinstance(e, OSError):    # the barrier failed (nothing taken)
                 self.last_error = f"group checkpoint {gid}: {e}"
                 await ch.send({"ok": False, "error": str(e), "errno": e.errno or errno.EIO})
                 return
-            try:
-                info = await self.cp.append(taken, {"group": self.group.name, "group_checkpoint": gid})
-            except Exception as e:
-                err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
-                await ch.send({"ok": False, "error": str(e), "errno": err})
-                return
-            fault("group.member_durable")
-            msg = None
-            try:
-                await ch.send({"ok": True, "state": "durable", "local": info.marker.checkpoint,
-                               "closed_ns": taken.closed_ns, "opened_ns": taken.opened_ns})
-                with trio.move_on_after(OUTCOME_TIMEOUT):
-                    msg = await ch.recv()
-            except ProtocolError:
-                pass
-            op = msg.get("op") if msg else None
-            if op == "commit":
-                self.cp.confirm(taken, info)
-                self.last_group = max(self.last_group, gid)
-                self.last_error = None
-            elif op == "abort":
-                self.cp.restore(taken, f"group checkpoint {gid} aborted: {msg.get('error')}")
-                self.last_error = f"group checkpoint {gid} aborted: {msg.get('error')}"
-            else:
-                log.warning("group checkpoint %d: no outcome from the coordinator; in doubt until "
-                            "the commit log says", gid)
-                self.in_doubt = (gid, taken, info)
-                return
-            try:
-                await ch.send({"ok": True})
-            except ProtocolError:
-                pass
+            raise
+        fault("group.member_taken")
+        cp.last_halt_ns = cut.cut_ns - cut.seen_ns
+        cp.halt_history.append(cp.last_halt_ns)
+        del cp.halt_history[:-1000]
+        taken = Taken(label, wall, cut.batch, cut.period, cut.seen_ns, cut.cut_ns, paused=paused)
+        handed[0] = True                  # append restores it on failure; then commit/abort/in doubt
+        try:
+            info = await cp.append(taken, {"group": self.group.name, "group_checkpoint": gid})
+        except Exception as e:
+            err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+            await ch.send({"ok": False, "error": str(e), "errno": err})
+            return
+        fault("group.member_durable")
+        msg: dict[str, Any] | None = None
+        try:
+            await ch.send({"ok": True, "state": "durable", "local": info.marker.checkpoint,
+                           "seen_ns": cut.seen_ns, "cut_ns": cut.cut_ns, "by_handler": cut.by_handler})
+            with trio.move_on_after(OUTCOME_TIMEOUT):
+                await inbox.finished.wait()
+            msg = inbox.message
+        except ProtocolError:
+            pass
+        except BaseException:
+            # cancelled (the daemon unmounting): durable but undecided, so in doubt;
+            # shutdown() settles it from the commit log before saving what is pending
+            self.in_doubt = (gid, taken, info)
+            raise
+        op = msg.get("op") if msg else None
+        if op == "commit":
+            cp.confirm(taken, info)
+            self.last_group = max(self.last_group, gid)
+            self.last_error = None
+        elif op == "abort" and msg is not None:
+            cp.restore(taken, f"group checkpoint {gid} aborted: {msg.get('error')}")
+            self.last_error = f"group checkpoint {gid} aborted: {msg.get('error')}"
+        else:
+            log.warning("group checkpoint %d: no outcome from the coordinator; in doubt until "
+                        "the commit log says", gid)
+            self.in_doubt = (gid, taken, info)
+            return
+        with contextlib.suppress(ProtocolError):
+            await ch.send({"ok": True})
 
     def shutdown(self) -> None:
         """At unmount: settle a batch in doubt (before the pending operations are saved)."""
@@ -223,8 +337,10 @@ class GroupMember:
             os.unlink(self.group.member_socket(self.name))
         except OSError:
             pass
+        os.close(self._fifo)
+        self.gate.close_file()
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         return {"group": self.group.name, "member": self.name,
                 "last_group_checkpoint": self.last_group,
                 "group_in_doubt": self.in_doubt[0] if self.in_doubt else None,

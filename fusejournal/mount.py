@@ -174,7 +174,8 @@ class Daemon:
             if pending:
                 log.info("%d operation(s) pending from before the last unmount", pending)
 
-        self.halt = Halt()
+        self.halt = (Halt() if self.member is None        # a member's gate is the group's epoch
+                     else self.member.make_halt(self.store, self.activity))
         self.streamer = Streamer(self.store, self.olog)     # the store into the log, in the background
         self.checkpointer = Checkpointer(self.store, self.halt, self.olog,
                                          halt_timeout=cfg.halt_timeout, activity=self.activity,

@@ -23,6 +23,11 @@ cd "$(dirname "$0")/.."
 # the updater's process and its task in the daemon (issue 11)
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/updatetask.py fusejournal/updaterproc.py
+# consistency groups (issue 9): the group file and commit log, the shared cut, the
+# coordinator, a member's side, the group commands
+.venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
+  fusejournal/group.py fusejournal/groupgate.py fusejournal/coordinator.py fusejournal/member.py \
+  fusejournal/groupcli.py
 # One FUSE layer: no other module imports pyfuse3
 if grep -lE '^\s*(import pyfuse3|from pyfuse3)' fusejournal/*.py | grep -vE '/(fs|browse|session)\.py$'; then
   echo "pyfuse3 is imported outside the FUSE layer (fs.py, browse.py, session.py)" >&2; exit 1

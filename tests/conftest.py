@@ -127,13 +127,33 @@ class Mounted:
         self.pid = None
 
 
-def daemon_errors(journal: Path) -> list[str]:
-    """The ERROR (and CRITICAL) lines of a journal's daemon.log."""
+def daemon_errors(journal: Path, log: str = "daemon.log") -> list[str]:
+    """The ERROR (and CRITICAL) lines of a journal's daemon.log (or another log in it)."""
     try:
-        text = (journal / "daemon.log").read_text(errors="replace")
+        text = (journal / log).read_text(errors="replace")
     except OSError:
         return []
     return [line for line in text.splitlines() if " ERROR " in line or " CRITICAL " in line]
+
+
+_watched_logs: list[Path] = []
+
+
+def watch_daemon_logs(*logs: Path) -> None:
+    """Have this test fail, like a `dirs` test, on an unexpected ERROR line in these logs
+    too (a consistency group's member daemons and coordinator: tests/mount/test_groups.py)."""
+    _watched_logs.extend(logs)
+
+
+@pytest.fixture(autouse=True)
+def _check_watched_logs(request: pytest.FixtureRequest):
+    _watched_logs.clear()
+    yield                                  # (torn down last: after the test's own cleanup)
+    logs, _watched_logs[:] = list(dict.fromkeys(_watched_logs)), []
+    errors = [f"{p}: {line}" for p in logs for line in daemon_errors(p.parent, p.name)]
+    if errors and request.node.get_closest_marker("daemon_errors") is None:
+        pytest.fail("a daemon logged an unexpected error (mark the test daemon_errors if it "
+                    "provokes one):\n" + "\n".join(errors[:10]), pytrace=False)
 
 
 @pytest.fixture

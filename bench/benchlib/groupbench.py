@@ -20,10 +20,12 @@ timed until it returns; then the halt:
 * single tree: ``last_halt_ns`` of ``user.fusejournal.status`` (the gate's
   closed interval, the same figure ``fusejournal status`` shows);
 * group: the commit line's ``halt_ns`` (``fusejournal log --group FILE --json``,
-  read after the block): max(gate opened) - min(gate closed) over the members,
-  which ``status --group`` shows as ``last_group_halt_ns``; and each member's
-  own gate interval (its status ``last_halt_ns``), reported as the longest
-  member's.
+  read after the block): the longest time any member held its mutating
+  operations for its cut (docs/design.md, "The group's cut"), which ``status
+  --group`` shows as ``last_group_halt_ns``; each member's own (its status
+  ``last_halt_ns``), reported as the longest member's; and the commit line's
+  ``cut_spread_ns``: from the epoch's move to the last member's cut (the
+  members' wake-ups, holding no operation).
 
 Checkpoints start every ``group_interval`` seconds (the next at once if one
 took longer), after ``WARMUP`` unrecorded ones.  The measurement runs in
@@ -388,6 +390,8 @@ def run_block(tree, sizes, n: int, block: int, seed: int) -> dict:
             else:
                 row = halts.get(s["label"])
                 s["halt_ms"] = row["halt_ns"] / 1e6 if row and row.get("state") == "committed" else None
+                spread = row.get("cut_spread_ns") if row else None
+                s["cut_spread_ms"] = spread / 1e6 if isinstance(spread, int) else None
                 if row is None or row.get("state") != "committed":
                     failures.append(f"{s['label']}: not committed in the commit log ({row and row.get('state')})")
         out = {"samples": samples, "failures": failures, "writers": wstats, "load": load}
@@ -416,6 +420,7 @@ def _summary(blocks: list[dict]) -> dict:
     halts = [s["halt_ms"] for s in samples if s.get("halt_ms") is not None]
     sets = [s["setfattr_ms"] for s in samples]
     member_max = [max(s["member_halt_ms"]) for s in samples if s["member_halt_ms"]]
+    spreads = [s["cut_spread_ms"] for s in samples if s.get("cut_spread_ms") is not None]
     writers = [w for b in blocks for w in b["writers"] if "error" not in w]
     wall = sum(b["load"]["seconds"] for b in blocks) or None
     return {
@@ -426,6 +431,7 @@ def _summary(blocks: list[dict]) -> dict:
         "setfattr_p50_ms": percentile(sets, 50), "setfattr_p99_ms": percentile(sets, 99),
         "setfattr_max_ms": max(sets) if sets else None,
         "member_gate_p50_ms": percentile(member_max, 50), "member_gate_p99_ms": percentile(member_max, 99),
+        "cut_spread_p50_ms": percentile(spreads, 50), "cut_spread_p99_ms": percentile(spreads, 99),
         "pending_bytes_p50": median([s["pending_bytes"] for s in samples]),
         "pending_operations_p50": median([s["pending_operations"] for s in samples]),
         "writer_ops_per_s": sum(w["operations"] for w in writers) / wall if wall and writers else None,

@@ -469,9 +469,9 @@ def render_group(L: list[str], grp: dict) -> None:
              "alternating block(s) single → group. setfattr = `setxattr(user.fusejournal.update_permission)` "
              "on a mount root (for the group, each member's in turn) until it returns: durable on every "
              "member and committed. Halt: single tree, `last_halt_ns` of its status; group, the commit "
-             "line's `halt_ns` (`fusejournal log --group FILE --json`; `status --group` shows it): from the "
-             "first member's gate closing to the last one's opening. \"Longest member gate\" is the "
-             "longest of the members' own closed intervals in that checkpoint.")
+             "line's `halt_ns` (`fusejournal log --group FILE --json`; `status --group` shows it): the "
+             "longest any member held its operations for its cut. \"Cut spread\" is the commit line's "
+             "`cut_spread_ns`: from the group's epoch moving to the last member's cut (holds nobody).")
     L.append("")
     for note in cfg.get("notes") or []:
         L.append(f"> **Note:** {note}")
@@ -488,6 +488,9 @@ def render_group(L: list[str], grp: dict) -> None:
         ["halt max ms"] + [ms(k, "halt_max_ms") for k in cols],
         ["longest member gate p50 / p99 ms"] + [
             "–" if k == "single" else f"{ms(k, 'member_gate_p50_ms')} / {ms(k, 'member_gate_p99_ms')}"
+            for k in cols],
+        ["cut spread p50 / p99 ms"] + [
+            "–" if k == "single" else f"{ms(k, 'cut_spread_p50_ms')} / {ms(k, 'cut_spread_p99_ms')}"
             for k in cols],
         ["setfattr p50 ms"] + [ms(k, "setfattr_p50_ms") for k in cols],
         ["setfattr p99 ms"] + [ms(k, "setfattr_p99_ms") for k in cols],
