@@ -97,6 +97,9 @@ MAX_ROUNDS = 20
 #: the copy cursor is made durable this often (seconds, entries)
 PERSIST_S = 1.0
 PERSIST_ENTRIES = 2000
+#: the checkpoint id the staging cursor names while a round is applied (no real checkpoint
+#: reaches it; a cursor left by a killed round is removed when the seed resumes)
+RECONCILE_CURSOR = 1 << 62
 #: memory held by one round's records before they spill to the journal's spill directory
 ROUND_MEMORY = 16 << 20
 
@@ -179,10 +182,10 @@ def reconcile(source_fd: int, shadow: Shadow, intents: list[Intent], since_ns: i
             yield r
     try:
         fault("seed.reconcile")
-        apply_records(shadow, 0, records())
-        clear_cursor(shadow)
+        apply_records(shadow, RECONCILE_CURSOR, records())
     finally:
         batch.close()
+        clear_cursor(shadow)        # a partial round leaves its objects dirty, not a cursor
     return n
 
 
