@@ -135,7 +135,11 @@ class Daemon:
                 self.seed_mode = "fresh"
             else:
                 reseed(self.journal, self.shadow, self.olog, source_fd, cfg.source, self.reporter)
-        elif self.shadow.seeding and online:
+        elif self.shadow.seeding:
+            if not online:
+                raise UserError(f"the shadow {self.shadow.root} is being seeded online, which needs "
+                                f"the daemon to run as root and outside a consistency group: mount "
+                                f"as root to finish it, or --reseed")
             self.shadow.attach()
             self.seed_mode = "resume"
         elif not self.shadow.exists():

@@ -327,35 +327,41 @@ def count_tree(source_fd: int, stop: Callable[[], bool] | None = None,
                each: Callable[[int, int], None] | None = None) -> tuple[int, int]:
     """Count the entries (the root not counted) and the allocated bytes of the regular files
     of the original, for the seed's progress; ``each(entries, bytes)`` is called now and then,
-    ``stop()`` ends the count early.  Entries that vanish under the count are ignored."""
+    ``stop()`` ends the count early.  Depth first, one open directory per level (never one per
+    pending directory).  Entries that vanish under the count are ignored."""
     entries = nbytes = 0
-    stack = [os.open(".", _O_DIR, dir_fd=source_fd)]
+    fd = os.open(".", _O_DIR, dir_fd=source_fd)
+    stack: list[tuple[int, Iterator[os.DirEntry[str]]]] = [(fd, os.scandir(fd))]
     try:
         while stack:
-            fd = stack.pop()
-            try:
-                with os.scandir(fd) as it:
-                    for e in it:
-                        try:
-                            st = e.stat(follow_symlinks=False)
-                        except OSError:
-                            continue
-                        entries += 1
-                        if stat.S_ISREG(st.st_mode):
-                            nbytes += st.st_blocks * 512
-                        elif stat.S_ISDIR(st.st_mode):
-                            try:
-                                stack.append(os.open(e.name, _O_DIR, dir_fd=fd))
-                            except OSError:
-                                continue
-                        if each is not None and entries % 4096 == 0:
-                            each(entries, nbytes)
-                            if stop is not None and stop():
-                                return entries, nbytes
-            finally:
+            fd, it = stack[-1]
+            e = next(it, None)
+            if e is None:
+                stack.pop()
+                it.close()                          # type: ignore[attr-defined]
                 os.close(fd)
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            entries += 1
+            if stat.S_ISREG(st.st_mode):
+                nbytes += st.st_blocks * 512
+            elif stat.S_ISDIR(st.st_mode):
+                try:
+                    sub = os.open(e.name, _O_DIR, dir_fd=fd)
+                except OSError:
+                    continue
+                stack.append((sub, os.scandir(sub)))
+            if entries % 4096 == 0:
+                if each is not None:
+                    each(entries, nbytes)
+                if stop is not None and stop():
+                    break
     finally:
-        for fd in stack:
+        for fd, it in stack:
+            it.close()                              # type: ignore[attr-defined]
             os.close(fd)
     return entries, nbytes
 

@@ -106,6 +106,7 @@ ROUND_MEMORY = 16 << 20
 _IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "i686": 289, "armv7l": 314}.get(platform.machine())
 _IOPRIO_WHO_PROCESS = 1
 _IOPRIO_CLASS_BE = 2
+_IOPRIO_CLASS_IDLE = 3
 
 
 class Stopped(Exception):
@@ -115,6 +116,9 @@ class Stopped(Exception):
 def set_low_priority() -> None:
     """This thread at nice 19 and I/O class best-effort 7 (the lowest that still progresses
     under a busy application; the idle class could starve forever).  Best-effort: errors ignored."""
+    choice = os.environ.get("FUSEJOURNAL_SEED_PRIORITY", "")       # bench/: the comparisons
+    if choice == "normal":
+        return
     tid = threading.get_native_id()
     try:
         os.setpriority(os.PRIO_PROCESS, tid, 19)
@@ -123,7 +127,8 @@ def set_low_priority() -> None:
     if _IOPRIO_SET is not None:
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.syscall(_IOPRIO_SET, _IOPRIO_WHO_PROCESS, tid, (_IOPRIO_CLASS_BE << 13) | 7)
+            prio = (_IOPRIO_CLASS_IDLE << 13) if choice == "idle" else (_IOPRIO_CLASS_BE << 13) | 7
+            libc.syscall(_IOPRIO_SET, _IOPRIO_WHO_PROCESS, tid, prio)
         except (OSError, AttributeError):
             pass
 
