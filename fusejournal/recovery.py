@@ -48,7 +48,7 @@ def discard_seed(root: Path, made: list[str]) -> None:
         p = root / name
         if name == "":
             continue
-        if name in (layout.SHADOW_APPLIED, layout.SHADOW_IDENTITY):
+        if name in (layout.SHADOW_APPLIED, layout.SHADOW_IDENTITY, SEEDING, SEEDED):
             for q in (p, root / (name + layout.TMP_SUFFIX)):
                 with contextlib.suppress(OSError):
                     os.unlink(q)
