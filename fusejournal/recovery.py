@@ -194,7 +194,8 @@ def prepare_online_seed(mode: str, shadow: Shadow, source_fd: int, activity: Act
     seconds.  If it finished and nothing changed since the seed began (no activity
     period, nothing flagged), the shadow stands at the log's last checkpoint at once
     and None is returned (no online seed).  A fresh seed that fails within that time
-    removes what it made and is a UserError (nothing was mounted yet).  Otherwise the
+    removes what it made and is a UserError (nothing was mounted yet; with a wait of 0
+    the mount goes ahead and ``status`` shows the error).  Otherwise the
     :class:`SeedingTask` is returned, to run beside the mount.
     """
     import sys
@@ -233,7 +234,7 @@ def prepare_online_seed(mode: str, shadow: Shadow, source_fd: int, activity: Act
         raise
     finished = task.wait_copy(cfg.seed_wait)
     err = task.copy_error
-    if finished and err is not None:
+    if finished and err is not None and cfg.seed_wait > 0:      # (0: mount at once, whatever)
         if mode == "fresh" and made:
             discard_seed(root, made)
             raise _seed_failed(root, Path(os.readlink(f"/proc/self/fd/{source_fd}")), err) from None

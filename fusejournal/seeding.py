@@ -11,7 +11,7 @@ shadow before mounting, with the application stopped.  Now (docs/design.md,
    ``shadow_checkpoint`` is null (the attribute reads -1), browse refuses.
 2. **Copy.**  A worker thread at low priority (nice 19, I/O class
    best-effort 7) walks the original (seed.py, tolerant mode: sorted names,
-   pre-order) and copies every entry.  Every second (or 2,000 entries) the
+   pre-order) and copies every entry.  Every 5 seconds (or 10,000 entries) the
    shadow is ``syncfs``'ed and the cursor (the last entry copied) is written
    to seeding.json: a kill -9 or a reboot resumes after it.  A second thread
    counts the tree for the progress (entries, allocated bytes, rate, ETA).
@@ -26,7 +26,8 @@ shadow before mounting, with the application stopped.  Now (docs/design.md,
    the intents of the periods closed since the previous round are read, and
    those objects are resynced against the shadow (resync.py: files block by
    block, directories entry by entry, new subtrees whole) and the records
-   are applied *directly* to the shadow (updater.apply_records), not logged:
+   are applied *directly* to the shadow (the updater's applier, no staging
+   cursor), not logged:
    the shadow holds no checkpoint, so nothing claims this state.  A round
    that fails because the original changed under it (or the shadow is full)
    keeps its objects for the next round.  Rounds go on until the next dirty
@@ -79,12 +80,12 @@ from .activity import Intent, decode_intents, parse_period_name
 from .errors import SPACE_ERRNOS
 from .faults import fault
 from .records import Record
+from .records_check import check_record
 from .resync import resync_iter
 from .seed import Seeder, count_tree, sweep_hidden_links
 from .shadow import SEEDED, SEEDING, Shadow
-from .staging import clear_cursor
 from .tempstore import TempStore
-from .updater import apply_records
+from .updater import _Applier
 
 log = logging.getLogger("fusejournal")
 
@@ -95,10 +96,10 @@ FINAL_BUDGET_S = 0.2
 #: after this many rounds the final round is taken whatever the size of the dirty set
 MAX_ROUNDS = 20
 #: the copy cursor is made durable this often (seconds, entries)
-PERSIST_S = 1.0
-PERSIST_ENTRIES = 2000
-#: the checkpoint id the staging cursor names while a round is applied (no real checkpoint
-#: reaches it; a cursor left by a killed round is removed when the seed resumes)
+PERSIST_S = 5.0
+PERSIST_ENTRIES = 10_000
+#: the checkpoint id a round's records are applied and validated as (no real checkpoint
+#: reaches it; rounds keep no staging cursor)
 RECONCILE_CURSOR = 1 << 62
 #: memory held by one round's records before they spill to the journal's spill directory
 ROUND_MEMORY = 16 << 20
@@ -187,11 +188,25 @@ def reconcile(source_fd: int, shadow: Shadow, intents: list[Intent], since_ns: i
             yield r
     try:
         fault("seed.reconcile")
-        apply_records(shadow, RECONCILE_CURSOR, records())
+        _apply(shadow, records())
     finally:
         batch.close()
-        clear_cursor(shadow)        # a partial round leaves its objects dirty, not a cursor
     return n
+
+
+def _apply(shadow: Shadow, records: Iterable[Record]) -> None:
+    """Apply validated records to the shadow like ``updater.apply_records``, but without
+    the staging cursor: a round that is interrupted is redone from the dirty set (the shadow
+    claims nothing), so its durable creation (two fsyncs, inside the final round's halt) and
+    its advance per record would buy nothing."""
+    ap = _Applier(shadow, RECONCILE_CURSOR)
+    try:
+        for index, rec in enumerate(records):
+            check_record(RECONCILE_CURSOR, index, rec)
+            ap.apply_one(rec, index)
+        ap.finish()
+    finally:
+        ap.close()
 
 
 def _space_error(e: BaseException) -> bool:

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import Mounted, alive, checkpoint_and_compare, fj, force_unmount, needs_fuse
+from conftest import Mounted, alive, checkpoint_and_compare, fj, force_unmount, is_mounted, needs_fuse
 from snapshot import assert_same, snapshot
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -321,15 +321,15 @@ def test_operations_during_the_seed_are_exact_after_the_first_complete_checkpoin
 # ----------------------------------------------------------------- kill -9, resume
 
 def test_kill_mid_copy_then_remount_resumes_without_starting_over(dirs: Mounted, tmp_path: Path) -> None:
-    fill(dirs.source, 20, 250, size=16)              # 5,020 entries
-    dirs.mount("--seed-wait", "0", env={"FUSEJOURNAL_FAULT": "seed.entry:4500"})
+    fill(dirs.source, 30, 500, size=16)              # 15,030 entries
+    dirs.mount("--seed-wait", "0", env={"FUSEJOURNAL_FAULT": "seed.entry:13500"})
     pid = dirs.pid
     assert pid is not None
     # changes through the mount while it copies, to entries before and after the cursor
     for i in range(20):
         try:
             (dirs.mountpoint / "d000" / f"f{i:03d}").write_bytes(b"early %d" % i)
-            (dirs.mountpoint / "d019" / f"new{i}").write_bytes(b"late %d" % i)
+            (dirs.mountpoint / "d029" / f"new{i}").write_bytes(b"late %d" % i)
         except OSError:
             break                                   # the daemon is gone already
     deadline = time.monotonic() + 60
@@ -339,7 +339,7 @@ def test_kill_mid_copy_then_remount_resumes_without_starting_over(dirs: Mounted,
     force_unmount(dirs.mountpoint)
     dirs.pid = None
     state = json.loads((dirs.shadow / "seeding.json").read_text())
-    assert state["phase"] == "copy" and state["entries"] >= 2000, state
+    assert state["phase"] == "copy" and state["entries"] >= 10_000, state
     assert not (dirs.shadow / "applied.json").exists()
     r = fj("status", dirs.journal, check=False)
     assert "paused" in r.stdout, r.stdout
@@ -352,7 +352,7 @@ def test_kill_mid_copy_then_remount_resumes_without_starting_over(dirs: Mounted,
     wait_complete(dirs)
     seeded = json.loads((dirs.shadow / "seeded.json").read_text())
     # the second run copied only what the first had not: the total is one tree, not two
-    assert seeded["entries"] <= 5020 + 40, seeded
+    assert seeded["entries"] <= 15_030 + 40, seeded
     checkpoint_and_compare(dirs)
     dirs.umount()
     r = fj("fsck", dirs.journal, "--verify-shadow")
@@ -447,10 +447,18 @@ def test_umount_mid_seed_then_remount_resumes(dirs: Mounted, tmp_path: Path) -> 
     dirs.mount("--seed-wait", "0", env=env)
     wait_paused(dirs, 300)
     (dirs.mountpoint / "d000" / "f000").write_bytes(b"changed")
-    flag.unlink()                                   # (the unmount stops the walk at the next entry)
-    dirs.umount()
+    # unmount while the walker is held: it stops at the entry after its pause point
+    t = threading.Thread(target=dirs.umount)
+    t.start()
+    deadline = time.monotonic() + 30
+    while is_mounted(dirs.mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)                                 # the daemon is in its shutdown
+    flag.unlink()
+    t.join(60)
+    assert not t.is_alive()
     state = json.loads((dirs.shadow / "seeding.json").read_text())
-    assert state["entries"] >= 300
+    assert state["phase"] == "copy" and state["entries"] == 300, state
     dirs.mount("--seed-wait", "0")
     wait_complete(dirs)
     checkpoint_and_compare(dirs)
