@@ -490,7 +490,9 @@ def cmd_status(a: argparse.Namespace) -> int:
             print(f"warning: {st['needs_resync']} object(s) changed in the original could not be "
                   f"journaled; the shadow differs from the original there until the next mount "
                   f"resyncs them (umount, then mount)", file=sys.stderr)
-    bad = st.get("log_damage") or st.get("updater_error") or st.get("shadow_error")
+    seed = st.get("seeding")
+    stopped = isinstance(seed, dict) and str(seed.get("state", "")).startswith("stopped")
+    bad = st.get("log_damage") or st.get("updater_error") or st.get("shadow_error") or stopped
     return EXIT_DAMAGED if bad else 0
 
 

@@ -462,3 +462,24 @@ def test_umount_mid_seed_then_remount_resumes(dirs: Mounted, tmp_path: Path) -> 
     dirs.mount("--seed-wait", "0")
     wait_complete(dirs)
     checkpoint_and_compare(dirs)
+
+
+def test_reseed_runs_online_and_continues_after_the_log(dirs: Mounted, tmp_path: Path) -> None:
+    """--reseed throws the shadow away and seeds it online: the first complete checkpoint comes
+    after the log's last, the old checkpoints are never applied again, and it is exact."""
+    fill(dirs.source, 4, 50)
+    dirs.mount()
+    (dirs.mountpoint / "d000" / "f000").write_bytes(b"before the reseed")
+    old = checkpoint_and_compare(dirs)
+    dirs.umount()
+    (dirs.shadow / "tree" / "d001" / "f001").write_bytes(b"changed by hand")
+    env, flag = pause_env(tmp_path, 30)
+    dirs.mount("--reseed", "--seed-wait", "0", env=env)
+    wait_paused(dirs, 30)
+    st = dirs.status()
+    assert st["shadow_checkpoint"] is None and st["last_checkpoint"] == old
+    (dirs.mountpoint / "d003" / "f003").write_bytes(b"during the reseed")
+    flag.unlink()
+    first = wait_complete(dirs)
+    assert first > old
+    checkpoint_and_compare(dirs)
