@@ -137,7 +137,7 @@ def test_small_tree_is_seeded_before_the_mount_returns(dirs: Mounted) -> None:
 
 OPS = st.lists(st.tuples(st.sampled_from(["write", "append", "truncate", "create", "mkdir", "rename",
                                           "link", "unlink", "rmdir", "symlink", "chmod", "xattr",
-                                          "rename_dir"]),
+                                          "rename_dir", "checkpoint"]),
                          st.integers(0, 10_000), st.integers(0, 10_000), st.integers(0, 5000)),
                min_size=5, max_size=40)
 
@@ -200,6 +200,8 @@ class Program:
                 os.symlink(f"target-{b}", d / f"s{self.n}")
             elif kind == "chmod" and regular:
                 os.chmod(regular[a % len(regular)], 0o600 | (b % 0o100))
+            elif kind == "checkpoint":          # taken while seeding: never applied
+                os.setxattr(self.root, b"user.fusejournal.update_permission", b"model %d" % self.n)
             elif kind == "xattr" and regular:
                 os.setxattr(regular[a % len(regular)], f"user.k{b % 3}".encode(), b"v%d" % size)
         except FileNotFoundError:
