@@ -119,13 +119,13 @@ class Seeder:
                         os.close(dst)
                     continue
                 path = comps + (name,)
-                if below and name == below[0]:
-                    # the entry on the cursor's way: copied already (at least created)
-                    sub = self._reenter(src, dst, name, path, below[1:])
-                    if sub is not None:
-                        stack.append(sub)
-                    continue
                 try:
+                    if below and name == below[0]:
+                        # the entry on the cursor's way: copied already (at least created)
+                        sub = self._reenter(src, dst, name, path, below[1:])
+                        if sub is not None:
+                            stack.append(sub)
+                        continue
                     sub = self._copy_entry(src, dst, name, path)
                 except _Vanished as e:
                     self.skipped += 1
@@ -174,10 +174,8 @@ class Seeder:
             d = os.open(name, _O_DIR, dir_fd=dst)
         except OSError as e:
             os.close(s)
-            if e.errno in RACE_ERRNOS:
-                if rest:                        # not copied after all: copy it afresh
-                    return self._copy_entry(src, dst, name, path)
-                return None
+            if e.errno in RACE_ERRNOS:          # not (or no longer) a directory in the shadow:
+                return self._copy_entry(src, dst, name, path)       # copy it afresh
             raise
         return s, d, self._names(s, rest or None), path, rest or None
 

@@ -145,8 +145,14 @@ def throughput(a: argparse.Namespace) -> None:
         rate, p99 = run_writer(mnt / "db", a.seconds)
         st = status(mnt)
         s = st.get("seeding")
-        got = (f"{s['bytes_copied'] / (1 << 20):.0f} of {(s['bytes_total'] or 0) / (1 << 20):.0f} MiB "
-               f"copied ({s['state'].split(' (')[0]})" if s else "seed finished during the run")
+        if s:
+            got = (f"{s['bytes_copied'] / (1 << 20):.0f} of {(s['bytes_total'] or 0) / (1 << 20):.0f} "
+                   f"MiB copied ({s['state'].split(' (')[0]})")
+        else:
+            done = json.loads((base / "shadow" / "seeded.json").read_text())
+            got = (f"done: first complete checkpoint {done['first_complete']} after "
+                   f"{(done['time_ns'] - done['started_ns']) / 1e9:.1f} s, {done.get('rounds')} "
+                   f"round(s), final halt {done.get('final_halt_s') or 0:.3f} s")
         rows.append((label, rate, p99, got))
         umount(base)
     base_rate = rows[0][1]
