@@ -33,7 +33,9 @@ shadow before mounting, with the application stopped.  Now (docs/design.md,
    keeps its objects for the next round.  Rounds go on until the next dirty
    set is small: at most ``FINAL_MAX`` objects and an estimated reconcile
    time (the last round's time per object) of at most ``FINAL_BUDGET_S``;
-   after ``MAX_ROUNDS`` the next set is taken whatever its size.
+   when the set has not shrunk for ``STALL_ROUNDS`` rounds (a file rewritten
+   all the time) and the estimate is at most ``STALL_BUDGET_S``, or after
+   ``MAX_ROUNDS`` whatever the estimate, the next set is taken.
 4. **Final round, under the halt.**  The seed asks for a checkpoint itself
    (label ``seed complete``), unless one is asked first.  Inside its halt,
    after the temporary store was taken and the new activity period began
@@ -93,8 +95,12 @@ log = logging.getLogger("fusejournal")
 FINAL_MAX = 1000
 #: ... and the last round's time per object says it takes at most this long
 FINAL_BUDGET_S = 0.2
-#: after this many rounds the final round is taken whatever the size of the dirty set
+#: after this many rounds the final round is taken whatever the size of the dirty set ...
 MAX_ROUNDS = 20
+#: ... or when it has not shrunk for this many rounds
+STALL_ROUNDS = 3
+#: ... if its estimate is at most this (a longer final halt waits for MAX_ROUNDS)
+STALL_BUDGET_S = 1.0
 #: the copy cursor is made durable this often (seconds, entries)
 PERSIST_S = 5.0
 PERSIST_ENTRIES = 10_000
@@ -482,6 +488,7 @@ class SeedingTask:
 
     async def _converge(self) -> None:
         carry = list(self.extra)
+        sizes: list[int] = []
         per_object: float | None = None
         delay = 0.5
         while not self.done:
@@ -492,11 +499,17 @@ class SeedingTask:
             carry = []
             self.dirty = len(intents)
             est = None if per_object is None else per_object * len(intents)
+            sizes.append(len(intents))
+            # not converging: the set has not shrunk below its size of STALL_ROUNDS rounds ago
+            # (a file rewritten all the time): more rounds only cost the application
+            stalled = (len(sizes) > STALL_ROUNDS and est is not None and est <= STALL_BUDGET_S
+                       and sizes[-1] >= min(sizes[-1 - STALL_ROUNDS:-1]))
             if (est is not None and est <= FINAL_BUDGET_S and len(intents) <= FINAL_MAX) \
-                    or self.rounds >= MAX_ROUNDS:
-                if self.rounds >= MAX_ROUNDS:
+                    or self.rounds >= MAX_ROUNDS or stalled:
+                if self.rounds >= MAX_ROUNDS or stalled:
                     log.warning("seed: not converging after %d rounds: the last %d object(s) are "
-                                "reconciled under the halt anyway", self.rounds, len(intents))
+                                "reconciled under the halt anyway (estimated %.3f s)", self.rounds,
+                                len(intents), est or 0.0)
                 self.final_intents = intents
                 self.state = "ready"
                 await self._trigger()
