@@ -107,6 +107,8 @@ PERSIST_ENTRIES = 10_000
 #: the checkpoint id a round's records are applied and validated as (no real checkpoint
 #: reaches it; rounds keep no staging cursor)
 RECONCILE_CURSOR = 1 << 62
+#: a round failing this many times in a row (not for space) stops the seed with its error
+MAX_FAILURES = 20
 #: memory held by one round's records before they spill to the journal's spill directory
 ROUND_MEMORY = 16 << 20
 
@@ -491,6 +493,7 @@ class SeedingTask:
         sizes: list[int] = []
         per_object: float | None = None
         delay = 0.5
+        failures = 0
         while not self.done:
             closed = self.new_period()
             intents = unique(carry + await self._in_thread(read_periods, self.activity_dir,
@@ -534,12 +537,19 @@ class SeedingTask:
                     await trio.sleep(delay)
                     delay = min(delay * 2, 8.0)
                 else:
+                    failures += 1
+                    if failures >= MAX_FAILURES:
+                        raise RuntimeError(f"reconciling the changes made during the seed failed "
+                                           f"{failures} times in a row: {e}") from e
                     log.info("seed: round %d did not finish (%s): its objects stay dirty",
                              self.rounds + 1, e)
-                    await trio.sleep(0.2)
+                    self.state = (f"converging (round {self.rounds + 1} failed {failures} time(s): "
+                                  f"{e})")
+                    await trio.sleep(min(0.2 * 2 ** failures, 8.0))
                 continue
             self.waiting = None
             delay = 0.5
+            failures = 0
             self.rounds += 1
             per_object = (time.monotonic() - t0) / max(1, len(intents))
             log.info("seed: round %d: %d object(s) reconciled in %.3f s", self.rounds, len(intents),
