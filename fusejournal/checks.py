@@ -38,6 +38,7 @@ class MountConfig:
     debug: bool = False
     group: Path | None = None       # a consistency group's file (fusejournal/group.py) ...
     member: str | None = None       # ... and this tree's member name in it
+    seed_wait: float = 1.0          # an online seed copies this long before mounting (seeding.py)
 
 
 def _unescape_mountinfo(s: str) -> str:

@@ -42,6 +42,16 @@ def _size(text: str) -> int:
     return v
 
 
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds: {text!r}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -167,18 +177,32 @@ class Target:
         first = rep.last_checkpoint - rep.checkpoints_ok + 1 if rep.checkpoints_ok else None
         damage = rep.damage + _lost_checkpoints(self.journal, self.meta, first, rep.last_checkpoint,
                                                 rep.torn_tail)
+        sh = Shadow(self.shadow)
+        seeding = None
+        first_complete = None
         try:
-            applied = Shadow(self.shadow).applied
+            applied = sh.applied
         except ShadowError as e:
             applied = None
-            shadow_error = str(e)
+            shadow_error = None if sh.seeding else str(e)
         else:
             shadow_error = None
+        try:
+            if sh.seeding:
+                doc = sh.read_state("seeding.json") or {}
+                seeding = {"state": "paused (not mounted): the seed resumes at the next mount",
+                           "phase": doc.get("phase"), "entries_copied": doc.get("entries"),
+                           "bytes_copied": doc.get("bytes")}
+            else:
+                first_complete = (sh.read_state("seeded.json") or {}).get("first_complete")
+        except ShadowError as e:
+            shadow_error = str(e)
         return {"source": self.meta["source"]["path"], "mountpoint": None,
                 "journal": os.fspath(self.journal), "shadow": os.fspath(self.shadow), "pid": None,
                 "last_checkpoint": rep.last_checkpoint, "shadow_checkpoint": applied,
                 "log_damage": "; ".join(damage) or None, "torn_tail": rep.torn_tail,
-                "shadow_error": shadow_error,
+                "shadow_error": shadow_error, "seeding": seeding,
+                "first_complete_checkpoint": first_complete,
                 "pending_saved": (self.journal / "pending.fjrec").exists(),
                 "needs_resync": _needs_resync(self.journal)}
 
@@ -275,7 +299,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
                       options=a.o or [], memory_limit=a.memory_limit, halt_timeout=a.halt_timeout,
                       segment_limit=a.segment_limit, reseed=a.reseed, writeback=a.writeback_cache,
                       debug=a.debug, group=Path(os.path.abspath(a.group)) if a.group else None,
-                      member=a.member)
+                      member=a.member, seed_wait=a.seed_wait)
     if a.foreground:
         return run_daemon(cfg, a.ready_fd)
     argv = ["mount", os.fspath(source), os.fspath(mountpoint), "--journal", os.fspath(journal),
@@ -289,6 +313,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
         argv.append("--reseed")
     if a.writeback_cache:
         argv.append("--writeback-cache")
+    argv += ["--seed-wait", str(a.seed_wait)]
     tty = sys.stderr.isatty()
 
     def progress(n: int) -> None:
@@ -300,6 +325,10 @@ def cmd_mount(a: argparse.Namespace) -> int:
         print(file=sys.stderr)
     print(f"mounted {source} at {mountpoint} (journal {journal}, shadow {shadow}, "
           f"checkpoint {info.get('last_checkpoint', 0)}, pid {info.get('pid')})")
+    if info.get("seeding"):
+        print(f"the shadow is being seeded in the background: `fusejournal status {mountpoint}` "
+              f"shows the progress, `fusejournal wait {mountpoint}` waits for the first complete "
+              f"checkpoint")
     return 0
 
 
@@ -318,6 +347,14 @@ def cmd_browse(a: argparse.Namespace) -> int:
         tree = t.shadow / layout.SHADOW_TREE
     if not tree.is_dir():
         raise UserError(f"the shadow tree {tree} does not exist")
+    if not a.tree and t.shadow is not None:
+        from .shadow import Shadow
+        if Shadow(t.shadow).seeding:
+            live = t.live_status() or {}
+            seed = live.get("seeding") or {}
+            raise UserError(f"the shadow is being seeded ({seed.get('entries_copied', '?')} entries "
+                            f"copied so far): it holds no complete checkpoint to browse yet; "
+                            f"`fusejournal wait {a.target}` waits for the first one")
     if a.foreground:
         return run_browse(tree, browsepoint, a.o or [], a.ready_fd, a.debug,
                           (a.group, a.member) if a.group else None)
@@ -367,10 +404,33 @@ def cmd_wait(a: argparse.Namespace) -> int:
     from .shadow import Shadow, ShadowError
     shadow = Shadow(t.shadow)
     said = False
+    bar = sys.stderr.isatty()
+    seeding_seen = False
     while True:
         live = t.live_status()
         if live is not None:
             applied = live["shadow_checkpoint"]
+            seed = live.get("seeding")
+            if applied is None:                  # the first seed is in progress (seeding.py)
+                seeding_seen = True
+                if seed and str(seed.get("state", "")).startswith("stopped"):
+                    raise UserError(f"the seed of the shadow is {seed['state']}", EXIT_DAMAGED)
+                if target > live["last_checkpoint"]:
+                    raise UserError(f"checkpoint {target} does not exist (last is "
+                                    f"{live['last_checkpoint']})", EXIT_USAGE)
+                if bar and seed:
+                    from .seeding import progress_line
+                    print("\r" + progress_line(seed) + "\033[K", end="", file=sys.stderr, flush=True)
+                if deadline is not None and time.monotonic() >= deadline:
+                    if bar:
+                        print(file=sys.stderr)
+                    raise UserError(f"timed out: the shadow is still being seeded "
+                                    f"({(seed or {}).get('state')}), waiting for {target}", EXIT_TIMEOUT)
+                time.sleep(0.2 if bar else 0.05)
+                continue
+            if seeding_seen and bar:
+                print(file=sys.stderr)
+                seeding_seen = False
             state = live.get("updater_state")
             # a stopped updater fails the wait; one that is applying (perhaps retrying after
             # an error, on a new checkpoint) or waiting for space is waited for
@@ -389,11 +449,20 @@ def cmd_wait(a: argparse.Namespace) -> int:
             try:
                 applied = shadow.applied
             except ShadowError as e:
+                if shadow.seeding:
+                    raise UserError(f"the shadow {t.shadow} is being seeded and no daemon is running "
+                                    f"to finish it: mount the source again (the seed resumes)",
+                                    EXIT_FAILED) from None
                 raise UserError(str(e)) from None
             if applied < target:
                 raise UserError(f"the shadow stands at checkpoint {applied} and no daemon is running "
                                 f"to apply {target}: mount the source again", EXIT_FAILED)
         if applied >= target:
+            first = live.get("first_complete_checkpoint") if live is not None else None
+            if first is not None and target < first <= applied:
+                print(f"fusejournal: checkpoint {target} was taken while the shadow was being seeded; "
+                      f"the shadow stands at checkpoint {applied}, which includes it (the first "
+                      f"complete checkpoint is {first})", file=sys.stderr)
             print(applied)
             return 0
         if deadline is not None and time.monotonic() >= deadline:
@@ -410,12 +479,20 @@ def cmd_status(a: argparse.Namespace) -> int:
         print(json.dumps(st, indent=1, sort_keys=True))
     else:
         for k in sorted(st):
+            if k == "seeding" and isinstance(st[k], dict):
+                from .seeding import progress_line
+                print(f"seeding: {progress_line(st[k]).removeprefix('seeding: ')}")
+                for k2 in sorted(st[k]):
+                    print(f"seeding.{k2}: {st[k][k2]}")
+                continue
             print(f"{k}: {st[k]}")
         if st.get("needs_resync"):
             print(f"warning: {st['needs_resync']} object(s) changed in the original could not be "
                   f"journaled; the shadow differs from the original there until the next mount "
                   f"resyncs them (umount, then mount)", file=sys.stderr)
-    bad = st.get("log_damage") or st.get("updater_error") or st.get("shadow_error")
+    seed = st.get("seeding")
+    stopped = isinstance(seed, dict) and str(seed.get("state", "")).startswith("stopped")
+    bad = st.get("log_damage") or st.get("updater_error") or st.get("shadow_error") or stopped
     return EXIT_DAMAGED if bad else 0
 
 
@@ -427,13 +504,18 @@ def cmd_log(a: argparse.Namespace) -> int:
     markers, damage, torn, last = read_log(journal / layout.LOG_DIR)
     problems = ([damage] if damage else []) + _lost_checkpoints(
         journal, read_meta(journal) or {}, markers[0].checkpoint if markers else None, last, torn)
+    first = _first_complete(journal)
     if a.json:
-        print(json.dumps([m.__dict__ for m in markers], default=str, indent=1))
+        print(json.dumps([{**m.__dict__, "first_complete": m.checkpoint == first} for m in markers],
+                         default=str, indent=1))
     else:
         print(f"{'id':>6}  {'time (UTC)':20}  {'operations':>10}  {'raw bytes':>12}  {'stored bytes':>12}  label")
         for m in markers:
             when = datetime.fromtimestamp(m.time_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            print(f"{m.checkpoint:>6}  {when:20}  {m.operations:>10}  {m.raw_bytes:>12}  {m.stored_bytes:>12}  {m.label}")
+            note = ("  (first complete checkpoint: the seed is done)" if m.checkpoint == first else
+                    "  (taken while seeding: never applied)" if m.extra.get("seeding") else "")
+            print(f"{m.checkpoint:>6}  {when:20}  {m.operations:>10}  {m.raw_bytes:>12}  "
+                  f"{m.stored_bytes:>12}  {m.label}{note}")
     for p in problems:
         print(f"damage: {p}", file=sys.stderr)
     if problems:
@@ -441,6 +523,24 @@ def cmd_log(a: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_DAMAGED
     return 0
+
+
+def _first_complete(journal: Path) -> int | None:
+    """The first complete checkpoint of the last online seed (the shadow's seeded.json)."""
+    from .journal import read_meta
+    from .shadow import Shadow, ShadowError
+    meta = read_meta(journal) or {}
+    if not meta.get("shadow"):
+        return None
+    try:
+        sh = Shadow(meta["shadow"])
+        if sh.seeding:
+            return None
+        doc = sh.read_state("seeded.json") or {}
+    except (ShadowError, OSError):
+        return None
+    n = doc.get("first_complete")
+    return n if isinstance(n, int) and doc.get("online") else None
 
 
 @_group_or("journal", "fsck_group")
@@ -569,6 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reseed", action="store_true",
                    help="copy the shadow afresh from the original (after it was changed by hand or "
                         "the log was repaired); stop the application first")
+    m.add_argument("--seed-wait", type=_nonneg_float, default=1.0, metavar="S",
+                   help="a first mount (or --reseed) copies the original into the shadow for at most "
+                        "this long before mounting, then goes on in the background (default 1)")
     m.add_argument("--writeback-cache", action="store_true",
                    help="let the kernel merge small writes (faster small writes and stats; but the "
                         "kernel then owns mtimes, which can differ from the disk's by the write-back "

@@ -50,11 +50,20 @@ from .fs import Operations
 from .halt import Halt
 from .inodes import raise_fd_limit
 from .journal import PENDING, Journal, read_daemon_info
-from .log import OrderedLog
-from .recovery import discard_seed, recover, reseed, seed_or_discard
+from .log import Marker, OrderedLog
+from .recovery import (
+    discard_seed,
+    prepare_online_seed,
+    recover,
+    reseed,
+    reseed_online,
+    seed_or_discard,
+    start_fresh_seed,
+)
 from .resyncflag import NO_HANDLE, ResyncFlag
+from .seeding import SeedingTask
 from .session import serve_session
-from .shadow import Shadow
+from .shadow import SEEDED, Shadow, ShadowError
 from .streamer import Streamer
 from .tempstore import TempStore
 from .updatetask import UpdateTask, wait_for_previous_updater
@@ -116,19 +125,41 @@ class Daemon:
         self.shadow = Shadow(self.journal.shadow_path, identity=self.journal.shadow_identity)
         self.stack.callback(self.shadow.close)
         wait_for_previous_updater(self.shadow.root)     # a killed daemon's updater process, dying
+        # the seed runs online (seeding.py) when changes can be tracked: root (the activity
+        # log) and not a consistency group member; otherwise before mounting, as before
+        online = cfg.group is None and os.geteuid() == 0
+        self.seed_mode: str | None = None          # "fresh" / "resume": an online seed (seeding.py)
+        self.seeding: SeedingTask | None = None
+        self._seed_made: list[str] = []
         if cfg.reseed:
-            reseed(self.journal, self.shadow, self.olog, source_fd, cfg.source, self.reporter)
+            if online:
+                reseed_online(self.journal, self.shadow, cfg.source, self.reporter)
+                self.seed_mode = "fresh"
+            else:
+                reseed(self.journal, self.shadow, self.olog, source_fd, cfg.source, self.reporter)
+        elif self.shadow.seeding:
+            if not online:
+                raise UserError(f"the shadow {self.shadow.root} is being seeded online, which needs "
+                                f"the daemon to run as root and outside a consistency group: mount "
+                                f"as root to finish it, or --reseed")
+            self.shadow.attach()
+            self.seed_mode = "resume"
         elif not self.shadow.exists():
             if self.olog.last_checkpoint:
                 raise UserError(f"the shadow {self.shadow.root} is missing but the journal has "
                                 f"{self.olog.last_checkpoint} checkpoint(s): restore the shadow or "
                                 f"start over with a new journal")
-            self.reporter.message(f"seeding the shadow {self.shadow.root} from {cfg.source} (checkpoint 0)")
-            n = seed_or_discard(self.shadow, source_fd, cfg.source, self.reporter.progress)
-            log.info("shadow seeded: %d entries", n)
+            if online:
+                self._seed_made = start_fresh_seed(self.shadow)
+                self.seed_mode = "fresh"
+            else:
+                self.reporter.message(f"seeding the shadow {self.shadow.root} from {cfg.source} "
+                                      f"(checkpoint 0)")
+                n = seed_or_discard(self.shadow, source_fd, cfg.source, self.reporter.progress)
+                log.info("shadow seeded: %d entries", n)
         else:
             self.shadow.attach()          # private, pinned; a shadow from before identities gets one
-        applied = self.shadow.applied
+        applied = self.shadow.applied if self.seed_mode is None else 0
         if applied > self.olog.last_checkpoint:
             raise UserError(f"the shadow stands at checkpoint {applied}, beyond the "
                             f"journal's last ({self.olog.last_checkpoint}): confirmed checkpoints are "
@@ -159,7 +190,17 @@ class Daemon:
                    f"(mount --reseed) to be sure")
             log.warning(msg)
             self.reporter.message("warning: " + msg)
-        if crashed or (self.resync_flag.present and self.activity.enabled):
+        if self.seed_mode is not None:
+            # every change since the seed began is in the activity periods it keeps: nothing
+            # to recover (the shadow claims no checkpoint); flagged objects are dirty too
+            self.seeding = prepare_online_seed(
+                self.seed_mode, self.shadow, source_fd, self.activity, self.olog, self.journal,
+                [i for i in flagged if i.handle_type != NO_HANDLE], cfg, self.reporter, self._seed_made)
+            if self.seeding is not None:
+                self.update_task.applied = 0
+            for rec in self.journal.load_pending():
+                self.store.append(rec)
+        elif crashed or (self.resync_flag.present and self.activity.enabled):
             # changes the last run could not record: recover as after a crash, with those objects
             self.update_task.applied = recover(
                 intents + [i for i in flagged if i.handle_type != NO_HANDLE], activity=self.activity,
@@ -182,7 +223,9 @@ class Daemon:
                                          barrier=self.flush_mount,
                                          on_confirmed=self._confirmed, streamer=self.streamer)
         self.control = Control(self.checkpointer, root_uid=lambda: os.fstat(source_fd).st_uid,
-                               shadow_checkpoint=lambda: self.shadow_applied,
+                               shadow_checkpoint=lambda: (-1 if self.shadow_applied is None
+                                                          else self.shadow_applied),
+                               checkpoint=self.checkpoint if self.seeding is not None else None,
                                status=self.status, journal_path=os.fspath(os.path.abspath(cfg.journal)))
         self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control,
                               activity=self.activity, writeback=cfg.writeback,
@@ -192,10 +235,65 @@ class Daemon:
         if self.member is not None:
             self.member.attach(self.checkpointer, self.control)
 
+        if self.seeding is not None:
+            self.seeding.checkpoint = lambda label: self.checkpoint(label, auto=True)
+
     @property
-    def shadow_applied(self) -> int:
-        """The checkpoint the shadow stands at (the updater's task keeps it)."""
+    def shadow_applied(self) -> int | None:
+        """The checkpoint the shadow stands at (the updater's task keeps it); None while the
+        shadow is being seeded (it holds none)."""
+        if self.seeding is not None and not self.seeding.done:
+            return None
         return self.update_task.applied
+
+    async def checkpoint(self, label: str, auto: bool = False) -> Marker:
+        """Update permission while an online seed runs (seeding.py, step 4): the halt may
+        run the seed's final round; checkpoints before the first complete one keep their
+        activity periods (the seed's dirty set) and are never applied."""
+        s = self.seeding
+        cp = self.checkpointer
+        if s is None or s.done:
+            return await cp.checkpoint(label)
+        async with cp.lock:
+            if s.done:
+                if auto:                         # the seed completed meanwhile: nothing to do
+                    return Marker(self.olog.last_checkpoint, label, 0, 0, 0, 0)
+                return await self._plain_checkpoint(label)
+            taken = await cp.take(label, hold=s.at_halt)
+            final = s.final_pending
+            try:
+                info = await cp.append(taken, {"seeding": "first complete" if final else "incomplete"})
+            except BaseException:
+                if final:
+                    s.final_failed()
+                raise
+            if final:
+                try:
+                    await s.complete(info.marker.checkpoint, info.marker.time_ns)
+                except Exception as e:
+                    log.error("seed: could not record the first complete checkpoint %d (%s); "
+                              "converging again", info.marker.checkpoint, e)
+            if s.done:
+                self.update_task.applied = info.marker.checkpoint
+                self.resync_flag.recovered = True        # flagged objects were reconciled
+            else:
+                taken.period = 0                 # keep the intents: the seed's dirty set
+            cp.confirm(taken, info)
+            return info.marker
+
+    async def _plain_checkpoint(self, label: str) -> Marker:
+        """Checkpointer.checkpoint without taking its lock (held by the caller)."""
+        cp = self.checkpointer
+        taken = await cp.take(label)
+        info = await cp.append(taken)
+        cp.confirm(taken, info)
+        return info.marker
+
+    async def _run_updater(self) -> None:
+        """The updater's task, once the shadow holds a checkpoint."""
+        if self.seeding is not None:
+            await self.seeding.done_event.wait()
+        await self.update_task.run()
 
     async def flush_mount(self) -> int:
         """The barrier before the halt (acquisition.sync_through_mount): every inode
@@ -255,12 +353,26 @@ class Daemon:
             "needs_resync_reason": self.resync_flag.reason,
             "checkpoint_error": self.checkpointer.last_error,
             "updater_error": self.update_task.error,
-            "updater_state": self.update_task.state(),
+            "updater_state": (self.update_task.state() if self.shadow_applied is not None
+                              else "waiting for the seed"),
+            "seeding": (self.seeding.status() if self.seeding is not None and not self.seeding.done
+                        else None),
+            "first_complete_checkpoint": self._first_complete(),
             **self.streamer.status(),
             "updater_pid": self.update_task.pid,
             "log_damage": str(self.olog.damage) if getattr(self.olog, "damage", None) else None,
             **(self.member.status() if self.member is not None else {}),
         }
+
+    def _first_complete(self) -> int | None:
+        if self.seeding is not None and self.seeding.first_complete is not None:
+            return self.seeding.first_complete
+        try:
+            doc = self.shadow.read_state(SEEDED)
+        except ShadowError:
+            return None
+        n = doc.get("first_complete") if doc else None
+        return n if isinstance(n, int) else None
 
     async def serve(self) -> None:
         cfg = self.cfg
@@ -274,11 +386,13 @@ class Daemon:
                                             "source": os.fspath(cfg.source)})
             self.reporter.ready({"mountpoint": os.fspath(cfg.mountpoint), "journal": os.fspath(cfg.journal),
                                  "shadow": os.fspath(self.shadow.root), "pid": os.getpid(),
-                                 "last_checkpoint": self.olog.last_checkpoint})
+                                 "last_checkpoint": self.olog.last_checkpoint,
+                                 "seeding": self.seeding is not None})
         try:
             await serve_session(self.ops, cfg.mountpoint,
                                 mount_options(cfg.options, fsname=_fsname(cfg.source, "fusejournal")),
-                                ready, self.update_task.run, self.streamer.run,
+                                ready, self._run_updater, self.streamer.run,
+                                *([self.seeding.run] if self.seeding is not None else []),
                                 *([self.member.serve] if self.member is not None else []))
         finally:
             if mounted:
@@ -286,6 +400,14 @@ class Daemon:
 
     def shutdown(self) -> None:
         """Keep what was captured after the last checkpoint for the next mount."""
+        if self.seeding is not None:
+            self.seeding.stop()              # the workers end; seeding.json resumes the seed
+            if not self.seeding.done:
+                try:
+                    self.seeding.persist()
+                except Exception as e:
+                    log.error("seed: could not record the cursor (%s): the next mount resumes "
+                              "from the last one recorded", e)
         try:
             if self.member is not None:
                 self.member.shutdown()           # a batch in doubt is confirmed or put back

@@ -6,6 +6,10 @@
   shadow changed by hand, damaged, or behind a repaired log); it then stands
   for the log's last checkpoint, and saved pending operations, write intents
   and the needs-resync state are superseded.
+- ``start_fresh_seed``, ``reseed_online``, ``prepare_online_seed``: the same
+  two, online (fusejournal/seeding.py): the copy starts before the mount and
+  goes on behind it; if it is done within ``--seed-wait`` seconds and nothing
+  changed meanwhile, the shadow holds the checkpoint at once, as before;
 - ``recover``: the last daemon did not stop cleanly, so what its temporary
   store held is lost: apply every confirmed checkpoint, then resync exactly
   the objects its activity log (and the needs-resync state) names into the
@@ -21,6 +25,7 @@ import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import layout
 from .activity import ActivityLog, Intent
@@ -29,9 +34,13 @@ from .errors import UserError
 from .journal import Journal
 from .log import OrderedLog
 from .resyncflag import NO_HANDLE, ResyncFlag
-from .shadow import Shadow, ShadowError
+from .shadow import SEEDED, SEEDING, Shadow, ShadowError
 from .tempstore import TempStore
 from .updater import Updater
+
+if TYPE_CHECKING:
+    from .checks import MountConfig
+    from .seeding import SeedingTask
 
 log = logging.getLogger("fusejournal")
 
@@ -43,7 +52,7 @@ def discard_seed(root: Path, made: list[str]) -> None:
         p = root / name
         if name == "":
             continue
-        if name in (layout.SHADOW_APPLIED, layout.SHADOW_IDENTITY):
+        if name in (layout.SHADOW_APPLIED, layout.SHADOW_IDENTITY, SEEDING, SEEDED):
             for q in (p, root / (name + layout.TMP_SUFFIX)):
                 with contextlib.suppress(OSError):
                     os.unlink(q)
@@ -113,6 +122,146 @@ def reseed(journal: Journal, shadow: Shadow, olog: OrderedLog, source_fd: int, s
         shutil.rmtree(act)
     (journal.path / layout.NEEDS_RESYNC).unlink(missing_ok=True)   # the copy is whole
     log.info("shadow re-seeded: %d entries, standing at checkpoint %d", n, olog.last_checkpoint)
+
+
+def _seed_failed(root: Path, source: Path, e: BaseException) -> UserError:
+    why = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else (
+        e.strerror if isinstance(e, OSError) else str(e))
+    return UserError(f"seeding the shadow {root} from {source} failed ({why}); "
+                     f"the partial copy was removed: fix that and mount again")
+
+
+def start_fresh_seed(shadow: Shadow) -> list[str]:
+    """Create an empty shadow for an online seed; returns the names it made (to discard them
+    if the seed fails before the mount is ready)."""
+    root = shadow.root
+    made = [n for n in ("", layout.SHADOW_TREE, layout.SHADOW_INODES, layout.SHADOW_STAGING,
+                        layout.SHADOW_APPLIED, layout.SHADOW_IDENTITY, SEEDING, SEEDED)
+            if not os.path.lexists(root / n)]
+    shadow.create()
+    fd = shadow.open_sub(layout.SHADOW_TREE)
+    try:
+        if os.listdir(fd):
+            raise ShadowError(f"{shadow.tree} is not empty: refusing to seed over it")
+    finally:
+        os.close(fd)
+    for d in (layout.SHADOW_INODES, layout.SHADOW_STAGING):     # leftovers of an aborted seed
+        fd = shadow.open_sub(d)
+        try:
+            for name in os.listdir(fd):
+                os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
+    return made
+
+
+def reseed_online(journal: Journal, shadow: Shadow, source: Path, reporter: Reporter) -> None:
+    """``--reseed`` with an online seed: mark the shadow as being seeded (durably, first: a
+    kill from here on resumes a seed, never trusts the old copy), empty it, and drop what the
+    copy supersedes (saved pending operations, write intents, the needs-resync state)."""
+    from .seeding import SeedingTask
+    root = shadow.root
+    if journal.shadow_verdict not in ("missing", "empty", "ours", "legacy", "reseed"):
+        raise UserError(f"shadow {root}: refusing to re-seed a directory that is not a shadow "
+                        f"of {source} (nothing was changed)")
+    reporter.message(f"re-seeding the shadow {root} from {source} (in the background)")
+    shadow.create()
+    shadow.write_state(SEEDING, SeedingTask.new_state(1, 0))
+    keep = {SEEDING, layout.SHADOW_IDENTITY, layout.SHADOW_BROWSE_LOCK}
+    rfd = shadow.open_root()
+    try:
+        for name in os.listdir(rfd):
+            if name in keep:
+                continue
+            st = os.stat(name, dir_fd=rfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(name, dir_fd=rfd)
+            else:
+                os.unlink(name, dir_fd=rfd)
+        os.fsync(rfd)
+    finally:
+        os.close(rfd)
+    shadow.create()
+    journal.clear_pending()
+    journal.remove_daemon_info()
+    act = journal.path / layout.ACTIVITY_DIR
+    if act.exists():
+        shutil.rmtree(act)
+    (journal.path / layout.NEEDS_RESYNC).unlink(missing_ok=True)   # the copy reads the original
+
+
+def prepare_online_seed(mode: str, shadow: Shadow, source_fd: int, activity: ActivityLog,
+                        olog: OrderedLog, journal: Journal, flagged: list[Intent], cfg: MountConfig,
+                        reporter: Reporter, made: list[str]) -> SeedingTask | None:
+    """Start (``mode`` "fresh") or resume ("resume") an online seed before the mount.
+
+    The copy runs in a worker thread; this waits for it at most ``cfg.seed_wait``
+    seconds.  If it finished and nothing changed since the seed began (no activity
+    period, nothing flagged), the shadow stands at the log's last checkpoint at once
+    and None is returned (no online seed).  A fresh seed that fails within that time
+    removes what it made and is a UserError (nothing was mounted yet; with a wait of 0
+    the mount goes ahead and ``status`` shows the error).  Otherwise the
+    :class:`SeedingTask` is returned, to run beside the mount.
+    """
+    import sys
+
+    from .seed import sweep_hidden_links
+    from .seeding import SeedingTask, read_periods
+    from .staging import clear_cursor
+    root = shadow.root
+    if mode == "fresh":
+        state = SeedingTask.new_state(activity.period, olog.last_checkpoint)
+    else:
+        state = shadow.read_state(SEEDING) or {}
+        if not isinstance(state.get("started_ns"), int) or not isinstance(state.get("first_period"), int):
+            raise UserError(f"{root / SEEDING} is damaged: re-seed the shadow "
+                            f"(fusejournal mount --reseed)")
+        if os.path.lexists(shadow.applied_path):        # left by an interrupted completion
+            os.unlink(shadow.applied_path)
+    clear_cursor(shadow)                     # a reconciliation round killed half-way
+    task = SeedingTask(shadow, source_fd, activity_dir=activity.dir, spill_dir=journal.spill_dir,
+                       state=state, new_period=activity.new_period,
+                       current_period=lambda: activity.period, extra_intents=flagged,
+                       foreground_tty=reporter.fd is None and sys.stderr.isatty())
+    if task.phase != "copy":
+        reporter.message(f"resuming the seed of the shadow {root}: reconciling the changes made "
+                         f"while it was copied")
+        return task
+    reporter.message(f"{'seeding' if mode == 'fresh' else 'resuming the seed of'} the shadow {root} "
+                     f"from the original (in the background once mounted)")
+    try:
+        task.start_copy()
+    except BaseException as e:
+        if mode == "fresh":
+            discard_seed(root, made)
+            if isinstance(e, (OSError, ShadowError)):
+                raise _seed_failed(root, Path(os.readlink(f"/proc/self/fd/{source_fd}")), e) from None
+        raise
+    finished = task.wait_copy(cfg.seed_wait)
+    err = task.copy_error
+    if finished and err is not None and cfg.seed_wait > 0:      # (0: mount at once, whatever)
+        if mode == "fresh" and made:
+            discard_seed(root, made)
+            raise _seed_failed(root, Path(os.readlink(f"/proc/self/fd/{source_fd}")), err) from None
+        if not isinstance(err, OSError) or err.errno not in (28, 122):   # ENOSPC, EDQUOT: waited out
+            raise UserError(f"seeding the shadow {root} failed: {err}; the copy resumes at the "
+                            f"next mount (or re-seed: fusejournal mount --reseed)") from None
+    if finished and err is None and not flagged and not read_periods(activity.dir, task.first_period - 1,
+                                                                     1 << 62):
+        # nothing changed since the seed began: the copy is exact now
+        sweep_hidden_links(shadow)
+        base = olog.last_checkpoint
+        shadow.write_state(SEEDED, {"first_complete": base, "time_ns": state["started_ns"],
+                                    "started_ns": state["started_ns"], "entries": task.entries,
+                                    "bytes": task.bytes, "online": False})
+        shadow.set_applied(base)
+        shadow.remove_state(SEEDING)
+        log.info("shadow seeded before mounting: %d entries, standing at checkpoint %d",
+                 task.entries, base)
+        return None
+    log.info("seed: continuing in the background after the mount (%d entries copied so far)",
+             task.entries)
+    return task
 
 
 def recover(intents: list[Intent], *, activity: ActivityLog, reporter: Reporter, olog: OrderedLog,

@@ -11,6 +11,11 @@ Layout (names from :mod:`fusejournal.layout`)::
                           checkpoint N (written durably, after syncfs)
     SHADOW/shadow.json    the identity: {"id": ..., "source": {...}}, the id
                           shared with the journal's meta.json (``shadow_id``)
+    SHADOW/seeding.json   present while an online seed is in progress (the
+                          durable cursor, fusejournal/seeding.py): tree/ then
+                          holds no checkpoint, whatever applied.json says
+    SHADOW/seeded.json    how the shadow was last seeded: the first complete
+                          checkpoint, when, how much was copied
 
 The shadow root and everything in it but tree/'s contents are private to the
 mounting user (0700 directories, 0600 files).  The root is opened with
@@ -53,6 +58,9 @@ __all__ = ["Shadow", "ShadowError", "ShadowRefused", "copy_data", "data_extents"
 
 #: a JSON object as read from or written to shadow.json (values checked where they are used)
 JsonObject = dict[str, object]
+#: the online seed's durable state (fusejournal/seeding.py), and how the shadow was seeded
+SEEDING = "seeding.json"
+SEEDED = "seeded.json"
 
 #: xattr namespaces compared by verify_matches (others are copied best-effort)
 _COMPARED_XATTRS = ("user.", "trusted.")
@@ -308,6 +316,9 @@ class Shadow:
         try:
             doc = json.loads(self._read_json(layout.SHADOW_APPLIED))
         except FileNotFoundError:
+            if os.path.lexists(self.root / SEEDING):
+                raise ShadowError(f"the shadow {self.root} is being seeded: it holds no complete "
+                                  f"checkpoint yet") from None
             raise ShadowError(f"{self.applied_path} is missing: the shadow was never seeded") from None
         except (OSError, ValueError) as e:
             raise ShadowError(f"{self.applied_path} is unreadable: {e}") from None
@@ -330,6 +341,49 @@ class Shadow:
             sysc.syncfs(dfd)
             data = json.dumps({"applied": n, "time_ns": time.time_ns()}).encode() + b"\n"
             durable_replace(layout.SHADOW_APPLIED, data, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
+    # -------------------------------------------------------------- seeding state
+
+    @property
+    def seeding(self) -> bool:
+        """True while an online seed is in progress (seeding.json present): tree/ holds no checkpoint."""
+        return os.path.lexists(self.root / SEEDING)
+
+    def read_state(self, name: str) -> JsonObject | None:
+        """The JSON object in the root's file ``name`` (seeding.json, seeded.json), None if absent
+        (ShadowError if unreadable)."""
+        try:
+            doc = json.loads(self._read_json(name))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise ShadowError(f"{self.root / name} is unreadable: {e}") from None
+        if not isinstance(doc, dict):
+            raise ShadowError(f"{self.root / name} is corrupt: {doc!r}")
+        return doc
+
+    def write_state(self, name: str, doc: JsonObject, *, sync: bool = False) -> None:
+        """Durably and atomically replace the root's file ``name``; ``sync``: syncfs the shadow
+        first, so everything written to tree/ and inodes/ before is on disk before it."""
+        dfd = self.open_root()
+        try:
+            if sync:
+                sysc.syncfs(dfd)
+            durable_replace(name, json.dumps(doc).encode() + b"\n", dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
+    def remove_state(self, name: str) -> None:
+        """Durably remove the root's file ``name`` (absent is fine)."""
+        dfd = self.open_root()
+        try:
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except FileNotFoundError:
+                return
+            os.fsync(dfd)
         finally:
             os.close(dfd)
 
@@ -366,7 +420,9 @@ class Shadow:
             finally:
                 os.close(fd)
         from .seed import Seeder
-        return Seeder(self, source_fd, progress).run()
+        n = Seeder(self, source_fd, progress).run()
+        self.set_applied(0)
+        return n
 
     # -------------------------------------------------------------- verify
 

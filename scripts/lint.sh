@@ -28,6 +28,9 @@ cd "$(dirname "$0")/.."
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/group.py fusejournal/groupgate.py fusejournal/coordinator.py fusejournal/member.py \
   fusejournal/groupcli.py
+# the online seed (issue 12)
+.venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
+  fusejournal/seeding.py
 # One FUSE layer: no other module imports pyfuse3
 if grep -lE '^\s*(import pyfuse3|from pyfuse3)' fusejournal/*.py | grep -vE '/(fs|browse|session)\.py$'; then
   echo "pyfuse3 is imported outside the FUSE layer (fs.py, browse.py, session.py)" >&2; exit 1
