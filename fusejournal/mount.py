@@ -196,8 +196,9 @@ class Daemon:
             self.seeding = prepare_online_seed(
                 self.seed_mode, self.shadow, source_fd, self.activity, self.olog, self.journal,
                 [i for i in flagged if i.handle_type != NO_HANDLE], cfg, self.reporter, self._seed_made)
-            if self.seeding is not None:
-                self.update_task.applied = 0
+            # seeded before the mount (prepare_online_seed returned None): the shadow stands at
+            # the log's last checkpoint already; otherwise at none until the first complete one
+            self.update_task.applied = 0 if self.seeding is not None else self.shadow.applied
             for rec in self.journal.load_pending():
                 self.store.append(rec)
         elif crashed or (self.resync_flag.present and self.activity.enabled):
