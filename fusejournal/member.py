@@ -233,6 +233,17 @@ class GroupMember:
         self.halt.store.restore(cut.batch)
         log.warning("%s; its %d operation(s) stay pending", why, ops)
 
+    def _give_back(self, cp: Checkpointer, gid: int, paused: bool) -> None:
+        """Nothing will be appended: a cut made already (by an operation) goes back in
+        front of the temporary store, then the streamer goes on — in this order, with
+        no await between: resumed first, it could stream operations admitted after
+        the cut ahead of it (the session's end would find no cut left)."""
+        left = self.halt.finish()
+        if left is not None:
+            self.store_restore(left, f"group checkpoint {gid}: the cut was not appended")
+        if paused:
+            cp._resume()
+
     async def _session(self, ch: Channel, cp: Checkpointer, gid: int, label: str, inbox: _Inbox,
                        handed: list[bool]) -> None:
         bound = self.group.halt_timeout
@@ -269,8 +280,7 @@ class GroupMember:
             # 3. the cut (made already by an operation, or now), bounded by T
             cut = await halt.cut_for(gid, bound)
         except BaseException as e:
-            if paused:                    # nothing taken: the streamer goes on
-                cp._resume()
+            self._give_back(cp, gid, paused)   # nothing appended: the streamer goes on
             if isinstance(e, HaltTimeout):          # the drain, or the barrier (BarrierTimeout)
                 self.last_error = f"group checkpoint {gid}: {e}"
                 await ch.send({"ok": False, "error": str(e), "errno": errno.EBUSY})
@@ -284,7 +294,11 @@ class GroupMember:
                 await ch.send({"ok": False, "error": str(e), "errno": e.errno or errno.EIO})
                 return
             raise
-        fault("group.member_taken")
+        try:
+            fault("group.member_taken")
+        except BaseException:
+            self._give_back(cp, gid, paused)
+            raise
         cp.last_halt_ns = cut.cut_ns - cut.seen_ns
         cp.halt_history.append(cp.last_halt_ns)
         del cp.halt_history[:-1000]
