@@ -61,3 +61,56 @@ def browse_group(a: argparse.Namespace) -> int:
     print(f"browsing group {group.name!r} at {point}: {', '.join(m.name for m in group.members)} "
           f"(read-only, every member at one group checkpoint)")
     return 0
+
+
+# ------------------------------------------------------------------ retained checkpoints
+
+def retained_lines(shadow: Path) -> list[str]:
+    """``log``'s listing of the retained checkpoints (what browse --all and restore --checkpoint
+    can show), or why there are none."""
+    from datetime import UTC, datetime
+
+    from .history import retained
+    from .shadow import Shadow, ShadowError
+    try:
+        applied = Shadow(shadow).applied
+        cps = retained(shadow, applied)
+    except (ShadowError, OSError) as e:
+        return [f"retained: none (the shadow {shadow}: {e})"]
+    out = [f"retained in the shadow ({len(cps)}; browse --all, restore --checkpoint):"]
+    for c in cps:
+        when = datetime.fromtimestamp(c.time_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S") if c.time_ns else "-"
+        latest = "  (latest)" if c.id == applied else ""
+        out.append(f"{c.id:>6}  {when:20}  {c.label}{latest}")
+    return out
+
+
+def cmd_prune(a: argparse.Namespace) -> int:
+    """``prune MOUNTPOINT|JOURNAL --keep-last N | --keep-within DURATION``: delete the reverse
+    batches (and the objects only they hold) of the checkpoints the rule does not keep, oldest
+    first; the latest is always kept.  Runs like a batch of the updater: it waits for a batch
+    being applied and for restores/verifies, and browse requests wait for it."""
+    from .browsegate import UpdaterSide
+    from .cli import Target
+    from .history import Policy, prune, retained
+    from .shadow import Shadow, ShadowError
+    t = Target(a.target)
+    policy = Policy(keep_last=a.keep_last, keep_within=a.keep_within)
+    side = UpdaterSide(t.shadow)
+    try:
+        with side.updating():
+            try:
+                applied = Shadow(t.shadow).applied
+            except ShadowError as e:
+                raise UserError(str(e)) from None
+            dropped = prune(t.shadow, applied, policy)
+            left = retained(t.shadow, applied)
+    finally:
+        side.close()
+    kept = f"{left[0].id}..{left[-1].id}" if len(left) > 1 else f"{left[-1].id}"
+    if dropped:
+        gone = f"{dropped[0]}..{dropped[-1]}" if len(dropped) > 1 else f"{dropped[0]}"
+        print(f"pruned checkpoint(s) {gone}; retained: {kept}")
+    else:
+        print(f"nothing to prune; retained: {kept}")
+    return 0

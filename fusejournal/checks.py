@@ -38,6 +38,8 @@ class MountConfig:
     debug: bool = False
     group: Path | None = None       # a consistency group's file (fusejournal/group.py) ...
     member: str | None = None       # ... and this tree's member name in it
+    keep_last: int | None = None    # retention (fusejournal/history.py Policy); both None: the default
+    keep_within: float | None = None
 
 
 def _unescape_mountinfo(s: str) -> str:

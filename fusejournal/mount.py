@@ -81,6 +81,7 @@ class Daemon:
     def prepare(self) -> None:
         from .acquisition import Checkpointer
         from .control import Control
+        from .history import retention_policy
         from .updater import Updater
 
         cfg = self.cfg
@@ -134,7 +135,7 @@ class Daemon:
                             f"shadow (`fusejournal mount --reseed`, application stopped)")
 
         self.store = TempStore(self.journal.spill_dir, memory_limit=cfg.memory_limit)
-        self.updater = Updater(self.olog, self.shadow)
+        self.updater = Updater(self.olog, self.shadow, retention=retention_policy(cfg.keep_last, cfg.keep_within))
         self.update_task = UpdateTask(self.updater, self.olog, self.shadow, applied)
         self.member = None
         if cfg.group is not None:               # a consistency group member (member.py)

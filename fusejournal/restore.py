@@ -10,7 +10,8 @@
    one checkpoint.  Browse mounts keep working; checkpoints keep being made
    durable in the ordered log; the shadow catches up afterwards.
 3. Refuse a half-applied shadow (a staging cursor) and a ``--checkpoint``
-   other than the one applied: older checkpoints are not retained yet.
+   not applied yet; an older ``--checkpoint`` must be retained, and is read
+   through the reverse batches (:class:`ViewRestorer`, history_view.py).
 4. Resolve SUBPATH one component at a time with ``O_NOFOLLOW`` (``..`` and
    symlinks on the way are refused: nothing outside the tree is read).
 5. Walk the subtree depth-first with one open directory per level (memory
@@ -43,8 +44,10 @@ from pathlib import Path
 from . import layout
 from .browsegate import holding
 from .errors import EXIT_USAGE, UserError
+from .history_view import HistoryError, Node, NotRetained, TreeAt
 from .shadow import Shadow, ShadowError
 from .treewalk import O_DIR as _O_DIR
+from .treewalk import O_PATH as _O_PATH
 from .treewalk import O_READ as _O_READ
 from .treewalk import copy_data, copy_path_xattrs, read_xattrs, write_xattrs
 
@@ -272,6 +275,190 @@ class Restorer:
 
 
 
+class ViewRestorer:
+    """Copies one subtree of a retained checkpoint (history_view.TreeAt) into DEST.
+
+    Same order and rules as :class:`Restorer` (a directory's mode, xattrs and
+    mtime after its contents; ``--force`` removes what the checkpoint does not
+    hold and rewrites the rest); contents are read through the view in 1 MiB
+    pieces, only the checkpoint's data extents (holes stay holes).
+    """
+
+    def __init__(self, view: TreeAt, force: bool, progress: Callable[[int, int], None] | None = None) -> None:
+        self.view = view
+        self.force = force
+        self.progress = progress
+        self.entries = 0
+        self.bytes = 0
+        self.owner_skipped = 0
+        self.links: dict[int, bytes] = {}     # sino -> DEST-relative path of its first name
+        self.dest_root = -1
+        self.is_root = os.geteuid() == 0
+
+    def _tick(self) -> None:
+        self.entries += 1
+        if self.progress is not None:
+            self.progress(self.entries, self.bytes)
+
+    def _chown(self, fd_or_name: int | bytes, uid: int, gid: int, dir_fd: int | None = None) -> None:
+        try:
+            if isinstance(fd_or_name, int):
+                os.fchown(fd_or_name, uid, gid)
+            else:
+                os.chown(fd_or_name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        except PermissionError:
+            if self.is_root:
+                raise
+            self.owner_skipped += 1
+
+    def run(self, node: Node, name: bytes | None, dest: Path) -> None:
+        dest.mkdir(mode=0o700, exist_ok=True)
+        self.dest_root = os.open(dest, _O_DIR)
+        try:
+            if node.kind == stat.S_IFDIR:
+                self._copy_tree(node, os.open(".", _O_DIR, dir_fd=self.dest_root))
+            else:
+                assert name is not None
+                if self.force:
+                    for n in os.listdir(self.dest_root):
+                        if os.fsencode(n) != name:
+                            Restorer._remove(self.dest_root, os.fsencode(n))
+                self._copy_entry(node, self.dest_root, name, name)
+        finally:
+            os.close(self.dest_root)
+
+    def _copy_tree(self, node: Node, dst: int) -> None:
+        stack: list[tuple[Node, int, Iterator[tuple[bytes, Node]], bytes]] = [
+            (node, dst, iter(list(self.view.listdir(node))), b"")]
+        if self.force:
+            self._sync_names(node, dst)
+        try:
+            while stack:
+                n, d, it, p = stack[-1]
+                nxt = next(it, None)
+                if nxt is None:
+                    stack.pop()
+                    try:
+                        self._finish_dir(n, d)
+                    finally:
+                        os.close(d)
+                    continue
+                name, child = nxt
+                sub = self._copy_entry(child, d, name, p + b"/" + name if p else name)
+                if sub is not None:
+                    stack.append(sub)
+        finally:
+            for _, d, _, _ in stack:
+                os.close(d)
+
+    def _sync_names(self, node: Node, dst: int) -> None:
+        keep = set(self.view.names(node))
+        for n in os.listdir(dst):
+            if os.fsencode(n) not in keep:
+                Restorer._remove(dst, os.fsencode(n))
+
+    def _finish_dir(self, node: Node, dst: int) -> None:
+        st = self.view.stat(node)
+        self._chown(dst, st.uid, st.gid)
+        os.fchmod(dst, stat.S_IMODE(st.mode))
+        write_xattrs(dst, False, {os.fsdecode(k): v for k, v in self.view.xattrs(node).items()})
+        os.utime(dst, ns=(st.atime_ns, st.mtime_ns))
+
+    def _copy_entry(self, node: Node, dst: int, name: bytes,
+                    rel: bytes) -> tuple[Node, int, Iterator[tuple[bytes, Node]], bytes] | None:
+        st = self.view.stat(node)
+        mode = st.mode
+        try:
+            have: os.stat_result | None = os.stat(name, dir_fd=dst, follow_symlinks=False)
+        except FileNotFoundError:
+            have = None
+        if stat.S_ISDIR(mode):
+            if have is not None and not stat.S_ISDIR(have.st_mode):
+                Restorer._remove(dst, name)
+                have = None
+            if have is None:
+                os.mkdir(name, 0o700, dir_fd=dst)
+            d = os.open(name, _O_DIR, dir_fd=dst)
+            if have is not None:
+                os.fchmod(d, 0o700)
+                if self.force:
+                    self._sync_names(node, d)
+            self._tick()
+            return node, d, iter(list(self.view.listdir(node))), rel
+        if have is not None:
+            Restorer._remove(dst, name)
+        first = self.links.get(node.sino) if st.nlink > 1 else None
+        if first is not None:
+            os.link(first, name, src_dir_fd=self.dest_root, dst_dir_fd=dst, follow_symlinks=False)
+            self._tick()
+            return None
+        xattrs = {os.fsdecode(k): v for k, v in self.view.xattrs(node).items()}
+        if stat.S_ISREG(mode):
+            d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o600, dir_fd=dst)
+            try:
+                src = self.view.open(node, os.O_RDONLY)
+                try:
+                    for a, b in self.view.data_map(node, st.size):
+                        p = a
+                        while p < b:
+                            buf = self.view.read(node, p, min(b - p, 1 << 20), src)
+                            if not buf:
+                                break
+                            os.pwrite(d, buf, p)
+                            p += len(buf)
+                finally:
+                    os.close(src)
+                os.ftruncate(d, st.size)
+                self.bytes += st.size
+                self._chown(d, st.uid, st.gid)
+                os.fchmod(d, stat.S_IMODE(mode))
+                write_xattrs(d, False, xattrs)
+                os.utime(d, ns=(st.atime_ns, st.mtime_ns))
+            finally:
+                os.close(d)
+        elif stat.S_ISLNK(mode):
+            os.symlink(self.view.readlink(node), name, dir_fd=dst)
+            self._chown(name, st.uid, st.gid, dir_fd=dst)
+            os.utime(name, ns=(st.atime_ns, st.mtime_ns), dir_fd=dst, follow_symlinks=False)
+        else:
+            os.mknod(name, stat.S_IFMT(mode) | 0o600, st.rdev, dir_fd=dst)
+            self._chown(name, st.uid, st.gid, dir_fd=dst)
+            os.chmod(name, stat.S_IMODE(mode), dir_fd=dst)
+            if xattrs:
+                f = os.open(name, _O_PATH, dir_fd=dst)
+                try:
+                    write_xattrs(f, True, xattrs)
+                finally:
+                    os.close(f)
+            os.utime(name, ns=(st.atime_ns, st.mtime_ns), dir_fd=dst, follow_symlinks=False)
+        if st.nlink > 1:
+            self.links[node.sino] = rel
+        self._tick()
+        return None
+
+
+def resolve_view_subpath(view: TreeAt, subpath: str) -> tuple[Node, bytes | None]:
+    """(node, its name; None for the root) of SUBPATH at the view's checkpoint; ``..`` and
+    symlinks on the way are refused."""
+    parts = [p for p in os.fsencode(subpath).split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise UserError(f"--path {subpath!r}: '..' is not allowed (the path must stay inside the tree)",
+                        EXIT_USAGE)
+    node: Node | None = view.root
+    for i, part in enumerate(parts):
+        assert node is not None
+        if node.kind != stat.S_IFDIR:
+            where = b"/".join(parts[:i]).decode("utf-8", "backslashreplace")
+            raise UserError(f"--path {subpath!r}: {where} is not a directory (a symlink is never "
+                            f"followed)", EXIT_USAGE)
+        node = view.lookup(node, part)
+        if node is None:
+            raise UserError(f"--path {subpath!r} does not exist in checkpoint {view.k}", EXIT_USAGE)
+    assert node is not None
+    return node, parts[-1] if parts else None
+
+
 def check_dest(dest: Path, forbidden: list[tuple[Path, str]], force: bool) -> None:
     real = _real(dest)
     for root, what in forbidden:
@@ -290,7 +477,7 @@ def check_dest(dest: Path, forbidden: list[tuple[Path, str]], force: bool) -> No
 
 def restore(shadow_root: Path, dest: Path, *, subpath: str | None, checkpoint: int | None, force: bool,
             forbidden: list[tuple[Path, str]], progress: Callable[[int, int], None] | None = None
-            ) -> tuple[int, Restorer]:
+            ) -> tuple[int, Restorer | ViewRestorer]:
     """Steps 1-5 of the module docstring; returns (checkpoint restored, the Restorer)."""
     shadow = Shadow(shadow_root)
     check_dest(dest, forbidden + [(shadow_root, "shadow")], force)
@@ -304,9 +491,7 @@ def restore(shadow_root: Path, dest: Path, *, subpath: str | None, checkpoint: i
                             f"stopped): mount the journal again so that it finishes, then restore")
         if checkpoint is not None and checkpoint != applied:
             if checkpoint < applied:
-                raise UserError(f"checkpoint {checkpoint} is not retained: only the latest applied "
-                                f"checkpoint ({applied}) can be restored; older checkpoints are not "
-                                f"kept yet", EXIT_USAGE)
+                return checkpoint, _restore_retained(shadow_root, checkpoint, dest, subpath, force, progress)
             raise UserError(f"checkpoint {checkpoint} is not applied to the shadow yet (it stands at "
                             f"{applied}): run `fusejournal wait --checkpoint {checkpoint}` first",
                             EXIT_USAGE)
@@ -321,6 +506,22 @@ def restore(shadow_root: Path, dest: Path, *, subpath: str | None, checkpoint: i
         finally:
             os.close(parent)
     return applied, r
+
+
+def _restore_retained(shadow_root: Path, checkpoint: int, dest: Path, subpath: str | None, force: bool,
+                      progress: Callable[[int, int], None] | None) -> ViewRestorer:
+    """Restore an older checkpoint through the reverse batches (history_view.py)."""
+    try:
+        view = TreeAt(shadow_root, checkpoint)
+    except NotRetained as e:
+        raise UserError(str(e), EXIT_USAGE) from None
+    except HistoryError as e:
+        raise UserError(f"checkpoint {checkpoint} cannot be read: {e}") from None
+    with view:
+        node, name = resolve_view_subpath(view, subpath or "")
+        r = ViewRestorer(view, force, progress)
+        r.run(node, name, dest)
+    return r
 
 
 def cmd_restore(a: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
   fusejournal/checks.py fusejournal/daemonize.py fusejournal/treewalk.py
 # the browse gate, restore and verify (issue 10)
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
-  fusejournal/browsegate.py fusejournal/restore.py fusejournal/verify_cmd.py
+  fusejournal/browsegate.py fusejournal/restore.py fusejournal/verify_cmd.py \
+  fusejournal/history.py fusejournal/history_view.py
 # One FUSE layer: no other module imports pyfuse3
 if grep -lE '^\s*(import pyfuse3|from pyfuse3)' fusejournal/*.py | grep -vE '/(fs|browse|session)\.py$'; then
   echo "pyfuse3 is imported outside the FUSE layer (fs.py, browse.py, session.py)" >&2; exit 1
