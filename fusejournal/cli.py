@@ -327,6 +327,12 @@ def cmd_browse(a: argparse.Namespace) -> int:
     if a.group and not a.member:
         from .browsecli import browse_group
         return browse_group(a)
+    if a.all or a.checkpoint is not None:
+        from .browsecli import browse_history, run_history_browse
+        if not (a.tree and a.foreground):
+            return browse_history(a)
+        return run_history_browse(Path(a.target), Path(os.path.abspath(a.browsepoint)), a.o or [],
+                                  a.ready_fd, a.debug, a.checkpoint)
     if a.browsepoint is None:
         raise UserError("BROWSEPOINT is required", EXIT_USAGE)
     browsepoint = Path(os.path.abspath(a.browsepoint))
@@ -618,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--group", metavar="FILE", help="browse --group FILE POINT: one directory per member, "
                    "all at one group checkpoint")
     b.add_argument("--member", help=argparse.SUPPRESS)
+    b.add_argument("--all", action="store_true",
+                   help="one directory per retained checkpoint (<id>-<label>) plus latest")
+    b.add_argument("--checkpoint", type=_nonneg_int, metavar="N", help="only the retained checkpoint N")
     b.add_argument("--foreground", "-f", action="store_true")
     b.add_argument("-o", action="append", metavar="OPT[,OPT...]")
     b.add_argument("--debug", action="store_true")

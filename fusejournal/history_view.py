@@ -73,6 +73,7 @@ class Stat(NamedTuple):
     size: int
     atime_ns: int
     mtime_ns: int
+    blocks: int        # 512-byte blocks the object has at K (estimated from its data map)
 
 
 _Step = tuple[str, int, object]          # ("cut", size, None) | ("data", offset, bytes) | ("hole", offset, length)
@@ -373,7 +374,7 @@ class TreeAt:
     def stat(self, node: Node) -> Stat:
         a = self.attrs.get(node.sino)
         cur: os.stat_result | None = None
-        if a is None or node.kind != stat.S_IFDIR:
+        if a is None or node.kind != stat.S_IFDIR:      # (dirs' blocks: from the current one, if read)
             fd = self.open(node, O_PATH)
             try:
                 cur = os.fstat(fd)
@@ -385,11 +386,16 @@ class TreeAt:
             assert cur is not None
             now = 0 if node.where == "held" else cur.st_nlink - 1     # minus the hidden link
             nlink = max(1, now + self.nlink_delta.get(node.sino, 0))
+        if node.sino in self.steps and stat.S_ISREG(node.kind):
+            size = a.size if a is not None else (cur.st_size if cur is not None else 0)
+            blocks = sum(-(-(b - a_) // 512) for a_, b in self.data_map(node, size))
+        else:
+            blocks = cur.st_blocks if cur is not None else 0
         if a is not None:
-            return Stat(node.sino, a.mode, nlink, a.uid, a.gid, a.rdev, a.size, a.atime_ns, a.mtime_ns)
+            return Stat(node.sino, a.mode, nlink, a.uid, a.gid, a.rdev, a.size, a.atime_ns, a.mtime_ns, blocks)
         assert cur is not None
         return Stat(node.sino, cur.st_mode, nlink, cur.st_uid, cur.st_gid, cur.st_rdev, cur.st_size,
-                    cur.st_atime_ns, cur.st_mtime_ns)
+                    cur.st_atime_ns, cur.st_mtime_ns, blocks)
 
     def readlink(self, node: Node) -> bytes:
         self.open_check(node)

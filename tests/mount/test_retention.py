@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, alive, fj, make_traversable
+from conftest import Mounted, alive, fj, is_mounted, make_traversable
 from snapshot import assert_same, snapshot
 
 pytestmark = pytest.mark.mount
@@ -194,3 +194,78 @@ def test_history_is_private_to_the_owner(mounted: Mounted, tmp_path: Path) -> No
     r = subprocess.run([*nobody, *__import__("conftest").FJ, "restore", os.fspath(mounted.journal),
                         os.fspath(tmp_path / "nob"), "--checkpoint", "1"], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def _browse(m: Mounted, point: Path, *args: str) -> None:
+    point.mkdir()
+    fj("browse", *args, m.mountpoint, point)
+
+
+def test_browse_all_shows_every_retained_checkpoint(mounted: Mounted, tmp_path: Path) -> None:
+    expected = _five(mounted)
+    point = tmp_path / "all"
+    _browse(mounted, point, "--all")
+    try:
+        names = sorted(os.listdir(point))
+        assert names == ["0", "1-step 1_x", "2-step 2_x", "3-step 3_x", "4-step 4_x", "5-step 5_x", "latest"]
+        for k, name in enumerate(names[:-1]):
+            assert_same(expected[k], snapshot(point / name))
+        assert_same(expected[5], snapshot(point / "latest"))
+        # a copy out of an old checkpoint with the usual tools
+        subprocess.run(["cp", "-a", os.fspath(point / "2-step 2_x"), os.fspath(tmp_path / "cp2")], check=True)
+        assert_same(expected[2], snapshot(tmp_path / "cp2"))
+        # read-only
+        with pytest.raises(OSError):
+            (point / "latest" / "x").write_text("no")
+        # latest moves at once; a file opened in latest keeps its checkpoint
+        f = open(point / "latest" / "sparse", "rb")       # noqa: SIM115
+        try:
+            assert os.path.getsize(point / "latest" / "sparse") == 0
+            (mounted.mountpoint / "sparse").write_bytes(b"six")
+            (mounted.mountpoint / "plain").write_text("back")
+            n = mounted.checkpoint("six")
+            expected[n] = snapshot(mounted.source)
+            mounted.wait(n)
+            assert (point / "latest" / "sparse").read_bytes() == b"six"
+            assert "6-six" in os.listdir(point)
+            assert_same(expected[5], snapshot(point / "5-step 5_x"))     # now through one more rev
+            assert f.read() == b""                                     # still checkpoint 5
+        finally:
+            f.close()
+        # pruning removes the directories of the pruned checkpoints
+        fj("prune", mounted.journal, "--keep-last", "2")
+        assert sorted(os.listdir(point)) == ["5-step 5_x", "6-six", "latest"]
+        assert_same(expected[5], snapshot(point / "5-step 5_x"))
+    finally:
+        fj("umount", point)
+
+
+def test_browse_one_checkpoint_and_bad_ids(mounted: Mounted, tmp_path: Path) -> None:
+    expected = _five(mounted)
+    point = tmp_path / "three"
+    _browse(mounted, point, "--checkpoint", "3")
+    try:
+        assert_same(expected[3], snapshot(point))
+    finally:
+        fj("umount", point)
+    for args, words in ((["--checkpoint", "9"], "not applied to the shadow yet"),
+                        (["--checkpoint", "-2"], "must not be negative")):
+        p = tmp_path / f"p{args[1]}"
+        p.mkdir()
+        r = fj("browse", *args, mounted.mountpoint, p, check=False)
+        assert r.returncode == 2 and words in r.stderr, r.stderr
+        assert not is_mounted(p)
+    fj("prune", mounted.mountpoint, "--keep-last", "1")
+    p = tmp_path / "pruned"
+    p.mkdir()
+    r = fj("browse", "--checkpoint", "2", mounted.mountpoint, p, check=False)
+    assert r.returncode == 2 and "not retained (retained: 5)" in r.stderr
+
+
+def test_label_becomes_a_safe_name() -> None:
+    from fusejournal.browse import checkpoint_dir_name
+    assert checkpoint_dir_name(3, "a/b\0c\n") == b"3-a_b_c_"
+    assert checkpoint_dir_name(4, "") == b"4"
+    assert checkpoint_dir_name(5, "caf\udce9") == b"5-caf\\udce9"
+    long = checkpoint_dir_name(6, "\u00e9" * 500)
+    assert len(long) <= 202 and long.decode()             # cut on a character boundary
