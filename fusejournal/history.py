@@ -609,6 +609,7 @@ class HistoryWriter:
         self.seen_entries: set[tuple[int, bytes]] = set()
         self.seen_attrs: set[int] = set()
         self.covered: dict[int, list[tuple[int, int]]] = {}
+        self.sizes: dict[int, int] = {}          # inode key -> its size now (this batch, regular files)
         self.root_sino = 0
 
     # -------------------------------------------------------------- batch
@@ -623,6 +624,7 @@ class HistoryWriter:
         self.done = self.broken = False
         self.buf, self.buf_bytes, self.count = [], 0, 0
         self.seen_entries, self.seen_attrs, self.covered = set(), set(), {}
+        self.sizes = {}
         hfd = _open_history(self.root, create=True)
         assert hfd is not None
         self.hfd = hfd
@@ -752,10 +754,18 @@ class HistoryWriter:
         self.pos = index
         try:
             if isinstance(rec, Write):
+                size = self.sizes.get(rec.ino)
+                if size is not None and rec.offset >= size:
+                    # an append to a file already seen in this batch: nothing to keep (fast path)
+                    self.sizes[rec.ino] = rec.offset + len(rec.data)
+                    return
                 st = self._attr_key(rec.ino)
                 if st is not None:
                     self._data(rec.ino, st, rec.offset, len(rec.data))
+                    if stat.S_ISREG(st.st_mode):
+                        self.sizes[rec.ino] = max(st.st_size, rec.offset + len(rec.data))
             elif isinstance(rec, Setattr):
+                self.sizes.pop(rec.ino, None)
                 if rec.ino:
                     st = self._attr_key(rec.ino)
                     if st is not None and rec.mask & ATTR_SIZE and rec.size < st.st_size:
@@ -768,6 +778,8 @@ class HistoryWriter:
                 else:
                     self._attr_path(rec.path)
             elif isinstance(rec, (Mknod, Symlink, Mkdir, Link)):
+                if not isinstance(rec, Mkdir):
+                    self.sizes.pop(rec.ino, None)       # an inode key may be reused
                 self._entry(rec.path, 0)
             elif isinstance(rec, Unlink):
                 self._entry(rec.path, rec.ino)
