@@ -152,13 +152,15 @@ RevRecord = Entry | Attr | Data | Hole | Move
 # opcode -> (class, struct of the integer fields, number of trailing bytes fields)
 _FORMATS: dict[int, tuple[type, str, int]] = {
     1: (Entry, "QQIQQ", 3),
-    2: (Attr, "QIIIQQqq", 1),
+    2: (Attr, "QIIIQQqIqI", 1),      # times as i64 seconds + u32 nanoseconds (as records.py)
     3: (Data, "QQ", 1),
     4: (Hole, "QQQ", 0),
     5: (Move, "IQ", 2),
 }
 _SPEC = {op: (cls, struct.Struct("<" + fmt), n) for op, (cls, fmt, n) in _FORMATS.items()}
 _OPCODE = {cls: op for op, (cls, _, _) in _SPEC.items()}
+_TIME_FIELDS: dict[type, tuple[int, ...]] = {Attr: (6, 7)}
+_NS = 1_000_000_000
 _HEAD = struct.Struct("<BI")
 _LEN = struct.Struct("<I")
 
@@ -173,7 +175,15 @@ def encode(records: Iterable[RevRecord]) -> bytes:
         op = _OPCODE[type(rec)]
         _, fixed, nb = _SPEC[op]
         ints, tail = rec[:len(rec) - nb], rec[len(rec) - nb:]
-        body = [fixed.pack(*ints)]
+        times = _TIME_FIELDS.get(type(rec), ())
+        flat: list[int] = []
+        for i, v in enumerate(ints):
+            assert isinstance(v, int)
+            flat.extend(divmod(v, _NS) if i in times else (v,))
+        try:
+            body = [fixed.pack(*flat)]
+        except struct.error as e:
+            raise HistoryError(f"{type(rec).__name__} has a field out of range: {ints} ({e})") from None
         for b in tail:
             assert isinstance(b, bytes)
             body.append(_LEN.pack(len(b)))
@@ -199,7 +209,19 @@ def decode(buf: bytes) -> Iterator[tuple[RevRecord, int]]:
         cls, fixed, nb = spec
         if body_end > end or fixed.size > n:
             raise HistoryError(f"rev record at {pos - _HEAD.size} runs past its end")
-        fields: list[object] = list(fixed.unpack_from(buf, pos))
+        raw = fixed.unpack_from(buf, pos)
+        times = _TIME_FIELDS.get(cls, ())
+        fields: list[object] = []
+        j = 0
+        while j < len(raw):
+            if len(fields) in times:
+                if raw[j + 1] >= _NS:
+                    raise HistoryError(f"rev record at {pos - _HEAD.size}: bad nanoseconds")
+                fields.append(raw[j] * _NS + raw[j + 1])
+                j += 2
+            else:
+                fields.append(raw[j])
+                j += 1
         p = pos + fixed.size
         last = p
         for _ in range(nb):
@@ -873,19 +895,22 @@ class HistoryWriter:
             os.close(fd)
 
     def _data(self, ino: int, st: os.stat_result, offset: int, length: int) -> None:
-        """Old bytes (holes as holes) of [offset, offset+length) within the current size."""
+        """Old bytes (holes as holes) of [offset, offset+length) within the current size.
+
+        A write allocates whole blocks: the holes of the blocks it touches (below the
+        current size) are kept as holes too, even for a write past the end of the
+        file, else they would come back as data."""
         if not stat.S_ISREG(st.st_mode):
             return
-        end = min(offset + length, st.st_size)
-        if offset >= end:
+        size = st.st_size
+        bs = max(st.st_blksize, 512)
+        lo, hi = offset - offset % bs, min(-(-(offset + length) // bs) * bs, size)
+        end = min(offset + length, size)
+        if lo >= hi:
             return
         cov = self.covered.setdefault(st.st_ino, [])
-        if any(a <= offset and end <= b for a, b in cov):
+        if any(a <= lo and hi <= b for a, b in cov):
             return                  # the first pre-image of these bytes is already kept
-        # a write into a hole allocates whole blocks: the hole around it, up to the block
-        # boundaries, is kept as a hole too (else it would come back as data)
-        bs = max(st.st_blksize, 512)
-        lo, hi = offset - offset % bs, min(-(-end // bs) * bs, st.st_size)
         try:
             fd = os.open(str(ino), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.inodes_fd)
         except FileNotFoundError:
@@ -897,8 +922,7 @@ class HistoryWriter:
                 if not is_data:
                     self._add(Hole(st.st_ino, a, b - a))
                     continue
-                a, b = max(a, offset), min(b, end)
-                p = a
+                p, b = max(a, offset), min(b, end)
                 while p < b:
                     chunk = os.pread(fd, min(_READ_CHUNK, b - p), p)
                     if not chunk:
@@ -907,7 +931,7 @@ class HistoryWriter:
                     p += len(chunk)
         finally:
             os.close(fd)
-        cov.append((offset, end))
+        cov.append((lo, hi))
 
     def _key_of(self, st: os.stat_result, hint: int) -> int:
         """The inode key of the non-directory ``st`` (0 if it will be held, or unknown)."""

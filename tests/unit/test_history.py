@@ -47,7 +47,7 @@ from snapshot import snapshot as tree_snapshot
 RECS = [
     Entry(1, 2, stat.S_IFREG, 77, 3, b"n\xff", b"d/e", b""),
     Entry(1, 0, 0, 0, 4, b"gone", b"", b""),
-    Attr(2, 0o100644, 0, 0, 0, 10, -5, 1 << 62, history.encode_xattrs({"user.a": b"\0x"})),
+    Attr(2, 0o100644, 0, 0, 0, 10, -5, 15_000_000_000 * 10**9 + 7, history.encode_xattrs({"user.a": b"\0x"})),
     Data(2, 1 << 40, b"\0" * 10 + b"abc"),
     Hole(2, 0, 4096),
     Move(2, 9, b"a/b", b"c"),
@@ -302,3 +302,17 @@ def test_random_operations_every_checkpoint_restores(tmp_path_factory, data):
 
 
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root")
+
+
+def test_a_write_past_the_end_keeps_the_hole_before_it(hist):
+    """Found by the random test: a hole at the end of a file becomes data when a write past the
+    end allocates its block; the hole must come back as a hole at the older checkpoint."""
+    r = hist.e.rec
+    r.create(b"h", 0o644)
+    r.truncate(b"h", 232)
+    hist.sync()
+    r.write(b"h", 589, b"\0")
+    hist.sync()
+    r.write(b"h", 7, b"x")                         # into the block the last write allocated
+    hist.sync()
+    assert hist.check_all() == [0, 1, 2, 3]
