@@ -98,7 +98,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
     policy = Policy(keep_last=a.keep_last, keep_within=a.keep_within)
     side = UpdaterSide(t.shadow)
     try:
-        with side.updating():
+        with side.pinning(wait=True), side.updating():     # after any restore reading history
             try:
                 applied = Shadow(t.shadow).applied
             except ShadowError as e:

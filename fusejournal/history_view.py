@@ -397,6 +397,10 @@ class TreeAt:
         return Stat(node.sino, cur.st_mode, nlink, cur.st_uid, cur.st_gid, cur.st_rdev, cur.st_size,
                     cur.st_atime_ns, cur.st_mtime_ns, blocks)
 
+    def unchanged(self, node: Node) -> bool:
+        """True when the object's bytes at K are its bytes now (no rev changed them)."""
+        return node.sino not in self.steps
+
     def readlink(self, node: Node) -> bytes:
         self.open_check(node)
         if node.where == "key":

@@ -729,7 +729,9 @@ class Updater:
                 fault("updater.before_applied")
                 shadow.set_applied(n)
                 clear_cursor(shadow)
-                self.history.retain(n)
+                with self.browse_gate.pinning(wait=False) as free:
+                    if free:                # (a restore reading history pins it: prune after it)
+                        self.history.retain(n)
             applied = n
             expect = n + 1
         if cursor is not None:

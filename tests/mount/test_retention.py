@@ -163,7 +163,8 @@ def test_kill_9_while_the_updater_writes_history(dirs: Mounted, tmp_path: Path) 
         if j == 0:
             _step(mp, 4)
         pid = dirs.pid
-        n = dirs.checkpoint()
+        n = max(expected) + 1
+        os.setxattr(mp, b"user.fusejournal.update_permission", b"k")   # durable once it returns
         expected[n] = snapshot(dirs.source)
         deadline = time.monotonic() + 30
         while alive(pid) and time.monotonic() < deadline:
@@ -269,3 +270,40 @@ def test_label_becomes_a_safe_name() -> None:
     assert checkpoint_dir_name(5, "caf\udce9") == b"5-caf\\udce9"
     long = checkpoint_dir_name(6, "\u00e9" * 500)
     assert len(long) <= 202 and long.decode()             # cut on a character boundary
+
+
+def test_a_restore_does_not_hold_the_updater(mounted: Mounted, tmp_path: Path) -> None:
+    """A restore paused between two of its steps (a fault point) does not keep the updater out:
+    checkpoints are applied meanwhile, and the restore still copies exactly its checkpoint.
+    (It failed before: the restore held the shadow for its whole run and wait timed out.)"""
+    from conftest import FJ
+    mp = mounted.mountpoint
+    (mp / "d").mkdir()
+    for i in range(40):
+        (mp / "d" / f"{i:02d}").write_bytes(b"%02d" % i * 5000)
+    n = mounted.checkpoint("before")
+    before = snapshot(mounted.source)
+    mounted.wait(n)
+    pause = tmp_path / "pause"
+    pause.write_text("")
+    dest = tmp_path / "out"
+    env = {**os.environ, "FUSEJOURNAL_FAULT": "restore.step:30:pause", "FUSEJOURNAL_FAULT_PAUSE": os.fspath(pause)}
+    p = subprocess.Popen([*FJ, "restore", os.fspath(mp), os.fspath(dest)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (dest / "d").exists() or len(os.listdir(dest / "d")) < 5:
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+            time.sleep(0.01)
+        for i in range(40):                                  # every file changes, twice
+            (mp / "d" / f"{i:02d}").write_bytes(b"new")
+        mounted.wait(mounted.checkpoint("during 1"), timeout=20)
+        os.unlink(mp / "d" / "07")
+        mounted.wait(mounted.checkpoint("during 2"), timeout=20)
+        assert p.poll() is None                              # still paused
+    finally:
+        pause.unlink()
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert f"restored checkpoint {n} " in out
+    assert_same(before, snapshot(dest))

@@ -36,7 +36,7 @@ from fusejournal.history import (
     read_frames,
 )
 from fusejournal.history_view import NotRetained, TreeAt
-from fusejournal.restore import ViewRestorer, resolve_view_subpath
+from fusejournal.restore import Source, ViewRestorer, _Ref, resolve_view_subpath
 
 from snapshot import assert_same
 from snapshot import snapshot as tree_snapshot
@@ -112,9 +112,13 @@ def test_policy_and_durations():
 # ------------------------------------------------------------------ the tree at K
 
 def restore_at(shadow: Path, k: int, dest: Path, subpath: str = "") -> None:
-    with TreeAt(shadow, k) as view:
-        node, name = resolve_view_subpath(view, subpath)
-        ViewRestorer(view, force=False).run(node, name, dest)
+    src = Source(shadow, k, None)
+    try:
+        with src.step() as view:
+            node, name = resolve_view_subpath(view, subpath)
+        ViewRestorer(src, force=False).run(_Ref(node, subpath.encode(), src.gen), name, dest)
+    finally:
+        src.close()
 
 
 class History:
