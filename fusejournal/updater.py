@@ -267,7 +267,11 @@ class _Applier:
         try:
             os.link(name, key, src_dir_fd=pfd, dst_dir_fd=self.inodes_fd, follow_symlinks=False)
         except FileExistsError:                 # inode number reused (or replay)
-            os.unlink(key, dir_fd=self.inodes_fd)
+            old = self._key_stat(ino)
+            if old is not None and old.st_nlink == 1:    # the old object has no name left
+                self._drop_key(key, old)
+            else:
+                os.unlink(key, dir_fd=self.inodes_fd)
             os.link(name, key, src_dir_fd=pfd, dst_dir_fd=self.inodes_fd, follow_symlinks=False)
         self.deferred.pop(ino, None)
 
