@@ -284,8 +284,15 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         from .browsegate import BrowseGate
         self.root = os.fspath(shadow_root)
         self.only = only
-        self.gate: BrowseGate | None = BrowseGate(self.root)
+        self.gate: BrowseGate | None = None
+        try:
+            self.gate = BrowseGate(self.root)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            log.info("the shadow %s is on a read-only filesystem: no updater can change it", self.root)
         self.views: dict[int, object] = {}
+        self.revcache: dict[tuple[int, int, int], object] = {}
         self.stamp: tuple[int, int, int] | None = None
         self.gen = 0
         self.by_key: dict[tuple[int, int], int] = {}
@@ -318,6 +325,17 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             for v in self.views.values():
                 v.close()                                   # type: ignore[attr-defined]
             self.views = {}
+            live: set[str] = set()
+            if hs != (0, 0):
+                hfd = os.open(layout.SHADOW_HISTORY, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, dir_fd=self.root_fd)
+                try:
+                    live = set(os.listdir(hfd))
+                finally:
+                    os.close(hfd)
+            for ck in list(self.revcache):                  # revs pruned: forget them
+                if f"{ck[0]}{layout.HISTORY_REV_SUFFIX}" not in live:
+                    del self.revcache[ck]
 
     def _applied(self) -> int:
         from .history import read_json_at
@@ -331,7 +349,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         v = self.views.get(k)
         if v is None:
             try:
-                v = TreeAt(self.root, k)
+                v = TreeAt(self.root, k, self.revcache)          # type: ignore[arg-type]
             except NotRetained:
                 raise pyfuse3.FUSEError(errno.ESTALE) from None
             except HistoryError as e:

@@ -88,9 +88,13 @@ class _Rev:
 class TreeAt:
     """Checkpoint ``k`` of the shadow at ``shadow_root`` (steps 1-4 above)."""
 
-    def __init__(self, shadow_root: str | os.PathLike[str], k: int) -> None:
+    def __init__(self, shadow_root: str | os.PathLike[str], k: int,
+                 cache: dict[tuple[int, int, int], history.RevFile] | None = None) -> None:
+        """``cache``: parsed revs by (id, inode, size), shared by the views of one reader
+        (a rev never changes once complete)."""
         self.root_path = os.fspath(shadow_root)
         self.k = k
+        self.cache = cache
         self.fds: list[int] = []
         try:
             self._open(k)
@@ -150,14 +154,21 @@ class TreeAt:
         for n, _ in chain:
             fd = os.open(history.rev_name(n), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.hist_fd)
             try:
-                with os.fdopen(fd, "rb", closefd=False) as f:
-                    data = f.read()
+                fst = os.fstat(fd)
+                ck = (n, fst.st_ino, fst.st_size)
+                rev = self.cache.get(ck) if self.cache is not None else None
+                if rev is None:
+                    with os.fdopen(fd, "rb", closefd=False) as f:
+                        data = f.read()
+                    try:
+                        rev = history.parse_rev(data)
+                    except HistoryError as e:
+                        raise HistoryError(f"{self.root_path}/history/{history.rev_name(n)}: {e}") from None
+                    if self.cache is not None:
+                        self.cache[ck] = rev
             finally:
                 os.close(fd)
-            try:
-                parsed.append(history.parse_rev(data))
-            except HistoryError as e:
-                raise HistoryError(f"{self.root_path}/history/{history.rev_name(n)}: {e}") from None
+            parsed.append(rev)
             try:
                 for name in os.listdir(self._held_fd(n)):
                     if name.isdigit():
