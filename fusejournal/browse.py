@@ -259,6 +259,7 @@ class _HNode:
     kpath: bytes            # a path of the object at k (to find it again after the shadow moved)
     node: object            # history_view.Node, valid for generation ``gen``
     gen: int
+    tag: int = 0            # 1 under ``latest``: its own inodes (a directory has one name only)
 
 
 class HistoryBrowseOperations(pyfuse3.Operations):
@@ -295,7 +296,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         self.revcache: dict[tuple[int, int, int], object] = {}
         self.stamp: tuple[int, int, int] | None = None
         self.gen = 0
-        self.by_key: dict[tuple[int, int], int] = {}
+        self.by_key: dict[tuple[int, int, int], int] = {}
         self.nodes: dict[int, _HNode] = {}
         self.next_ino = pyfuse3.ROOT_INODE + 1
         self.latest_ino_k: int | None = None
@@ -377,14 +378,14 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             h.node, h.gen = n, self.gen
         return h, h.node
 
-    def _ino(self, k: int, kpath: bytes, node: object) -> int:
-        key = (k, node.sino)                                # type: ignore[attr-defined]
+    def _ino(self, k: int, kpath: bytes, node: object, tag: int = 0) -> int:
+        key = (k, node.sino, tag)                           # type: ignore[attr-defined]
         ino = self.by_key.get(key)
         if ino is None:
             ino = self.next_ino
             self.next_ino += 1
             self.by_key[key] = ino
-            self.nodes[ino] = _HNode(k, kpath, node, self.gen)
+            self.nodes[ino] = _HNode(k, kpath, node, self.gen, tag)
         else:
             h = self.nodes[ino]
             h.node, h.gen = node, self.gen
@@ -447,22 +448,23 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             for dname, k in self._checkpoints():
                 if dname == name:
                     root = self._view(k).root
-                    ino = self._ino(k, b"", root)
+                    ino = self._ino(k, b"", root, 1 if name == b"latest" else 0)
                     return self._attr(ino, k, root)
             raise pyfuse3.FUSEError(errno.ENOENT)
         top = self._top(parent)
+        tag = 0
         if top is not None:
             k, pnode = top
             h_kpath = b""
         else:
             h, pnode = self._node(parent)
-            k, h_kpath = h.k, h.kpath
+            k, h_kpath, tag = h.k, h.kpath, h.tag
         if name in (b".", b".."):
             raise pyfuse3.FUSEError(errno.ENOENT)
         child = self._view(k).lookup(pnode, name)
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        ino = self._ino(k, h_kpath + b"/" + name if h_kpath else name, child)
+        ino = self._ino(k, h_kpath + b"/" + name if h_kpath else name, child, tag)
         return self._attr(ino, k, child)
 
     async def lookup(self, parent_inode, name, ctx):   # noqa: ANN001, ANN201
