@@ -71,6 +71,7 @@ import stat
 import struct
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
@@ -605,6 +606,7 @@ def prune(shadow_root: str | os.PathLike[str], applied: int, policy: Policy,
 # ------------------------------------------------------------------ writing (the updater's side)
 
 _FLUSH_BYTES = 4 << 20
+_FD_CACHE = 16
 _READ_CHUNK = 1 << 20
 
 
@@ -632,6 +634,9 @@ class HistoryWriter:
         self.seen_attrs: set[int] = set()
         self.covered: dict[int, list[tuple[int, int]]] = {}
         self.sizes: dict[int, int] = {}          # inode key -> its size now (this batch, regular files)
+        self.known: dict[int, tuple[int, int]] = {}     # inode key -> (sino, block size), this batch
+        self.created: set[int] = set()           # inode keys of objects created in this batch
+        self.rfds: OrderedDict[int, int] = OrderedDict()    # inode key -> fd for reading pre-images
         self.root_sino = 0
 
     # -------------------------------------------------------------- batch
@@ -646,7 +651,7 @@ class HistoryWriter:
         self.done = self.broken = False
         self.buf, self.buf_bytes, self.count = [], 0, 0
         self.seen_entries, self.seen_attrs, self.covered = set(), set(), {}
-        self.sizes = {}
+        self.sizes, self.known, self.created = {}, {}, set()
         hfd = _open_history(self.root, create=True)
         assert hfd is not None
         self.hfd = hfd
@@ -757,6 +762,9 @@ class HistoryWriter:
             log.info("history: pruned checkpoint(s) %s (%s)", _ranges(dropped), self.policy)
 
     def close(self) -> None:
+        for rfd in self.rfds.values():
+            os.close(rfd)
+        self.rfds.clear()
         for name in ("fd", "hfd", "tree_fd", "inodes_fd", "held_fd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -776,32 +784,52 @@ class HistoryWriter:
         self.pos = index
         try:
             if isinstance(rec, Write):
+                if rec.ino in self.created:
+                    return                  # created in this batch: nothing of it existed at N
                 size = self.sizes.get(rec.ino)
+                end = rec.offset + len(rec.data)
                 if size is not None and rec.offset >= size:
-                    # an append to a file already seen in this batch: nothing to keep (fast path)
-                    self.sizes[rec.ino] = rec.offset + len(rec.data)
+                    self.sizes[rec.ino] = end       # an append to a file already seen: nothing to keep
                     return
-                st = self._attr_key(rec.ino)
-                if st is not None:
-                    self._data(rec.ino, st, rec.offset, len(rec.data))
-                    if stat.S_ISREG(st.st_mode):
-                        self.sizes[rec.ino] = max(st.st_size, rec.offset + len(rec.data))
+                known = self.known.get(rec.ino)
+                if known is None:
+                    st = self._attr_key(rec.ino)
+                    if st is None or not stat.S_ISREG(st.st_mode):
+                        return
+                    known = self.known[rec.ino] = (st.st_ino, max(st.st_blksize, 512))
+                    size = st.st_size
+                fd = self._read_fd(rec.ino, known[0])
+                if fd is None:
+                    return
+                if size is None:
+                    size = os.fstat(fd).st_size
+                self._data(fd, known[0], known[1], size, rec.offset, len(rec.data))
+                self.sizes[rec.ino] = max(size, end)
             elif isinstance(rec, Setattr):
                 self.sizes.pop(rec.ino, None)
+                if rec.ino in self.created:
+                    return
                 if rec.ino:
                     st = self._attr_key(rec.ino)
-                    if st is not None and rec.mask & ATTR_SIZE and rec.size < st.st_size:
-                        self._data(rec.ino, st, rec.size, st.st_size - rec.size)
+                    if st is not None and stat.S_ISREG(st.st_mode) and rec.mask & ATTR_SIZE \
+                            and rec.size < st.st_size:
+                        fd = self._read_fd(rec.ino, st.st_ino)
+                        if fd is not None:
+                            self._data(fd, st.st_ino, max(st.st_blksize, 512), st.st_size, rec.size,
+                                       st.st_size - rec.size)
                 else:
                     self._attr_path(rec.path)
             elif isinstance(rec, (Setxattr, Removexattr)):
+                if rec.ino in self.created:
+                    return
                 if rec.ino:
                     self._attr_key(rec.ino)
                 else:
                     self._attr_path(rec.path)
             elif isinstance(rec, (Mknod, Symlink, Mkdir, Link)):
-                if not isinstance(rec, Mkdir):
-                    self.sizes.pop(rec.ino, None)       # an inode key may be reused
+                if isinstance(rec, (Mknod, Symlink)):
+                    self._forget_key(rec.ino)       # an inode key may be reused: a new object
+                    self.created.add(rec.ino)
                 self._entry(rec.path, 0)
             elif isinstance(rec, Unlink):
                 self._entry(rec.path, rec.ino)
@@ -894,44 +922,57 @@ class HistoryWriter:
         finally:
             os.close(fd)
 
-    def _data(self, ino: int, st: os.stat_result, offset: int, length: int) -> None:
-        """Old bytes (holes as holes) of [offset, offset+length) within the current size.
+    def _read_fd(self, ino: int, sino: int) -> int | None:
+        """A cached fd open for reading on inodes/<ino> (None if it is not the object ``sino``)."""
+        fd = self.rfds.get(ino)
+        if fd is not None:
+            self.rfds.move_to_end(ino)
+            return fd
+        try:
+            fd = os.open(str(ino), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.inodes_fd)
+        except FileNotFoundError:
+            return None
+        if os.fstat(fd).st_ino != sino:
+            os.close(fd)
+            return None
+        self.rfds[ino] = fd
+        if len(self.rfds) > _FD_CACHE:
+            os.close(self.rfds.popitem(last=False)[1])
+        return fd
+
+    def _forget_key(self, ino: int) -> None:
+        self.sizes.pop(ino, None)
+        self.known.pop(ino, None)
+        fd = self.rfds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _data(self, fd: int, sino: int, bs: int, size: int, offset: int, length: int) -> None:
+        """Old bytes (holes as holes) of [offset, offset+length) within ``size``, read from ``fd``.
 
         A write allocates whole blocks: the holes of the blocks it touches (below the
         current size) are kept as holes too, even for a write past the end of the
         file, else they would come back as data."""
-        if not stat.S_ISREG(st.st_mode):
-            return
-        size = st.st_size
-        bs = max(st.st_blksize, 512)
         lo, hi = offset - offset % bs, min(-(-(offset + length) // bs) * bs, size)
         end = min(offset + length, size)
         if lo >= hi:
             return
-        cov = self.covered.setdefault(st.st_ino, [])
-        if any(a <= lo and hi <= b for a, b in cov):
+        cov = self.covered.setdefault(sino, [])
+        if any(a <= offset and end <= b for a, b in cov):
             return                  # the first pre-image of these bytes is already kept
-        try:
-            fd = os.open(str(ino), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.inodes_fd)
-        except FileNotFoundError:
-            return
-        try:
-            if (os.fstat(fd).st_ino) != st.st_ino:
-                return
-            for a, b, is_data in _extents(fd, lo, hi):
-                if not is_data:
-                    self._add(Hole(st.st_ino, a, b - a))
-                    continue
-                p, b = max(a, offset), min(b, end)
-                while p < b:
-                    chunk = os.pread(fd, min(_READ_CHUNK, b - p), p)
-                    if not chunk:
-                        break
-                    self._add(Data(st.st_ino, p, chunk), 64 + len(chunk))
-                    p += len(chunk)
-        finally:
-            os.close(fd)
-        cov.append((lo, hi))
+        for a, b, is_data in _extents(fd, lo, hi):
+            if not is_data:
+                self._add(Hole(sino, a, b - a))
+                continue
+            p, b = max(a, offset), min(b, end)
+            while p < b:
+                chunk = os.pread(fd, min(_READ_CHUNK, b - p), p)
+                if not chunk:
+                    break
+                self._add(Data(sino, p, chunk), 64 + len(chunk))
+                p += len(chunk)
+        if offset < end:
+            cov.append((offset, end))    # (the widened holes around it may be kept again: harmless)
 
     def _key_of(self, st: os.stat_result, hint: int) -> int:
         """The inode key of the non-directory ``st`` (0 if it will be held, or unknown)."""

@@ -336,3 +336,13 @@ def test_a_replaced_file_whose_inode_number_is_reused_in_the_same_batch_is_kept(
     r.write(b"dd", 0, b"d data")
     hist.sync()
     assert hist.check_all() == [0, 1, 2]
+
+
+def test_two_overlapping_writes_in_a_batch_keep_every_old_byte(hist):
+    """Found by the random test: a 1-byte write marked its whole block as kept, so a second write
+    over the next bytes kept nothing and checkpoint 1 showed the new bytes."""
+    r = hist.e.rec
+    r.write(b"d/f", 0, b"\0")
+    r.write(b"d/f", 0, b"pid")
+    hist.sync()
+    assert hist.check_all() == [0, 1]
