@@ -9,9 +9,12 @@ file, ``SHADOW/browse.lock``, with two POSIX byte-range locks:
 * byte 1, **gate**: the updater holds it exclusively while it changes the tree;
   the browse daemon holds it shared while any of its requests is in flight.
 
-and byte 2, **hold**: a long reader of the shadow (``fusejournal restore``,
-``fusejournal verify``; :func:`holding`) holds it shared for its whole run;
-the updater takes it exclusively first, waiting without bound.
+and byte 2, **hold**: a long reader of the shadow (``fusejournal verify``;
+:func:`holding`) holds it shared for its whole run; the updater takes it
+exclusively first, waiting without bound.  Byte 3, **pin**: a reader of
+retained checkpoints (``fusejournal restore``, :class:`StepReader`) holds it
+shared, reading in short steps under *gate* like a browse request; pruning
+history takes it exclusively (the updater skips pruning while it is held).
 
 The updater (:func:`updating`, in a worker thread of the journaled daemon):
 

@@ -371,17 +371,6 @@ def rev_ids(history_fd: int) -> list[int]:
     return sorted(out)
 
 
-def retained_revs(ids: list[int], applied: int) -> list[int]:
-    """The contiguous run of rev ids ending at ``applied - 1`` (the usable chain)."""
-    have = set(ids)
-    out: list[int] = []
-    n = applied - 1
-    while n >= 0 and n in have:
-        out.append(n)
-        n -= 1
-    return out[::-1]
-
-
 def chain(history_fd: int, tree: list[int], applied: int) -> list[tuple[int, dict[str, object]]]:
     """The usable reverse batches, oldest first: the rev whose ``next`` is ``applied``, the
     one whose ``next`` is that rev's checkpoint, and so on (a missing, damaged or foreign
