@@ -468,7 +468,8 @@ def tree_identity(shadow_root: str | os.PathLike[str]) -> list[int]:
 def retained(shadow_root: str | os.PathLike[str], applied: int) -> list[Checkpoint]:
     """Every checkpoint that can be browsed or restored, oldest first (the last is ``applied``)."""
     hfd = _open_history(shadow_root, create=False)
-    latest = Checkpoint(applied, 0, "")
+    adoc = read_json_at_path(os.fspath(shadow_root), layout.SHADOW_APPLIED)
+    latest = Checkpoint(applied, _int(adoc.get("time_ns")), "")
     if hfd is None:
         return [latest]
     try:
@@ -627,13 +628,16 @@ class HistoryWriter:
         self.created: set[int] = set()           # inode keys of objects created in this batch
         self.rfds: OrderedDict[int, int] = OrderedDict()    # inode key -> fd for reading pre-images
         self.root_sino = 0
+        self.applied_time = 0
 
     # -------------------------------------------------------------- batch
 
     def begin(self, checkpoint: int, resumed: bool, start: int) -> None:
         """Open the rev of ``checkpoint - 1`` for batch ``checkpoint`` (step 1)."""
         self.close()
-        applied = read_json_at_path(self.root, layout.SHADOW_APPLIED).get("applied")
+        adoc = read_json_at_path(self.root, layout.SHADOW_APPLIED)
+        applied = adoc.get("applied")
+        self.applied_time = _int(adoc.get("time_ns"))     # when the shadow reached it (the seed's time)
         n = applied if type(applied) is int and applied < checkpoint else checkpoint - 1
         self.n = n
         self.next = checkpoint
@@ -708,7 +712,7 @@ class HistoryWriter:
     def _meta_frame(self, n: int) -> bytes:
         marker = read_json_at(self.hfd, layout.HISTORY_MARKER) or {}
         if marker.get("checkpoint") != n:
-            marker = {}
+            marker = {"time_ns": self.applied_time}     # no marker (the seed, checkpoint 0)
         meta = {"format": REV_FORMAT, "checkpoint": n, "next": self.next, "time_ns": _int(marker.get("time_ns")),
                 "label": str(marker.get("label", "")), "tree": tree_identity(self.root),
                 "root_sino": self.root_sino}

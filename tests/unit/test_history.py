@@ -346,3 +346,12 @@ def test_two_overlapping_writes_in_a_batch_keep_every_old_byte(hist):
     r.write(b"d/f", 0, b"pid")
     hist.sync()
     assert hist.check_all() == [0, 1]
+
+
+def test_every_retained_checkpoint_has_a_time(hist):
+    """The seed (checkpoint 0) has no marker: its time is when the shadow reached it, so
+    --keep-within does not take it for ancient."""
+    hist.e.rec.write(b"d/f", 0, b"x")
+    hist.sync()
+    cps = history.retained(hist.e.shadow.root, 1)
+    assert [c.id for c in cps] == [0, 1] and cps[0].time_ns > 0     # (this fake log's markers have none)
