@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from dataclasses import dataclass
 
 import pyfuse3
@@ -245,3 +246,396 @@ def browse_operations(tree: str | os.PathLike[str], tree_fd: int,
                 raise
             log.info("the shadow %s is on a read-only filesystem: no updater can change it", root)
     return BrowseOperations(tree_fd, gate)
+
+
+# ------------------------------------------------------------------ browse --all / --checkpoint N
+
+def checkpoint_dir_name(cp_id: int, label: str, cap: int = 200) -> bytes:
+    """``<id>-<label>`` as one safe file name: '/' and control characters (NUL included)
+    become '_', text that is not UTF-8 is shown escaped (``\\udcff``), at most ``cap`` bytes
+    (cut on a character boundary); ``<id>`` alone for an empty label."""
+    safe = "".join("_" if ch == "/" or ord(ch) < 32 or ord(ch) == 127 else ch for ch in label)
+    raw = safe.encode("utf-8", "backslashreplace")
+    if len(raw) > cap:
+        raw = raw[:cap].decode("utf-8", "ignore").encode()
+    return b"%d-%s" % (cp_id, raw) if raw else b"%d" % cp_id
+
+
+@dataclass
+class _HNode:
+    k: int                  # the checkpoint
+    kpath: bytes            # a path of the object at k (to find it again after the shadow moved)
+    node: object            # history_view.Node, valid for generation ``gen``
+    gen: int
+    tag: int = 0            # 1 under ``latest``: its own inodes (a directory has one name only)
+
+
+class HistoryBrowseOperations(pyfuse3.Operations):
+    """``browse --all``: one directory per retained checkpoint (``<id>-<label>``) plus
+    ``latest``; ``--checkpoint N``: the tree of N at the root.  Read-only.
+
+    1. **One checkpoint per object.**  A FUSE inode is (checkpoint, object): its content
+       never changes while the checkpoint is retained, so a file opened in ``latest``
+       keeps reading the checkpoint it was opened at, even after the shadow moved on
+       (until that checkpoint is pruned: then ESTALE).  ``latest`` itself is looked up
+       again at every access (timeouts 0), so it shows the newest checkpoint at once.
+    2. **One checkpoint per request.**  Every request runs under the browse gate (the
+       updater and ``prune`` wait for it; it waits for a batch being applied) and reads
+       through a :class:`~fusejournal.history_view.TreeAt` built for the shadow as it
+       stands (rebuilt when ``applied.json`` or history/ changed).
+    3. **One checkpoint per listing**: the whole listing is read in the first READDIR.
+    """
+
+    enable_writeback_cache = False
+
+    def __init__(self, shadow_root: str | os.PathLike[str], only: int | None = None) -> None:
+        super().__init__()
+        from .browsegate import BrowseGate
+        self.root = os.fspath(shadow_root)
+        self.only = only
+        self.gate: BrowseGate | None = None
+        try:
+            self.gate = BrowseGate(self.root)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            log.info("the shadow %s is on a read-only filesystem: no updater can change it", self.root)
+        self.views: dict[int, object] = {}
+        self.revcache: dict[tuple[int, int, int], object] = {}
+        self.stamp: tuple[int, int, int] | None = None
+        self.gen = 0
+        self.by_key: dict[tuple[int, int, int], int] = {}
+        self.nodes: dict[int, _HNode] = {}
+        self.next_ino = pyfuse3.ROOT_INODE + 1
+        self.latest_ino_k: int | None = None
+        self.files: dict[int, tuple[int, object]] = {}
+        self.dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
+        self.dir_inodes: dict[int, int] = {}
+        self.next_fh = 1
+        self.hist_fd = -1
+        rfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.root_fd = rfd
+
+    # -------------------------------------------------------------- state
+
+    def _look(self) -> None:
+        """After admission: rebuild the views when the shadow or its history changed."""
+        from . import layout
+        gen = self.gate.generation if self.gate is not None else 0
+        try:
+            st = os.stat(layout.SHADOW_HISTORY, dir_fd=self.root_fd, follow_symlinks=False)
+            hs = (st.st_ino, st.st_mtime_ns)
+        except FileNotFoundError:
+            hs = (0, 0)
+        stamp = (gen, *hs)
+        if stamp != self.stamp:
+            self.stamp = stamp
+            self.gen += 1
+            for v in self.views.values():
+                v.close()                                   # type: ignore[attr-defined]
+            self.views = {}
+            live: set[str] = set()
+            if hs != (0, 0):
+                hfd = os.open(layout.SHADOW_HISTORY, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, dir_fd=self.root_fd)
+                try:
+                    live = set(os.listdir(hfd))
+                finally:
+                    os.close(hfd)
+            for ck in list(self.revcache):                  # revs pruned: forget them
+                if f"{ck[0]}{layout.HISTORY_REV_SUFFIX}" not in live:
+                    del self.revcache[ck]
+
+    def _applied(self) -> int:
+        from .history import read_json_at
+        n = (read_json_at(self.root_fd, "applied.json") or {}).get("applied")
+        if type(n) is not int:
+            raise OSError(errno.EIO, "the shadow has no applied checkpoint")
+        return n
+
+    def _view(self, k: int):   # noqa: ANN202 - history_view.TreeAt
+        from .history_view import HistoryError, NotRetained, TreeAt
+        v = self.views.get(k)
+        if v is None:
+            try:
+                v = TreeAt(self.root, k, self.revcache)          # type: ignore[arg-type]
+            except NotRetained:
+                raise pyfuse3.FUSEError(errno.ESTALE) from None
+            except HistoryError as e:
+                log.error("checkpoint %d cannot be read: %s", k, e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            self.views[k] = v
+        return v
+
+    def _checkpoints(self) -> list[tuple[bytes, int]]:
+        from .history import retained
+        cps = retained(self.root, self._applied())
+        out = [(checkpoint_dir_name(c.id, c.label), c.id) for c in cps]
+        out.append((b"latest", cps[-1].id))
+        return out
+
+    def _node(self, ino: int) -> tuple[_HNode, object]:
+        """The entry and a current history_view.Node of a FUSE inode (ESTALE if it is gone)."""
+        h = self.nodes.get(ino)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if h.gen != self.gen:
+            n = self._view(h.k).resolve(h.kpath)
+            if n is None or n.sino != h.node.sino:          # type: ignore[attr-defined]
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            h.node, h.gen = n, self.gen
+        return h, h.node
+
+    def _ino(self, k: int, kpath: bytes, node: object, tag: int = 0) -> int:
+        key = (k, node.sino, tag)                           # type: ignore[attr-defined]
+        ino = self.by_key.get(key)
+        if ino is None:
+            ino = self.next_ino
+            self.next_ino += 1
+            self.by_key[key] = ino
+            self.nodes[ino] = _HNode(k, kpath, node, self.gen, tag)
+        else:
+            h = self.nodes[ino]
+            h.node, h.gen = node, self.gen
+        return ino
+
+    def _attr(self, ino: int, k: int, node: object) -> pyfuse3.EntryAttributes:
+        s = self._view(k).stat(node)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.generation = 0
+        e.entry_timeout = 0
+        e.attr_timeout = 0
+        e.st_mode = s.mode
+        e.st_nlink = s.nlink
+        e.st_uid, e.st_gid, e.st_rdev, e.st_size = s.uid, s.gid, s.rdev, s.size
+        e.st_blksize = 4096
+        e.st_blocks = s.blocks
+        e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = s.atime_ns, s.mtime_ns, s.mtime_ns
+        return e
+
+    def _root_attr(self) -> pyfuse3.EntryAttributes:
+        st = os.stat("tree", dir_fd=self.root_fd, follow_symlinks=False)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = pyfuse3.ROOT_INODE
+        e.entry_timeout = e.attr_timeout = 0
+        e.st_mode = stat.S_IFDIR | (stat.S_IMODE(st.st_mode) & 0o555)
+        e.st_nlink = 2
+        e.st_uid, e.st_gid = st.st_uid, st.st_gid
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = st.st_mtime_ns
+        e.st_blksize = 4096
+        return e
+
+    async def _do(self, fn, *args):   # noqa: ANN001, ANN202
+        """Run ``fn`` under the gate; map every error to an errno (never a non-FUSEError)."""
+        try:
+            if self.gate is None:
+                self._look()
+                return fn(*args)
+            async with self.gate.request():
+                self._look()
+                return fn(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(errno.ESTALE if e.errno == errno.ENOENT else (e.errno or errno.EIO)) from None
+        except Exception:
+            log.exception("browse request failed")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    # -------------------------------------------------------------- requests
+
+    def _top(self, ino: int) -> tuple[int, object] | None:
+        """(checkpoint, root node) when ``ino`` is the root with --checkpoint N."""
+        if ino == pyfuse3.ROOT_INODE and self.only is not None:
+            return self.only, self._view(self.only).root
+        return None
+
+    def _lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        if parent == pyfuse3.ROOT_INODE and self.only is None:
+            for dname, k in self._checkpoints():
+                if dname == name:
+                    root = self._view(k).root
+                    ino = self._ino(k, b"", root, 1 if name == b"latest" else 0)
+                    return self._attr(ino, k, root)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        top = self._top(parent)
+        tag = 0
+        if top is not None:
+            k, pnode = top
+            h_kpath = b""
+        else:
+            h, pnode = self._node(parent)
+            k, h_kpath, tag = h.k, h.kpath, h.tag
+        if name in (b".", b".."):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        child = self._view(k).lookup(pnode, name)
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        ino = self._ino(k, h_kpath + b"/" + name if h_kpath else name, child, tag)
+        return self._attr(ino, k, child)
+
+    async def lookup(self, parent_inode, name, ctx):   # noqa: ANN001, ANN201
+        return await self._do(self._lookup, parent_inode, name)
+
+    def _getattr(self, ino: int) -> pyfuse3.EntryAttributes:
+        if ino == pyfuse3.ROOT_INODE:
+            top = self._top(ino)
+            if top is None:
+                return self._root_attr()
+            e = self._attr(ino, *top)
+            e.st_ino = ino
+            return e
+        h, node = self._node(ino)
+        return self._attr(ino, h.k, node)
+
+    async def getattr(self, inode, ctx):   # noqa: ANN001, ANN201
+        return await self._do(self._getattr, inode)
+
+    def _where(self, ino: int) -> tuple[int, object]:
+        top = self._top(ino)
+        if top is not None:
+            return top
+        if ino == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        h, node = self._node(ino)
+        return h.k, node
+
+    async def readlink(self, inode, ctx):   # noqa: ANN001, ANN201
+        def _rl() -> bytes:
+            k, node = self._where(inode)
+            if node.kind != stat.S_IFLNK:                   # type: ignore[attr-defined]
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            return self._view(k).readlink(node)             # type: ignore[no-any-return]
+        return await self._do(_rl)
+
+    def _list(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        out = [(b".", self._getattr(ino))]
+        if ino == pyfuse3.ROOT_INODE and self.only is None:
+            out.append((b"..", self._root_attr()))
+            for dname, _ in self._checkpoints():
+                out.append((dname, self._lookup(ino, dname)))
+            return out
+        k, node = self._where(ino)
+        if node.kind != stat.S_IFDIR:                       # type: ignore[attr-defined]
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        out.append((b"..", out[0][1]))
+        for name, _ in self._view(k).listdir(node):
+            try:
+                out.append((name, self._lookup(ino, name)))
+            except pyfuse3.FUSEError:
+                continue
+        return out
+
+    async def opendir(self, inode, ctx):   # noqa: ANN001, ANN201
+        def _od() -> int:
+            if inode != pyfuse3.ROOT_INODE:
+                self._where(inode)
+            fh = self.next_fh
+            self.next_fh += 1
+            self.dirs[fh] = []
+            self.dir_inodes[fh] = inode
+            return fh
+        return await self._do(_od)
+
+    async def readdir(self, fh, start_id, token):   # noqa: ANN001, ANN201
+        listing = self.dirs.get(fh)
+        if listing is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if start_id == 0 or not listing:
+            listing = await self._do(self._list, self.dir_inodes[fh])
+            self.dirs[fh] = listing
+        for i in range(start_id, len(listing)):
+            name, attr = listing[i]
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                return
+
+    async def releasedir(self, fh):   # noqa: ANN001, ANN201
+        self.dirs.pop(fh, None)
+        self.dir_inodes.pop(fh, None)
+
+    async def open(self, inode, flags, ctx):   # noqa: ANN001, ANN201
+        def _op() -> pyfuse3.FileInfo:
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+                raise pyfuse3.FUSEError(errno.EROFS)
+            k, node = self._where(inode)
+            if node.kind != stat.S_IFREG:                   # type: ignore[attr-defined]
+                raise pyfuse3.FUSEError(errno.EACCES)
+            self._view(k).open_check(node)
+            fh = self.next_fh
+            self.next_fh += 1
+            self.files[fh] = (inode, node)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        return await self._do(_op)
+
+    async def read(self, fh, off, size):   # noqa: ANN001, ANN201
+        def _rd() -> bytes:
+            got = self.files.get(fh)
+            if got is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            k, node = self._where(got[0])
+            return self._view(k).read(node, off, size)      # type: ignore[no-any-return]
+        return await self._do(_rd)
+
+    async def release(self, fh):   # noqa: ANN001, ANN201
+        self.files.pop(fh, None)
+
+    async def flush(self, fh):   # noqa: ANN001, ANN201
+        return None
+
+    async def fsync(self, fh, datasync):   # noqa: ANN001, ANN201
+        return None
+
+    async def fsyncdir(self, fh, datasync):   # noqa: ANN001, ANN201
+        return None
+
+    async def getxattr(self, inode, name, ctx):   # noqa: ANN001, ANN201
+        from .layout import XATTR_PID, XATTR_PREFIX
+        if name.startswith(XATTR_PREFIX):
+            if inode == pyfuse3.ROOT_INODE and name == XATTR_PID:
+                return str(os.getpid()).encode()
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+        def _gx() -> bytes:
+            if inode == pyfuse3.ROOT_INODE and self.only is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            k, node = self._where(inode)
+            v = self._view(k).xattrs(node).get(name)
+            if v is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return v                                        # type: ignore[no-any-return]
+        return await self._do(_gx)
+
+    async def listxattr(self, inode, ctx):   # noqa: ANN001, ANN201
+        def _lx() -> list[bytes]:
+            if inode == pyfuse3.ROOT_INODE and self.only is None:
+                return []
+            k, node = self._where(inode)
+            return list(self._view(k).xattrs(node))
+        return await self._do(_lx)
+
+    async def setxattr(self, inode, name, value, ctx):   # noqa: ANN001, ANN201
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, inode, name, ctx):   # noqa: ANN001, ANN201
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def statfs(self, ctx):   # noqa: ANN001, ANN201
+        sv = os.statvfs(self.root_fd)
+        d = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_files", "f_namemax"):
+            setattr(d, f, getattr(sv, f))
+        d.f_bfree = d.f_bavail = d.f_ffree = d.f_favail = 0
+        return d
+
+    async def forget(self, inode_list):   # noqa: ANN001, ANN201
+        return None                       # (checkpoint, object) -> inode stays stable
+
+    def close_all(self) -> None:
+        for v in self.views.values():
+            v.close()                                       # type: ignore[attr-defined]
+        self.views = {}
+        if self.gate is not None:
+            self.gate.close()
+            self.gate = None
+        os.close(self.root_fd)

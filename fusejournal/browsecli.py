@@ -61,3 +61,125 @@ def browse_group(a: argparse.Namespace) -> int:
     print(f"browsing group {group.name!r} at {point}: {', '.join(m.name for m in group.members)} "
           f"(read-only, every member at one group checkpoint)")
     return 0
+
+
+# ------------------------------------------------------------------ retained checkpoints
+
+def retained_lines(shadow: Path) -> list[str]:
+    """``log``'s listing of the retained checkpoints (what browse --all and restore --checkpoint
+    can show), or why there are none."""
+    from datetime import UTC, datetime
+
+    from .history import retained
+    from .shadow import Shadow, ShadowError
+    try:
+        applied = Shadow(shadow).applied
+        cps = retained(shadow, applied)
+    except (ShadowError, OSError) as e:
+        return [f"retained: none (the shadow {shadow}: {e})"]
+    out = [f"retained in the shadow ({len(cps)}; browse --all, restore --checkpoint):"]
+    for c in cps:
+        when = datetime.fromtimestamp(c.time_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S") if c.time_ns else "-"
+        latest = "  (latest)" if c.id == applied else ""
+        out.append(f"{c.id:>6}  {when:20}  {c.label}{latest}")
+    return out
+
+
+def cmd_prune(a: argparse.Namespace) -> int:
+    """``prune MOUNTPOINT|JOURNAL --keep-last N | --keep-within DURATION``: delete the reverse
+    batches (and the objects only they hold) of the checkpoints the rule does not keep, oldest
+    first; the latest is always kept.  Runs like a batch of the updater: it waits for a batch
+    being applied and for restores/verifies, and browse requests wait for it."""
+    from .browsegate import UpdaterSide
+    from .cli import Target
+    from .history import Policy, prune, retained
+    from .shadow import Shadow, ShadowError
+    t = Target(a.target)
+    policy = Policy(keep_last=a.keep_last, keep_within=a.keep_within)
+    side = UpdaterSide(t.shadow)
+    try:
+        with side.pinning(wait=True), side.updating():     # after any restore reading history
+            try:
+                applied = Shadow(t.shadow).applied
+            except ShadowError as e:
+                raise UserError(str(e)) from None
+            dropped = prune(t.shadow, applied, policy)
+            left = retained(t.shadow, applied)
+    finally:
+        side.close()
+    kept = f"{left[0].id}..{left[-1].id}" if len(left) > 1 else f"{left[-1].id}"
+    if dropped:
+        gone = f"{dropped[0]}..{dropped[-1]}" if len(dropped) > 1 else f"{dropped[0]}"
+        print(f"pruned checkpoint(s) {gone}; retained: {kept}")
+    else:
+        print(f"nothing to prune; retained: {kept}")
+    return 0
+
+
+# ------------------------------------------------------------------ browse --all, --checkpoint N
+
+def browse_history(a: argparse.Namespace) -> int:
+    """``browse --all|--checkpoint N MOUNTPOINT|JOURNAL BROWSEPOINT``: spawn the daemon
+    (:func:`run_history_browse`) serving browse.HistoryBrowseOperations."""
+    from .cli import Target
+    from .history import retained
+    from .mount import spawn
+    from .shadow import Shadow, ShadowError
+    if a.browsepoint is None:
+        raise UserError("BROWSEPOINT is required", EXIT_USAGE)
+    if a.group:
+        raise UserError("--all and --checkpoint do not go with --group", EXIT_USAGE)
+    browsepoint = Path(os.path.abspath(a.browsepoint))
+    t = Target(a.target)
+    try:
+        applied = Shadow(t.shadow).applied
+    except ShadowError as e:
+        raise UserError(str(e)) from None
+    cps = retained(t.shadow, applied)
+    if a.checkpoint is not None and a.checkpoint not in {c.id for c in cps}:
+        have = f"{cps[0].id}..{cps[-1].id}" if len(cps) > 1 else f"{cps[-1].id}"
+        why = "not applied to the shadow yet" if a.checkpoint > applied else "not retained"
+        raise UserError(f"checkpoint {a.checkpoint} is {why} (retained: {have})", EXIT_USAGE)
+    argv = ["browse", os.fspath(t.shadow), os.fspath(browsepoint), "--tree"]
+    argv += ["--checkpoint", str(a.checkpoint)] if a.checkpoint is not None else ["--all"]
+    for o in a.o or []:
+        argv += ["-o", o]
+    spawn(argv)
+    what = f"checkpoint {a.checkpoint}" if a.checkpoint is not None else \
+        f"{len(cps)} retained checkpoint(s) and latest"
+    print(f"browsing {what} of the shadow {t.shadow} at {browsepoint} (read-only)")
+    return 0
+
+
+def run_history_browse(shadow: Path, browsepoint: Path, options: list[str], ready_fd: int | None,
+                       debug: bool, only: int | None) -> int:
+    """The daemon of ``browse --all`` / ``--checkpoint N`` (until unmounted)."""
+    import trio
+
+    from .checks import check_dir, check_mountpoint, fsname_for, mount_options
+    from .daemonize import Reporter, setup_logging
+    from .session import serve_session
+    reporter = Reporter(ready_fd)
+    setup_logging(None, debug, ready_fd is None)
+    try:
+        check_dir(browsepoint, "browse point")
+        check_mountpoint(browsepoint, journal_free=False)
+        from .browse import HistoryBrowseOperations
+        ops = HistoryBrowseOperations(shadow, only)
+
+        async def serve() -> None:
+            try:
+                await serve_session(ops, browsepoint,
+                                    mount_options(options, fsname=fsname_for(shadow, "fusejournal-history"),
+                                                  read_only=True),
+                                    lambda: reporter.ready({"browsepoint": os.fspath(browsepoint),
+                                                            "pid": os.getpid()}))
+            finally:
+                ops.close_all()
+        trio.run(serve)
+    except UserError as e:
+        reporter.error(e.exit_code, str(e))
+        if ready_fd is None:
+            raise
+        return e.exit_code
+    return 0

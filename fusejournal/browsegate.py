@@ -9,9 +9,12 @@ file, ``SHADOW/browse.lock``, with two POSIX byte-range locks:
 * byte 1, **gate**: the updater holds it exclusively while it changes the tree;
   the browse daemon holds it shared while any of its requests is in flight.
 
-and byte 2, **hold**: a long reader of the shadow (``fusejournal restore``,
-``fusejournal verify``; :func:`holding`) holds it shared for its whole run;
-the updater takes it exclusively first, waiting without bound.
+and byte 2, **hold**: a long reader of the shadow (``fusejournal verify``;
+:func:`holding`) holds it shared for its whole run; the updater takes it
+exclusively first, waiting without bound.  Byte 3, **pin**: a reader of
+retained checkpoints (``fusejournal restore``, :class:`StepReader`) holds it
+shared, reading in short steps under *gate* like a browse request; pruning
+history takes it exclusively (the updater skips pruning while it is held).
 
 The updater (:meth:`UpdaterSide.updating`, in the updater's process, a child of the
 journaled daemon: updaterproc.py):
@@ -64,6 +67,7 @@ LOCK_NAME = layout.SHADOW_BROWSE_LOCK
 _WANT = 0
 _GATE = 1
 _HOLD = 2
+_PIN = 3
 _CURSOR = "cursor"
 
 
@@ -134,9 +138,88 @@ class UpdaterSide:
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN, 3, 0)
 
+    @contextlib.contextmanager
+    def pinning(self, wait: bool) -> Iterator[bool]:
+        """Keep *pin* (byte 3) exclusively, to prune history: yields False (and holds
+        nothing) when a reader pins it and ``wait`` is False (see :class:`StepReader`)."""
+        if self._fd is None:
+            self._fd = _open_lock(self.root)
+        fd = self._fd
+        if wait:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, _PIN)
+        elif not _try(fd, fcntl.LOCK_EX, _PIN):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, _PIN)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
+
+
+class StepReader:
+    """A long reader that does not hold the updater (``restore`` of a retained checkpoint).
+
+    1. ``pin`` takes byte 3, *pin*, shared for the whole run: history is not pruned
+       meanwhile (the updater skips its pruning while a reader pins; ``prune`` waits).
+    2. Each ``step`` (a listing, an entry, a piece of a file) is admitted like a browse
+       request: when *want* is free it takes *gate* shared (polling), so the updater
+       never changes the tree during a step and waits at most one step; it yields
+       True when ``applied.json`` changed since the previous step (the shadow moved:
+       the reader reopens its view).  A staging cursor (an updater stopped half-way)
+       raises OSError(EIO).
+    A read-only shadow (no lock file can be made: no updater) needs no locks.
+    """
+
+    def __init__(self, shadow_root: str | os.PathLike[str]) -> None:
+        self.root = Path(shadow_root)
+        self._stamp: tuple[int, int] | None = None
+        try:
+            self._fd: int | None = _open_lock(self.root)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            self._fd = None
+
+    def pin(self) -> None:
+        if self._fd is not None:
+            fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, _PIN)
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[bool]:
+        fd = self._fd
+        if fd is not None:
+            delay = 0.0005
+            while True:
+                if _try(fd, fcntl.LOCK_SH, _WANT):
+                    fcntl.lockf(fd, fcntl.LOCK_UN, 1, _WANT)
+                    if _try(fd, fcntl.LOCK_SH, _GATE):
+                        break
+                time.sleep(delay)
+                delay = min(delay * 2, 0.01)
+        try:
+            if os.path.lexists(self.root / layout.SHADOW_STAGING / _CURSOR):
+                raise OSError(errno.EIO, f"the shadow {self.root} is half-way through a batch (its "
+                                         f"updater is stopped)")
+            try:
+                st = os.stat(self.root / layout.SHADOW_APPLIED)
+                stamp = (st.st_ino, st.st_mtime_ns)
+            except FileNotFoundError:
+                stamp = (0, 0)
+            moved = stamp != self._stamp
+            self._stamp = stamp
+            yield moved
+        finally:
+            if fd is not None:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, _GATE)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)          # releases every lock of this reader
             self._fd = None
 
 

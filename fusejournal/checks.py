@@ -39,6 +39,8 @@ class MountConfig:
     group: Path | None = None       # a consistency group's file (fusejournal/group.py) ...
     member: str | None = None       # ... and this tree's member name in it
     seed_wait: float = 1.0          # an online seed copies this long before mounting (seeding.py)
+    keep_last: int | None = None    # retention (fusejournal/history.py Policy); both None: the default
+    keep_within: float | None = None
 
 
 def _unescape_mountinfo(s: str) -> str:

@@ -72,6 +72,21 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _keep_last(text: str) -> int:
+    v = _nonneg_int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 (the latest checkpoint is always kept)")
+    return v
+
+
+def _duration(text: str) -> float:
+    from .history import parse_duration
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _getxattr(path: Path, name: bytes) -> bytes | None:
     try:
         return os.getxattr(path, name)
@@ -299,7 +314,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
                       options=a.o or [], memory_limit=a.memory_limit, halt_timeout=a.halt_timeout,
                       segment_limit=a.segment_limit, reseed=a.reseed, writeback=a.writeback_cache,
                       debug=a.debug, group=Path(os.path.abspath(a.group)) if a.group else None,
-                      member=a.member, seed_wait=a.seed_wait)
+                      member=a.member, seed_wait=a.seed_wait, keep_last=a.keep_last,
+                      keep_within=a.keep_within)
     if a.foreground:
         return run_daemon(cfg, a.ready_fd)
     argv = ["mount", os.fspath(source), os.fspath(mountpoint), "--journal", os.fspath(journal),
@@ -314,6 +330,10 @@ def cmd_mount(a: argparse.Namespace) -> int:
     if a.writeback_cache:
         argv.append("--writeback-cache")
     argv += ["--seed-wait", str(a.seed_wait)]
+    if a.keep_last is not None:
+        argv += ["--keep-last", str(a.keep_last)]
+    if a.keep_within is not None:
+        argv += ["--keep-within", f"{a.keep_within}s"]
     tty = sys.stderr.isatty()
 
     def progress(n: int) -> None:
@@ -337,6 +357,12 @@ def cmd_browse(a: argparse.Namespace) -> int:
     if a.group and not a.member:
         from .browsecli import browse_group
         return browse_group(a)
+    if a.all or a.checkpoint is not None:
+        from .browsecli import browse_history, run_history_browse
+        if not (a.tree and a.foreground):
+            return browse_history(a)
+        return run_history_browse(Path(a.target), Path(os.path.abspath(a.browsepoint)), a.o or [],
+                                  a.ready_fd, a.debug, a.checkpoint)
     if a.browsepoint is None:
         raise UserError("BROWSEPOINT is required", EXIT_USAGE)
     browsepoint = Path(os.path.abspath(a.browsepoint))
@@ -368,6 +394,11 @@ def cmd_browse(a: argparse.Namespace) -> int:
 
 def cmd_restore(a: argparse.Namespace) -> int:
     from .restore import cmd_restore as run
+    return run(a)
+
+
+def cmd_prune(a: argparse.Namespace) -> int:
+    from .browsecli import cmd_prune as run
     return run(a)
 
 
@@ -516,6 +547,11 @@ def cmd_log(a: argparse.Namespace) -> int:
                     "  (taken while seeding: never applied)" if m.extra.get("seeding") else "")
             print(f"{m.checkpoint:>6}  {when:20}  {m.operations:>10}  {m.raw_bytes:>12}  "
                   f"{m.stored_bytes:>12}  {m.label}{note}")
+    if not a.json:
+        from .browsecli import retained_lines
+        shadow = (read_meta(journal) or {}).get("shadow")
+        if shadow:
+            print("\n".join(retained_lines(Path(shadow))))
     for p in problems:
         print(f"damage: {p}", file=sys.stderr)
     if problems:
@@ -676,6 +712,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the kernel merge small writes (faster small writes and stats; but the "
                         "kernel then owns mtimes, which can differ from the disk's by the write-back "
                         "delay, and ENOSPC shows at fsync/close; see docs/design.md)")
+    m.add_argument("--keep-last", type=_keep_last, metavar="N",
+                   help="retain the last N checkpoints (default 24, unless --keep-within is given)")
+    m.add_argument("--keep-within", type=_duration, metavar="DURATION",
+                   help="retain the checkpoints younger than DURATION (90s, 15m, 24h, 7d, 2w)")
     m.add_argument("--debug", action="store_true")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--group", metavar="FILE", help="mount every member of a consistency group (TOML)")
@@ -688,6 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--group", metavar="FILE", help="browse --group FILE POINT: one directory per member, "
                    "all at one group checkpoint")
     b.add_argument("--member", help=argparse.SUPPRESS)
+    b.add_argument("--all", action="store_true",
+                   help="one directory per retained checkpoint (<id>-<label>) plus latest")
+    b.add_argument("--checkpoint", type=_nonneg_int, metavar="N", help="only the retained checkpoint N")
     b.add_argument("--foreground", "-f", action="store_true")
     b.add_argument("-o", action="append", metavar="OPT[,OPT...]")
     b.add_argument("--debug", action="store_true")
@@ -700,10 +743,18 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("dest", metavar="DEST")
     rs.add_argument("--path", metavar="SUBPATH", help="a file or directory of the tree (default: all)")
     rs.add_argument("--checkpoint", type=_nonneg_int,
-                    help="must be the applied checkpoint (older ones are not retained yet)")
+                    help="any retained checkpoint (see `fusejournal log`; default: the latest applied)")
     rs.add_argument("--force", action="store_true",
                     help="DEST may be non-empty: it is made equal to the checkpoint")
     rs.set_defaults(func=cmd_restore)
+
+    pr = sub.add_parser("prune", help="forget the older retained checkpoints")
+    pr.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
+    keep = pr.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--keep-last", type=_keep_last, metavar="N", help="keep the last N checkpoints")
+    keep.add_argument("--keep-within", type=_duration, metavar="DURATION",
+                      help="keep the checkpoints younger than DURATION (90s, 15m, 24h, 7d, 2w)")
+    pr.set_defaults(func=cmd_prune)
 
     vf = sub.add_parser("verify", help="take a checkpoint, wait for the shadow, compare it with the original")
     vf.add_argument("mountpoint")

@@ -23,6 +23,11 @@ Shadow (``--shadow DIR``)::
                    the original's inode number (decimal): the inode keys
     staging/       the batch being applied: the updater's cursor (fusejournal.staging)
     applied.json   the checkpoint tree/ stands at (written durably)
+    history/       retained checkpoints (fusejournal.history): N.rev, the reverse
+                   increment from checkpoint N+1 back to N; N.held/, the objects
+                   batch N+1 removed from tree/ (hard links or moved directories,
+                   named by their shadow inode number); marker.json, the marker
+                   of the applied checkpoint; N.rev.tmp while batch N+1 is applied
     shadow.json    the shadow's identity: a random id shared with the
                    journal's meta.json (``shadow_id``) and the source's identity
 
@@ -77,6 +82,10 @@ SHADOW_APPLIED = "applied.json"
 SHADOW_IDENTITY = "shadow.json"
 SHADOW_BROWSE_LOCK = "browse.lock"    # fusejournal/browsegate.py
 STAGING_CURSOR = "cursor"       # in SHADOW_STAGING
+SHADOW_HISTORY = "history"
+HISTORY_REV_SUFFIX = ".rev"     # in SHADOW_HISTORY: N + this
+HISTORY_HELD_SUFFIX = ".held"   # in SHADOW_HISTORY: N + this, a directory
+HISTORY_MARKER = "marker.json"  # in SHADOW_HISTORY
 
 # a consistency group's journal
 GROUP_COMMITS = "commits.jsonl"
@@ -93,7 +102,7 @@ GROUP_MEMBERS_DIR = "members"
 TMP_SUFFIX = ".tmp"
 #: every name a shadow directory may hold (plus ``NAME.tmp`` during an atomic write)
 SHADOW_NAMES = frozenset({SHADOW_TREE, SHADOW_INODES, SHADOW_STAGING, SHADOW_APPLIED, SHADOW_IDENTITY,
-                          SHADOW_BROWSE_LOCK})
+                          SHADOW_BROWSE_LOCK, SHADOW_HISTORY})
 
 #: modes of everything the daemon creates for itself (never the application's files)
 PRIVATE_DIR_MODE = 0o700

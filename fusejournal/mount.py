@@ -91,6 +91,7 @@ class Daemon:
     def prepare(self) -> None:
         from .acquisition import Checkpointer
         from .control import Control
+        from .history import retention_policy
         from .updater import Updater
 
         cfg = self.cfg
@@ -167,7 +168,8 @@ class Daemon:
                             f"shadow (`fusejournal mount --reseed`, application stopped)")
 
         self.store = TempStore(self.journal.spill_dir, memory_limit=cfg.memory_limit)
-        self.updater = Updater(self.olog, self.shadow)
+        self.updater = Updater(self.olog, self.shadow,
+                               retention=retention_policy(cfg.keep_last, cfg.keep_within))
         self.update_task = UpdateTask(self.updater, self.olog, self.shadow, applied, journal=cfg.journal,
                                       group=(os.fspath(cfg.group), cfg.member) if cfg.group else None,
                                       debug=cfg.debug)

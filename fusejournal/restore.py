@@ -5,14 +5,18 @@
 1. Find the shadow (MOUNTPOINT|JOURNAL as everywhere) and check DEST: not
    inside the shadow, the journal or the live mount; absent or empty unless
    ``--force``.
-2. Hold the shadow (``browsegate.holding``): wait for a batch being applied to
-   finish, then keep the updater out until the copy is done, so the copy is
-   one checkpoint.  Browse mounts keep working; checkpoints keep being made
-   durable in the ordered log; the shadow catches up afterwards.
-3. Refuse a half-applied shadow (a staging cursor) and a ``--checkpoint``
-   other than the one applied: older checkpoints are not retained yet.
-4. Resolve SUBPATH one component at a time with ``O_NOFOLLOW`` (``..`` and
-   symlinks on the way are refused: nothing outside the tree is read).
+2. Pin the shadow's history (``browsegate.StepReader``): no checkpoint is
+   pruned while the restore runs; the updater is *not* held up.
+3. Checkpoint K (``--checkpoint``, default the latest applied) must be
+   applied and retained; it is read through ``history_view.TreeAt`` (the
+   mirror and the reverse batches), whose contents at K never change: every
+   access is one *step* under the browse gate (a listing, an entry, 1 MiB of
+   a file), between which the updater may apply checkpoints; after it moved,
+   the view is opened again and reads K as before.  So the copy is exactly
+   checkpoint K, and the updater waits at most one step.  A half-applied
+   shadow (a staging cursor: its updater stopped) is refused.
+4. Resolve SUBPATH at K one component at a time (``..`` and symlinks on the
+   way are refused: nothing outside the tree is read).
 5. Walk the subtree depth-first with one open directory per level (memory
    bounded by depth, plus one entry per multiply-linked file for its hard
    links), copying names, types, contents with holes, modes, owners, symlink
@@ -31,6 +35,7 @@ partial copy (files not yet given their mtime); rerun with ``--force``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -38,15 +43,17 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import layout
-from .browsegate import holding
+from .browsegate import StepReader
 from .errors import EXIT_USAGE, UserError
+from .faults import fault
+from .history_view import HistoryError, Node, NotRetained, Stat, TreeAt
 from .shadow import Shadow, ShadowError
 from .treewalk import O_DIR as _O_DIR
-from .treewalk import O_READ as _O_READ
-from .treewalk import copy_data, copy_path_xattrs, read_xattrs, write_xattrs
+from .treewalk import O_PATH as _O_PATH
+from .treewalk import copy_range, write_xattrs
 
 _CURSOR = "cursor"
 
@@ -60,51 +67,95 @@ def _real(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
-def resolve_subpath(tree_fd: int, subpath: str) -> tuple[int, bytes | None]:
-    """(fd of the directory holding the object, its name) for SUBPATH in the tree; name None
-    for the tree root (fd is then the root's).  Refuses ``..`` and symlinks on the way."""
-    parts = [p for p in os.fsencode(subpath).split(b"/") if p not in (b"", b".")]
-    if b".." in parts:
-        raise UserError(f"--path {subpath!r}: '..' is not allowed (the path must stay inside the tree)",
-                        EXIT_USAGE)
-    fd = os.open(".", _O_DIR, dir_fd=tree_fd)
-    if not parts:
-        return fd, None
-    try:
-        for i, part in enumerate(parts[:-1]):
-            try:
-                nfd = os.open(part, _O_DIR, dir_fd=fd)
-            except OSError as e:
-                where = b"/".join(parts[:i + 1]).decode("utf-8", "backslashreplace")
-                if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise UserError(f"--path {subpath!r}: {where} is not a directory (a symlink is "
-                                    f"never followed)", EXIT_USAGE) from None
-                if e.errno == errno.ENOENT:
-                    raise UserError(f"--path {subpath!r}: {where} does not exist in the checkpoint",
-                                    EXIT_USAGE) from None
-                raise
-            os.close(fd)
-            fd = nfd
+class Source:
+    """Checkpoint K as ViewRestorer reads it: a history_view.TreeAt opened again whenever the
+    shadow moved (between steps, under a StepReader), and the objects found again by their
+    path at K.  Without a reader (tests), the view is fixed."""
+
+    def __init__(self, shadow_root: Path, k: int, reader: StepReader | None) -> None:
+        self.root = shadow_root
+        self.k = k
+        self.reader = reader
+        self.view: TreeAt | None = None
+        self.gen = 0
+
+    def _open(self) -> None:
+        if self.view is not None:
+            self.view.close()
+            self.view = None
         try:
-            os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            raise UserError(f"--path {subpath!r} does not exist in the checkpoint", EXIT_USAGE) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, parts[-1]
+            self.view = TreeAt(self.root, self.k)
+        except NotRetained as e:
+            raise UserError(str(e), EXIT_USAGE) from None
+        except HistoryError as e:
+            raise UserError(f"checkpoint {self.k} cannot be read: {e}") from None
+        self.gen += 1
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[TreeAt]:
+        fault("restore.step")           # between two steps: nothing is held here
+        if self.reader is None:
+            if self.view is None:
+                self._open()
+            assert self.view is not None
+            yield self.view
+            return
+        try:
+            with self.reader.step() as moved:
+                if moved or self.view is None:
+                    self._open()
+                assert self.view is not None
+                yield self.view
+        except OSError as e:
+            if e.errno == errno.EIO and "half-way" in str(e):
+                raise UserError(f"{e.strerror}: mount the journal again so that it finishes, then "
+                                f"restore (--force reruns cheaply)") from None
+            raise
+
+    def node(self, ref: _Ref) -> Node:
+        """``ref``'s node in the current view (looked up again by its path after a move)."""
+        if ref.gen == self.gen:
+            return ref.node
+        assert self.view is not None
+        n = self.view.resolve(ref.kpath)
+        if n is None or n.sino != ref.node.sino:
+            raise OSError(errno.ESTALE, f"{ref.kpath!r} of checkpoint {self.k} is not found again")
+        ref.node, ref.gen = n, self.gen
+        return n
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.close()
+            self.view = None
 
 
-class Restorer:
-    """Copies one subtree of the shadow into DEST (steps 5 of the module docstring)."""
+@dataclass
+class _Ref:
+    node: Node
+    kpath: bytes        # its path at checkpoint K
+    gen: int
 
-    def __init__(self, force: bool, progress: Callable[[int, int], None] | None = None) -> None:
+
+class ViewRestorer:
+    """Copies one subtree of a checkpoint into DEST through a :class:`Source` (step 5).
+
+    Names, types, contents (data extents only: holes stay holes; unchanged files by
+    ``copy_file_range`` from the mirror), modes, owners, symlinks, devices, hard links
+    (by object), xattrs, mtimes; a directory's mode, xattrs and mtime after its
+    contents.  With ``--force`` DEST is made equal: names not in the checkpoint are
+    removed, a regular file with the same size, mtime, mode and owner is kept (a rerun
+    is cheap), anything else replaced.  Every access is one step of the source: the
+    updater waits at most for one directory listing or 1 MiB of a file.
+    """
+
+    def __init__(self, src: Source, force: bool, progress: Callable[[int, int], None] | None = None) -> None:
+        self.src = src
         self.force = force
         self.progress = progress
         self.entries = 0
         self.bytes = 0
         self.owner_skipped = 0
-        self.links: dict[int, bytes] = {}     # shadow st_ino -> DEST-relative path of its first name
+        self.links: dict[int, bytes] = {}     # sino -> DEST-relative path of its first name
         self.dest_root = -1
         self.is_root = os.geteuid() == 0
 
@@ -124,152 +175,198 @@ class Restorer:
                 raise
             self.owner_skipped += 1
 
-    def run(self, src_parent: int, name: bytes | None, dest: Path) -> None:
+    def run(self, ref: _Ref, name: bytes | None, dest: Path) -> None:
         dest.mkdir(mode=0o700, exist_ok=True)
         self.dest_root = os.open(dest, _O_DIR)
         try:
-            if name is None:
-                src = os.open(".", _O_DIR, dir_fd=src_parent)
-                self._copy_tree(src, os.open(".", _O_DIR, dir_fd=self.dest_root), b"")
+            if ref.node.kind == stat.S_IFDIR:
+                self._copy_tree(ref, os.open(".", _O_DIR, dir_fd=self.dest_root))
             else:
-                st = os.stat(name, dir_fd=src_parent, follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode):
-                    src = os.open(name, _O_DIR, dir_fd=src_parent)
-                    self._copy_tree(src, os.open(".", _O_DIR, dir_fd=self.dest_root), b"")
-                else:
-                    self._sync_names(src_parent, self.dest_root, {name})
-                    self._copy_entry(src_parent, self.dest_root, name, name)
+                assert name is not None
+                if self.force:
+                    for n in os.listdir(self.dest_root):
+                        if os.fsencode(n) != name:
+                            _remove(self.dest_root, os.fsencode(n))
+                self._copy_entry(ref, self.dest_root, name, name)
         finally:
             os.close(self.dest_root)
 
-    def _sync_names(self, src: int, dst: int, keep: set[bytes] | None = None) -> None:
-        """With --force: remove from ``dst`` every name not in ``src`` (or not in ``keep``)."""
-        names = keep if keep is not None else {os.fsencode(n) for n in os.listdir(src)}
-        for n in os.listdir(dst):
-            b = os.fsencode(n)
-            if b not in names:
-                self._remove(dst, b)
+    def _children(self, ref: _Ref) -> list[tuple[bytes, _Ref]]:
+        with self.src.step() as v:
+            node = self.src.node(ref)
+            return [(name, _Ref(n, ref.kpath + b"/" + name if ref.kpath else name, self.src.gen))
+                    for name, n in v.listdir(node)]
 
-    @staticmethod
-    def _remove(dst: int, name: bytes) -> None:
-        st = os.stat(name, dir_fd=dst, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(os.fsdecode(name), dir_fd=dst)
-        else:
-            os.unlink(name, dir_fd=dst)
-
-    def _copy_tree(self, src: int, dst: int, path: bytes) -> None:
-        # (src dir fd, dst dir fd, remaining names, DEST-relative path)
-        stack = [(src, dst, iter(sorted(os.fsencode(n) for n in os.listdir(src))), path)]
+    def _copy_tree(self, ref: _Ref, dst: int) -> None:
+        kids = self._children(ref)
+        stack: list[tuple[_Ref, int, Iterator[tuple[bytes, _Ref]], bytes]] = [(ref, dst, iter(kids), b"")]
         if self.force:
-            self._sync_names(src, dst)
+            self._sync_names(kids, dst)
         try:
             while stack:
-                s, d, names, p = stack[-1]
-                name = next(names, None)
-                if name is None:
+                r, d, it, p = stack[-1]
+                nxt = next(it, None)
+                if nxt is None:
                     stack.pop()
                     try:
-                        self._finish_dir(s, d)
+                        self._finish_dir(r, d)
                     finally:
-                        os.close(s)
                         os.close(d)
                     continue
-                sub = self._copy_entry(s, d, name, p + b"/" + name if p else name)
+                name, child = nxt
+                sub = self._copy_entry(child, d, name, p + b"/" + name if p else name)
                 if sub is not None:
                     stack.append(sub)
         finally:
-            for s, d, _, _ in stack:
-                os.close(s)
+            for _, d, _, _ in stack:
                 os.close(d)
 
-    def _finish_dir(self, src: int, dst: int) -> None:
-        st = os.fstat(src)
-        self._chown(dst, st.st_uid, st.st_gid)
-        os.fchmod(dst, stat.S_IMODE(st.st_mode))
-        write_xattrs(dst, False, read_xattrs(src, False))
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    @staticmethod
+    def _sync_names(kids: list[tuple[bytes, _Ref]], dst: int) -> None:
+        keep = {name for name, _ in kids}
+        for n in os.listdir(dst):
+            if os.fsencode(n) not in keep:
+                _remove(dst, os.fsencode(n))
 
-    def _existing(self, dst: int, name: bytes) -> os.stat_result | None:
+    def _about(self, ref: _Ref) -> tuple[Stat, dict[str, bytes], bytes | None]:
+        with self.src.step() as v:
+            node = self.src.node(ref)
+            st = v.stat(node)
+            xattrs = {os.fsdecode(k): val for k, val in v.xattrs(node).items()}
+            target = v.readlink(node) if stat.S_ISLNK(st.mode) else None
+            return st, xattrs, target
+
+    def _finish_dir(self, ref: _Ref, dst: int) -> None:
+        st, xattrs, _ = self._about(ref)
+        self._chown(dst, st.uid, st.gid)
+        os.fchmod(dst, stat.S_IMODE(st.mode))
+        write_xattrs(dst, False, xattrs)
+        os.utime(dst, ns=(st.atime_ns, st.mtime_ns))
+
+    def _copy_entry(self, ref: _Ref, dst: int, name: bytes,
+                    rel: bytes) -> tuple[_Ref, int, Iterator[tuple[bytes, _Ref]], bytes] | None:
+        st, xattrs, target = self._about(ref)
+        mode = st.mode
         try:
-            return os.stat(name, dir_fd=dst, follow_symlinks=False)
+            have: os.stat_result | None = os.stat(name, dir_fd=dst, follow_symlinks=False)
         except FileNotFoundError:
-            return None
-
-    def _copy_entry(self, src: int, dst: int, name: bytes,
-                    rel: bytes) -> tuple[int, int, Iterator[bytes], bytes] | None:
-        st = os.stat(name, dir_fd=src, follow_symlinks=False)
-        mode = st.st_mode
-        have = self._existing(dst, name)
+            have = None
         if stat.S_ISDIR(mode):
             if have is not None and not stat.S_ISDIR(have.st_mode):
-                self._remove(dst, name)
+                _remove(dst, name)
                 have = None
             if have is None:
                 os.mkdir(name, 0o700, dir_fd=dst)
-            s = os.open(name, _O_DIR, dir_fd=src)
+            d = os.open(name, _O_DIR, dir_fd=dst)
             try:
-                d = os.open(name, _O_DIR, dir_fd=dst)
+                if have is not None:
+                    os.fchmod(d, 0o700)        # writable while it is filled (mode set at the end)
+                kids = self._children(ref)
+                if have is not None and self.force:
+                    self._sync_names(kids, d)
             except BaseException:
-                os.close(s)
+                os.close(d)
                 raise
-            if have is not None:
-                os.fchmod(d, 0o700)        # writable while it is filled (mode set at the end)
-                if self.force:
-                    self._sync_names(s, d)
             self._tick()
-            return s, d, iter(sorted(os.fsencode(n) for n in os.listdir(s))), rel
-        # the shadow holds one hidden link per non-directory: more than 2 means hard links
-        linked = st.st_nlink > 2
-        first = self.links.get(st.st_ino) if linked else None
+            return ref, d, iter(kids), rel
+        linked = st.nlink > 1
+        first = self.links.get(ref.node.sino) if linked else None
         if have is not None:
-            if (first is None and stat.S_ISREG(mode) and stat.S_ISREG(have.st_mode) and have.st_nlink == 1
-                    and not linked and have.st_size == st.st_size and have.st_mtime_ns == st.st_mtime_ns
+            if (first is None and not linked and stat.S_ISREG(mode) and stat.S_ISREG(have.st_mode)
+                    and have.st_nlink == 1 and have.st_size == st.size and have.st_mtime_ns == st.mtime_ns
                     and stat.S_IMODE(have.st_mode) == stat.S_IMODE(mode)
-                    and (have.st_uid, have.st_gid) == (st.st_uid, st.st_gid)):
+                    and (have.st_uid, have.st_gid) == (st.uid, st.gid)):
                 self._tick()             # copied completely by an earlier run
                 return None
-            self._remove(dst, name)
+            _remove(dst, name)
         if first is not None:
             os.link(first, name, src_dir_fd=self.dest_root, dst_dir_fd=dst, follow_symlinks=False)
             self._tick()
             return None
         if stat.S_ISREG(mode):
-            self._copy_file(src, dst, name)
+            self._copy_file(ref, st, xattrs, dst, name)
         elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
-            self._chown(name, st.st_uid, st.st_gid, dir_fd=dst)
-            copy_path_xattrs(src, dst, name)
-            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
-        else:                        # fifo, socket, device
-            os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst)
-            self._chown(name, st.st_uid, st.st_gid, dir_fd=dst)
+            assert target is not None
+            os.symlink(target, name, dir_fd=dst)
+            self._chown(name, st.uid, st.gid, dir_fd=dst)
+            os.utime(name, ns=(st.atime_ns, st.mtime_ns), dir_fd=dst, follow_symlinks=False)
+        else:
+            os.mknod(name, stat.S_IFMT(mode) | 0o600, st.rdev, dir_fd=dst)
+            self._chown(name, st.uid, st.gid, dir_fd=dst)
             os.chmod(name, stat.S_IMODE(mode), dir_fd=dst)
-            copy_path_xattrs(src, dst, name)
-            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
+            if xattrs:
+                f = os.open(name, _O_PATH, dir_fd=dst)
+                try:
+                    write_xattrs(f, True, xattrs)
+                finally:
+                    os.close(f)
+            os.utime(name, ns=(st.atime_ns, st.mtime_ns), dir_fd=dst, follow_symlinks=False)
         if linked:
-            self.links[st.st_ino] = rel
+            self.links[ref.node.sino] = rel
         self._tick()
         return None
 
-    def _copy_file(self, src: int, dst: int, name: bytes) -> None:
-        s = os.open(name, _O_READ, dir_fd=src)
+    def _copy_file(self, ref: _Ref, st: Stat, xattrs: dict[str, bytes], dst: int, name: bytes) -> None:
+        d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600, dir_fd=dst)
         try:
-            st = os.fstat(s)
-            d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        0o600, dir_fd=dst)
-            try:
-                copy_data(s, d, st.st_size)
-                self.bytes += st.st_size
-                self._chown(d, st.st_uid, st.st_gid)
-                os.fchmod(d, stat.S_IMODE(st.st_mode))
-                write_xattrs(d, False, read_xattrs(s, False))
-                os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))     # last: marks it complete
-            finally:
-                os.close(d)
+            with self.src.step() as v:
+                extents = v.data_map(self.src.node(ref), st.size)
+            for a, b in extents:
+                p = a
+                while p < b:                 # one step per MiB: the updater waits at most that
+                    n = min(b - p, _STEP_BYTES)
+                    with self.src.step() as v:
+                        node = self.src.node(ref)
+                        fd = v.open(node, os.O_RDONLY)
+                        try:
+                            if v.unchanged(node):
+                                copy_range(fd, d, p, p + n)
+                            else:
+                                os.pwrite(d, v.read(node, p, n, fd), p)
+                        finally:
+                            os.close(fd)
+                    p += n
+            os.ftruncate(d, st.size)
+            self.bytes += st.size
+            self._chown(d, st.uid, st.gid)
+            os.fchmod(d, stat.S_IMODE(st.mode))
+            write_xattrs(d, False, xattrs)
+            os.utime(d, ns=(st.atime_ns, st.mtime_ns))     # last: marks it complete
         finally:
-            os.close(s)
+            os.close(d)
 
+
+_STEP_BYTES = 1 << 20
+
+
+def _remove(dst: int, name: bytes) -> None:
+    st = os.stat(name, dir_fd=dst, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(os.fsdecode(name), dir_fd=dst)
+    else:
+        os.unlink(name, dir_fd=dst)
+
+
+def resolve_view_subpath(view: TreeAt, subpath: str) -> tuple[Node, bytes | None]:
+    """(node, its name; None for the root) of SUBPATH at the view's checkpoint; ``..`` and
+    symlinks on the way are refused."""
+    parts = [p for p in os.fsencode(subpath).split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise UserError(f"--path {subpath!r}: '..' is not allowed (the path must stay inside the tree)",
+                        EXIT_USAGE)
+    node: Node | None = view.root
+    for i, part in enumerate(parts):
+        assert node is not None
+        if node.kind != stat.S_IFDIR:
+            where = b"/".join(parts[:i]).decode("utf-8", "backslashreplace")
+            raise UserError(f"--path {subpath!r}: {where} is not a directory (a symlink is never "
+                            f"followed)", EXIT_USAGE)
+        node = view.lookup(node, part)
+        if node is None:
+            raise UserError(f"--path {subpath!r} does not exist in checkpoint {view.k}", EXIT_USAGE)
+    assert node is not None
+    return node, parts[-1] if parts else None
 
 
 def check_dest(dest: Path, forbidden: list[tuple[Path, str]], force: bool) -> None:
@@ -290,37 +387,40 @@ def check_dest(dest: Path, forbidden: list[tuple[Path, str]], force: bool) -> No
 
 def restore(shadow_root: Path, dest: Path, *, subpath: str | None, checkpoint: int | None, force: bool,
             forbidden: list[tuple[Path, str]], progress: Callable[[int, int], None] | None = None
-            ) -> tuple[int, Restorer]:
-    """Steps 1-5 of the module docstring; returns (checkpoint restored, the Restorer)."""
+            ) -> tuple[int, ViewRestorer]:
+    """Steps 1-5 of the module docstring; returns (checkpoint restored, the restorer)."""
     shadow = Shadow(shadow_root)
     check_dest(dest, forbidden + [(shadow_root, "shadow")], force)
-    with holding(shadow_root):
-        try:
-            applied = shadow.applied
-        except ShadowError as e:
-            raise UserError(str(e)) from None
-        if os.path.lexists(shadow.staging / _CURSOR):
-            raise UserError(f"the shadow {shadow_root} is half-way through a batch (its updater is "
-                            f"stopped): mount the journal again so that it finishes, then restore")
-        if checkpoint is not None and checkpoint != applied:
-            if checkpoint < applied:
-                raise UserError(f"checkpoint {checkpoint} is not retained: only the latest applied "
-                                f"checkpoint ({applied}) can be restored; older checkpoints are not "
-                                f"kept yet", EXIT_USAGE)
-            raise UserError(f"checkpoint {checkpoint} is not applied to the shadow yet (it stands at "
-                            f"{applied}): run `fusejournal wait --checkpoint {checkpoint}` first",
-                            EXIT_USAGE)
-        tree_fd = shadow.open_sub(layout.SHADOW_TREE)
-        try:
-            parent, name = resolve_subpath(tree_fd, subpath or "")
-        finally:
-            os.close(tree_fd)
-        try:
-            r = Restorer(force, progress)
-            r.run(parent, name, dest)
-        finally:
-            os.close(parent)
-    return applied, r
+    reader = StepReader(shadow_root)
+    src: Source | None = None
+    try:
+        reader.pin()                    # no prune while we read (the updater goes on)
+        with reader.step():
+            try:
+                applied = shadow.applied
+            except ShadowError as e:
+                raise UserError(str(e)) from None
+            k = applied if checkpoint is None else checkpoint
+            if k > applied:
+                raise UserError(f"checkpoint {k} is not applied to the shadow yet (it stands at "
+                                f"{applied}): run `fusejournal wait --checkpoint {k}` first", EXIT_USAGE)
+        src = Source(shadow_root, k, reader)
+        with src.step() as v:
+            node, name = resolve_view_subpath(v, subpath or "")
+            kpath = b"/".join(p for p in os.fsencode(subpath or "").split(b"/") if p not in (b"", b"."))
+            ref = _Ref(node, kpath, src.gen)
+        r = ViewRestorer(src, force, progress)
+        r.run(ref, name, dest)
+    except OSError as e:
+        if e.errno == errno.EIO and "half-way" in str(e):
+            raise UserError(f"{e.strerror}: mount the journal again so that it finishes, then "
+                            f"restore") from None
+        raise
+    finally:
+        if src is not None:
+            src.close()
+        reader.close()
+    return k, r
 
 
 def cmd_restore(a: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ from . import sysc
 from .browsegate import UpdaterSide
 from .errors import SPACE_ERRNOS, NoSpace, UpdaterError
 from .faults import fault
+from .history import HistoryWriter, Policy
 from .layout import SHADOW_INODES, SHADOW_TREE
 from .log import CheckpointInfo, Marker
 from .records import (
@@ -111,6 +112,7 @@ class _Applier:
         self.resumed = False
         self.token: tuple[int, int, int] | None = None    # (index, st_dev, st_ino), see Cursor
         self.staging: StagingCursor | None = None
+        self.history: HistoryWriter | None = None         # retained checkpoints (history.py)
         self.tree_fd = self.inodes_fd = -1
         self.walk: ParentCache | None = None
         try:
@@ -260,7 +262,11 @@ class _Applier:
         try:
             os.link(name, key, src_dir_fd=pfd, dst_dir_fd=self.inodes_fd, follow_symlinks=False)
         except FileExistsError:                 # inode number reused (or replay)
-            os.unlink(key, dir_fd=self.inodes_fd)
+            old = self._key_stat(ino)
+            if old is not None and old.st_nlink == 1:    # the old object has no name left
+                self._drop_key(key, old)
+            else:
+                os.unlink(key, dir_fd=self.inodes_fd)
             os.link(name, key, src_dir_fd=pfd, dst_dir_fd=self.inodes_fd, follow_symlinks=False)
         self.deferred.pop(ino, None)
 
@@ -374,7 +380,7 @@ class _Applier:
             kst = self._key_stat(r.ino)
             if kst is not None and kst.st_nlink == 1:   # only the hidden link is left
                 self._drop_fd(r.ino)
-                os.unlink(str(r.ino), dir_fd=self.inodes_fd)
+                self._drop_key(str(r.ino), kst)
             self._set_dir_mtime(pfd, r.pmtime_ns)
         finally:
             self._release(pfd)
@@ -533,11 +539,17 @@ class _Applier:
                     continue
                 if not everything and (st.st_dev, st.st_ino) not in self.replaced:
                     continue
-                os.unlink(entry.name, dir_fd=self.inodes_fd)
+                self._drop_key(entry.name, st)
         self.replaced.clear()
 
+    def _drop_key(self, key: str, st: os.stat_result) -> None:
+        """Remove the last link of an object that has no name left: kept in history if it is on."""
+        if self.history is None or not self.history.hold_key(self.inodes_fd, key, st):
+            os.unlink(key, dir_fd=self.inodes_fd)
 
-def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], start: int = 0) -> int:
+
+def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], start: int = 0,
+                  history: HistoryWriter | None = None) -> int:
     """Apply the records of ``checkpoint`` to ``shadow``'s tree, in order.
 
     The first ``start`` records were applied by an earlier, interrupted run:
@@ -556,6 +568,9 @@ def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], st
     applied = 0
     try:
         ap.begin(start)
+        if history is not None:         # the reverse batch, after the cursor (history.py)
+            ap.history = history
+            history.begin(checkpoint, ap.resumed, start)
         index = -1
         for index, rec in enumerate(records):
             check_record(checkpoint, index, rec)
@@ -563,6 +578,8 @@ def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], st
                 ap.note(rec)
                 continue
             try:
+                if history is not None:
+                    history.capture(rec, index)
                 ap.apply_one(rec, index)
             except OSError as e:
                 if _is_space_error(e):
@@ -613,7 +630,8 @@ class Updater:
     """
 
     def __init__(self, olog: LogSource, shadow: Shadow,
-                 committed: Callable[[Marker], bool | None] | None = None) -> None:
+                 committed: Callable[[Marker], bool | None] | None = None,
+                 retention: Policy | None = None) -> None:
         self.olog = olog
         self.shadow = shadow
         #: a consistency group member's rule (fusejournal/member.py): marker ->
@@ -625,6 +643,8 @@ class Updater:
         self._current: int | None = None
         #: browse mounts never see a batch half-applied (fusejournal/browsegate.py)
         self.browse_gate = UpdaterSide(shadow.root)
+        #: the reverse batch of each checkpoint applied (fusejournal/history.py)
+        self.history = HistoryWriter(shadow.root, retention or Policy())
 
     def run_once(self) -> int:
         """Apply every complete checkpoint after ``shadow.applied``; return the new applied id.
@@ -710,10 +730,14 @@ class Updater:
             # one pass: CorruptLog, or UpdaterError for a bad record: stop before this checkpoint
             self.olog.verify(info, functools.partial(check_record, n))
             with self.browse_gate.updating():
-                apply_records(shadow, n, self.olog.records(info), start)
+                apply_records(shadow, n, self.olog.records(info), start, self.history)
+                self.history.finish(n, getattr(info.marker, "time_ns", 0), getattr(info.marker, "label", ""))
                 fault("updater.before_applied")
                 shadow.set_applied(n)
                 clear_cursor(shadow)
+                with self.browse_gate.pinning(wait=False) as free:
+                    if free:                # (a restore reading history pins it: prune after it)
+                        self.history.retain(n)
             applied = n
             expect = n + 1
         if cursor is not None:

@@ -49,6 +49,7 @@ from typing import Any
 
 from . import faults
 from .daemonize import setup_logging
+from .history import retention_policy
 from .log import CheckpointInfo, Marker, OrderedLog, Position
 from .records import Record
 from .shadow import Shadow
@@ -258,7 +259,8 @@ def main(argv: list[str]) -> int:
         shadow._pinned = (cfg["pin"][0], cfg["pin"][1])   # the daemon's claim: never another directory
         flog = ForwardedLog(cfg["log_dir"])
         rule = _group_rule(*cfg["group"]) if cfg.get("group") else None
-        updater = Updater(flog, shadow, committed=rule)
+        keep_last, keep_within = cfg.get("retention") or (None, None)
+        updater = Updater(flog, shadow, committed=rule, retention=retention_policy(keep_last, keep_within))
         UpdaterLoop(updater, flog, shadow, sock).run()
     except (BrokenPipeError, ConnectionResetError):
         pass                              # the daemon is gone

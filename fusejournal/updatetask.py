@@ -184,7 +184,9 @@ class UpdateTask:
             cfg = {"parent": os.getpid(), "sock": theirs.fileno(), "shadow": os.path.abspath(self.shadow.root),
                    "pin": [root.st_dev, root.st_ino], "log_dir": os.path.abspath(self.olog.directory),
                    "journal": os.path.abspath(self.journal) if self.journal is not None else None,
-                   "group": list(self.group) if self.group else None, "debug": self.debug}
+                   "group": list(self.group) if self.group else None, "debug": self.debug,
+                   # the mount's retention policy (history.py), which the child's updater prunes by
+                   "retention": [self.updater.history.policy.keep_last, self.updater.history.policy.keep_within]}
             # from the trio thread: PR_SET_PDEATHSIG follows the thread that forks
             proc = subprocess.Popen([sys.executable, "-m", "fusejournal.updaterproc", json.dumps(cfg)],
                                     pass_fds=(theirs.fileno(),) + ((claim,) if claim >= 0 else ()),

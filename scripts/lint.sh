@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
   fusejournal/checks.py fusejournal/daemonize.py fusejournal/treewalk.py fusejournal/streamer.py
 # the browse gate, restore and verify (issue 10)
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
-  fusejournal/browsegate.py fusejournal/restore.py fusejournal/verify_cmd.py
+  fusejournal/browsegate.py fusejournal/restore.py fusejournal/verify_cmd.py \
+  fusejournal/history.py fusejournal/history_view.py
 # the shadow, its seed, verifier and resync; record validation; recovery
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/shadow.py fusejournal/seed.py fusejournal/verify.py fusejournal/resync.py \

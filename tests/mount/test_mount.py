@@ -307,7 +307,9 @@ def test_cli_checkpoint_status_wait_log(mounted: Mounted) -> None:
     assert st["last_checkpoint"] == 1 and st["shadow_checkpoint"] == 1
     assert st["pending_operations"] == 0 and st["log_stored_bytes"] > 0
     r = fj("log", mounted.journal)
-    assert "nightly" in r.stdout and r.stdout.count("\n") == 2
+    table, _, retained = r.stdout.partition("retained in the shadow")   # then what the shadow keeps
+    assert "nightly" in table and table.count("\n") == 2
+    assert "nightly  (latest)" in retained
     # the journal directory works as a target too
     assert json.loads(fj("status", mounted.journal, "--json").stdout)["last_checkpoint"] == 1
     r = fj("wait", mp, "--checkpoint", "5", "--timeout", "0.3", check=False)
