@@ -32,6 +32,10 @@ cd "$(dirname "$0")/.."
 # the online seed (issue 12)
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/seeding.py
+# No merge left half-done: conflict markers in any tracked file
+if git grep -nE '^(<<<<<<<|>>>>>>>) ' -- . ':!scripts/lint.sh' ; then
+  echo "conflict markers left in the files above" >&2; exit 1
+fi
 # One FUSE layer: no other module imports pyfuse3
 if grep -lE '^\s*(import pyfuse3|from pyfuse3)' fusejournal/*.py | grep -vE '/(fs|browse|session)\.py$'; then
   echo "pyfuse3 is imported outside the FUSE layer (fs.py, browse.py, session.py)" >&2; exit 1
