@@ -325,14 +325,14 @@ def test_a_write_past_the_end_keeps_the_hole_before_it(hist):
 def test_a_replaced_file_whose_inode_number_is_reused_in_the_same_batch_is_kept(hist):
     """Found by the random test: a file replaced by a rename loses its hidden link to a new file
     that got its inode number in the same batch; it must still be kept for the older checkpoint."""
-    from test_updater import _create_reusing
+    from unithelp import create_reusing
     r = hist.e.rec
     r.create(b"c", 0o644, b"c data")
     hist.sync()
     ino_c = r.lst(b"c").st_ino
     r.create(b"new", 0o644, b"replacement")
     r.rename(b"new", b"c")
-    _create_reusing(r, b"dd", ino_c)
+    create_reusing(r, b"dd", ino_c)
     r.write(b"dd", 0, b"d data")
     hist.sync()
     assert hist.check_all() == [0, 1, 2]
