@@ -75,6 +75,7 @@ class Env:
         self.browse_dir_entries = args.browse_dir_entries
         self.pgbench_seconds = getattr(args, "pgbench_seconds", None)
         self.pgbench_pairs = getattr(args, "pgbench_pairs", None)
+        self.seedpg_files = getattr(args, "seedpg_files", None)
 
 
 def parse_list(text: str | None, allowed: list[str], aliases: dict, what: str) -> list[str]:
@@ -257,6 +258,8 @@ def main(argv=None) -> int:
                    help="seconds per side of the pgbench phase (extras phase pgbench; "
                         "seedpg: of its native run)")
     p.add_argument("--pgbench-pairs", type=int, metavar="N", help="native/fusejournal pairs of pgbench")
+    p.add_argument("--seedpg-files", type=int, metavar="N",
+                   help="files of 1 MiB beside the database in the tree seeded (extras phase seedpg)")
     p.add_argument("--setfattr-sizes", metavar="SIZES",
                    help="pending sizes of the halt/setfattr phase, e.g. 1M,1G,10Gx1 (xN: repeats, "
                         "default 3); default: the mode's own")

@@ -12,7 +12,7 @@
 * browse      the browse mount at scale: seed time, browse daemon memory and first
               listings of a tree of 1,000,000 files and of a directory of 100,000
               (browsebench.py; not in the default phases: ``--extras browse``)
-* seedpg      pgbench while the shadow of a 4 GiB tree is seeded online, and as long
+* seedpg      pgbench while the shadow of a 4-8 GiB tree is seeded online, and as long
               again after: TPS during / after the seed / native, the seed's duration
               (seedpgbench.py; not in the default phases: ``--extras seedpg``)
 
@@ -434,7 +434,8 @@ def run_extras(env, sizes, phases=PHASES) -> dict:
            "log_ratio": phase_log_ratio, "group": phase_group, "browse": phase_browse,
            "pgbench": lambda env, sizes: phase_pgbench(env, sizes, getattr(env, "pgbench_seconds", None),
                                                        getattr(env, "pgbench_pairs", None)),
-           "seedpg": lambda env, sizes: phase_seedpg(env, sizes, getattr(env, "pgbench_seconds", None))}
+           "seedpg": lambda env, sizes: phase_seedpg(env, sizes, getattr(env, "pgbench_seconds", None),
+                                                     getattr(env, "seedpg_files", None))}
     for name in phases:
         log(f"fusejournal extras: {name}")
         drop_caches()

@@ -8,8 +8,8 @@ application restarts on the mount.  Reuses pgbench.py's set-up (``find_postgres`
 ``_Server``, ``_Checkpoints``, the progress parser).  Steps:
 
 1. a fresh SOURCE (targets.Fusejournal.setup with a ``prepare`` step, before the mount):
-   ``SOURCE/tree``: FILES files of FILE_SIZE (default 4,096 x 1 MiB, 4 GiB, in
-   directories of 256), written with distinct random contents; ``SOURCE/pgdata``: initdb,
+   ``SOURCE/tree``: FILES files of 1 MiB (``--seedpg-files``; default 8,192 in full mode,
+   4,096 in quick mode, in directories of 256), written with distinct random contents; ``SOURCE/pgdata``: initdb,
    ``pgbench -i -s 10``;
 2. the native baseline on that very directory (ext4, no mount): page cache dropped,
    ``pg_ctl start``, ``pgbench -c 4 -j 2 -T NATIVE --progress=1 --progress-timestamp``,
@@ -47,7 +47,7 @@ from .targets import Fusejournal
 from .util import BenchError, MiB, drop_caches, log, median, rmtree, short
 
 #: (files, file size, native seconds) by benchmark mode
-TREE = {"full": (4096, MiB, 120), "quick": (4096, MiB, 60), "smoke": (64, MiB, 10)}
+TREE = {"full": (8192, MiB, 120), "quick": (4096, MiB, 60), "smoke": (64, MiB, 10)}
 PER_DIR = 256
 STATUS_XATTR = "user.fusejournal.status"
 #: the longest the seed may take before the measurement gives up
@@ -116,7 +116,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-def phase_seedpg(env, sizes, native_seconds: int | None = None) -> dict:
+def phase_seedpg(env, sizes, native_seconds: int | None = None, tree_files: int | None = None) -> dict:
     found = find_postgres()
     if isinstance(found, str):
         log(f"seedpg skipped: {found}")
@@ -124,6 +124,7 @@ def phase_seedpg(env, sizes, native_seconds: int | None = None) -> dict:
     bindir, pgbench = found
     files, fsize, d_native = TREE.get(sizes.name, TREE["quick"])
     native_seconds = native_seconds or d_native
+    files = tree_files or files
     timeout = 900.0
     fj = Fusejournal(env)
     reason = fj.probe()
@@ -276,7 +277,7 @@ def render_chart(sp: dict, outdir: Path, plt, suffix: str) -> tuple[str, str] | 
         return None
     def tps(v: float | None) -> str:
         return "-" if v is None else f"{v:.0f}"
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     t0 = sp["t_bench"]
     s = sp["series"]
     ax.plot([t - t0 for t, _ in s], [v for _, v in s], color="#55a868",
@@ -304,7 +305,7 @@ def render_chart(sp: dict, outdir: Path, plt, suffix: str) -> tuple[str, str] | 
     ax.set_ylim(bottom=0)
     ax.set_title(f"pgbench during and after an online seed of {(sp.get('tree_bytes') or 0) / MiB / 1024:.1f} GiB"
                  f"{suffix}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     fig.tight_layout()
     path = outdir / "seedpg_tps.png"
     fig.savefig(path, dpi=110)
