@@ -11,6 +11,8 @@ of the rounds; writes docs/performance.md and docs/perf/*.png.
         --out bench/results/group.md      # only the consistency-group measurement
     python bench/run.py --targets fusejournal --workloads fjextras --extras browse \
         --out bench/results/browse.md     # the browse mount of 1,000,000 files
+    python bench/run.py --quick --targets fusejournal --workloads fjextras --extras seedpg \
+        --out bench/results/seedpg.md     # pgbench during an online seed of 4 GiB
     python bench/run.py --render bench/results/run-XXXX.json   # re-render only
 
 Needs root (drop_caches, FUSE mounts), fio, dbench, fusermount3, setfattr.
@@ -73,6 +75,7 @@ class Env:
         self.browse_dir_entries = args.browse_dir_entries
         self.pgbench_seconds = getattr(args, "pgbench_seconds", None)
         self.pgbench_pairs = getattr(args, "pgbench_pairs", None)
+        self.seedpg_files = getattr(args, "seedpg_files", None)
 
 
 def parse_list(text: str | None, allowed: list[str], aliases: dict, what: str) -> list[str]:
@@ -252,8 +255,11 @@ def main(argv=None) -> int:
     p.add_argument("--browse-dir-entries", type=int, metavar="N",
                    help="entries of the one big directory of the browse phase (default 100,000)")
     p.add_argument("--pgbench-seconds", type=int, metavar="S",
-                   help="seconds per side of the pgbench phase (extras phase pgbench)")
+                   help="seconds per side of the pgbench phase (extras phase pgbench; "
+                        "seedpg: of its native run)")
     p.add_argument("--pgbench-pairs", type=int, metavar="N", help="native/fusejournal pairs of pgbench")
+    p.add_argument("--seedpg-files", type=int, metavar="N",
+                   help="files of 1 MiB beside the database in the tree seeded (extras phase seedpg)")
     p.add_argument("--setfattr-sizes", metavar="SIZES",
                    help="pending sizes of the halt/setfattr phase, e.g. 1M,1G,10Gx1 (xN: repeats, "
                         "default 3); default: the mode's own")

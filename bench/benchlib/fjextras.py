@@ -12,6 +12,9 @@
 * browse      the browse mount at scale: seed time, browse daemon memory and first
               listings of a tree of 1,000,000 files and of a directory of 100,000
               (browsebench.py; not in the default phases: ``--extras browse``)
+* seedpg      pgbench while the shadow of a 4-8 GiB tree is seeded online, and as long
+              again after: TPS during / after the seed / native, the seed's duration
+              (seedpgbench.py; not in the default phases: ``--extras seedpg``)
 
 Each phase gets a fresh mount; a failing phase is reported, not fatal.
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 from .browsebench import phase_browse
 from .groupbench import phase_group
 from .pgbench import phase_pgbench
+from .seedpgbench import phase_seedpg
 from .targets import CONTROL_XATTR, SHADOW_XATTR, Fusejournal
 from .util import (
     REPO,
@@ -429,7 +433,9 @@ def run_extras(env, sizes, phases=PHASES) -> dict:
     fns = {"compress": phase_compress, "cpu_rss": phase_cpu_rss, "halt": phase_halt,
            "log_ratio": phase_log_ratio, "group": phase_group, "browse": phase_browse,
            "pgbench": lambda env, sizes: phase_pgbench(env, sizes, getattr(env, "pgbench_seconds", None),
-                                                       getattr(env, "pgbench_pairs", None))}
+                                                       getattr(env, "pgbench_pairs", None)),
+           "seedpg": lambda env, sizes: phase_seedpg(env, sizes, getattr(env, "pgbench_seconds", None),
+                                                     getattr(env, "seedpg_files", None))}
     for name in phases:
         log(f"fusejournal extras: {name}")
         drop_caches()

@@ -88,13 +88,15 @@ class _Server:
             raise BenchError(f"{Path(cmd[0]).name} exited {r.returncode}: {short(r.stderr or r.stdout, 300)}")
         return r
 
-    def start(self, timeout: float) -> None:
+    def start(self, timeout: float, init: bool = True) -> None:
+        """initdb (unless ``init`` is false: the data directory exists) and pg_ctl start."""
         for d in (self.data, self.sockdir):
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, self.uid, self.gid)
             os.chmod(d, 0o700)
-        self.run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
-                  "--no-sync", "-E", "UTF8", "--locale=C"], timeout)
+        if init:
+            self.run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
+                      "--no-sync", "-E", "UTF8", "--locale=C"], timeout)
         opts = (f"-k {self.sockdir} -p {self.port} -c listen_addresses='' -c max_connections=20 "
                 f"-c shared_buffers=128MB")
         self.run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w",

@@ -6,7 +6,7 @@ import os
 from math import floor, log10
 from pathlib import Path
 
-from . import pgbench
+from . import pgbench, seedpgbench
 from .util import MiB, median, short
 from .workloads import METRIC, METRICS, WORKLOAD_METRICS
 
@@ -325,9 +325,10 @@ def render_markdown(results: dict, charts: list[tuple[str, str]], out: Path) -> 
     # generated page and is included, so a re-run keeps it.
     # docs/performance-groups.md likewise: the consistency-group numbers (issue 9), by hand;
     # docs/performance-browse.md: the browse mount at scale (issue 10);
-    # docs/performance-updater.md: the updater in its own process (issue 11).
+    # docs/performance-updater.md: the updater in its own process (issue 11);
+    # docs/performance-seedpg.md: pgbench during an online seed (issue 12).
     for name in ("performance-analysis.md", "performance-groups.md", "performance-browse.md",
-                 "performance-updater.md"):
+                 "performance-seedpg.md", "performance-updater.md"):
         analysis = out.resolve().parent / name
         if analysis.exists() and results.get("meta", {}).get("mode") == "full":
             L.append(analysis.read_text().rstrip())
@@ -422,6 +423,7 @@ def render_extras(L: list[str], results: dict) -> None:
         L.append("")
     render_group(L, ex.get("group") or {})
     pgbench.render_markdown(L, ex.get("pgbench") or {}, fmt)
+    seedpgbench.render_markdown(L, ex.get("seedpg") or {}, fmt)
     cr = ex.get("cpu_rss") or {}
     if cr.get("error"):
         L.append(f"CPU / RSS: failed: {cr['error']}")
@@ -708,6 +710,9 @@ def render_charts(results: dict, outdir: Path) -> list[tuple[str, str]]:
     pg_chart = pgbench.render_chart(ex.get("pgbench") or {}, outdir, plt, suffix)
     if pg_chart:
         charts.append(pg_chart)
+    sp_chart = seedpgbench.render_chart(ex.get("seedpg") or {}, outdir, plt, suffix)
+    if sp_chart:
+        charts.append(sp_chart)
 
     lr = ex.get("log_ratio") or {}
     if lr and not lr.get("error"):

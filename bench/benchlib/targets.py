@@ -268,12 +268,14 @@ class Fusejournal(Target):
         return run_cmd(self.cli + [str(a) for a in args], timeout=timeout, env=self.cli_env,
                        check=check, on_timeout=self.abort, **kw)
 
-    def setup(self, tag: str) -> Path:
+    def setup(self, tag: str, prepare=None) -> Path:
         base = self._fresh(tag)
         source, self.mnt = base / "source", base / "mnt"
         self.journal, self.shadow = base / "journal", base / "shadow"
         source.mkdir()
         self.mnt.mkdir()
+        if prepare is not None:          # fill the source before the first mount (seedpgbench.py)
+            prepare(source)
         self.logfile = base / "mount.log"
         try:
             self.fj("mount", source, self.mnt, "--journal", self.journal, "--shadow", self.shadow,
