@@ -4,6 +4,10 @@ pyfuse3 keeps module-level state, so a process has one session: the journaled
 mount and each browse mount are separate daemons (mount.py, daemonize.py).
 
 serve_session:
+0. the interpreter's GIL switch interval is lowered to :data:`GIL_SWITCH_INTERVAL`
+   (docs/performance-analysis.md, "pgbench: where the time goes"): a worker
+   thread finishing an fsync, or the FUSE loop woken by it, waits at most that
+   long for the GIL while another thread runs Python code, instead of 5 ms;
 1. ``pyfuse3.init`` mounts the Operations (a failure is a UserError of one line);
 2. ``on_ready`` is called (the mount is usable: the waiting command returns);
 3. ``pyfuse3.main`` serves requests, with the background tasks (the updater's
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,9 @@ import trio
 from .errors import UserError
 
 log = logging.getLogger("fusejournal")
+
+#: seconds a thread waiting for the GIL lets the holder run on (CPython's default: 0.005)
+GIL_SWITCH_INTERVAL = 0.0005
 
 
 async def _terminate_on_signal() -> None:
@@ -46,6 +54,7 @@ async def serve_session(ops: pyfuse3.Operations, mountpoint: Path, opts: set[str
                         on_ready: Callable[[], None], *background: Callable[[], Any]) -> None:
     """Mount ``ops`` (one FUSE session per process), call ``on_ready``, serve until
     unmounted or signalled, with ``background`` tasks alongside; always close the session."""
+    sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
     try:
         pyfuse3.init(ops, os.fspath(mountpoint), opts)
     except RuntimeError as e:
