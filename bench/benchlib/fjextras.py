@@ -12,6 +12,9 @@
 * browse      the browse mount at scale: seed time, browse daemon memory and first
               listings of a tree of 1,000,000 files and of a directory of 100,000
               (browsebench.py; not in the default phases: ``--extras browse``)
+* history     retained checkpoints: browse --checkpoint/--all of an old checkpoint of a
+              1 GiB tree, history size vs bytes changed, restore --checkpoint and verify
+              of 100,000 files (histbench.py; not in the default phases: ``--extras history``)
 
 Each phase gets a fresh mount; a failing phase is reported, not fatal.
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from .browsebench import phase_browse
 from .groupbench import phase_group
+from .histbench import phase_history
 from .pgbench import phase_pgbench
 from .targets import CONTROL_XATTR, SHADOW_XATTR, Fusejournal
 from .util import (
@@ -428,6 +432,7 @@ def run_extras(env, sizes, phases=PHASES) -> dict:
     res: dict = {}
     fns = {"compress": phase_compress, "cpu_rss": phase_cpu_rss, "halt": phase_halt,
            "log_ratio": phase_log_ratio, "group": phase_group, "browse": phase_browse,
+           "history": phase_history,
            "pgbench": lambda env, sizes: phase_pgbench(env, sizes, getattr(env, "pgbench_seconds", None),
                                                        getattr(env, "pgbench_pairs", None))}
     for name in phases:
