@@ -66,6 +66,16 @@ def du(path: Path) -> int:
     return total
 
 
+def _cli() -> tuple[list[str], dict]:
+    """fusejournal_cli(), but allowed to cache bytecode: with PYTHONDONTWRITEBYTECODE set (as in
+    some CI shells) every command compiles fusejournal's sources again, twice for browse (the
+    command and its daemon), about a second on a busy machine that an installed package never
+    pays."""
+    cli, cenv = fusejournal_cli()
+    cenv.pop("PYTHONDONTWRITEBYTECODE", None)
+    return cli, cenv
+
+
 def _checkpoint(cli, cenv, mnt: Path, label: str) -> int:
     """A checkpoint, waited for until the shadow holds it; its id."""
     os.setxattr(mnt, CONTROL_XATTR, label.encode())
@@ -216,7 +226,7 @@ def _browse_timed(cli, cenv, mnt: Path, point: Path, extra: list[str], sub: str 
 
 
 def part_browse(env, files: int, size: int) -> dict:
-    cli, cenv = fusejournal_cli()
+    cli, cenv = _cli()
     base = env.scratch / "fjbench-history"
     rmtree(base)
     base.mkdir(parents=True)
@@ -276,7 +286,7 @@ def part_browse(env, files: int, size: int) -> dict:
 # --------------------------------------------------------------------------- part 2
 
 def part_restore(env, n: int) -> dict:
-    cli, cenv = fusejournal_cli()
+    cli, cenv = _cli()
     base = env.scratch / f"fjbench-history-restore-{n}"
     rmtree(base)
     base.mkdir(parents=True)
@@ -337,7 +347,7 @@ def phase_history(env, sizes) -> dict:
     restore_sizes = getattr(env, "history_files", None) or DEFAULT_RESTORE.get(sizes.name,
                                                                                DEFAULT_RESTORE["quick"])
     out: dict = {}
-    cli, cenv = fusejournal_cli()
+    cli, cenv = _cli()
     b = part_browse(env, files, size)
     base = env.scratch / "fjbench-history"
     mnt, point = base / "mnt", base / "browse"
