@@ -325,9 +325,10 @@ def render_markdown(results: dict, charts: list[tuple[str, str]], out: Path) -> 
     # generated page and is included, so a re-run keeps it.
     # docs/performance-groups.md likewise: the consistency-group numbers (issue 9), by hand;
     # docs/performance-browse.md: the browse mount at scale (issue 10);
-    # docs/performance-updater.md: the updater in its own process (issue 11).
+    # docs/performance-updater.md: the updater in its own process (issue 11);
+    # docs/performance-history.md: retained checkpoints, browse of an old one, restore (issue 10).
     for name in ("performance-analysis.md", "performance-groups.md", "performance-browse.md",
-                 "performance-updater.md"):
+                 "performance-updater.md", "performance-history.md"):
         analysis = out.resolve().parent / name
         if analysis.exists() and results.get("meta", {}).get("mode") == "full":
             L.append(analysis.read_text().rstrip())
