@@ -13,6 +13,8 @@ of the rounds; writes docs/performance.md and docs/perf/*.png.
         --out bench/results/browse.md     # the browse mount of 1,000,000 files
     python bench/run.py --quick --targets fusejournal --workloads fjextras --extras seedpg \
         --out bench/results/seedpg.md     # pgbench during an online seed of 4 GiB
+    python bench/run.py --targets fusejournal --workloads fjextras --extras history \
+        --out bench/results/history.md    # retained checkpoints: browse an old one, restore
     python bench/run.py --render bench/results/run-XXXX.json   # re-render only
 
 Needs root (drop_caches, FUSE mounts), fio, dbench, fusermount3, setfattr.
@@ -73,6 +75,7 @@ class Env:
         self.workload_timeout = sizes.timeout
         self.browse_files = args.browse_files
         self.browse_dir_entries = args.browse_dir_entries
+        self.history_files = args.history_files
         self.pgbench_seconds = getattr(args, "pgbench_seconds", None)
         self.pgbench_pairs = getattr(args, "pgbench_pairs", None)
         self.seedpg_files = getattr(args, "seedpg_files", None)
@@ -254,6 +257,8 @@ def main(argv=None) -> int:
                    help="files in the tree of the browse phase (default 1,000,000; --quick 20,000)")
     p.add_argument("--browse-dir-entries", type=int, metavar="N",
                    help="entries of the one big directory of the browse phase (default 100,000)")
+    p.add_argument("--history-files", type=lambda t: [int(x) for x in t.split(",")], metavar="N[,N...]",
+                   help="tree sizes of the restore part of the history phase (default 100,000)")
     p.add_argument("--pgbench-seconds", type=int, metavar="S",
                    help="seconds per side of the pgbench phase (extras phase pgbench; "
                         "seedpg: of its native run)")

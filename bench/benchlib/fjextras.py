@@ -15,6 +15,9 @@
 * seedpg      pgbench while the shadow of a 4-8 GiB tree is seeded online, and as long
               again after: TPS during / after the seed / native, the seed's duration
               (seedpgbench.py; not in the default phases: ``--extras seedpg``)
+* history     retained checkpoints: browse --checkpoint/--all of an old checkpoint of a
+              1 GiB tree, history size vs bytes changed, restore --checkpoint and verify
+              of 100,000 files (histbench.py; not in the default phases: ``--extras history``)
 
 Each phase gets a fresh mount; a failing phase is reported, not fatal.
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 
 from .browsebench import phase_browse
 from .groupbench import phase_group
+from .histbench import phase_history
 from .pgbench import phase_pgbench
 from .seedpgbench import phase_seedpg
 from .targets import CONTROL_XATTR, SHADOW_XATTR, Fusejournal
@@ -432,6 +436,7 @@ def run_extras(env, sizes, phases=PHASES) -> dict:
     res: dict = {}
     fns = {"compress": phase_compress, "cpu_rss": phase_cpu_rss, "halt": phase_halt,
            "log_ratio": phase_log_ratio, "group": phase_group, "browse": phase_browse,
+           "history": phase_history,
            "pgbench": lambda env, sizes: phase_pgbench(env, sizes, getattr(env, "pgbench_seconds", None),
                                                        getattr(env, "pgbench_pairs", None)),
            "seedpg": lambda env, sizes: phase_seedpg(env, sizes, getattr(env, "pgbench_seconds", None),

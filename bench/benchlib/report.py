@@ -328,7 +328,8 @@ def render_markdown(results: dict, charts: list[tuple[str, str]], out: Path) -> 
     # docs/performance-updater.md: the updater in its own process (issue 11);
     # docs/performance-seedpg.md: pgbench during an online seed (issue 12).
     for name in ("performance-analysis.md", "performance-groups.md", "performance-browse.md",
-                 "performance-seedpg.md", "performance-updater.md", "performance-seeding.md"):
+                 "performance-seedpg.md", "performance-updater.md", "performance-seeding.md",
+                 "performance-history.md"):
         analysis = out.resolve().parent / name
         if analysis.exists() and results.get("meta", {}).get("mode") == "full":
             L.append(analysis.read_text().rstrip())
