@@ -32,6 +32,9 @@ cd "$(dirname "$0")/.."
 # the online seed (issue 12)
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/seeding.py
+# the acquisition, the control attributes (issue 8 item 6)
+.venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
+  fusejournal/acquisition.py fusejournal/control.py
 # No merge left half-done: conflict markers in any tracked file
 if git grep -nE '^(<<<<<<<|>>>>>>>) ' -- . ':!scripts/lint.sh' ; then
   echo "conflict markers left in the files above" >&2; exit 1
