@@ -35,6 +35,12 @@ from .treewalk import durable_replace
 PENDING = layout.PENDING
 
 
+def _is_source_ident(v: object) -> bool:
+    """A source's identity as meta.json keeps it: {"path": str, "dev": int, "ino": int}."""
+    return (isinstance(v, dict) and isinstance(v.get("path"), str)
+            and isinstance(v.get("dev"), int) and isinstance(v.get("ino"), int))
+
+
 def read_meta(journal: Path) -> dict | None:
     try:
         with open(journal / layout.META, "rb") as f:
@@ -43,7 +49,9 @@ def read_meta(journal: Path) -> dict | None:
         return None
     except (OSError, ValueError) as e:
         raise UserError(f"journal {journal}: unreadable {layout.META}: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int) \
+            or not _is_source_ident(meta.get("source")) or not isinstance(meta.get("shadow"), str) \
+            or not isinstance(meta.get("shadow_id", ""), str):
         raise UserError(f"journal {journal}: {layout.META} is not a fusejournal journal")
     if meta["format"] > layout.JOURNAL_FORMAT:
         raise UserError(f"journal {journal} has format {meta['format']}, newer than this "
