@@ -35,6 +35,9 @@ cd "$(dirname "$0")/.."
 # the acquisition, the control attributes (issue 8 item 6)
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/acquisition.py fusejournal/control.py
+# the FUSE layer's Operations and the daemon's wiring
+.venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
+  fusejournal/fs.py fusejournal/mount.py
 # No merge left half-done: conflict markers in any tracked file
 if git grep -nE '^(<<<<<<<|>>>>>>>) ' -- . ':!scripts/lint.sh' ; then
   echo "conflict markers left in the files above" >&2; exit 1
