@@ -38,6 +38,9 @@ cd "$(dirname "$0")/.."
 # the FUSE layer's Operations and the daemon's wiring
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/fs.py fusejournal/mount.py
+# the journal directory, the record types
+.venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
+  fusejournal/journal.py fusejournal/records.py
 # No merge left half-done: conflict markers in any tracked file
 if git grep -nE '^(<<<<<<<|>>>>>>>) ' -- . ':!scripts/lint.sh' ; then
   echo "conflict markers left in the files above" >&2; exit 1
