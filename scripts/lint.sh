@@ -41,6 +41,9 @@ cd "$(dirname "$0")/.."
 # the journal directory, the record types
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/journal.py fusejournal/records.py
+# the ordered log, the updater
+.venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
+  fusejournal/log.py fusejournal/updater.py
 # No merge left half-done: conflict markers in any tracked file
 if git grep -nE '^(<<<<<<<|>>>>>>>) ' -- . ':!scripts/lint.sh' ; then
   echo "conflict markers left in the files above" >&2; exit 1
