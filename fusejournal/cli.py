@@ -420,7 +420,11 @@ def cmd_checkpoint(a: argparse.Namespace) -> int:
         hint = {errno.EINVAL: " (labels: 1-200 bytes of printable UTF-8)",
                 errno.EPERM: " (only root or the owner of the mount root may)"}.get(e.errno, "; see the daemon log")
         raise UserError(f"checkpoint failed: {e.strerror}{hint}", code) from None
-    print(_getxattr(mp, layout.XATTR_CHECKPOINT).decode())
+    cp = _getxattr(mp, layout.XATTR_CHECKPOINT)
+    if cp is None:
+        raise UserError(f"the checkpoint was taken, but {mp} no longer tells its id (unmounted?)",
+                        EXIT_FAILED)
+    print(cp.decode())
     return 0
 
 
