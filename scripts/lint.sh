@@ -5,9 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/ruff ] && [ -x .venv/bin/mypy ] || .venv/bin/pip install -q -e '.[test,lint]'
 .venv/bin/ruff check fusejournal tests bench
-# The units, strictly typed; pyfuse3 stays out of them (only fs.py and session.py, the
-# FUSE layer, import it: checked below).  Not yet: updater, log, cli, fs, mount
-# (records are not typed by kind in updater.py: issue 8).
+# The units, strictly typed; pyfuse3 stays out of them (only fs.py, browse.py and
+# session.py, the FUSE layer, import it: checked below).
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/halt.py fusejournal/compression.py fusejournal/faults.py fusejournal/layout.py \
   fusejournal/errors.py fusejournal/tempstore.py fusejournal/activity.py fusejournal/sysc.py \
@@ -44,6 +43,9 @@ cd "$(dirname "$0")/.."
 # the ordered log, the updater
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/log.py fusejournal/updater.py
+# the command line
+.venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
+  fusejournal/cli.py
 # No merge left half-done: conflict markers in any tracked file
 if git grep -nE '^(<<<<<<<|>>>>>>>) ' -- . ':!scripts/lint.sh' ; then
   echo "conflict markers left in the files above" >&2; exit 1
