@@ -76,15 +76,16 @@ XATTR_REQUESTS = XATTR_PREFIX + b"requests"
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 _Made = TypeVar("_Made")   # what _new_entry's make() returns (an fd, or nothing)
+_Ops = TypeVar("_Ops", bound="Operations")   # Operations, or the browse mount's subclass
 
 
-def _handler(fn: Callable[Concatenate[Operations, _P], Coroutine[Any, Any, _T]]
-             ) -> Callable[Concatenate[Operations, _P], Coroutine[Any, Any, _T]]:
+def _handler(fn: Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _T]]
+             ) -> Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _T]]:
     """Map every exception of a handler to a FUSE error reply; count the request."""
     name = fn.__name__.lstrip("_")   # _getxattr (behind its fast path) counts as getxattr
 
     @functools.wraps(fn)
-    async def wrapper(self: Operations, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    async def wrapper(self: _Ops, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         self.requests[name] += 1
         self.inodes.new_request()     # fds handed out before may be evicted now
         try:

@@ -43,9 +43,9 @@ cd "$(dirname "$0")/.."
 # the ordered log, the updater
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/log.py fusejournal/updater.py
-# the command line
+# the command line; the browse mounts
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
-  fusejournal/cli.py
+  fusejournal/cli.py fusejournal/browse.py
 # No merge left half-done: conflict markers in any tracked file
 if git grep -nE '^(<<<<<<<|>>>>>>>) ' -- . ':!scripts/lint.sh' ; then
   echo "conflict markers left in the files above" >&2; exit 1
