@@ -45,7 +45,7 @@ cd "$(dirname "$0")/.."
   fusejournal/log.py fusejournal/updater.py
 # the command line; the browse mounts
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
-  fusejournal/cli.py fusejournal/browse.py
+  fusejournal/cli.py fusejournal/browse.py fusejournal/browsecli.py fusejournal/__init__.py
 # No merge left half-done: conflict markers in any tracked file
 if git grep -nE '^(<<<<<<<|>>>>>>>) ' -- . ':!scripts/lint.sh' ; then
   echo "conflict markers left in the files above" >&2; exit 1
