@@ -172,7 +172,7 @@ class DirHandle:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False   # per instance, see __init__ and docs/design.md
-    backpressure: Backpressure | None = None         # the streamer (streamer.py): writes wait while it catches up
+    backpressure: Backpressure | None = None   # the streamer: writes wait while it catches up
 
     def __init__(self, source_fd: int, *, store: TempStore | None = None,
                  halt: Halt | None = None, control: ControlAttributes | None = None,
@@ -445,7 +445,8 @@ class Operations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return os.readlink(b"", dir_fd=self._inode(inode).fd)
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:   # must not raise: there is no reply
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # must not raise: there is no reply
         self.requests["forget"] += 1
         try:
             self._forget(inode_list)
