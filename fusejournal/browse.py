@@ -36,14 +36,25 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import pyfuse3
 
 from .browsegate import BrowseGate
 from .fs import DirHandle, FileHandle, Operations, _handler
 
+if TYPE_CHECKING:                   # imported where used (the browse mount starts fast)
+    from .history import RevFile
+    from .history_view import Node, TreeAt
+
 log = logging.getLogger(__name__)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -69,16 +80,16 @@ class BrowseOperations(Operations):
     def _gen(self) -> int:
         return self.gate.generation if self.gate is not None else 0
 
-    def _enter(self):   # noqa: ANN202 - an async context manager
+    def _enter(self) -> AbstractAsyncContextManager[None]:
         if self.gate is None:
             import contextlib
             return contextlib.nullcontext()
         return self.gate.request()
 
-    async def _gated(self, fn, *args):   # noqa: ANN001, ANN202
+    async def _gated(self, fn: Callable[_P, Awaitable[_T]], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             async with self._enter():
-                return await fn(*args)
+                return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
@@ -87,25 +98,25 @@ class BrowseOperations(Operations):
             log.exception("browse request failed")
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    async def lookup(self, parent_inode, name, ctx):   # noqa: ANN001, ANN201
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return await self._gated(super().lookup, parent_inode, name, ctx)
 
-    async def getattr(self, inode, ctx):   # noqa: ANN001, ANN201
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return await self._gated(super().getattr, inode, ctx)
 
-    async def readlink(self, inode, ctx):   # noqa: ANN001, ANN201
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return await self._gated(super().readlink, inode, ctx)
 
-    async def getxattr(self, inode, name, ctx):   # noqa: ANN001, ANN201
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         return await self._gated(super().getxattr, inode, name, ctx)
 
-    async def listxattr(self, inode, ctx):   # noqa: ANN001, ANN201
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return await self._gated(super().listxattr, inode, ctx)
 
-    async def opendir(self, inode, ctx):   # noqa: ANN001, ANN201
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         return await self._gated(super().opendir, inode, ctx)
 
-    async def open(self, inode, flags, ctx):   # noqa: ANN001, ANN201
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         async def _open() -> pyfuse3.FileInfo:
             fi = await Operations.open(self, inode, flags, ctx)
             h: FileHandle = self.files[fi.fh]
@@ -115,7 +126,7 @@ class BrowseOperations(Operations):
             return fi
         return await self._gated(_open)
 
-    async def read(self, fh, off, size):   # noqa: ANN001, ANN201
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         async def _read() -> bytes:
             o = self._opened.get(fh)
             if o is not None and o.generation != self._gen():
@@ -125,7 +136,7 @@ class BrowseOperations(Operations):
             return await Operations.read(self, fh, off, size)
         return await self._gated(_read)
 
-    async def release(self, fh):   # noqa: ANN001, ANN201
+    async def release(self, fh: int) -> None:
         self._opened.pop(fh, None)
         return await super().release(fh)
 
@@ -158,8 +169,8 @@ class BrowseOperations(Operations):
         for name in (b".", b".."):
             st, fino = self._dot_entry(h, name)
             out.append((name, self._attr(st, fino), fino))
-        for name in os.listdir(h.fd):
-            bname = os.fsencode(name)
+        for sname in os.listdir(h.fd):
+            bname = os.fsencode(sname)
             try:
                 st = os.stat(bname, dir_fd=h.fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -170,7 +181,7 @@ class BrowseOperations(Operations):
             out.append((bname, self._attr(st, fino), fino))
         return out
 
-    async def releasedir(self, fh):   # noqa: ANN001, ANN201
+    async def releasedir(self, fh: int) -> None:
         self._listings.pop(fh, None)
         return await super().releasedir(fh)
 
@@ -265,7 +276,7 @@ def checkpoint_dir_name(cp_id: int, label: str, cap: int = 200) -> bytes:
 class _HNode:
     k: int                  # the checkpoint
     kpath: bytes            # a path of the object at k (to find it again after the shadow moved)
-    node: object            # history_view.Node, valid for generation ``gen``
+    node: Node              # valid for generation ``gen``
     gen: int
     tag: int = 0            # 1 under ``latest``: its own inodes (a directory has one name only)
 
@@ -295,20 +306,20 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         self.only = only
         self.gate: BrowseGate | None = None
         try:
-            self.gate = BrowseGate(self.root)
+            self.gate = BrowseGate(Path(self.root))
         except OSError as e:
             if e.errno != errno.EROFS:
                 raise
             log.info("the shadow %s is on a read-only filesystem: no updater can change it", self.root)
-        self.views: dict[int, object] = {}
-        self.revcache: dict[tuple[int, int, int], object] = {}
+        self.views: dict[int, TreeAt] = {}
+        self.revcache: dict[tuple[int, int, int], RevFile] = {}
         self.stamp: tuple[int, int, int] | None = None
         self.gen = 0
         self.by_key: dict[tuple[int, int, int], int] = {}
         self.nodes: dict[int, _HNode] = {}
         self.next_ino = pyfuse3.ROOT_INODE + 1
         self.latest_ino_k: int | None = None
-        self.files: dict[int, tuple[int, object]] = {}
+        self.files: dict[int, tuple[int, Node]] = {}
         self.dirs: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
         self.dir_inodes: dict[int, int] = {}
         self.next_fh = 1
@@ -332,7 +343,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             self.stamp = stamp
             self.gen += 1
             for v in self.views.values():
-                v.close()                                   # type: ignore[attr-defined]
+                v.close()
             self.views = {}
             live: set[str] = set()
             if hs != (0, 0):
@@ -353,12 +364,12 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             raise OSError(errno.EIO, "the shadow has no applied checkpoint")
         return n
 
-    def _view(self, k: int):   # noqa: ANN202 - history_view.TreeAt
+    def _view(self, k: int) -> TreeAt:
         from .history_view import HistoryError, NotRetained, TreeAt
         v = self.views.get(k)
         if v is None:
             try:
-                v = TreeAt(self.root, k, self.revcache)          # type: ignore[arg-type]
+                v = TreeAt(self.root, k, self.revcache)
             except NotRetained:
                 raise pyfuse3.FUSEError(errno.ESTALE) from None
             except HistoryError as e:
@@ -374,20 +385,20 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         out.append((b"latest", cps[-1].id))
         return out
 
-    def _node(self, ino: int) -> tuple[_HNode, object]:
+    def _node(self, ino: int) -> tuple[_HNode, Node]:
         """The entry and a current history_view.Node of a FUSE inode (ESTALE if it is gone)."""
         h = self.nodes.get(ino)
         if h is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
         if h.gen != self.gen:
             n = self._view(h.k).resolve(h.kpath)
-            if n is None or n.sino != h.node.sino:          # type: ignore[attr-defined]
+            if n is None or n.sino != h.node.sino:
                 raise pyfuse3.FUSEError(errno.ESTALE)
             h.node, h.gen = n, self.gen
         return h, h.node
 
-    def _ino(self, k: int, kpath: bytes, node: object, tag: int = 0) -> int:
-        key = (k, node.sino, tag)                           # type: ignore[attr-defined]
+    def _ino(self, k: int, kpath: bytes, node: Node, tag: int = 0) -> int:
+        key = (k, node.sino, tag)
         ino = self.by_key.get(key)
         if ino is None:
             ino = self.next_ino
@@ -399,7 +410,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             h.node, h.gen = node, self.gen
         return ino
 
-    def _attr(self, ino: int, k: int, node: object) -> pyfuse3.EntryAttributes:
+    def _attr(self, ino: int, k: int, node: Node) -> pyfuse3.EntryAttributes:
         s = self._view(k).stat(node)
         e = pyfuse3.EntryAttributes()
         e.st_ino = ino
@@ -426,15 +437,15 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         e.st_blksize = 4096
         return e
 
-    async def _do(self, fn, *args):   # noqa: ANN001, ANN202
+    async def _do(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run ``fn`` under the gate; map every error to an errno (never a non-FUSEError)."""
         try:
             if self.gate is None:
                 self._look()
-                return fn(*args)
+                return fn(*args, **kwargs)
             async with self.gate.request():
                 self._look()
-                return fn(*args)
+                return fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
@@ -445,7 +456,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
 
     # -------------------------------------------------------------- requests
 
-    def _top(self, ino: int) -> tuple[int, object] | None:
+    def _top(self, ino: int) -> tuple[int, Node] | None:
         """(checkpoint, root node) when ``ino`` is the root with --checkpoint N."""
         if ino == pyfuse3.ROOT_INODE and self.only is not None:
             return self.only, self._view(self.only).root
@@ -475,7 +486,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         ino = self._ino(k, h_kpath + b"/" + name if h_kpath else name, child, tag)
         return self._attr(ino, k, child)
 
-    async def lookup(self, parent_inode, name, ctx):   # noqa: ANN001, ANN201
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return await self._do(self._lookup, parent_inode, name)
 
     def _getattr(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -489,10 +500,10 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         h, node = self._node(ino)
         return self._attr(ino, h.k, node)
 
-    async def getattr(self, inode, ctx):   # noqa: ANN001, ANN201
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return await self._do(self._getattr, inode)
 
-    def _where(self, ino: int) -> tuple[int, object]:
+    def _where(self, ino: int) -> tuple[int, Node]:
         top = self._top(ino)
         if top is not None:
             return top
@@ -501,12 +512,12 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         h, node = self._node(ino)
         return h.k, node
 
-    async def readlink(self, inode, ctx):   # noqa: ANN001, ANN201
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         def _rl() -> bytes:
             k, node = self._where(inode)
-            if node.kind != stat.S_IFLNK:                   # type: ignore[attr-defined]
+            if node.kind != stat.S_IFLNK:
                 raise pyfuse3.FUSEError(errno.EINVAL)
-            return self._view(k).readlink(node)             # type: ignore[no-any-return]
+            return self._view(k).readlink(node)
         return await self._do(_rl)
 
     def _list(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
@@ -517,7 +528,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
                 out.append((dname, self._lookup(ino, dname)))
             return out
         k, node = self._where(ino)
-        if node.kind != stat.S_IFDIR:                       # type: ignore[attr-defined]
+        if node.kind != stat.S_IFDIR:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         out.append((b"..", out[0][1]))
         for name, _ in self._view(k).listdir(node):
@@ -527,7 +538,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
                 continue
         return out
 
-    async def opendir(self, inode, ctx):   # noqa: ANN001, ANN201
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         def _od() -> int:
             if inode != pyfuse3.ROOT_INODE:
                 self._where(inode)
@@ -538,7 +549,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             return fh
         return await self._do(_od)
 
-    async def readdir(self, fh, start_id, token):   # noqa: ANN001, ANN201
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         listing = self.dirs.get(fh)
         if listing is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -550,16 +561,16 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, attr, i + 1):
                 return
 
-    async def releasedir(self, fh):   # noqa: ANN001, ANN201
+    async def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
         self.dir_inodes.pop(fh, None)
 
-    async def open(self, inode, flags, ctx):   # noqa: ANN001, ANN201
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         def _op() -> pyfuse3.FileInfo:
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
                 raise pyfuse3.FUSEError(errno.EROFS)
             k, node = self._where(inode)
-            if node.kind != stat.S_IFREG:                   # type: ignore[attr-defined]
+            if node.kind != stat.S_IFREG:
                 raise pyfuse3.FUSEError(errno.EACCES)
             self._view(k).open_check(node)
             fh = self.next_fh
@@ -568,28 +579,28 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         return await self._do(_op)
 
-    async def read(self, fh, off, size):   # noqa: ANN001, ANN201
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         def _rd() -> bytes:
             got = self.files.get(fh)
             if got is None:
                 raise pyfuse3.FUSEError(errno.EBADF)
             k, node = self._where(got[0])
-            return self._view(k).read(node, off, size)      # type: ignore[no-any-return]
+            return self._view(k).read(node, off, size)
         return await self._do(_rd)
 
-    async def release(self, fh):   # noqa: ANN001, ANN201
+    async def release(self, fh: int) -> None:
         self.files.pop(fh, None)
 
-    async def flush(self, fh):   # noqa: ANN001, ANN201
+    async def flush(self, fh: int) -> None:
         return None
 
-    async def fsync(self, fh, datasync):   # noqa: ANN001, ANN201
+    async def fsync(self, fh: int, datasync: bool) -> None:
         return None
 
-    async def fsyncdir(self, fh, datasync):   # noqa: ANN001, ANN201
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
         return None
 
-    async def getxattr(self, inode, name, ctx):   # noqa: ANN001, ANN201
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         from .layout import XATTR_PID, XATTR_PREFIX
         if name.startswith(XATTR_PREFIX):
             if inode == pyfuse3.ROOT_INODE and name == XATTR_PID:
@@ -603,10 +614,10 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             v = self._view(k).xattrs(node).get(name)
             if v is None:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-            return v                                        # type: ignore[no-any-return]
+            return v
         return await self._do(_gx)
 
-    async def listxattr(self, inode, ctx):   # noqa: ANN001, ANN201
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         def _lx() -> list[bytes]:
             if inode == pyfuse3.ROOT_INODE and self.only is None:
                 return []
@@ -614,13 +625,13 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             return list(self._view(k).xattrs(node))
         return await self._do(_lx)
 
-    async def setxattr(self, inode, name, value, ctx):   # noqa: ANN001, ANN201
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def removexattr(self, inode, name, ctx):   # noqa: ANN001, ANN201
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def statfs(self, ctx):   # noqa: ANN001, ANN201
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = os.statvfs(self.root_fd)
         d = pyfuse3.StatvfsData()
         for f in ("f_bsize", "f_frsize", "f_blocks", "f_files", "f_namemax"):
@@ -628,12 +639,12 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         d.f_bfree = d.f_bavail = d.f_ffree = d.f_favail = 0
         return d
 
-    async def forget(self, inode_list):   # noqa: ANN001, ANN201
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None                       # (checkpoint, object) -> inode stays stable
 
     def close_all(self) -> None:
         for v in self.views.values():
-            v.close()                                       # type: ignore[attr-defined]
+            v.close()
         self.views = {}
         if self.gate is not None:
             self.gate.close()

@@ -16,11 +16,16 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict, cast
 
 from . import __version__, layout
 from .errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNUSABLE, EXIT_USAGE, UserError
+
+if TYPE_CHECKING:                   # imported where used: the CLI starts fast
+    from .journal import JournalMeta
 
 # ----------------------------------------------------------------- helpers
 
@@ -100,7 +105,7 @@ def _getxattr(path: Path, name: bytes) -> bytes | None:
         raise UserError(f"{path}: {e.strerror}") from None
 
 
-def _denied(path: os.PathLike | str) -> UserError:
+def _denied(path: os.PathLike[str] | str) -> UserError:
     try:
         st = os.stat(path)
         who = f" (owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})"
@@ -140,6 +145,30 @@ def _journal_arg(arg: str) -> Path:
     return journal
 
 
+class Status(TypedDict, total=False):
+    """What the commands read of a status: the daemon's (``user.fusejournal.status``,
+    mount.Daemon.status) or, with no daemon, :meth:`Target.offline_status`."""
+    source: str
+    mountpoint: str | None
+    journal: str
+    shadow: str
+    pid: int | None
+    last_checkpoint: int
+    shadow_checkpoint: int | None
+    log_damage: str | None
+    torn_tail: str | None
+    shadow_error: str | None
+    seeding: dict[str, object] | None
+    first_complete_checkpoint: int | None
+    pending_saved: bool
+    needs_resync: int
+    updater_state: str
+    updater_error: str | None
+
+
+Command = Callable[[argparse.Namespace], int]
+
+
 class Target:
     """What a MOUNTPOINT|JOURNAL argument names."""
 
@@ -174,18 +203,22 @@ class Target:
         self.shadow = Path(meta["shadow"])
         if self.mountpoint is None:
             info = read_daemon_info(self.journal)
-            if info and info.get("pid") and _alive(info["pid"]):
-                mp = Path(info.get("mountpoint", ""))
+            pid = info.get("pid") if info else None
+            mountpoint = info.get("mountpoint", "") if info else ""
+            if isinstance(pid, int) and pid and _alive(pid) and isinstance(mountpoint, str):
+                mp = Path(mountpoint)
                 if _getxattr(mp, layout.XATTR_JOURNAL) is not None:
                     self.mountpoint = mp
 
-    def live_status(self) -> dict | None:
+    def live_status(self) -> Status | None:
         if self.mountpoint is None:
             return None
         raw = _getxattr(self.mountpoint, layout.XATTR_STATUS)
-        return json.loads(raw) if raw else None
+        doc = json.loads(raw) if raw else None
+        # the daemon's own JSON (the attribute is reserved to it): trusted for its types
+        return cast(Status, doc) if isinstance(doc, dict) else None
 
-    def offline_status(self) -> dict:
+    def offline_status(self) -> Status:
         from .log import fsck
         from .shadow import Shadow, ShadowError
         rep = fsck(self.journal / layout.LOG_DIR, repair=False)
@@ -209,7 +242,8 @@ class Target:
                            "phase": doc.get("phase"), "entries_copied": doc.get("entries"),
                            "bytes_copied": doc.get("bytes")}
             else:
-                first_complete = (sh.read_state("seeded.json") or {}).get("first_complete")
+                n = (sh.read_state("seeded.json") or {}).get("first_complete")
+                first_complete = n if isinstance(n, int) else None
         except ShadowError as e:
             shadow_error = str(e)
         return {"source": self.meta["source"]["path"], "mountpoint": None,
@@ -221,7 +255,7 @@ class Target:
                 "pending_saved": (self.journal / "pending.fjrec").exists(),
                 "needs_resync": _needs_resync(self.journal)}
 
-    def status(self) -> dict:
+    def status(self) -> Status:
         return self.live_status() or self.offline_status()
 
 
@@ -237,7 +271,7 @@ def _cps(a: int, b: int) -> str:
     return f"checkpoint {a} is" if a == b else f"checkpoints {a}..{b} are"
 
 
-def _lost_checkpoints(journal: Path, meta: dict, first: int | None, last: int,
+def _lost_checkpoints(journal: Path, meta: JournalMeta | None, first: int | None, last: int,
                       torn: str | None) -> list[str]:
     """What the log alone does not call damage, but the journal as a whole shows:
     confirmed checkpoints missing from the log (truncated or removed segments)."""
@@ -245,7 +279,7 @@ def _lost_checkpoints(journal: Path, meta: dict, first: int | None, last: int,
     from .shadow import Shadow, ShadowError
     out = []
     try:
-        applied = Shadow(Path(meta["shadow"])).applied
+        applied = Shadow(Path(meta["shadow"])).applied if meta is not None else None
     except (ShadowError, KeyError, TypeError, OSError):
         applied = None
     if applied is not None and applied > last:
@@ -274,15 +308,16 @@ def _alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------- commands
 
-def _group_or(positional: str, group_fn: str):
+def _group_or(positional: str, group_fn: str) -> Callable[[Command], Command]:
     """``--group FILE`` (fusejournal/groupcli.py) instead of the positional argument, not both."""
-    def wrap(single):
+    def wrap(single: Command) -> Command:
         def cmd(a: argparse.Namespace) -> int:
             if getattr(a, "group", None) and not getattr(a, "member", None):
                 if getattr(a, positional, None) is not None:
                     raise UserError(f"give either --group FILE or {positional.upper()}, not both", EXIT_USAGE)
                 from . import groupcli
-                return getattr(groupcli, group_fn)(a)
+                group_cmd: Command = getattr(groupcli, group_fn)
+                return group_cmd(a)
             if getattr(a, positional, None) is None:
                 raise UserError(f"{positional.upper()} (or --group FILE) is required", EXIT_USAGE)
             return single(a)
@@ -417,10 +452,15 @@ def cmd_checkpoint(a: argparse.Namespace) -> int:
         os.setxattr(mp, layout.XATTR_UPDATE_PERMISSION, os.fsencode(label))
     except OSError as e:
         code = EXIT_USAGE if e.errno == errno.EINVAL else EXIT_FAILED
-        hint = {errno.EINVAL: " (labels: 1-200 bytes of printable UTF-8)",
-                errno.EPERM: " (only root or the owner of the mount root may)"}.get(e.errno, "; see the daemon log")
+        hints: dict[int | None, str] = {errno.EINVAL: " (labels: 1-200 bytes of printable UTF-8)",
+                                        errno.EPERM: " (only root or the owner of the mount root may)"}
+        hint = hints.get(e.errno, "; see the daemon log")
         raise UserError(f"checkpoint failed: {e.strerror}{hint}", code) from None
-    print(_getxattr(mp, layout.XATTR_CHECKPOINT).decode())
+    cp = _getxattr(mp, layout.XATTR_CHECKPOINT)
+    if cp is None:
+        raise UserError(f"the checkpoint was taken, but {mp} no longer tells its id (unmounted?)",
+                        EXIT_FAILED)
+    print(cp.decode())
     return 0
 
 
@@ -509,14 +549,16 @@ def cmd_status(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(st, indent=1, sort_keys=True))
     else:
-        for k in sorted(st):
-            if k == "seeding" and isinstance(st[k], dict):
+        doc: dict[str, object] = dict(st)
+        for k in sorted(doc):
+            v = doc[k]
+            if k == "seeding" and isinstance(v, dict):
                 from .seeding import progress_line
-                print(f"seeding: {progress_line(st[k]).removeprefix('seeding: ')}")
-                for k2 in sorted(st[k]):
-                    print(f"seeding.{k2}: {st[k][k2]}")
+                print(f"seeding: {progress_line(v).removeprefix('seeding: ')}")
+                for k2 in sorted(v):
+                    print(f"seeding.{k2}: {v[k2]}")
                 continue
-            print(f"{k}: {st[k]}")
+            print(f"{k}: {v}")
         if st.get("needs_resync"):
             print(f"warning: {st['needs_resync']} object(s) changed in the original could not be "
                   f"journaled; the shadow differs from the original there until the next mount "
@@ -534,7 +576,7 @@ def cmd_log(a: argparse.Namespace) -> int:
     journal = _journal_arg(a.journal)
     markers, damage, torn, last = read_log(journal / layout.LOG_DIR)
     problems = ([damage] if damage else []) + _lost_checkpoints(
-        journal, read_meta(journal) or {}, markers[0].checkpoint if markers else None, last, torn)
+        journal, read_meta(journal), markers[0].checkpoint if markers else None, last, torn)
     first = _first_complete(journal)
     if a.json:
         print(json.dumps([{**m.__dict__, "first_complete": m.checkpoint == first} for m in markers],
@@ -549,7 +591,8 @@ def cmd_log(a: argparse.Namespace) -> int:
                   f"{m.stored_bytes:>12}  {m.label}{note}")
     if not a.json:
         from .browsecli import retained_lines
-        shadow = (read_meta(journal) or {}).get("shadow")
+        meta = read_meta(journal)
+        shadow = meta["shadow"] if meta is not None else None
         if shadow:
             print("\n".join(retained_lines(Path(shadow))))
     for p in problems:
@@ -565,8 +608,8 @@ def _first_complete(journal: Path) -> int | None:
     """The first complete checkpoint of the last online seed (the shadow's seeded.json)."""
     from .journal import read_meta
     from .shadow import Shadow, ShadowError
-    meta = read_meta(journal) or {}
-    if not meta.get("shadow"):
+    meta = read_meta(journal)
+    if meta is None or not meta["shadow"]:
         return None
     try:
         sh = Shadow(meta["shadow"])
@@ -598,7 +641,7 @@ def cmd_fsck(a: argparse.Namespace) -> int:
         print(f"repaired: {r}")
     from .journal import read_meta
     first = rep.last_checkpoint - rep.checkpoints_ok + 1 if rep.checkpoints_ok else None
-    lost = _lost_checkpoints(journal, read_meta(journal) or {}, first, rep.last_checkpoint, None)
+    lost = _lost_checkpoints(journal, read_meta(journal), first, rep.last_checkpoint, None)
     for d in lost:
         print(f"damage: {d}")
     if (rep.damage or rep.torn_tail) and not a.repair:
@@ -617,6 +660,8 @@ def _verify_shadow(journal: Path, last: int) -> int:
     from .mount import journal_is_free
     from .shadow import Shadow, ShadowError
     meta = read_meta(journal)
+    if meta is None:
+        raise UserError(f"{journal} is not a fusejournal journal", EXIT_USAGE)
     if not journal_is_free(journal):
         raise UserError("the journal is in use: unmount first (the original must not change "
                         "while it is compared)", EXIT_FAILED)
@@ -806,7 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        func: Command = args.func
+        return func(args)
     except UserError as e:
         print(f"fusejournal: {e}", file=sys.stderr)
         return e.exit_code

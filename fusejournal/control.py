@@ -31,6 +31,7 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from . import layout
 from .acquisition import Checkpointer
@@ -56,9 +57,16 @@ def check_label(value: bytes) -> str:
     return label
 
 
+class Requester(Protocol):
+    """Who sent the request: what the control attributes read of pyfuse3's RequestContext."""
+
+    @property
+    def uid(self) -> int: ...
+
+
 class Control:
     def __init__(self, checkpointer: Checkpointer, *, root_uid: Callable[[], int],
-                 shadow_checkpoint: Callable[[], int], status: Callable[[], dict],
+                 shadow_checkpoint: Callable[[], int], status: Callable[[], dict[str, object]],
                  journal_path: str, checkpoint: Callable[[str], Awaitable[object]] | None = None,
                  checkpoint_id: Callable[[], int] | None = None) -> None:
         self.checkpointer = checkpointer
@@ -71,7 +79,7 @@ class Control:
         self.status = status
         self.journal_path = journal_path
 
-    async def setxattr(self, name: bytes, value: bytes, ctx) -> None:
+    async def setxattr(self, name: bytes, value: bytes, ctx: Requester) -> None:
         if name != layout.XATTR_UPDATE_PERMISSION:
             log.warning("refused setxattr of %r: not a settable control attribute", name)
             raise OSError(errno.EINVAL, "not a settable control attribute")

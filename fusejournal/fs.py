@@ -41,9 +41,9 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 import trio
@@ -73,21 +73,28 @@ _CAPS = b"security.capability"
 XATTR_REQUESTS = XATTR_PREFIX + b"requests"
 
 
-def _handler(fn: Callable) -> Callable:
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_Made = TypeVar("_Made")   # what _new_entry's make() returns (an fd, or nothing)
+_Ops = TypeVar("_Ops", bound="Operations")   # Operations, or the browse mount's subclass
+
+
+def _handler(fn: Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _T]]
+             ) -> Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _T]]:
     """Map every exception of a handler to a FUSE error reply; count the request."""
     name = fn.__name__.lstrip("_")   # _getxattr (behind its fast path) counts as getxattr
 
     @functools.wraps(fn)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        args[0].requests[name] += 1
-        args[0].inodes.new_request()     # fds handed out before may be evicted now
+    async def wrapper(self: _Ops, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        self.requests[name] += 1
+        self.inodes.new_request()     # fds handed out before may be evicted now
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE):
-                args[0].inodes.relieve()   # make room for the requests that follow
+                self.inodes.relieve()   # make room for the requests that follow
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except trio.Cancelled:
             raise
@@ -117,6 +124,35 @@ def _caller_creds(pid: int) -> tuple[int, frozenset[int], bool] | None:
     return fsgid, groups, cap
 
 
+# The daemon's other units, as the Operations use them (typed here so that fs.py
+# imports none of them): the control attributes (control.py Control), the activity
+# log (activity.py ActivityLog), the needs-resync state (resyncflag.py ResyncFlag)
+# and the streamer's backpressure (streamer.py Streamer).
+class ControlAttributes(Protocol):
+    def getxattr(self, name: bytes) -> bytes: ...
+
+    async def setxattr(self, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None: ...
+
+
+class WriteIntents(Protocol):
+    enabled: bool
+    touched: set[int]
+
+    def touch(self, ino: int, fd: int, is_dir: bool) -> None: ...
+
+    def created(self, ino: int) -> None: ...
+
+
+class ResyncMarks(Protocol):
+    def mark(self, fds: list[tuple[int, int, bool]], reason: str) -> None: ...
+
+
+class Backpressure(Protocol):
+    def congested(self) -> bool: ...
+
+    async def room(self) -> None: ...
+
+
 @dataclass
 class FileHandle:
     fd: int
@@ -136,12 +172,13 @@ class DirHandle:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False   # per instance, see __init__ and docs/design.md
-    backpressure: Any = None         # the streamer (streamer.py): writes wait while it catches up
+    backpressure: Backpressure | None = None   # the streamer: writes wait while it catches up
 
     def __init__(self, source_fd: int, *, store: TempStore | None = None,
-                 halt: Halt | None = None, control: Any = None, activity: Any = None,
+                 halt: Halt | None = None, control: ControlAttributes | None = None,
+                 activity: WriteIntents | None = None,
                  read_only: bool = False, timeout: float = 300.0, writeback: bool = False,
-                 resync_flag: Any = None, fd_cache: int | None = None) -> None:
+                 resync_flag: ResyncMarks | None = None, fd_cache: int | None = None) -> None:
         super().__init__()
         self.read_only = read_only
         # With the kernel's writeback cache, small writes are merged into large
@@ -408,14 +445,15 @@ class Operations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return os.readlink(b"", dir_fd=self._inode(inode).fd)
 
-    async def forget(self, inode_list) -> None:   # must not raise: there is no reply
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # must not raise: there is no reply
         self.requests["forget"] += 1
         try:
             self._forget(inode_list)
         except Exception:
             log.exception("forget failed")
 
-    def _forget(self, inode_list) -> None:
+    def _forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for fino, nlookup in inode_list:
             self.inodes.forget(fino, nlookup)
             if fino not in self.inodes:
@@ -815,10 +853,10 @@ class Operations(pyfuse3.Operations):
         return os.fstat(self.inodes[parent].fd).st_mtime_ns
 
     async def _new_entry(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext,
-                         mode: int | None, make: Callable[[Inode], Any],
+                         mode: int | None, make: Callable[[Inode], _Made],
                          record: Callable[[os.stat_result, int, bytes], R.Record],
-                         undo: Callable[[Any], None] | None = None, *, what: str,
-                         is_dir: bool = False) -> tuple[int, Inode, os.stat_result, Any]:
+                         undo: Callable[[_Made], bool] | None = None, *, what: str,
+                         is_dir: bool = False) -> tuple[int, Inode, os.stat_result, _Made]:
         """Create ``name`` in a directory: the write intent for the directory, the system
         call ``make(parent)``, the caller's ownership, then the record built by
         ``record(stat, parent mtime, path)``.  If a step after ``make`` fails:

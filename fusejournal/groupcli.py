@@ -174,7 +174,7 @@ def _member_status(m: Member) -> dict[str, Any]:
     from .cli import Target
     try:
         t = Target(os.fspath(m.mountpoint) if _member_mounted(m) else os.fspath(m.journal))
-        return t.status()
+        return dict(t.status())
     except UserError as e:
         return {"error": str(e)}
 

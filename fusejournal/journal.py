@@ -24,6 +24,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NotRequired, TypedDict, TypeGuard
 
 from . import compression, layout
 from . import records as rec_mod
@@ -35,7 +36,34 @@ from .treewalk import durable_replace
 PENDING = layout.PENDING
 
 
-def read_meta(journal: Path) -> dict | None:
+class SourceIdent(TypedDict):
+    """The source's identity, as meta.json and the shadow's shadow.json keep it."""
+    path: str
+    dev: int
+    ino: int
+
+
+class JournalMeta(TypedDict):
+    """meta.json (checked by :func:`read_meta`)."""
+    format: int
+    source: SourceIdent
+    shadow: str
+    shadow_id: NotRequired[str]      # missing in a journal from before identities
+
+
+def _is_source_ident(v: object) -> TypeGuard[SourceIdent]:
+    """A source's identity as meta.json keeps it: {"path": str, "dev": int, "ino": int}."""
+    return (isinstance(v, dict) and isinstance(v.get("path"), str)
+            and isinstance(v.get("dev"), int) and isinstance(v.get("ino"), int))
+
+
+def _is_journal_meta(v: object) -> TypeGuard[JournalMeta]:
+    return (isinstance(v, dict) and isinstance(v.get("format"), int)
+            and _is_source_ident(v.get("source")) and isinstance(v.get("shadow"), str)
+            and isinstance(v.get("shadow_id", ""), str))
+
+
+def read_meta(journal: Path) -> JournalMeta | None:
     try:
         with open(journal / layout.META, "rb") as f:
             meta = json.load(f)
@@ -43,7 +71,7 @@ def read_meta(journal: Path) -> dict | None:
         return None
     except (OSError, ValueError) as e:
         raise UserError(f"journal {journal}: unreadable {layout.META}: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
+    if not _is_journal_meta(meta):
         raise UserError(f"journal {journal}: {layout.META} is not a fusejournal journal")
     if meta["format"] > layout.JOURNAL_FORMAT:
         raise UserError(f"journal {journal} has format {meta['format']}, newer than this "
@@ -78,7 +106,8 @@ def _check_journal_dir(path: Path) -> bool:
     return True
 
 
-def _claim_shadow(path: Path, shadow: Path, ident: dict, meta: dict | None, reseed: bool) -> str:
+def _claim_shadow(path: Path, shadow: Path, ident: SourceIdent, meta: JournalMeta | None,
+                  reseed: bool) -> str:
     """:meth:`Shadow.check_claim` for the journal at ``path`` (``meta`` None: a new journal)."""
     named = meta is not None and meta.get("shadow") == os.fsdecode(os.path.abspath(shadow))
     try:
@@ -96,7 +125,7 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock_fd = -1
-        self.meta: dict = {}
+        self.meta: JournalMeta                     # set by open(), under the lock
         #: what :meth:`Shadow.check_claim` said of the shadow (missing, empty, ours, legacy, reseed)
         self.shadow_verdict = ""
 
@@ -125,8 +154,8 @@ class Journal:
         journal's; nothing is created or changed in a refused directory.
         """
         j = cls(path)
-        ident = {"path": os.fsdecode(os.path.abspath(source)),
-                 "dev": source_st.st_dev, "ino": source_st.st_ino}
+        ident: SourceIdent = {"path": os.fsdecode(os.path.abspath(source)),
+                              "dev": source_st.st_dev, "ino": source_st.st_ino}
         if _check_journal_dir(path) and (path / layout.META).exists():
             pass                                      # checked under the lock below
         elif shadow is not None:
@@ -206,14 +235,14 @@ class Journal:
             raise
         return j
 
-    def _write_meta(self, meta: dict) -> None:
+    def _write_meta(self, meta: JournalMeta) -> None:
         try:
             durable_replace(self.path / layout.META, json.dumps(meta, indent=1).encode())
         except OSError as e:
             raise UserError(f"journal {self.path} is not writable: {e.strerror}") from None
 
     @property
-    def shadow_identity(self) -> dict:
+    def shadow_identity(self) -> dict[str, object]:
         """The shadow.json the shadow of this journal carries (see :meth:`Shadow.new_identity`)."""
         return Shadow.new_identity(self.meta["source"], self.meta["shadow_id"])
 
@@ -229,7 +258,7 @@ class Journal:
     def spill_dir(self) -> Path:
         return self.path / layout.SPILL_DIR
 
-    def write_daemon_info(self, info: dict) -> None:
+    def write_daemon_info(self, info: dict[str, object]) -> None:
         durable_replace(self.path / layout.DAEMON, json.dumps(info).encode())
 
     def remove_daemon_info(self) -> None:
@@ -272,9 +301,12 @@ class Journal:
             self._lock_fd = -1
 
 
-def read_daemon_info(journal: Path) -> dict | None:
+def read_daemon_info(journal: Path) -> dict[str, object] | None:
+    """The running daemon's daemon.json (a JSON object), or None if there is none or
+    it cannot be read as one."""
     try:
         with open(Path(journal) / layout.DAEMON, "rb") as f:
-            return json.load(f)
+            info = json.load(f)
     except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None

@@ -76,7 +76,7 @@ def _span(a: int, b: int) -> str:
     return f"checkpoint {a} was" if a == b else f"checkpoints {a}..{b} were"
 
 
-def _read_end_doc(directory: str | Path) -> dict | None:
+def _read_end_doc(directory: str | Path) -> dict[str, object] | None:
     try:
         with open(Path(directory) / END_FILE, "rb") as f:
             doc = json.loads(f.read())
@@ -103,7 +103,7 @@ class Unmarked:
     operations: int
     raw_bytes: int
 
-    def doc(self) -> dict:
+    def doc(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
 
@@ -123,7 +123,7 @@ def _read_unmarked(directory: Path) -> Unmarked | None:
 
 
 def _write_end(directory: Path, last: int, unmarked: Unmarked | None = None) -> None:
-    doc: dict = {"last_checkpoint": last}
+    doc: dict[str, object] = {"last_checkpoint": last}
     if unmarked is not None:
         doc["unmarked"] = unmarked.doc()
     durable_replace(directory / END_FILE, json.dumps(doc).encode() + b"\n")
@@ -177,7 +177,7 @@ class Marker:
     raw_bytes: int
     stored_bytes: int
     halt_ns: int = 0
-    extra: dict = field(default_factory=dict, compare=False)
+    extra: dict[str, object] = field(default_factory=dict, compare=False)
 
 
 _MARKER_FIELDS = ("checkpoint", "label", "time_ns", "operations", "raw_bytes",
@@ -208,7 +208,7 @@ class CorruptLog(LogError):
         super().__init__(f"corrupt log: {format_segment_name(segment)} offset {offset} "
                          f"({cp}): {reason}")
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[CorruptLog], tuple[int, int, int | None, str]]:
         return type(self), (self.segment, self.offset, self.checkpoint, self.reason)
 
 
@@ -351,7 +351,7 @@ class _SegScan:
     size: int
     next_cp: int | None             # checkpoint the next entry belongs to
     base: int | None = None         # None: the segment header is unusable
-    infos: list = field(default_factory=list)
+    infos: list[CheckpointInfo] = field(default_factory=list)
     good_end: int = 0               # end of the committed prefix
     problem: tuple[int, str] | None = None  # (offset, reason) of the first bad thing
     open_start: int | None = None   # intact batch entries not closed by a marker start here
@@ -418,14 +418,14 @@ def _scan_segment(fd: int, index: int, path: Path, expected: int | None) -> _Seg
     return s
 
 
-def _is_torn(fd: int, s: _SegScan) -> bool:
-    """Is the problem in the last segment an uncommitted tail?
+def _is_torn(fd: int, s: _SegScan, at: int) -> bool:
+    """Is the problem (at offset ``at``) in the last segment an uncommitted tail?
 
     Yes unless an intact marker follows it, other than the incomplete
     checkpoint's own marker as the very last entry of the file (a crash
     between writing and syncing may leave that one intact after a hole).
     """
-    m = _next_marker(fd, s.problem[0], s.size)
+    m = _next_marker(fd, at, s.size)
     return m is None or (m.checkpoint == s.next_cp and m.end == s.size)
 
 
@@ -487,7 +487,7 @@ def _scan_log(directory: Path) -> _LogScan:
                     # belong to the next marker, not a crash's uncommitted tail
                     scan.unmarked = u
                     continue
-            if i == len(paths) - 1 and _is_torn(fd, s):
+            if i == len(paths) - 1 and _is_torn(fd, s, offset):
                 what = (f"removed {path.name}" if cut[1] is None
                         else f"cut {path.name} at offset {cut[1]} ({s.size - cut[1]} bytes)")
                 scan.torn = (f"torn tail: {what}: uncommitted checkpoint {s.next_cp}: "
@@ -680,7 +680,7 @@ class OrderedLog:
             self.directory.mkdir(mode=0o700, parents=True)
             fsync_dir(self.directory.parent)
         scan = _scan_log(self.directory)
-        warnings = []
+        warnings: list[str] = []
         segments = [index for index, _ in scan.paths]
         if scan.torn_cut is not None:
             index, offset = scan.torn_cut
@@ -691,6 +691,7 @@ class OrderedLog:
                 segments.remove(index)
             else:
                 _truncate(path, offset)
+            assert scan.torn is not None        # set with torn_cut (_scan_log)
             warnings.append(scan.torn)
         if scan.damage is not None:
             warnings.append(f"{scan.damage}; the damaged checkpoint and all later ones are "
@@ -1038,9 +1039,8 @@ class FsckReport:
         return not self.damage and self.torn_tail is None
 
 
-def _lost_checkpoints(scan: _LogScan) -> list[int]:
-    """Ids of intact markers from the damage on (best effort, for the report)."""
-    d = scan.damage
+def _lost_checkpoints(scan: _LogScan, d: CorruptLog) -> list[int]:
+    """Ids of intact markers from the damage ``d`` on (best effort, for the report)."""
     found = {d.checkpoint} if d.checkpoint is not None else set()
     for index, path in scan.paths:
         if index < d.segment:
@@ -1095,7 +1095,7 @@ def fsck(directory: str | Path, repair: bool = False) -> FsckReport:
     report = FsckReport(len(scan.infos), scan.last, torn_tail=scan.torn)
     lost: list[int] = []
     if scan.damage is not None:
-        lost = _lost_checkpoints(scan) if scan.damage_cut is not None else []
+        lost = _lost_checkpoints(scan, scan.damage) if scan.damage_cut is not None else []
         report.damage.append(str(scan.damage))
         if lost:
             report.damage.append(f"checkpoints {lost[0]}..{lost[-1]} ({len(lost)} found) "
@@ -1104,12 +1104,13 @@ def fsck(directory: str | Path, repair: bool = False) -> FsckReport:
         return report
     if scan.damage is not None and scan.damage_cut is None:
         # confirmed checkpoints are gone from the end: nothing to cut, accept the loss
+        assert scan.end is not None         # the only damage without a cut: read_end() said so
         _remove_end(directory)
         report.repaired.append(f"accepted the loss: {_span(scan.last + 1, scan.end)} dropped; the "
                                f"log now ends at checkpoint {scan.last}; re-seed the shadow if it "
                                f"went beyond (fusejournal mount --reseed)")
         return report
-    if scan.damage is not None:
+    if scan.damage is not None and scan.damage_cut is not None:      # (always cut here)
         _remove_end(directory)          # the repair drops checkpoints: END_FILE is stale
         index, offset = scan.damage_cut
         for later, path in reversed(scan.paths):
@@ -1132,5 +1133,6 @@ def fsck(directory: str | Path, repair: bool = False) -> FsckReport:
             fsync_dir(directory)
         else:
             _truncate(path, offset)
+        assert scan.torn is not None            # set with torn_cut (_scan_log)
         report.repaired.append(scan.torn)
     return report

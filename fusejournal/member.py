@@ -39,6 +39,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -68,8 +69,8 @@ class _Abort(Exception):
 
 
 class _Control(Protocol):
-    checkpoint: Any
-    checkpoint_id: Any
+    checkpoint: Callable[[str], Awaitable[object]]
+    checkpoint_id: Callable[[], int]
 
 
 class _Inbox:

@@ -50,7 +50,7 @@ from .fs import Operations
 from .halt import Halt
 from .inodes import raise_fd_limit
 from .journal import PENDING, Journal, read_daemon_info
-from .log import Marker, OrderedLog
+from .log import CheckpointInfo, Marker, OrderedLog
 from .recovery import (
     discard_seed,
     prepare_online_seed,
@@ -170,13 +170,19 @@ class Daemon:
         self.store = TempStore(self.journal.spill_dir, memory_limit=cfg.memory_limit)
         self.updater = Updater(self.olog, self.shadow,
                                retention=retention_policy(cfg.keep_last, cfg.keep_within))
+        group_member: tuple[Path, str] | None = None
+        if cfg.group is not None:
+            if cfg.member is None:              # the CLI gives both (cli.py)
+                raise UserError("a consistency group member needs its member name (--member)")
+            group_member = (cfg.group, cfg.member)
         self.update_task = UpdateTask(self.updater, self.olog, self.shadow, applied, journal=cfg.journal,
-                                      group=(os.fspath(cfg.group), cfg.member) if cfg.group else None,
+                                      group=((os.fspath(group_member[0]), group_member[1])
+                                             if group_member else None),
                                       debug=cfg.debug)
         self.member = None
-        if cfg.group is not None:               # a consistency group member (member.py)
+        if group_member is not None:            # a consistency group member (member.py)
             from .member import GroupMember
-            self.member = GroupMember(cfg.group, cfg.member)
+            self.member = GroupMember(*group_member)
             self.stack.callback(self.member.close)
             self.updater.committed = self.member.committed
         self.activity = ActivityLog(self.journal.path / ACTIVITY_DIR, enabled=os.geteuid() == 0)
@@ -317,7 +323,7 @@ class Daemon:
         return await trio.to_thread.run_sync(sync_through_mount, mountpoint, targets,
                                              self.ops.barrier_tids, source, abandon_on_cancel=True)
 
-    def _confirmed(self, info) -> None:
+    def _confirmed(self, info: CheckpointInfo) -> None:
         if self.had_pending:
             self.journal.clear_pending()
             self.had_pending = False
@@ -327,7 +333,7 @@ class Daemon:
             log.error("could not clear the needs-resync state: %s", e)
         self.update_task.wake()                     # status/wait: catching up, not stopped
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, object]:
         cps = self.olog.checkpoints(0)
         hist = sorted(self.checkpointer.halt_history)
         streamed_ops, streamed_bytes = self.streamer.pending()

@@ -37,7 +37,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 RECORD_FORMAT = 1
 
@@ -150,7 +150,7 @@ Record = (Mknod | Mkdir | Symlink | Link | Unlink | Rmdir | Rename | Write
 # i64 seconds + u32 nanoseconds, so every time a filesystem can hold (ext4
 # goes to the year 2446) fits, not only the int64-nanosecond range (2262).
 _TIMES = "t"
-_FORMATS: dict[int, tuple[type, str, int]] = {
+_FORMATS: dict[int, tuple[type[Record], str, int]] = {
     1: (Mknod, "QIIIQtt", 1),
     2: (Mkdir, "IIItt", 1),
     3: (Symlink, "QIItt", 2),
@@ -211,17 +211,17 @@ def _compile(fmt: str) -> tuple[struct.Struct, tuple[int, ...]]:
             tuple(i for i, c in enumerate(fmt) if c == _TIMES))
 
 
-_SPEC: dict[int, tuple[type, struct.Struct, int, tuple[int, ...]]] = {}
+_SPEC: dict[int, tuple[type[Record], struct.Struct, int, tuple[int, ...]]] = {}
 for _op, (_cls, _fmt, _nbytes) in _FORMATS.items():
     _st, _times = _compile(_fmt)
     _SPEC[_op] = (_cls, _st, _nbytes, _times)
-_OPCODE: dict[type, int] = {cls: op for op, (cls, _, _, _) in _SPEC.items()}
+_OPCODE: dict[type[Record], int] = {cls: op for op, (cls, _, _, _) in _SPEC.items()}
 _HEADER = struct.Struct("<BI")
 _LEN = struct.Struct("<I")
 
 
-def _split_times(ints: tuple, times: tuple[int, ...]) -> list:
-    out: list = []
+def _split_times(ints: tuple[int, ...], times: tuple[int, ...]) -> list[int]:
+    out: list[int] = []
     for i, v in enumerate(ints):
         if i in times:
             out.extend(divmod(v, _NS))
@@ -234,12 +234,14 @@ class RecordError(ValueError):
     """Encoded records that cannot be decoded (corrupt or from a newer format)."""
 
 
+# Every record's fields are its integers, then its ``nbytes`` bytes fields (_FORMATS):
+# the casts below say so to the type checker (a record type's slices do not).
 def record_size(rec: Record) -> int:
     """Bytes ``rec`` takes once encoded (used for accounting, cheaply)."""
     op = _OPCODE[type(rec)]
     _, fixed, nbytes, _ = _SPEC[op]
     n = _HEADER.size + fixed.size + 4 * nbytes
-    for field in rec[len(rec) - nbytes:]:
+    for field in cast("tuple[bytes, ...]", rec[len(rec) - nbytes:]):
         n += len(field)
     return n
 
@@ -252,11 +254,11 @@ def encode(records: Iterable[Record]) -> bytes:
         op = _OPCODE[type(rec)]
         _, fixed, nbytes, times = _SPEC[op]
         nints = len(rec) - nbytes
-        tail = rec[nints:]
+        tail = cast("tuple[bytes, ...]", rec[nints:])
         body_len = fixed.size + 4 * nbytes + sum(len(b) for b in tail)
         append(_HEADER.pack(op, body_len))
         try:
-            append(fixed.pack(*_split_times(rec[:nints], times)))
+            append(fixed.pack(*_split_times(cast("tuple[int, ...]", rec[:nints]), times)))
         except struct.error as e:
             raise RecordError(f"{type(rec).__name__} record has a field out of range: {rec[:nints]} ({e})") from None
         for b in tail:

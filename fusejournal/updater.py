@@ -35,7 +35,7 @@ import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import sysc
 from .browsegate import UpdaterSide
@@ -126,7 +126,8 @@ class _Applier:
             raise
         # the xattr calls need a path: this one reaches inodes/ through its fd, not its name
         self.inodes_path = b"/proc/self/fd/%d" % self.inodes_fd
-        self._handlers = {
+        # each handler takes the record type it is keyed by (which a dict's type cannot say)
+        self._handlers: dict[type[Record], Callable[[Any, int], None]] = {
             Mknod: self._mknod, Mkdir: self._mkdir, Symlink: self._symlink, Link: self._link,
             Unlink: self._unlink, Rmdir: self._rmdir, Rename: self._rename, Write: self._write,
             Setattr: self._setattr, Setxattr: self._setxattr, Removexattr: self._removexattr,
@@ -274,10 +275,9 @@ class _Applier:
 
     def note(self, rec: Record) -> None:
         """Account for an already-applied record without applying it (resume)."""
-        t = type(rec)
-        if t is Write:
+        if isinstance(rec, Write):
             self.deferred[rec.ino] = rec.mtime_ns
-        elif t is Mknod or t is Symlink or (t is Setattr and rec.ino):
+        elif isinstance(rec, (Mknod, Symlink)) or (isinstance(rec, Setattr) and rec.ino):
             self.deferred.pop(rec.ino, None)
 
     def apply_one(self, rec: Record, index: int) -> None:
@@ -461,7 +461,8 @@ class _Applier:
                          dir_fd=self.inodes_fd, follow_symlinks=False)
             if mask & (ATTR_MODE | ATTR_UID | ATTR_GID) and not stat.S_ISLNK(kst.st_mode):
                 # after a chown the recorded mode tells which setuid/setgid bits it cleared
-                if mask & ATTR_MODE or stat.S_IMODE(self._key_stat(r.ino).st_mode) != stat.S_IMODE(r.mode):
+                if mask & ATTR_MODE or (now := self._key_stat(r.ino)) is None \
+                        or stat.S_IMODE(now.st_mode) != stat.S_IMODE(r.mode):
                     os.chmod(key, stat.S_IMODE(r.mode), dir_fd=self.inodes_fd)
             atime = r.atime_ns if mask & ATTR_ATIME else kst.st_atime_ns
             os.utime(key, ns=(atime, r.mtime_ns), dir_fd=self.inodes_fd, follow_symlinks=False)
