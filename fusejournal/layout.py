@@ -83,6 +83,8 @@ SHADOW_IDENTITY = "shadow.json"
 SHADOW_BROWSE_LOCK = "browse.lock"    # fusejournal/browsegate.py
 STAGING_CURSOR = "cursor"       # in SHADOW_STAGING
 SHADOW_HISTORY = "history"
+SHADOW_SEEDING = "seeding.json"  # an online seed in progress (seeding.py): tree/ holds no checkpoint
+SHADOW_SEEDED = "seeded.json"    # how the shadow was seeded, and its first complete checkpoint
 HISTORY_REV_SUFFIX = ".rev"     # in SHADOW_HISTORY: N + this
 HISTORY_HELD_SUFFIX = ".held"   # in SHADOW_HISTORY: N + this, a directory
 HISTORY_MARKER = "marker.json"  # in SHADOW_HISTORY
@@ -102,7 +104,7 @@ GROUP_MEMBERS_DIR = "members"
 TMP_SUFFIX = ".tmp"
 #: every name a shadow directory may hold (plus ``NAME.tmp`` during an atomic write)
 SHADOW_NAMES = frozenset({SHADOW_TREE, SHADOW_INODES, SHADOW_STAGING, SHADOW_APPLIED, SHADOW_IDENTITY,
-                          SHADOW_BROWSE_LOCK, SHADOW_HISTORY})
+                          SHADOW_BROWSE_LOCK, SHADOW_HISTORY, SHADOW_SEEDING, SHADOW_SEEDED})
 
 #: modes of everything the daemon creates for itself (never the application's files)
 PRIVATE_DIR_MODE = 0o700

@@ -134,7 +134,7 @@ class Daemon:
         self._seed_made: list[str] = []
         if cfg.reseed:
             if online:
-                reseed_online(self.journal, self.shadow, cfg.source, self.reporter)
+                reseed_online(self.journal, self.shadow, self.olog, cfg.source, self.reporter)
                 self.seed_mode = "fresh"
             else:
                 reseed(self.journal, self.shadow, self.olog, source_fd, cfg.source, self.reporter)

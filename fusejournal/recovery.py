@@ -155,7 +155,8 @@ def start_fresh_seed(shadow: Shadow) -> list[str]:
     return made
 
 
-def reseed_online(journal: Journal, shadow: Shadow, source: Path, reporter: Reporter) -> None:
+def reseed_online(journal: Journal, shadow: Shadow, olog: OrderedLog, source: Path,
+                  reporter: Reporter) -> None:
     """``--reseed`` with an online seed: mark the shadow as being seeded (durably, first: a
     kill from here on resumes a seed, never trusts the old copy), empty it, and drop what the
     copy supersedes (saved pending operations, write intents, the needs-resync state)."""
@@ -164,10 +165,13 @@ def reseed_online(journal: Journal, shadow: Shadow, source: Path, reporter: Repo
     if journal.shadow_verdict not in ("missing", "empty", "ours", "legacy", "reseed"):
         raise UserError(f"shadow {root}: refusing to re-seed a directory that is not a shadow "
                         f"of {source} (nothing was changed)")
+    if journal.shadow_verdict != "missing":
+        shadow.attach()              # private, pinned, locked: not in use, not a swapped symlink
     reporter.message(f"re-seeding the shadow {root} from {source} (in the background)")
     shadow.create()
     shadow.write_state(SEEDING, SeedingTask.new_state(1, 0))
-    keep = {SEEDING, layout.SHADOW_IDENTITY, layout.SHADOW_BROWSE_LOCK}
+    # the identity goes too: the re-seeded shadow belongs to this journal (written again below)
+    keep = {SEEDING, layout.SHADOW_BROWSE_LOCK}
     rfd = shadow.open_root()
     try:
         for name in os.listdir(rfd):
@@ -182,6 +186,7 @@ def reseed_online(journal: Journal, shadow: Shadow, source: Path, reporter: Repo
     finally:
         os.close(rfd)
     shadow.create()
+    olog.discard_unmarked()          # streamed after the last marker: the copy will have them
     journal.clear_pending()
     journal.remove_daemon_info()
     act = journal.path / layout.ACTIVITY_DIR

@@ -59,8 +59,8 @@ __all__ = ["Shadow", "ShadowError", "ShadowRefused", "copy_data", "data_extents"
 #: a JSON object as read from or written to shadow.json (values checked where they are used)
 JsonObject = dict[str, object]
 #: the online seed's durable state (fusejournal/seeding.py), and how the shadow was seeded
-SEEDING = "seeding.json"
-SEEDED = "seeded.json"
+SEEDING = layout.SHADOW_SEEDING
+SEEDED = layout.SHADOW_SEEDED
 
 #: xattr namespaces compared by verify_matches (others are copied best-effort)
 _COMPARED_XATTRS = ("user.", "trusted.")
