@@ -369,7 +369,12 @@ class _Resync:
 
     def dir_path(self, fd: int, st: os.stat_result) -> bytes | None:
         """The path of the directory open at ``fd`` relative to the original's root, or None."""
-        where = os.readlink(b"/proc/self/fd/%d" % fd)
+        try:
+            where = os.readlink(b"/proc/self/fd/%d" % fd)
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            return self._path_by_parents(fd, st)    # deeper than PATH_MAX: walk up by ".."
         if where == self.base:
             rel = b""
         else:
@@ -387,6 +392,35 @@ class _Resync:
         finally:
             os.close(vfd)
         return rel
+
+    def _path_by_parents(self, fd: int, st: os.stat_result) -> bytes | None:
+        """The path of the directory open at ``fd`` when the kernel cannot name it (longer
+        than PATH_MAX): up by ``..`` to the original's root, finding each directory's name
+        in its parent by identity.  None if it is not below the root (any more)."""
+        root = os.fstat(self.src)
+        names: list[bytes] = []
+        cur, cur_st = os.dup(fd), st
+        try:
+            while not _same(cur_st, root):
+                parent = os.open(b"..", _O_DIR, dir_fd=cur)
+                os.close(cur)
+                cur = parent
+                pst = os.fstat(cur)
+                if _same(pst, cur_st):                  # "/": the root was never reached
+                    return None
+                for name in _listdir(cur):
+                    s = _lstat(cur, name)
+                    if s is not None and stat.S_ISDIR(s.st_mode) and _same(s, cur_st):
+                        names.append(name)
+                        break
+                else:
+                    return None                         # moved meanwhile
+                cur_st = pst
+        except OSError:
+            return None
+        finally:
+            os.close(cur)
+        return b"/".join(reversed(names))
 
     def push(self, path: bytes) -> None:
         """Queue the directory ``path`` for a comparison (its parent instead if the

@@ -151,6 +151,39 @@ def deep_changes(dirs: Mounted) -> None:
     dirs.umount()
 
 
+@pytest.mark.skipif(not can_mount(), reason="needs root, /dev/fuse and fusermount3")
+def test_a_crash_resync_reaches_below_4096_levels(dirs: Mounted) -> None:
+    """Recovery after kill -9 resyncs the objects the lost temporary store touched: a
+    directory 4,100 levels down cannot be named by /proc/self/fd (ENAMETOOLONG), so the
+    resync finds its path by walking up (failed before: the resync stopped on it, and an
+    online seed that had to reconcile such a directory never completed)."""
+    try:
+        make_chain(dirs.source, DEPTH)
+        dirs.mount()
+        fd = bottom(dirs.mountpoint, DEPTH)
+        try:
+            f = os.open("lost", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640, dir_fd=fd)
+            os.write(f, b"only the original has me\n")
+            os.close(f)
+            os.mkdir("lostdir", 0o700, dir_fd=fd)
+        finally:
+            os.close(fd)
+        dirs.kill()                              # the temporary store is gone
+        dirs.mount()
+        cp = dirs.checkpoint("after the crash")
+        dirs.wait(cp)
+        st = dirs.status()
+        assert st["shadow_checkpoint"] == cp and not st["updater_error"], st
+        expected = chain_listing(dirs.source, DEPTH)
+        assert [r[0] for r in expected[-2]] == ["lost", "lostdir"]
+        assert chain_listing(dirs.tree, DEPTH) == expected
+        dirs.umount()
+    finally:
+        dirs.cleanup()
+        remove_tree(dirs.source)
+        remove_tree(dirs.shadow)
+
+
 # ---------------------------------------------------------------- Operations called directly
 
 
