@@ -94,7 +94,7 @@ from .records import (
     Unlink,
     Write,
 )
-from .treewalk import O_DIR, O_PATH, O_WALK, read_xattrs
+from .treewalk import O_DIR, O_PATH, open_parent, read_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -860,17 +860,10 @@ class HistoryWriter:
 
     def _resolve(self, path: bytes) -> tuple[int, bytes]:
         """(fd of the parent directory, last name) of a non-root path; caller closes the fd."""
-        comps = path.split(b"/")
-        fd = os.dup(self.tree_fd)
         try:
-            for comp in comps[:-1]:
-                nfd = os.open(comp, O_WALK, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
+            return open_parent(self.tree_fd, path)
         except OSError:
-            os.close(fd)
             raise _Unreachable() from None
-        return fd, comps[-1]
 
     def _open_dir(self, path: bytes) -> int:
         if path == b"":

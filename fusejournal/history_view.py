@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 from . import history, layout
 from .history import Attr, Data, Entry, HistoryError, Hole, Move
-from .treewalk import O_DIR, O_PATH, O_WALK, read_xattrs
+from .treewalk import O_DIR, O_PATH, open_parent, read_xattrs
 from .treewalk import data_map as _data_map
 
 __all__ = ["TreeAt", "Node", "Stat", "NotRetained", "HistoryError"]
@@ -258,17 +258,7 @@ class TreeAt:
             os.close(pfd)
 
     def _parent(self, path: bytes) -> tuple[int, bytes]:
-        comps = path.split(b"/")
-        fd = os.dup(self.tree_fd)
-        try:
-            for c in comps[:-1]:
-                nfd = os.open(c, O_WALK, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, comps[-1]
+        return open_parent(self.tree_fd, path)
 
     def _from_entry(self, e: Entry, ri: int) -> Node | None:
         if e.child_sino == 0:

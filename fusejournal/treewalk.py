@@ -101,6 +101,13 @@ def open_at(base_fd: int, path: bytes, flags: int) -> int:
             os.close(fd)
 
 
+def open_parent(base_fd: int, path: bytes) -> tuple[int, bytes]:
+    """(fd of the parent directory, last name) of a non-empty ``path`` below ``base_fd``,
+    walked as :func:`open_at` does (``O_WALK``); the caller closes the fd."""
+    head, _, name = path.rpartition(b"/")
+    return open_at(base_fd, head, O_WALK), name
+
+
 class ParentCache:
     """Rule 2 for a stream of changes (the updater's): the parent directory of a
     path, walked with :func:`open_at` (``O_DIR`` for the parent itself, readable so
