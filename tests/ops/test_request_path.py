@@ -107,11 +107,19 @@ def nobody_pid():
     a request names: its credentials are read from /proc/PID/status)."""
     p = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "60"])
     try:
+        # until setpriv has exec'ed sleep as 65534: setpriv sets the uid first and keeps its
+        # capabilities (PR_SET_KEEPCAPS) to set the gid and groups after, so "Uid 65534" alone
+        # can be read while CapEff still holds CAP_FSETID (a flaky failure in CI)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:      # until setpriv has exec'ed sleep as 65534
+        while True:
             with open(f"/proc/{p.pid}/status") as f:
-                if "\nUid:\t65534" in f.read():
-                    break
+                status = f.read()
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            if (fields.get("Name") == "sleep" and fields.get("Uid", "").split()[:1] == ["65534"]
+                    and int(fields.get("CapEff", "1"), 16) == 0 and not fields.get("Groups", "").strip()):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the uid-65534 caller never got ready: {status}")
             time.sleep(0.01)
         yield p.pid
     finally:
