@@ -154,32 +154,15 @@ def browse_history(a: argparse.Namespace) -> int:
 def run_history_browse(shadow: Path, browsepoint: Path, options: list[str], ready_fd: int | None,
                        debug: bool, only: int | None) -> int:
     """The daemon of ``browse --all`` / ``--checkpoint N`` (until unmounted)."""
-    import trio
+    from collections.abc import Callable
 
-    from .checks import check_dir, check_mountpoint, fsname_for, mount_options
-    from .daemonize import Reporter, setup_logging
-    from .session import serve_session
-    reporter = Reporter(ready_fd)
-    setup_logging(None, debug, ready_fd is None)
-    try:
-        check_dir(browsepoint, "browse point")
-        check_mountpoint(browsepoint, journal_free=False)
+    from .checks import fsname_for
+    from .mount import serve_read_only
+    from .session import FuseOperations
+
+    def open_ops() -> tuple[FuseOperations, Callable[[], None]]:
         from .browse import HistoryBrowseOperations
         ops = HistoryBrowseOperations(shadow, only)
-
-        async def serve() -> None:
-            try:
-                await serve_session(ops, browsepoint,
-                                    mount_options(options, fsname=fsname_for(shadow, "fusejournal-history"),
-                                                  read_only=True),
-                                    lambda: reporter.ready({"browsepoint": os.fspath(browsepoint),
-                                                            "pid": os.getpid()}))
-            finally:
-                ops.close_all()
-        trio.run(serve)
-    except UserError as e:
-        reporter.error(e.exit_code, str(e))
-        if ready_fd is None:
-            raise
-        return e.exit_code
-    return 0
+        return ops, ops.close_all
+    return serve_read_only(browsepoint, options, ready_fd, debug,
+                           fsname_for(shadow, "fusejournal-history"), open_ops)

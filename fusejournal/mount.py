@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -62,7 +63,7 @@ from .recovery import (
 )
 from .resyncflag import NO_HANDLE, ResyncFlag
 from .seeding import SeedingTask
-from .session import serve_session
+from .session import FuseOperations, serve_session
 from .shadow import SEEDED, Shadow, ShadowError
 from .streamer import Streamer
 from .tempstore import TempStore
@@ -465,25 +466,38 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None) -> int:
 def run_browse(tree: Path, browsepoint: Path, options: list[str], ready_fd: int | None, debug: bool,
                group: tuple[str, str] | None = None) -> int:
     """Serve a read-only view of a shadow tree until unmounted."""
+    def open_ops() -> tuple[FuseOperations, Callable[[], None]]:
+        fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+        from .browse import browse_operations
+        ops = browse_operations(tree, fd, group)
+
+        def close() -> None:
+            ops.close_all()
+            os.close(fd)
+        return ops, close
+    return serve_read_only(browsepoint, options, ready_fd, debug, _fsname(tree, "fusejournal-browse"),
+                           open_ops)
+
+
+def serve_read_only(browsepoint: Path, options: list[str], ready_fd: int | None, debug: bool,
+                    fsname: str, open_ops: Callable[[], tuple[FuseOperations, Callable[[], None]]]) -> int:
+    """A read-only mount's daemon, until unmounted: the browse mount (:func:`run_browse`) and
+    the browse of retained checkpoints (browsecli.run_history_browse).  ``open_ops`` builds
+    the Operations once the browse point is checked, and returns them with what closes them."""
     reporter = Reporter(ready_fd)
     setup_logging(None, debug, ready_fd is None)
     try:
         check_dir(browsepoint, "browse point")
         check_mountpoint(browsepoint, journal_free=False)
-        fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
-        from .browse import browse_operations
-        ops = browse_operations(tree, fd, group)
+        ops, close = open_ops()
 
         async def serve() -> None:
             try:
-                await serve_session(ops, browsepoint,
-                                    mount_options(options, fsname=_fsname(tree, "fusejournal-browse"),
-                                                  read_only=True),
+                await serve_session(ops, browsepoint, mount_options(options, fsname=fsname, read_only=True),
                                     lambda: reporter.ready({"browsepoint": os.fspath(browsepoint),
                                                             "pid": os.getpid()}))
             finally:
-                ops.close_all()
-                os.close(fd)
+                close()
         trio.run(serve)
     except UserError as e:
         reporter.error(e.exit_code, str(e))

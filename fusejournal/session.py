@@ -50,6 +50,10 @@ async def _terminate_on_signal() -> None:
             return
 
 
+#: what serve_session mounts (for the wiring, which does not import pyfuse3)
+FuseOperations = pyfuse3.Operations
+
+
 async def serve_session(ops: pyfuse3.Operations, mountpoint: Path, opts: set[str],
                         on_ready: Callable[[], None], *background: Callable[[], Any]) -> None:
     """Mount ``ops`` (one FUSE session per process), call ``on_ready``, serve until
