@@ -138,20 +138,7 @@ def start_fresh_seed(shadow: Shadow) -> list[str]:
     made = [n for n in ("", layout.SHADOW_TREE, layout.SHADOW_INODES, layout.SHADOW_STAGING,
                         layout.SHADOW_APPLIED, layout.SHADOW_IDENTITY, SEEDING, SEEDED)
             if not os.path.lexists(root / n)]
-    shadow.create()
-    fd = shadow.open_sub(layout.SHADOW_TREE)
-    try:
-        if os.listdir(fd):
-            raise ShadowError(f"{shadow.tree} is not empty: refusing to seed over it")
-    finally:
-        os.close(fd)
-    for d in (layout.SHADOW_INODES, layout.SHADOW_STAGING):     # leftovers of an aborted seed
-        fd = shadow.open_sub(d)
-        try:
-            for name in os.listdir(fd):
-                os.unlink(name, dir_fd=fd)
-        finally:
-            os.close(fd)
+    shadow.prepare_seed()
     return made
 
 

@@ -389,6 +389,24 @@ class Shadow:
 
     # -------------------------------------------------------------- seed
 
+    def prepare_seed(self) -> None:
+        """Create the shadow for a seed: tree/ must be empty (ShadowError otherwise);
+        leftovers of an aborted seed in inodes/ and staging/ are removed."""
+        self.create()
+        fd = self.open_sub(layout.SHADOW_TREE)
+        try:
+            if os.listdir(fd):
+                raise ShadowError(f"{self.tree} is not empty: refusing to seed over it")
+        finally:
+            os.close(fd)
+        for d in (layout.SHADOW_INODES, layout.SHADOW_STAGING):     # leftovers of an aborted seed
+            fd = self.open_sub(d)
+            try:
+                for name in os.listdir(fd):
+                    os.unlink(name, dir_fd=fd)
+            finally:
+                os.close(fd)
+
     def seed(self, source_fd: int, progress: Callable[[int], None] | None = None) -> int:
         """Copy the original tree behind the directory fd ``source_fd`` into tree/ (checkpoint 0).
 
@@ -405,20 +423,7 @@ class Shadow:
         several filesystems (inode keys would be ambiguous), or if the shadow
         lies inside the original.
         """
-        self.create()
-        fd = self.open_sub(layout.SHADOW_TREE)
-        try:
-            if os.listdir(fd):
-                raise ShadowError(f"{self.tree} is not empty: refusing to seed over it")
-        finally:
-            os.close(fd)
-        for d in (layout.SHADOW_INODES, layout.SHADOW_STAGING):     # leftovers of an aborted seed
-            fd = self.open_sub(d)
-            try:
-                for name in os.listdir(fd):
-                    os.unlink(name, dir_fd=fd)
-            finally:
-                os.close(fd)
+        self.prepare_seed()
         from .seed import Seeder
         n = Seeder(self, source_fd, progress).run()
         self.set_applied(0)
