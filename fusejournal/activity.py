@@ -135,7 +135,7 @@ class ActivityLog:
         self.enabled = enabled
         self.by_fd = by_fd                 # no handles: hold each object's fd (see the docstring)
         self.held: dict[int, int] = {}     # by fd: object inode number -> held O_PATH fd
-        self.budget = fd_budget() if by_fd else 0
+        self.budget = fd_budget()          # held fds at most (by fd, or found by a walk)
         self.over_budget = 0
         self.period = 1
         self._fd = -1

@@ -286,3 +286,22 @@ def test_another_user_cannot_touch_the_journal_or_the_shadow_while_seeding(
     wait_complete(dirs)
     assert_same(snapshot(dirs.source), snapshot(dirs.tree))
     dirs.umount()
+
+
+def test_reseed_without_handles_is_online_and_exact(dirs: Mounted, tmp_path: Path) -> None:
+    """``--reseed`` by a daemon without handles: online as well (mount returns mid-copy)."""
+    fill(dirs.source, 6, 40)
+    mount_nocap(dirs)
+    wait_complete(dirs)
+    dirs.umount()
+    env, flag = pause_env(tmp_path, 30)
+    mount_nocap(dirs, "--reseed", env=env)
+    s = wait_paused(dirs, 30)
+    assert s["phase"] == "copy" and s["entries_copied"] == 30, s
+    size = os.stat(dirs.mountpoint / "d000" / "f005").st_size
+    rewrite_keeping_mtime(dirs.mountpoint / "d000" / "f005", b"R" * size)
+    os.rename(dirs.mountpoint / "d000", dirs.mountpoint / "d005" / "inner")
+    flag.unlink()
+    wait_complete(dirs)
+    assert_same(snapshot(dirs.source), snapshot(dirs.tree))
+    dirs.umount()
