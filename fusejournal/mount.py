@@ -222,6 +222,8 @@ class Daemon:
                 dirty, cfg, self.reporter, self._seed_made)
             if self.seeding is not None and earlier:
                 self.seeding.last_period = self.activity.period - 1
+            if self.seeding is None and not self.handles:
+                self.activity.stop_tracking()    # seeded before the mount: no log by fd needed
             # seeded before the mount (prepare_online_seed returned None): the shadow stands at
             # the log's last checkpoint already; otherwise at none until the first complete one
             self.update_task.applied = 0 if self.seeding is not None else self.shadow.applied

@@ -63,10 +63,10 @@ def can_read_search(pid: int) -> bool:
     raise AssertionError("no CapEff")
 
 
-def mount_nocap(m: Mounted, *more: str, env: dict[str, str] | None = None) -> None:
+def mount_nocap(m: Mounted, *more: str, env: dict[str, str] | None = None, wait0: bool = True) -> None:
     """``fusejournal mount`` by a process without CAP_DAC_READ_SEARCH (returns when ready)."""
     r = subprocess.run([*NOCAP, *FJ, "mount", m.source, m.mountpoint, "--journal", m.journal,
-                        "--shadow", m.shadow, "--seed-wait", "0", *more],
+                        "--shadow", m.shadow, *(["--seed-wait", "0"] if wait0 else []), *more],
                        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120,
                        cwd=ROOT)
     assert r.returncode == 0, r.stderr
@@ -304,4 +304,20 @@ def test_reseed_without_handles_is_online_and_exact(dirs: Mounted, tmp_path: Pat
     flag.unlink()
     wait_complete(dirs)
     assert_same(snapshot(dirs.source), snapshot(dirs.tree))
+    dirs.umount()
+
+
+def test_a_seed_done_before_the_mount_keeps_no_activity_log(dirs: Mounted) -> None:
+    """A small tree copied within --seed-wait: the shadow stands at checkpoint 0 at once, and
+    a daemon without handles then keeps no activity log (no fd held, no intent written)."""
+    fill(dirs.source, 2, 5)
+    mount_nocap(dirs, wait0=False)
+    st = dirs.status()
+    assert st["seeding"] is None and st["shadow_checkpoint"] == 0, st
+    (dirs.mountpoint / "d000" / "f000").write_bytes(b"changed")
+    os.rename(dirs.mountpoint / "d001", dirs.mountpoint / "moved")
+    st = dirs.status()
+    assert st["activity_held_fds"] == 0 and st["activity_intents_written"] == 0, st
+    assert not [p for p in os.listdir(dirs.journal / "activity") if p.endswith(".act")]
+    checkpoint_and_compare(dirs)
     dirs.umount()
