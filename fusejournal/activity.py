@@ -44,6 +44,7 @@ ends the file's reading (it was never acknowledged).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -193,10 +194,15 @@ class ActivityLog:
         """By fd: the (pseudo) handle of the object behind ``fd``, held open from now on."""
         held = self.held.get(ino)
         if held is None:
-            if len(self.held) >= self.budget:
-                self.over_budget += 1
+            try:
+                if len(self.held) >= self.budget:
+                    raise OSError(errno.EMFILE, "the open-file budget is spent")
+                held = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                self.over_budget += 1         # the operation goes on; the seed cannot complete
                 return INO_ONLY, b""
-            held = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
             self.held[ino] = held
         st = os.fstat(held)
         return FD_HANDLE, FD_HANDLE_FORMAT.pack(held, st.st_dev, st.st_ino)

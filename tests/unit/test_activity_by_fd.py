@@ -114,3 +114,39 @@ def test_stop_tracking_removes_the_log_and_closes_the_fds(tmp_path: Path) -> Non
     log.stop_tracking()
     assert not log.enabled and not log.held
     assert not [p for p in os.listdir(tmp_path / "act") if p.endswith(".act")]
+
+
+def test_out_of_fds_the_operation_goes_on_and_the_intent_names_the_inode_only(tmp_path: Path) -> None:
+    """The process at its open-file limit (the application's files): the touch must not fail
+    the operation; the intent names the inode number only (the seed cannot complete)."""
+    import subprocess
+    import sys
+    code = f"""
+import os
+from pathlib import Path
+from fusejournal import sysc
+from fusejournal.activity import ActivityLog, decode_intents
+tmp = Path({os.fspath(tmp_path)!r})
+(tmp / "f").write_bytes(b"x")
+log = ActivityLog(tmp / "act", by_fd=True)
+log.open()
+fd = os.open(tmp / "f", os.O_PATH | os.O_NOFOLLOW)
+log.touch(0, os.open(tmp / "act", os.O_RDONLY), False)   # opens the period file first
+fill = []
+try:
+    while True:
+        fill.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+log.touch(os.fstat(fd).st_ino, fd, False)
+for f in fill:
+    os.close(f)
+types = [i.handle_type for i in decode_intents((tmp / "act" / "0000000000000001.act").read_bytes())]
+print(types[-1] == sysc.INO_ONLY, log.over_budget)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": os.fspath(Path(__file__).resolve().parents[2])},
+                       preexec_fn=lambda: __import__("resource").setrlimit(
+                           __import__("resource").RLIMIT_NOFILE, (256, 256)))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "1"], r.stdout
