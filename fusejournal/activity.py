@@ -23,6 +23,19 @@ directory), on the calling request.  Opening by handle needs
 CAP_DAC_READ_SEARCH, so the activity log is only kept when the daemon runs as
 root; otherwise a crash means re-seeding (documented).
 
+Without CAP_DAC_READ_SEARCH (a daemon not run as root) the activity log is kept
+only while the shadow is seeded online (seeding.py), **by fd**: the first touch of
+an object in the seed dups the daemon's ``O_PATH`` fd of it and holds it until the
+seed completes; its intent names that fd (``sysc.FD_HANDLE``: fd, st_dev, st_ino),
+so the seed's rounds reopen the very object through it (``sysc.open_by_handle``),
+wherever it was renamed meanwhile — the kernel keeps the fd on the object, as a
+handle would.  The intent is still made durable first (a kill -9 leaves the
+seed's dirty set on disk: the next mount finds those inode numbers by a walk of
+the original before it mounts, :func:`hold_by_walk`).  Beyond the open-file
+budget (:attr:`ActivityLog.budget`) an intent names the inode number only
+(``sysc.INO_ONLY``): a round cannot reopen it and fails, so the seed never
+completes on a guess (``status`` says to mount again).
+
 Entry format (little endian): ``u64 ino, i32 handle_type, u8 is_dir, u8
 handle_len, handle bytes, u32 crc32 of all before``; a torn or corrupt entry
 ends the file's reading (it was never acknowledged).
@@ -30,17 +43,27 @@ ends the file's reading (it was never acknowledged).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
+import resource
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import layout
-from .sysc import fsync_dir, name_to_handle
+from .sysc import FD_HANDLE, FD_HANDLE_FORMAT, INO_ONLY, fsync_dir, name_to_handle
+from .treewalk import listdir as _listdir
+from .treewalk import open_at
 
 log = logging.getLogger(__name__)
+
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 SUFFIX = layout.ACTIVITY_SUFFIX
 _HEAD = struct.Struct("<QiBB")
@@ -85,10 +108,36 @@ def decode_intents(data: bytes) -> list[Intent]:
     return out
 
 
+def handles_usable() -> bool:
+    """Can this process open objects by handle (CAP_DAC_READ_SEARCH in its effective set)?
+    A daemon without it keeps the activity log by fd, and only while seeding."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) & (1 << 2))
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def fd_budget() -> int:
+    """How many objects a daemon without handles may hold open for the seed's dirty set:
+    a quarter of the open-file limit (the inode cache takes half of the rest)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(64, soft // 4)
+
+
 class ActivityLog:
-    def __init__(self, directory: Path, *, enabled: bool = True) -> None:
+    def __init__(self, directory: Path, *, enabled: bool = True, by_fd: bool = False) -> None:
         self.dir = Path(directory)
         self.enabled = enabled
+        self.by_fd = by_fd                 # no handles: hold each object's fd (see the docstring)
+        self.held: dict[int, int] = {}     # by fd: object inode number -> held O_PATH fd
+        self.budget = fd_budget()          # held fds at most (by fd, or found by a walk)
+        self.over_budget = 0
         self.period = 1
         self._fd = -1
         self.touched: set[int] = set()    # inode keys (files) and dir inode numbers, this period
@@ -126,7 +175,7 @@ class ActivityLog:
         if ino in self._created:
             return
         try:
-            htype, handle = name_to_handle(fd)
+            htype, handle = self._hold(ino, fd) if self.by_fd else name_to_handle(fd)
             data = encode_intent(Intent(ino, is_dir, htype, handle))
             new = self._fd < 0
             if new:
@@ -140,6 +189,53 @@ class ActivityLog:
         except OSError:
             self.touched.discard(ino)
             raise
+
+    def _hold(self, ino: int, fd: int) -> tuple[int, bytes]:
+        """By fd: the (pseudo) handle of the object behind ``fd``, held open from now on."""
+        held = self.held.get(ino)
+        if held is None:
+            try:
+                if len(self.held) >= self.budget:
+                    raise OSError(errno.EMFILE, "the open-file budget is spent")
+                held = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                self.over_budget += 1         # the operation goes on; the seed cannot complete
+                return INO_ONLY, b""
+            self.held[ino] = held
+        st = os.fstat(held)
+        return FD_HANDLE, FD_HANDLE_FORMAT.pack(held, st.st_dev, st.st_ino)
+
+    def hold(self, ino: int, fd: int, is_dir: bool) -> Intent:
+        """By fd: hold the object open ``fd`` (taking it over) and return its intent; nothing
+        is written (the walk of :func:`hold_by_walk` finds objects an earlier run named)."""
+        if ino in self.held or len(self.held) >= self.budget:
+            os.close(fd)
+            if ino not in self.held:
+                self.over_budget += 1
+                return Intent(ino, is_dir, INO_ONLY, b"")
+            fd = self.held[ino]
+        self.held[ino] = fd
+        st = os.fstat(fd)
+        return Intent(ino, is_dir, FD_HANDLE, FD_HANDLE_FORMAT.pack(fd, st.st_dev, st.st_ino))
+
+    def release(self) -> None:
+        """Close every held fd (the seed is done, or the daemon stops)."""
+        held, self.held = self.held, {}
+        for fd in held.values():
+            os.close(fd)
+
+    def stop_tracking(self) -> None:
+        """By fd, once the seed is complete: keep no activity log any more (a daemon without
+        handles keeps it only for the seed); every held fd closed, every period removed
+        (changes made since the final halt are in the log's records)."""
+        self.enabled = False
+        self.close()
+        for p in self.periods_on_disk():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.dir / format_period_name(p))
+        fsync_dir(self.dir)
 
     def created(self, ino: int) -> None:
         if self.enabled:
@@ -176,3 +272,47 @@ class ActivityLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self.release()
+
+
+def hold_by_walk(activity: ActivityLog, source_fd: int, intents: list[Intent]) -> list[Intent]:
+    """By fd, before mounting: find the objects ``intents`` (left by an earlier run) name, by
+    inode number, in a walk of the original from ``source_fd``, and hold them; return their
+    intents (of this run).  Exact because nothing changes the original while it is not
+    mounted: an object the walk does not find is gone (its directory's intent removes it).
+    Metadata only (one ``getdents`` per directory, one ``lstat`` per entry); the walk stays
+    on the original's filesystem."""
+    want = {(i.ino, i.is_dir) for i in intents}
+    out: list[Intent] = []
+    root = os.fstat(source_fd)
+    if (root.st_ino, True) in want:
+        want.discard((root.st_ino, True))
+        out.append(activity.hold(root.st_ino, os.open(".", _O_PATH, dir_fd=source_fd), True))
+    stack: list[bytes] = [b""]            # paths (not fds: a wide tree would spend the fds)
+    while stack and want:
+        path = stack.pop()
+        try:
+            dfd = open_at(source_fd, path, _O_DIR)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            for name in _listdir(dfd):
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if st.st_dev != root.st_dev:
+                    continue
+                is_dir = stat.S_ISDIR(st.st_mode)
+                if (st.st_ino, is_dir) in want:
+                    fd = os.open(name, _O_PATH, dir_fd=dfd)
+                    if os.fstat(fd).st_ino != st.st_ino:
+                        os.close(fd)
+                        continue
+                    want.discard((st.st_ino, is_dir))
+                    out.append(activity.hold(st.st_ino, fd, is_dir))
+                if is_dir:
+                    stack.append(path + b"/" + name if path else name)
+        finally:
+            os.close(dfd)
+    return out

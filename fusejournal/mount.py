@@ -32,7 +32,7 @@ import trio
 
 from . import layout
 from .acquisition import sync_through_mount
-from .activity import ActivityLog
+from .activity import ActivityLog, handles_usable, hold_by_walk
 from .checks import (
     MountConfig,
     check_dir,
@@ -127,9 +127,11 @@ class Daemon:
         self.shadow = Shadow(self.journal.shadow_path, identity=self.journal.shadow_identity)
         self.stack.callback(self.shadow.close)
         wait_for_previous_updater(self.shadow.root)     # a killed daemon's updater process, dying
-        # the seed runs online (seeding.py) when changes can be tracked: root (the activity
-        # log) and not a consistency group member; otherwise before mounting, as before
-        online = cfg.group is None and os.geteuid() == 0
+        # the seed runs online (seeding.py) outside a consistency group: its changes are
+        # tracked by the activity log, by handle (CAP_DAC_READ_SEARCH: root) or else by fd
+        # (activity.py); a group member still seeds before mounting
+        self.handles = handles_usable()
+        online = cfg.group is None
         self.seed_mode: str | None = None          # "fresh" / "resume": an online seed (seeding.py)
         self.seeding: SeedingTask | None = None
         self._seed_made: list[str] = []
@@ -141,9 +143,9 @@ class Daemon:
                 reseed(self.journal, self.shadow, self.olog, source_fd, cfg.source, self.reporter)
         elif self.shadow.seeding:
             if not online:
-                raise UserError(f"the shadow {self.shadow.root} is being seeded online, which needs "
-                                f"the daemon to run as root and outside a consistency group: mount "
-                                f"as root to finish it, or --reseed")
+                raise UserError(f"the shadow {self.shadow.root} is being seeded online, which is "
+                                f"done outside a consistency group: mount it alone to finish the "
+                                f"seed, or --reseed")
             self.shadow.attach()
             self.seed_mode = "resume"
         elif not self.shadow.exists():
@@ -186,7 +188,10 @@ class Daemon:
             self.member = GroupMember(*group_member)
             self.stack.callback(self.member.close)
             self.updater.committed = self.member.committed
-        self.activity = ActivityLog(self.journal.path / ACTIVITY_DIR, enabled=os.geteuid() == 0)
+        # without handles the activity log is kept only while seeding, by fd (activity.py)
+        self.activity = ActivityLog(self.journal.path / ACTIVITY_DIR,
+                                    enabled=self.handles or self.seed_mode is not None,
+                                    by_fd=not self.handles)
         intents = self.activity.open() if self.activity.enabled else []
         crashed = read_daemon_info(self.journal.path) is not None
         self.had_pending = (self.journal.path / PENDING).exists()
@@ -202,9 +207,23 @@ class Daemon:
         if self.seed_mode is not None:
             # every change since the seed began is in the activity periods it keeps: nothing
             # to recover (the shadow claims no checkpoint); flagged objects are dirty too
+            dirty = [i for i in flagged if i.handle_type != NO_HANDLE] if self.handles else []
+            earlier = [i for i in intents if i.handle_type < 0 or not self.handles]
+            if earlier:
+                # named by fds of an earlier run (or by handles this daemon cannot open): found
+                # again by a walk, before mounting (activity.hold_by_walk); the rounds then
+                # read only this run's periods
+                held = hold_by_walk(self.activity, source_fd, earlier)
+                log.info("seed: %d object(s) changed during the seed before this mount, %d "
+                         "found in the original by a walk", len({i.ino for i in earlier}), len(held))
+                dirty += held + [i for i in intents if i.handle_type >= 0 and self.handles]
             self.seeding = prepare_online_seed(
                 self.seed_mode, self.shadow, source_fd, self.activity, self.olog, self.journal,
-                [i for i in flagged if i.handle_type != NO_HANDLE], cfg, self.reporter, self._seed_made)
+                dirty, cfg, self.reporter, self._seed_made)
+            if self.seeding is not None and earlier:
+                self.seeding.last_period = self.activity.period - 1
+            if self.seeding is None and not self.handles:
+                self.activity.stop_tracking()    # seeded before the mount: no log by fd needed
             # seeded before the mount (prepare_online_seed returned None): the shadow stands at
             # the log's last checkpoint already; otherwise at none until the first complete one
             self.update_task.applied = 0 if self.seeding is not None else self.shadow.applied
@@ -289,6 +308,11 @@ class Daemon:
             else:
                 taken.period = 0                 # keep the intents: the seed's dirty set
             cp.confirm(taken, info)
+            if s.done and not self.handles:      # by fd: the log was kept for the seed only
+                try:
+                    self.activity.stop_tracking()
+                except OSError as e:
+                    log.warning("seed: could not remove the activity log kept for it: %s", e)
             return info.marker
 
     async def _plain_checkpoint(self, label: str) -> Marker:
@@ -316,7 +340,7 @@ class Daemon:
         this causes); abandoned if the checkpoint's bound expires.  Returns the
         number of inodes synced.
         """
-        targets = self.ops.barrier_targets(with_paths=not self.ops.is_root)
+        targets = self.ops.barrier_targets(with_paths=not (self.ops.is_root and self.handles))
         if not targets:
             return 0
         source = os.readlink(f"/proc/self/fd/{self.source_fd}").encode()
@@ -359,6 +383,7 @@ class Daemon:
             "halt_p99_ns": hist[min(len(hist) - 1, int(len(hist) * 0.99))] if hist else 0,
             "halts": len(hist),
             "activity_intents_written": self.activity.intents_written,
+            "activity_held_fds": len(self.activity.held),     # by fd: the seed's dirty objects
             "needs_resync": self.resync_flag.count,
             "needs_resync_reason": self.resync_flag.reason,
             "checkpoint_error": self.checkpointer.last_error,

@@ -59,8 +59,9 @@ shadow before mounting, with the application stopped.  Now (docs/design.md,
    stop the seed (``status``: the error); the mount keeps serving and
    journaling; a remount retries.
 
-Needs the activity log (the daemon runs as root); otherwise, and for members
-of a consistency group, the seed is done before mounting as before.
+A daemon without CAP_DAC_READ_SEARCH keeps the activity log by fd while
+seeding (activity.py; docs/design.md, "Seeding online without handles").
+Members of a consistency group still seed before mounting.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import struct
 
@@ -116,8 +117,39 @@ def name_to_handle(fd: int) -> tuple[int, bytes]:
     return fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes])
 
 
+#: pseudo handle types of a daemon without CAP_DAC_READ_SEARCH (activity.py, "by fd" mode):
+#: the object is held open by this process (handle: fd, st_dev, st_ino) ...
+FD_HANDLE = -2
+#: ... or could not be (the open-file budget was spent): it cannot be reopened here
+INO_ONLY = -3
+FD_HANDLE_FORMAT = struct.Struct("<iQQ")
+
+
 def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int = os.O_PATH) -> int:
-    """Open an object by its handle (needs CAP_DAC_READ_SEARCH); ESTALE if it is gone."""
+    """Open an object by its handle (needs CAP_DAC_READ_SEARCH); ESTALE if it is gone.
+
+    An FD_HANDLE names an fd this process holds: it is reopened through it (O_PATH: a
+    dup; otherwise through /proc/self/fd), checked to be that object, else EBADF (never
+    ESTALE: the object is not known to be gone).  INO_ONLY cannot be opened: EMFILE."""
+    if handle_type == FD_HANDLE and len(handle) == FD_HANDLE_FORMAT.size:
+        held, dev, ino = FD_HANDLE_FORMAT.unpack(handle)
+        try:
+            st = os.fstat(held)
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != (dev, ino):
+            raise OSError(9, f"the object (inode {ino}) is no longer held open by this daemon")
+        if flags & os.O_PATH:
+            return fcntl.fcntl(held, fcntl.F_DUPFD_CLOEXEC, 0)
+        reopened = os.open(f"/proc/self/fd/{held}", flags & ~os.O_NOFOLLOW)
+        st = os.fstat(reopened)
+        if (st.st_dev, st.st_ino) != (dev, ino):
+            os.close(reopened)
+            raise OSError(9, f"the object (inode {ino}) changed under its fd")
+        return reopened
+    if handle_type == INO_ONLY:
+        raise OSError(24, "an object changed during the seed could not be held open (the "
+                          "open-file budget was spent); mount again to finish the seed")
     if len(handle) > MAX_HANDLE_SZ:
         raise OSError(22, "file handle too long")
     fh = _FileHandle()
