@@ -294,6 +294,13 @@ def log_group(a: argparse.Namespace) -> int:
         members = ",".join(f"{n}:{c}" for n, c in sorted(r.get("members", {}).items())) or "-"
         extra = f"  ({r['error']})" if state == "failed" and r.get("error") else ""
         print(f"{gid:>6}  {state:9}  {when:20}  {halt:>13}  {members}  {r.get('label', '')}{extra}")
+    from .group import GroupHistoryError, retained_points
+    try:
+        ids = [p.id for p in retained_points(group)]
+        kept = ", ".join(map(str, ids)) if ids else "none"
+    except GroupHistoryError as e:
+        kept = f"unknown ({e})"
+    print(f"retained by every member (browse --all --group, restore --group --checkpoint): {kept}")
     return 0
 
 
@@ -358,9 +365,10 @@ def restore_group(a: argparse.Namespace) -> int:
     gid, local = _point(group, a.checkpoint)
     dest = Path(os.path.abspath(dest_arg))
     forbidden = [(group.journal, "group journal")]
-    for m in group.members:
-        forbidden += [(m.journal, f"journal of member {m.name!r}"), (m.mountpoint, f"mount of member {m.name!r}"),
-                      (m.source, f"source of member {m.name!r}"), (m.shadow, f"shadow of member {m.name!r}")]
+    for m in group.members:                  # as restore of one tree: its journal, shadow, live mount
+        forbidden += [(m.journal, f"journal of member {m.name!r}"), (m.shadow, f"shadow of member {m.name!r}")]
+        if _member_mounted(m):
+            forbidden.append((m.mountpoint, f"mount of member {m.name!r}"))
     check_dest(dest, forbidden, a.force)
     if a.member is None:
         for m in members:
