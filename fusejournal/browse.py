@@ -694,6 +694,7 @@ class GroupHistoryBrowseOperations(pyfuse3.Operations):
         self.listings: dict[int, tuple[int, list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
         self.next_fh = 1
         self.uid, self.gid = os.geteuid(), os.getegid()
+        self.retained_cache: dict[int, tuple[tuple[int, int, int] | None, set[int]]] = {}
 
     # -------------------------------------------------------------- inodes
 
@@ -724,9 +725,15 @@ class GroupHistoryBrowseOperations(pyfuse3.Operations):
         from .group import points_from
         from .history import retained
         have: dict[str, set[int]] = {}
-        for m, ops in zip(self.group.members, self.members, strict=True):
-            def ids(ops: HistoryBrowseOperations = ops) -> set[int]:
-                return {c.id for c in retained(ops.root, ops._applied())}
+        for i, (m, ops) in enumerate(zip(self.group.members, self.members, strict=True)):
+            def ids(i: int = i, ops: HistoryBrowseOperations = ops) -> set[int]:
+                # the member's list changes only when its shadow or history/ did (its stamp)
+                cached = self.retained_cache.get(i)
+                if cached is not None and cached[0] == ops.stamp:
+                    return cached[1]
+                got = {c.id for c in retained(ops.root, ops._applied())}
+                self.retained_cache[i] = (ops.stamp, got)
+                return got
             have[m.name] = await ops._do(ids)
         self.commits.refresh()
         return [(p.id, checkpoint_dir_name(p.id, p.label), p.members)

@@ -184,3 +184,19 @@ def test_group_history_bad_input_is_one_line_and_touches_nothing(bank, tmp_path:
     _one_line_error(_run("prune", "--group", g.file, "--keep-last", "0"), "must be at least 1")
     _one_line_error(_run("browse", "--all", "--checkpoint", "3", "--group", g.file, view), "not both")
     assert [p.id for p in retained_points(load_group(g.file))] == [3]
+
+
+def test_mount_group_keep_last_reaches_every_member(bank) -> None:
+    """mount --group --keep-last on the command line (replacing the file's 5): every member's
+    daemon prunes its own checkpoints to the same last 2 group checkpoints."""
+    g, _ = bank
+    fj("mount", "--group", g.file, "--keep-last", "2")
+    g.remember_pids()
+    for i in range(1, 5):
+        (g.sources["a"] / "f").write_text(str(i))
+        (g.sources["b"] / "f").write_text(str(i))
+        g.wait(g.checkpoint("ab"[i % 2], f"c{i}"))
+    group = load_group(g.file)
+    assert [p.id for p in retained_points(group)] == [3, 4]
+    for m in group.members:
+        assert member_retained(m) == {p.members[m.name] for p in retained_points(group)}
