@@ -14,7 +14,7 @@ from test_groups import Group, check_bank, fs_type, start_bank, stop_bank
 
 from fusejournal.group import load_group, member_retained, retained_points
 
-from conftest import FJ, can_mount, fj, force_unmount, is_mounted
+from conftest import FJ, can_mount, fj, force_unmount, is_mounted, make_traversable
 from snapshot import assert_same, snapshot
 
 pytestmark = [pytest.mark.mount,
@@ -161,6 +161,8 @@ def test_group_history_bad_input_is_one_line_and_touches_nothing(bank, tmp_path:
     g, (view, _) = bank
     g.mount()
     (g.sources["a"] / "x").write_text("1")
+    (g.sources["a"] / "secret").write_text("s")
+    os.chmod(g.sources["a"] / "secret", 0o600)
     for i in range(1, 4):
         g.wait(g.checkpoint("a", f"c{i}"))
     g.commits()
@@ -183,6 +185,21 @@ def test_group_history_bad_input_is_one_line_and_touches_nothing(bank, tmp_path:
     assert not dest.exists() and os.listdir(view) == []
     _one_line_error(_run("prune", "--group", g.file, "--keep-last", "0"), "must be at least 1")
     _one_line_error(_run("browse", "--all", "--checkpoint", "3", "--group", g.file, view), "not both")
+    assert [p.id for p in retained_points(load_group(g.file))] == [3]
+
+    # another user: the members' modes hold in the group view; the commands refuse cleanly
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    make_traversable(view.parent)
+    fj("browse", "--all", "--group", g.file, view)
+    r = subprocess.run([*nobody, "cat", os.fspath(view / "3-c3" / "a" / "x")], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "1", r.stderr
+    r = subprocess.run([*nobody, "cat", os.fspath(view / "latest" / "a" / "secret")], capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
+    for args in (["prune", "--group", g.file, "--keep-last", "1"],
+                 ["restore", "--group", g.file, "--checkpoint", "3", tmp_path / "nob"]):
+        r = subprocess.run([*nobody, *FJ, *map(os.fspath, args)], capture_output=True, text=True)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "nob").exists()
     assert [p.id for p in retained_points(load_group(g.file))] == [3]
 
 
