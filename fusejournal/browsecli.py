@@ -119,6 +119,9 @@ def run_group_history_browse(group_file: str, point: Path, options: list[str], r
             ops = GroupHistoryBrowseOperations(group_file, only)
         except GroupFileError as e:
             raise UserError(str(e), EXIT_USAGE) from None
+        except OSError as e:
+            where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+            raise UserError(f"group {group_file}: cannot open a member's shadow: {where}{e.strerror}") from None
         return ops, ops.close_all
     return serve_read_only(point, options, ready_fd, debug,
                            fsname_for(Path(os.path.abspath(group_file)), "fusejournal-group-history"), open_ops)

@@ -431,7 +431,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
     if getattr(a, "group", None):
         from .groupcli import restore_group
         return restore_group(a)
-    if a.member is not None:
+    if getattr(a, "member", None) is not None:
         raise UserError("--member goes with --group FILE", EXIT_USAGE)
     if a.dest is None:
         raise UserError("DEST is required", EXIT_USAGE)
