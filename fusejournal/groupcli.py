@@ -205,6 +205,11 @@ def status_group(a: argparse.Namespace) -> int:
                 "last_group_halt_ns": last["halt_ns"] if last else 0,
                 "group_halts_committed": len(commits.commits), "group_aborted": len(commits.aborts),
                 "coordinator": None, "members": {}}
+    from .group import GroupHistoryError, retained_points
+    try:       # what browse --all --group and restore --group --checkpoint can show
+        st["retained_group_checkpoints"] = [p.id for p in retained_points(group)]
+    except GroupHistoryError as e:
+        st["retained_group_checkpoints"] = f"unknown ({e})"
     try:
         r = _coordinator(group, {"op": "status"}, 5.0)
         st["coordinator"] = r.get("status")
@@ -294,13 +299,6 @@ def log_group(a: argparse.Namespace) -> int:
         members = ",".join(f"{n}:{c}" for n, c in sorted(r.get("members", {}).items())) or "-"
         extra = f"  ({r['error']})" if state == "failed" and r.get("error") else ""
         print(f"{gid:>6}  {state:9}  {when:20}  {halt:>13}  {members}  {r.get('label', '')}{extra}")
-    from .group import GroupHistoryError, retained_points
-    try:
-        ids = [p.id for p in retained_points(group)]
-        kept = ", ".join(map(str, ids)) if ids else "none"
-    except GroupHistoryError as e:
-        kept = f"unknown ({e})"
-    print(f"retained by every member (browse --all --group, restore --group --checkpoint): {kept}")
     return 0
 
 

@@ -152,8 +152,7 @@ def test_group_time_machine(bank, tmp_path: Path) -> None:
     for m in group.members:
         assert member_retained(m) == {p.members[m.name] for p in retained_points(group)}
     assert sorted(os.listdir(view)) == ["7-c7", "8-c8", "latest"]
-    assert "retained by every member (browse --all --group, restore --group --checkpoint): 7, 8" in \
-        fj("log", "--group", g.file).stdout
+    assert "retained_group_checkpoints: [7, 8]" in fj("status", "--group", g.file).stdout
     assert check_bank(view / "7-c7" / "a", view / "7-c7" / "b", WORKERS) == transfers[7]
 
 
