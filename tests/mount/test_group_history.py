@@ -216,3 +216,73 @@ def test_mount_group_keep_last_reaches_every_member(bank) -> None:
     assert [p.id for p in retained_points(group)] == [3, 4]
     for m in group.members:
         assert member_retained(m) == {p.members[m.name] for p in retained_points(group)}
+
+
+def test_latest_under_load_and_an_interrupted_prune(bank) -> None:
+    """Readers follow ``latest`` (one readlink, then both members under that one group
+    checkpoint) while the bank workload runs and group checkpoints keep coming: every read
+    is one group checkpoint's state.  Then prune --group killed half-way through the first
+    member: only group checkpoints every member still has are shown, and a rerun finishes."""
+    import errno
+    import threading
+    g, (view, _) = bank
+    g.mount()
+    procs, stop = start_bank(g, WORKERS)
+    seen: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        try:
+            while not done.is_set():
+                try:
+                    target = os.readlink(view / "latest")
+                    n = check_bank(view / target / "a", view / target / "b", WORKERS)
+                except OSError as e:
+                    # not mounted yet / nothing retained yet, or pruned between readlink and read
+                    if e.errno not in (errno.ENOENT, errno.ESTALE, errno.EINVAL):
+                        raise
+                    time.sleep(0.01)
+                    continue
+                seen.append((int(target.split("-")[0]), n))
+        except BaseException as e:   # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    transfers: dict[int, int] = {}
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    try:
+        gid = g.checkpoint("a", "c0")
+        g.wait(gid)
+        transfers[gid] = check_bank(g.tree("a"), g.tree("b"), WORKERS)
+        fj("browse", "--all", "--group", g.file, view)
+        for t in threads:
+            t.start()
+        for i in range(1, 10):
+            time.sleep(0.05)
+            gid = g.checkpoint("ab"[i % 2], f"c{i}")
+            g.wait(gid)
+            transfers[gid] = check_bank(g.tree("a"), g.tree("b"), WORKERS)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(60)
+        assert not stop_bank(procs, stop)
+    assert not errors, errors
+    assert seen and all(transfers[k] == n for k, n in seen), (seen, transfers)
+    assert len({k for k, _ in seen}) > 1, seen               # the readers saw latest move
+
+    group = load_group(g.file)
+    assert [p.id for p in retained_points(group)] == [6, 7, 8, 9, 10]
+    r = subprocess.run([*FJ, "prune", "--group", os.fspath(g.file), "--keep-last", "2"],
+                       env={**os.environ, "FUSEJOURNAL_FAULT": "history.prune:2"}, capture_output=True)
+    assert r.returncode == -9, r
+    # member a lost 6 only; b nothing: shown is what both have, each one consistent
+    assert [p.id for p in retained_points(group)] == [7, 8, 9, 10]
+    assert sorted(os.listdir(view)) == ["10-c9", "7-c6", "8-c7", "9-c8", "latest"]
+    for k in (7, 8, 9, 10):
+        d = view / f"{k}-c{k - 1}"
+        assert check_bank(d / "a", d / "b", WORKERS) == transfers[k]
+    fj("prune", "--group", g.file, "--keep-last", "2")
+    assert [p.id for p in retained_points(group)] == [9, 10]
+    for m in group.members:
+        assert member_retained(m) == {p.members[m.name] for p in retained_points(group)}
