@@ -650,3 +650,307 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             self.gate.close()
             self.gate = None
         os.close(self.root_fd)
+
+
+class GroupHistoryBrowseOperations(pyfuse3.Operations):
+    """``browse --all --group FILE POINT``: one directory per group checkpoint that every
+    member retains (``<gid>-<label>``), each holding one directory per member at that group
+    checkpoint, plus ``latest``; ``--checkpoint N --group``: the members at group checkpoint N
+    at the root.  Read-only.
+
+    1. **One member, one single-tree time machine.**  Each member's trees are served by its
+       own :class:`HistoryBrowseOperations` (its browse gate, its views, its open files); this
+       class only names the group checkpoints and maps the FUSE inodes and handles: a member's
+       inode ``L`` is ``L * stride + index + 1``, this class's own ones are multiples of
+       ``stride`` (``stride`` = members + 1).
+    2. **One group checkpoint per directory.**  ``<gid>-<label>/<member>`` is the member's
+       tree at its own checkpoint named for it by the group commit log; its content never
+       changes while retained, so every directory of the listing shows all members at one
+       consistent moment.
+    3. **latest is a symbolic link** to the newest ``<gid>-<label>`` that every member
+       retains, read again at every access (timeouts 0): one path walk (``cd POINT/latest``,
+       ``rsync -a POINT/latest/ DEST``) resolves it once, so it sees every member at the
+       same group checkpoint; a directory looked up again per member could not promise that.
+    """
+
+    enable_writeback_cache = False
+
+    def __init__(self, group_file: str | os.PathLike[str], only: int | None = None) -> None:
+        super().__init__()
+        from .group import CommitLog, load_group
+        self.group = load_group(group_file, check=False)
+        self.only = only
+        self.names = [m.name.encode() for m in self.group.members]
+        self.members: list[HistoryBrowseOperations] = []
+        try:
+            for m in self.group.members:
+                self.members.append(HistoryBrowseOperations(m.shadow))
+        except BaseException:
+            self.close_all()
+            raise
+        self.stride = len(self.members) + 1
+        self.commits = CommitLog(self.group.commits_path)
+        self.fhs: dict[int, tuple[int, int]] = {}            # our fh -> (member index, its fh)
+        self.listings: dict[int, tuple[int, list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
+        self.next_fh = 1
+        self.uid, self.gid = os.geteuid(), os.getegid()
+        self.retained_cache: dict[int, tuple[tuple[int, int, int] | None, set[int]]] = {}
+
+    # -------------------------------------------------------------- inodes
+
+    def _outer(self, i: int, local: int) -> int:
+        return local * self.stride + i + 1
+
+    def _split(self, ino: int) -> tuple[int, int] | None:
+        """(member index, its inode) of a member's inode; None for ours (root, gid dirs, latest)."""
+        if ino == pyfuse3.ROOT_INODE or ino % self.stride == 0:
+            return None
+        return ino % self.stride - 1, ino // self.stride
+
+    def _latest_ino(self) -> int:
+        return self.stride
+
+    def _gid_ino(self, gid: int) -> int:
+        return (gid + 1) * self.stride
+
+    def _wrap(self, i: int, e: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        e.st_ino = self._outer(i, e.st_ino)
+        return e
+
+    # -------------------------------------------------------------- group checkpoints
+
+    async def _points(self) -> list[tuple[int, bytes, dict[str, int]]]:
+        """(gid, directory name, member -> its checkpoint) of every group checkpoint that
+        every member retains, oldest first (each member's list read under its browse gate)."""
+        from .group import points_from
+        from .history import retained
+        have: dict[str, set[int]] = {}
+        for i, (m, ops) in enumerate(zip(self.group.members, self.members, strict=True)):
+            def ids(i: int = i, ops: HistoryBrowseOperations = ops) -> set[int]:
+                # the member's list changes only when its shadow or history/ did (its stamp)
+                cached = self.retained_cache.get(i)
+                if cached is not None and cached[0] == ops.stamp:
+                    return cached[1]
+                got = {c.id for c in retained(ops.root, ops._applied())}
+                self.retained_cache[i] = (ops.stamp, got)
+                return got
+            have[m.name] = await ops._do(ids)
+        self.commits.refresh()
+        return [(p.id, checkpoint_dir_name(p.id, p.label), p.members)
+                for p in points_from(self.group, self.commits, have)]
+
+    async def _point(self, gid: int) -> dict[str, int]:
+        for g, _, members in await self._points():
+            if g == gid:
+                return members
+        raise pyfuse3.FUSEError(errno.ESTALE)          # pruned since
+
+    async def _member_root(self, i: int, k: int) -> pyfuse3.EntryAttributes:
+        ops = self.members[i]
+
+        def root() -> pyfuse3.EntryAttributes:
+            node = ops._view(k).root
+            return ops._attr(ops._ino(k, b"", node, 0), k, node)
+        return self._wrap(i, await ops._do(root))
+
+    def _own_attr(self, ino: int, link: bytes | None = None) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.entry_timeout = e.attr_timeout = 0
+        e.st_mode = (stat.S_IFLNK | 0o777) if link is not None else (stat.S_IFDIR | 0o555)
+        e.st_nlink = 1 if link is not None else 2
+        e.st_size = len(link) if link is not None else 0
+        e.st_uid, e.st_gid = self.uid, self.gid
+        e.st_blksize = 4096
+        return e
+
+    async def _own(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Run one of our own requests; map every error to an errno (never a non-FUSEError)."""
+        try:
+            return await fn()
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("group browse request failed")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    # -------------------------------------------------------------- requests
+
+    async def _lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        if parent == pyfuse3.ROOT_INODE and self.only is not None:
+            if name not in self.names:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            i = self.names.index(name)
+            k = (await self._point(self.only))[self.group.members[i].name]
+            return await self._member_root(i, k)
+        if parent == pyfuse3.ROOT_INODE:
+            points = await self._points()
+            if name == b"latest" and points:
+                return self._own_attr(self._latest_ino(), points[-1][1])
+            for gid, dname, _ in points:
+                if dname == name:
+                    return self._own_attr(self._gid_ino(gid))
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if parent == self._latest_ino():
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name not in self.names:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        i = self.names.index(name)
+        members = await self._point(parent // self.stride - 1)
+        return await self._member_root(i, members[self.group.members[i].name])
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inner = self._split(parent_inode)
+        if inner is not None:
+            i, local = inner
+            return self._wrap(i, await self.members[i].lookup(local, name, ctx))
+        return await self._own(lambda: self._lookup(parent_inode, name))
+
+    async def _getattr(self, ino: int) -> pyfuse3.EntryAttributes:
+        if ino == self._latest_ino() and self.only is None:
+            points = await self._points()
+            if not points:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            return self._own_attr(ino, points[-1][1])
+        if ino != pyfuse3.ROOT_INODE:
+            await self._point(ino // self.stride - 1)      # ESTALE once pruned
+        return self._own_attr(ino)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inner = self._split(inode)
+        if inner is not None:
+            i, local = inner
+            return self._wrap(i, await self.members[i].getattr(local, ctx))
+        return await self._own(lambda: self._getattr(inode))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        inner = self._split(inode)
+        if inner is not None:
+            return await self.members[inner[0]].readlink(inner[1], ctx)
+        if inode != self._latest_ino() or self.only is not None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+
+        async def target() -> bytes:
+            points = await self._points()
+            if not points:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            return points[-1][1]
+        return await self._own(target)
+
+    async def _list(self, ino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        inner = self._split(ino)
+        if inner is not None:
+            i, local = inner
+            ops = self.members[i]
+            return [(n, self._wrap(i, e)) for n, e in await ops._do(ops._list, local)]
+        if ino == self._latest_ino() and self.only is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        here = await self._getattr(ino)
+        out = [(b".", here), (b"..", self._own_attr(pyfuse3.ROOT_INODE))]
+        if ino == pyfuse3.ROOT_INODE and self.only is None:
+            points = await self._points()
+            for gid, dname, _ in points:
+                out.append((dname, self._own_attr(self._gid_ino(gid))))
+            if points:
+                out.append((b"latest", self._own_attr(self._latest_ino(), points[-1][1])))
+            return out
+        gid = self.only if ino == pyfuse3.ROOT_INODE and self.only is not None else ino // self.stride - 1
+        members = await self._point(gid)
+        for i, m in enumerate(self.group.members):
+            try:
+                out.append((self.names[i], await self._member_root(i, members[m.name])))
+            except pyfuse3.FUSEError:
+                continue
+        return out
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        inner = self._split(inode)
+        if inner is not None:
+            i, local = inner
+            await self.members[i].getattr(local, ctx)        # ESTALE if gone
+        fh = self.next_fh
+        self.next_fh += 1
+        self.listings[fh] = (inode, [])
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        got = self.listings.get(fh)
+        if got is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        ino, listing = got
+        if start_id == 0 or not listing:
+            listing = await self._own(lambda: self._list(ino))
+            self.listings[fh] = (ino, listing)
+        for n in range(start_id, len(listing)):
+            name, attr = listing[n]
+            if not pyfuse3.readdir_reply(token, name, attr, n + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        self.listings.pop(fh, None)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        inner = self._split(inode)
+        if inner is None:
+            raise pyfuse3.FUSEError(errno.EROFS if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC)
+                                    else errno.EISDIR)
+        i, local = inner
+        fi = await self.members[i].open(local, flags, ctx)
+        fh = self.next_fh
+        self.next_fh += 1
+        self.fhs[fh] = (i, fi.fh)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        got = self.fhs.get(fh)
+        if got is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self.members[got[0]].read(got[1], off, size)
+
+    async def release(self, fh: int) -> None:
+        got = self.fhs.pop(fh, None)
+        if got is not None:
+            await self.members[got[0]].release(got[1])
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        from .layout import XATTR_PID
+        inner = self._split(inode)
+        if inner is not None:
+            return await self.members[inner[0]].getxattr(inner[1], name, ctx)
+        if inode == pyfuse3.ROOT_INODE and name == XATTR_PID:
+            return str(os.getpid()).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        inner = self._split(inode)
+        if inner is not None:
+            return await self.members[inner[0]].listxattr(inner[1], ctx)
+        return []
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        return await self.members[0].statfs(ctx)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        return None
+
+    def close_all(self) -> None:
+        for ops in self.members:
+            ops.close_all()
+        self.members = []

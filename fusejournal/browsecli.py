@@ -26,6 +26,8 @@ def browse_group(a: argparse.Namespace) -> int:
     from .mount import spawn
     if a.browsepoint is not None:
         raise UserError("browse --group FILE POINT takes one POINT (no MOUNTPOINT|JOURNAL)", EXIT_USAGE)
+    if a.all or a.checkpoint is not None:
+        return browse_group_history(a)
     point = Path(os.path.abspath(a.target))
     try:
         group = load_group(a.group, check=False)
@@ -61,6 +63,68 @@ def browse_group(a: argparse.Namespace) -> int:
     print(f"browsing group {group.name!r} at {point}: {', '.join(m.name for m in group.members)} "
           f"(read-only, every member at one group checkpoint)")
     return 0
+
+
+def browse_group_history(a: argparse.Namespace) -> int:
+    """``browse --all --group FILE POINT`` / ``browse --checkpoint N --group FILE POINT``: the
+    group's time machine, indexed by group checkpoint ids (browse.GroupHistoryBrowseOperations),
+    served by one daemon (:func:`run_group_history_browse`) that reads every member's shadow."""
+    from .group import GroupFileError, GroupHistoryError, find_point, load_group, retained_points
+    from .mount import spawn
+    point = Path(os.path.abspath(a.target))
+    if a.all and a.checkpoint is not None:
+        raise UserError("give either --all or --checkpoint N, not both", EXIT_USAGE)
+    if a.tree and a.foreground:
+        return run_group_history_browse(a.group, point, a.o or [], a.ready_fd, a.debug, a.checkpoint)
+    try:
+        group = load_group(a.group, check=False)
+        if a.checkpoint is not None:
+            find_point(group, a.checkpoint)
+            what = f"group checkpoint {a.checkpoint}"
+        else:
+            points = retained_points(group)
+            if not points:
+                raise GroupHistoryError(f"group {group.name!r}: no group checkpoint is retained by every "
+                                        f"member yet (`fusejournal log --group {a.group}`)")
+            what = f"{len(points)} group checkpoint(s) retained by every member and latest"
+    except GroupFileError as e:
+        raise UserError(str(e), EXIT_USAGE) from None
+    except GroupHistoryError as e:
+        raise UserError(str(e), EXIT_USAGE) from None
+    if not point.is_dir():
+        raise UserError(f"{point} is not a directory", EXIT_USAGE)
+    argv = ["browse", "--group", os.fspath(group.path), os.fspath(point), "--tree"]
+    argv += ["--checkpoint", str(a.checkpoint)] if a.checkpoint is not None else ["--all"]
+    for o in a.o or []:
+        argv += ["-o", o]
+    spawn(argv)
+    print(f"browsing {what} of group {group.name!r} at {point} (read-only; unmount with "
+          f"`fusejournal umount {point}`)")
+    return 0
+
+
+def run_group_history_browse(group_file: str, point: Path, options: list[str], ready_fd: int | None,
+                             debug: bool, only: int | None) -> int:
+    """The daemon of ``browse --all|--checkpoint N --group`` (until unmounted)."""
+    from collections.abc import Callable
+
+    from .checks import fsname_for
+    from .mount import serve_read_only
+    from .session import FuseOperations
+
+    def open_ops() -> tuple[FuseOperations, Callable[[], None]]:
+        from .browse import GroupHistoryBrowseOperations
+        from .group import GroupFileError
+        try:
+            ops = GroupHistoryBrowseOperations(group_file, only)
+        except GroupFileError as e:
+            raise UserError(str(e), EXIT_USAGE) from None
+        except OSError as e:
+            where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+            raise UserError(f"group {group_file}: cannot open a member's shadow: {where}{e.strerror}") from None
+        return ops, ops.close_all
+    return serve_read_only(point, options, ready_fd, debug,
+                           fsname_for(Path(os.path.abspath(group_file)), "fusejournal-group-history"), open_ops)
 
 
 # ------------------------------------------------------------------ retained checkpoints

@@ -428,10 +428,18 @@ def cmd_browse(a: argparse.Namespace) -> int:
 
 
 def cmd_restore(a: argparse.Namespace) -> int:
+    if getattr(a, "group", None):
+        from .groupcli import restore_group
+        return restore_group(a)
+    if getattr(a, "member", None) is not None:
+        raise UserError("--member goes with --group FILE", EXIT_USAGE)
+    if a.dest is None:
+        raise UserError("DEST is required", EXIT_USAGE)
     from .restore import cmd_restore as run
     return run(a)
 
 
+@_group_or("target", "prune_group")
 def cmd_prune(a: argparse.Namespace) -> int:
     from .browsecli import cmd_prune as run
     return run(a)
@@ -785,7 +793,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rs = sub.add_parser("restore", help="copy the shadow's latest applied checkpoint (or a subtree) out")
     rs.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
-    rs.add_argument("dest", metavar="DEST")
+    rs.add_argument("dest", metavar="DEST", nargs="?")
+    rs.add_argument("--group", metavar="FILE", help="restore --group FILE [--member NAME] --checkpoint GID "
+                    "DEST: a member (or every member, into DEST/<member>) at a group checkpoint")
+    rs.add_argument("--member", metavar="NAME", help="the member to restore (with --group)")
     rs.add_argument("--path", metavar="SUBPATH", help="a file or directory of the tree (default: all)")
     rs.add_argument("--checkpoint", type=_nonneg_int,
                     help="any retained checkpoint (see `fusejournal log`; default: the latest applied)")
@@ -794,7 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs.set_defaults(func=cmd_restore)
 
     pr = sub.add_parser("prune", help="forget the older retained checkpoints")
-    pr.add_argument("target", metavar="MOUNTPOINT|JOURNAL")
+    pr.add_argument("target", metavar="MOUNTPOINT|JOURNAL", nargs="?")
+    pr.add_argument("--group", metavar="FILE", help="prune every member, keeping the same group checkpoints")
     keep = pr.add_mutually_exclusive_group(required=True)
     keep.add_argument("--keep-last", type=_keep_last, metavar="N", help="keep the last N checkpoints")
     keep.add_argument("--keep-within", type=_duration, metavar="DURATION",

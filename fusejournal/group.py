@@ -9,6 +9,8 @@ checkpointed together (docs/design.md, "Consistency groups")::
                                         # and by default each member's journal and shadow
     halt_timeout = 5.0                  # optional: the bound of the group halt (s)
     append_timeout = 60.0               # optional: the bound for every member's batch to be durable
+    keep_last = 24                      # optional: retain the last N group checkpoints (default 24)
+    keep_within = "7d"                  # optional: retain the group checkpoints younger than this
 
     [[member]]
     name = "db"
@@ -53,7 +55,9 @@ MEMBERS_DIR = layout.GROUP_MEMBERS_DIR
 MAX_SOCKET_PATH = 107           # sun_path is 108 bytes with the NUL
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
-_GROUP_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "journal": str, "halt_timeout": (int, float), "append_timeout": (int, float)}
+_GROUP_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "journal": str, "halt_timeout": (int, float),
+                                                   "append_timeout": (int, float), "keep_last": int,
+                                                   "keep_within": str}
 _MEMBER_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "source": str, "shadow": str, "journal": str, "mountpoint": str}
 _REQUIRED_GROUP = ("name", "journal")
 _REQUIRED_MEMBER = ("name", "source")
@@ -80,6 +84,8 @@ class Group:
     members: tuple[Member, ...]
     halt_timeout: float = 5.0
     append_timeout: float = 60.0
+    keep_last: int | None = None            # retention given in the file (None: not given)
+    keep_within: float | None = None        # seconds
 
     @property
     def run_dir(self) -> Path:
@@ -113,7 +119,7 @@ class Group:
 def _type_name(t: type | tuple[type, ...]) -> str:
     if isinstance(t, tuple):
         return "a number"
-    return "a string" if t is str else t.__name__
+    return {str: "a string", int: "a whole number"}.get(t, t.__name__)
 
 
 def _check_table(where: str, table: object, keys: dict[str, type | tuple[type, ...]],
@@ -183,6 +189,7 @@ def parse_group(text: str, path: Path) -> Group:
     for k in ("halt_timeout", "append_timeout"):
         if k in g and not 0 < g[k] <= 3600:
             raise ValueError(f"[group].{k} must be a positive number of seconds (at most 3600)")
+    keep_last, keep_within = _retention(g)
     journal = resolve(g["journal"])
     members_raw = doc.get("member")
     if members_raw is None:
@@ -209,7 +216,27 @@ def parse_group(text: str, path: Path) -> Group:
                               shadow=resolve(m["shadow"]) if "shadow" in m else mdir / "shadow"))
     return Group(path=Path(os.path.abspath(path)), name=g["name"], journal=journal,
                  members=tuple(members), halt_timeout=float(g.get("halt_timeout", 5.0)),
-                 append_timeout=float(g.get("append_timeout", 60.0)))
+                 append_timeout=float(g.get("append_timeout", 60.0)),
+                 keep_last=keep_last, keep_within=keep_within)
+
+
+def _retention(g: dict[str, Any]) -> tuple[int | None, float | None]:
+    """``[group].keep_last`` (a whole number, at least 1) and ``keep_within`` (a duration:
+    ``"90s"``, ``"15m"``, ``"24h"``, ``"7d"``, ``"2w"``), checked like the command line's."""
+    from .history import parse_duration
+    keep_last = g.get("keep_last")
+    if keep_last is not None and not 1 <= keep_last <= 1_000_000:
+        raise ValueError(f"[group].keep_last must be at least 1 (the latest group checkpoint is always "
+                         f"kept) and at most 1000000, not {keep_last}")
+    keep_within = None
+    if "keep_within" in g:
+        try:
+            keep_within = parse_duration(g["keep_within"])
+        except ValueError as e:
+            raise ValueError(f"[group].keep_within: {e}") from None
+        if keep_within > 100 * 366 * 86400:
+            raise ValueError(f"[group].keep_within {g['keep_within']!r} is longer than 100 years")
+    return keep_last, keep_within
 
 
 def check_group(group: Group) -> None:
@@ -419,3 +446,79 @@ class CommitLog:
             from .sysc import fsync_dir
             fsync_dir(self.path.parent)
         self.refresh()
+
+
+# ------------------------------------------------------------ the group's time machine
+
+class GroupHistoryError(Exception):
+    """A group checkpoint cannot be browsed, restored or pruned; the message is one line."""
+
+
+@dataclass(frozen=True)
+class GroupPoint:
+    """A committed group checkpoint that every member still retains."""
+    id: int
+    label: str
+    time_ns: int
+    members: dict[str, int]          # member name -> that member's own checkpoint id
+
+
+def points_from(group: Group, commits: CommitLog, have: dict[str, set[int]]) -> list[GroupPoint]:
+    """The committed group checkpoints whose batch every member retains (``have``: each
+    member's retained checkpoint ids), oldest first."""
+    out = []
+    for r in sorted(commits.commits, key=lambda r: int(r["commit"])):
+        mem = r.get("members")
+        if not isinstance(mem, dict):
+            continue
+        if all(type(mem.get(m.name)) is int and mem[m.name] in have.get(m.name, ()) for m in group.members):
+            t = r.get("time_ns")
+            out.append(GroupPoint(int(r["commit"]), str(r.get("label", "")), t if type(t) is int else 0,
+                                  {m.name: int(mem[m.name]) for m in group.members}))
+    return out
+
+
+def member_retained(m: Member) -> set[int]:
+    """The checkpoint ids the member's shadow retains (GroupHistoryError if it cannot be read)."""
+    from .history import retained
+    from .shadow import Shadow, ShadowError
+    try:
+        applied = Shadow(m.shadow).applied
+        return {c.id for c in retained(m.shadow, applied)}
+    except (ShadowError, OSError) as e:
+        raise GroupHistoryError(f"member {m.name!r}: {e}") from None
+
+
+def retained_points(group: Group) -> list[GroupPoint]:
+    """:func:`points_from` with every member's shadow read now."""
+    commits = CommitLog(group.commits_path)
+    commits.refresh()
+    return points_from(group, commits, {m.name: member_retained(m) for m in group.members})
+
+
+def find_point(group: Group, gid: int) -> GroupPoint:
+    """Group checkpoint ``gid`` if every member retains it; else why not, in one line."""
+    commits = CommitLog(group.commits_path)
+    commits.refresh()
+    have = {m.name: member_retained(m) for m in group.members}
+    for p in points_from(group, commits, have):
+        if p.id == gid:
+            return p
+    points = points_from(group, commits, have)
+    kept = (f"{points[0].id}..{points[-1].id}" if len(points) > 1 else f"{points[0].id}") if points else "none"
+    rec = commits.commit_record(gid)
+    if rec is None:
+        why = ("was not committed (it failed)" if 0 < gid <= commits.last_id else
+               f"does not exist (last is {commits.last_committed})")
+        raise GroupHistoryError(f"group checkpoint {gid} {why}; retained by every member: {kept}")
+    for m in group.members:
+        local = rec.get("members", {}).get(m.name)
+        if type(local) is not int:
+            raise GroupHistoryError(f"group checkpoint {gid} has no batch of member {m.name!r}")
+        if local not in have[m.name]:
+            newest = max(have[m.name], default=0)
+            why = ("not applied to its shadow yet: `fusejournal wait --group` first" if local > newest
+                   else "not retained (pruned)")
+            raise GroupHistoryError(f"group checkpoint {gid} is {why} on member {m.name!r} (its checkpoint "
+                                    f"{local}); retained by every member: {kept}")
+    raise GroupHistoryError(f"group checkpoint {gid} is not retained by every member; retained: {kept}")

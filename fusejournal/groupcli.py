@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from . import layout
 from .errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, UserError
 from .group import COORDINATOR_PID, CommitLog, Group, GroupFileError, Member, ensure_run_dir, load_group
+from .history import Checkpoint, Policy
 
 
 def _load(path: str, check: bool = True) -> Group:
@@ -106,6 +108,7 @@ def mount_group(a: argparse.Namespace) -> int:
                     "--shadow", os.fspath(m.shadow), "--halt-timeout", str(group.halt_timeout),
                     "--memory-limit", str(a.memory_limit), "--segment-limit", str(a.segment_limit),
                     "--group", os.fspath(group.path), "--member", m.name]
+            argv += _retention_argv(a, group)
             for o in a.o or []:
                 argv += ["-o", o]
             if a.debug:
@@ -129,6 +132,20 @@ def mount_group(a: argparse.Namespace) -> int:
         raise UserError(f"group {group.name!r}: {who}: {e}{undone}", e.exit_code) from None
     print(f"group {group.name}: {len(group.members)} member(s) mounted")
     return 0
+
+
+def _retention_argv(a: argparse.Namespace, group: Group) -> list[str]:
+    """Every member's retention: ``mount --group``'s --keep-last/--keep-within, each one
+    given on the command line replacing the group file's ``keep_last``/``keep_within``;
+    neither anywhere: each member's default (the last 24)."""
+    keep_last = a.keep_last if getattr(a, "keep_last", None) is not None else group.keep_last
+    keep_within = a.keep_within if getattr(a, "keep_within", None) is not None else group.keep_within
+    out = []
+    if keep_last is not None:
+        out += ["--keep-last", str(keep_last)]
+    if keep_within is not None:
+        out += ["--keep-within", f"{keep_within:.9f}s"]
+    return out
 
 
 def umount_group(a: argparse.Namespace) -> int:
@@ -188,6 +205,11 @@ def status_group(a: argparse.Namespace) -> int:
                 "last_group_halt_ns": last["halt_ns"] if last else 0,
                 "group_halts_committed": len(commits.commits), "group_aborted": len(commits.aborts),
                 "coordinator": None, "members": {}}
+    from .group import GroupHistoryError, retained_points
+    try:       # what browse --all --group and restore --group --checkpoint can show
+        st["retained_group_checkpoints"] = [p.id for p in retained_points(group)]
+    except GroupHistoryError as e:
+        st["retained_group_checkpoints"] = f"unknown ({e})"
     try:
         r = _coordinator(group, {"op": "status"}, 5.0)
         st["coordinator"] = r.get("status")
@@ -295,3 +317,120 @@ def fsck_group(a: argparse.Namespace) -> int:
             rc = e.exit_code
         worst = max(worst, rc)
     return worst
+
+
+# ------------------------------------------------------------------ the group's time machine
+
+def _point(group: Group, gid: int | None) -> tuple[int, dict[str, int]]:
+    """(gid, member -> its own checkpoint) of group checkpoint ``gid`` (default: the newest
+    that every member retains); UserError in one line if no member may be read at it."""
+    from .group import GroupHistoryError, find_point, retained_points
+    try:
+        if gid is not None:
+            p = find_point(group, gid)
+        else:
+            points = retained_points(group)
+            if not points:
+                raise GroupHistoryError(f"group {group.name!r}: no group checkpoint is retained by every "
+                                        f"member yet")
+            p = points[-1]
+    except GroupHistoryError as e:
+        raise UserError(str(e), EXIT_USAGE) from None
+    return p.id, p.members
+
+
+def restore_group(a: argparse.Namespace) -> int:
+    """``restore --group FILE [--member NAME] [--checkpoint GID] DEST``: the member's tree
+    (or a SUBPATH of it) at group checkpoint GID into DEST; without --member, every member
+    into DEST/<member>.  Every DEST is checked before anything is written."""
+    from .restore import check_dest
+    from .restore import cmd_restore as restore_one
+    group = _load(a.group, check=False)
+    dest_arg = a.dest if a.dest is not None else a.target
+    if a.dest is not None and a.target is not None:
+        raise UserError("restore --group FILE takes one DEST (no MOUNTPOINT|JOURNAL)", EXIT_USAGE)
+    if dest_arg is None:
+        raise UserError("DEST is required", EXIT_USAGE)
+    if a.member is not None:
+        try:
+            members = [group.member(a.member)]
+        except GroupFileError as e:
+            raise UserError(str(e), EXIT_USAGE) from None
+    else:
+        if a.path:
+            raise UserError("--path goes with --member NAME (a path of one member's tree)", EXIT_USAGE)
+        members = list(group.members)
+    gid, local = _point(group, a.checkpoint)
+    dest = Path(os.path.abspath(dest_arg))
+    forbidden = [(group.journal, "group journal")]
+    for m in group.members:                  # as restore of one tree: its journal, shadow, live mount
+        forbidden += [(m.journal, f"journal of member {m.name!r}"), (m.shadow, f"shadow of member {m.name!r}")]
+        if _member_mounted(m):
+            forbidden.append((m.mountpoint, f"mount of member {m.name!r}"))
+    check_dest(dest, forbidden, a.force)
+    if a.member is None:
+        for m in members:
+            if os.path.lexists(dest):
+                check_dest(dest / m.name, forbidden, a.force)
+        dest.mkdir(mode=0o755, exist_ok=True)
+    for m in members:
+        d = dest if a.member is not None else dest / m.name
+        print(f"member {m.name}: group checkpoint {gid} is its checkpoint {local[m.name]}")
+        restore_one(argparse.Namespace(target=os.fspath(m.journal), dest=os.fspath(d), path=a.path,
+                                       checkpoint=local[m.name], force=a.force))
+    return 0
+
+
+def prune_group(a: argparse.Namespace) -> int:
+    """``prune --group FILE --keep-last N | --keep-within DURATION``: the rule picks group
+    checkpoints (of those every member retains); every member then drops its own checkpoints
+    older than the oldest group checkpoint kept, so all members keep the same group
+    checkpoints.  Each member is pruned like ``prune`` does it (browsecli.cmd_prune: after a
+    batch being applied and any restore reading its history)."""
+    from .browsegate import UpdaterSide
+    from .group import GroupHistoryError, retained_points
+    from .history import prune
+    from .shadow import Shadow, ShadowError
+    group = _load(a.group, check=False)
+    try:
+        points = retained_points(group)
+    except GroupHistoryError as e:
+        raise UserError(str(e)) from None
+    if not points:
+        raise UserError(f"group {group.name!r}: no group checkpoint is retained by every member; "
+                        f"nothing pruned", EXIT_USAGE)
+    rule = Policy(keep_last=a.keep_last, keep_within=a.keep_within)
+    drop = set(rule.drop([Checkpoint(p.id, p.time_ns, p.label) for p in points], time.time_ns()))
+    kept = [p for p in points if p.id not in drop]
+    oldest = kept[0]
+    for m in group.members:
+        before = oldest.members[m.name]
+        side = UpdaterSide(m.shadow)
+        try:
+            with side.pinning(wait=True), side.updating():
+                try:
+                    applied = Shadow(m.shadow).applied
+                except ShadowError as e:
+                    raise UserError(f"member {m.name!r}: {e}") from None
+                gone = prune(m.shadow, applied, _Before(keep_last=None, before=before))
+        finally:
+            side.close()
+        print(f"member {m.name}: pruned {len(gone)} checkpoint(s) older than its checkpoint {before}")
+    span = f"{kept[0].id}..{kept[-1].id}" if len(kept) > 1 else f"{kept[0].id}"
+    if drop:
+        d = sorted(drop)
+        gone_s = f"{d[0]}..{d[-1]}" if len(d) > 1 else f"{d[0]}"
+        print(f"pruned group checkpoint(s) {gone_s}; retained by every member: {span}")
+    else:
+        print(f"no group checkpoint to prune; retained by every member: {span}")
+    return 0
+
+
+
+@dataclass(frozen=True)
+class _Before(Policy):
+    """Drop every retained checkpoint older than ``before`` (never the latest): a prefix."""
+    before: int = 0
+
+    def drop(self, cps: list[Checkpoint], now_ns: int) -> list[int]:
+        return [c.id for c in cps[:-1] if c.id < self.before]
