@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -312,6 +313,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
                 raise
             log.info("the shadow %s is on a read-only filesystem: no updater can change it", self.root)
         self.views: dict[int, TreeAt] = {}
+        self.fd_budget = max(16, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64) // 2)
         self.revcache: dict[tuple[int, int, int], RevFile] = {}
         self.stamp: tuple[int, int, int] | None = None
         self.gen = 0
@@ -366,8 +368,11 @@ class HistoryBrowseOperations(pyfuse3.Operations):
 
     def _view(self, k: int) -> TreeAt:
         from .history_view import HistoryError, NotRetained, TreeAt
-        v = self.views.get(k)
+        v = self.views.pop(k, None)
         if v is None:
+            # the views are a cache bounded by the open-file limit (least recently used out)
+            while self.views and sum(len(x.fds) for x in self.views.values()) >= self.fd_budget:
+                self.views.pop(next(iter(self.views))).close()
             try:
                 v = TreeAt(self.root, k, self.revcache)
             except NotRetained:
@@ -375,7 +380,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             except HistoryError as e:
                 log.error("checkpoint %d cannot be read: %s", k, e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
-            self.views[k] = v
+        self.views[k] = v
         return v
 
     def _checkpoints(self) -> list[tuple[bytes, int]]:
@@ -441,11 +446,9 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         """Run ``fn`` under the gate; map every error to an errno (never a non-FUSEError)."""
         try:
             if self.gate is None:
-                self._look()
-                return fn(*args, **kwargs)
+                return self._run(fn, *args, **kwargs)
             async with self.gate.request():
-                self._look()
-                return fn(*args, **kwargs)
+                return self._run(fn, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
@@ -453,6 +456,23 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         except Exception:
             log.exception("browse request failed")
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """``fn`` after :meth:`_look`; out of file descriptors (each view keeps a few open,
+        and browse --all may show hundreds of checkpoints), the views are closed and ``fn``
+        runs once more: they are a cache, rebuilt on demand."""
+        try:
+            self._look()
+            return fn(*args, **kwargs)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or not self.views:
+                raise
+            log.info("out of file descriptors with %d checkpoint views open: closing them", len(self.views))
+            for v in self.views.values():
+                v.close()
+            self.views = {}
+            self._look()
+            return fn(*args, **kwargs)
 
     # -------------------------------------------------------------- requests
 

@@ -3,7 +3,7 @@
 ``restore MOUNTPOINT|JOURNAL [--path SUBPATH] [--checkpoint N] [--force] DEST``:
 
 1. Find the shadow (MOUNTPOINT|JOURNAL as everywhere) and check DEST: not
-   inside the shadow, the journal or the live mount; absent or empty unless
+   inside the shadow, the journal, the live mount or the source; absent or empty unless
    ``--force``.
 2. Pin the shadow's history (``browsegate.StepReader``): no checkpoint is
    pruned while the restore runs; the updater is *not* held up.
@@ -17,7 +17,8 @@
    shadow (a staging cursor: its updater stopped) is refused.
 4. Resolve SUBPATH at K one component at a time (``..`` and symlinks on the
    way are refused: nothing outside the tree is read).
-5. Walk the subtree depth-first with one open directory per level (memory
+5. Walk the subtree depth-first with one open directory per level (the
+   top 16 levels; a deeper parent is opened again by '..' when its child is done; memory
    bounded by depth, plus one entry per multiply-linked file for its hard
    links), copying names, types, contents with holes, modes, owners, symlink
    targets, device numbers, hard links, xattrs and mtimes; a directory's mode,
@@ -209,6 +210,9 @@ class ViewRestorer:
                 if nxt is None:
                     stack.pop()
                     try:
+                        if stack and stack[-1][1] < 0:          # a deep parent: found again by '..'
+                            pr, _, pit, pp = stack[-1]
+                            stack[-1] = (pr, os.open("..", _O_DIR, dir_fd=d), pit, pp)
                         self._finish_dir(r, d)
                     finally:
                         os.close(d)
@@ -216,10 +220,14 @@ class ViewRestorer:
                 name, child = nxt
                 sub = self._copy_entry(child, d, name, p + b"/" + name if p else name)
                 if sub is not None:
+                    if len(stack) >= _OPEN_LEVELS:     # fds bounded, not one per level of a deep tree
+                        os.close(d)
+                        stack[-1] = (r, -1, it, p)
                     stack.append(sub)
         finally:
             for _, d, _, _ in stack:
-                os.close(d)
+                if d >= 0:
+                    os.close(d)
 
     @staticmethod
     def _sync_names(kids: list[tuple[bytes, _Ref]], dst: int) -> None:
@@ -338,6 +346,7 @@ class ViewRestorer:
 
 
 _STEP_BYTES = 1 << 20
+_OPEN_LEVELS = 16               # directories of DEST kept open on the way down; deeper ones by '..'
 
 
 def _remove(dst: int, name: bytes) -> None:
@@ -430,6 +439,8 @@ def cmd_restore(a: argparse.Namespace) -> int:
     forbidden = [(t.journal, "journal")]
     if t.mountpoint is not None:
         forbidden.append((Path(os.path.abspath(t.mountpoint)), "mount"))
+    # the original underneath: a copy written there bypasses the journal (the shadow would differ)
+    forbidden.append((Path(t.meta["source"]["path"]), "source"))
     tty = sys.stderr.isatty()
     last = [0.0]
 

@@ -59,6 +59,13 @@ class _Vanished(Exception):
     """The entry being copied changed type or disappeared (tolerant mode: skipped)."""
 
 
+class _Moved(Exception):
+    """A directory whose fds the walk had closed (deep below it) was moved meanwhile."""
+
+
+_OPEN_LEVELS = 16               # directory levels whose fds the walk keeps open (see run)
+
+
 # (src dir fd, dst dir fd, pending names, path components, cursor below this directory)
 _Frame = tuple[int, int, Iterator[bytes], Path, "Path | None"]
 
@@ -85,7 +92,48 @@ class Seeder:
         self.shadow_id: tuple[int, int] = (0, 0)
 
     def run(self) -> int:
-        """Copy every entry after :attr:`cursor`; return the number copied (the root not counted)."""
+        """Copy every entry after :attr:`cursor`; return the number copied (the root not counted).
+        Only the top ``_OPEN_LEVELS`` directories of the walk keep their fds open; a deeper
+        parent is opened again by '..' when its child is done, and must be the same directory
+        (source and shadow): if the application moved it meanwhile (tolerant mode), the walk
+        goes on from the cursor by its path, as a resumed walk does."""
+        while True:
+            try:
+                return self._walk()
+            except _Moved as e:
+                if not self.tolerant:
+                    raise ShadowError(f"{e} while it was copied") from None
+                log.debug("seed: %s: the walk goes on from the cursor", e)
+
+    def _park(self, stack: list[_Frame], parked: dict[int, tuple[int, int, int, int]]) -> None:
+        """Before a child frame is pushed: close the parent's fds when the walk is deep."""
+        if len(stack) < _OPEN_LEVELS:
+            return
+        src, dst, names, comps, below = stack[-1]
+        s, d = os.fstat(src), os.fstat(dst)
+        parked[len(stack) - 1] = (s.st_dev, s.st_ino, d.st_dev, d.st_ino)
+        os.close(src)
+        os.close(dst)
+        stack[-1] = (-1, -1, names, comps, below)
+
+    @staticmethod
+    def _unpark(stack: list[_Frame], parked: dict[int, tuple[int, int, int, int]], src: int, dst: int) -> None:
+        """After a child frame was popped: open its parent again by '..' (the same directories)."""
+        _, _, names, comps, below = stack[-1]
+        s = os.open("..", _O_DIR, dir_fd=src)
+        try:
+            d = os.open("..", _O_DIR, dir_fd=dst)
+        except BaseException:
+            os.close(s)
+            raise
+        ss, ds = os.fstat(s), os.fstat(d)
+        if (ss.st_dev, ss.st_ino, ds.st_dev, ds.st_ino) != parked.pop(len(stack) - 1):
+            os.close(s)
+            os.close(d)
+            raise _Moved(f"{_show(b'/'.join(comps))} moved")
+        stack[-1] = (s, d, names, comps, below)
+
+    def _walk(self) -> int:
         sh = self.shadow
         rfd = sh.open_root()
         try:
@@ -95,6 +143,7 @@ class Seeder:
         self.shadow_id = (st_sh.st_dev, st_sh.st_ino)
         self.inodes_fd = sh.open_sub(layout.SHADOW_INODES)
         stack: list[_Frame] = []
+        parked: dict[int, tuple[int, int, int, int]] = {}
         try:
             src = os.open(".", _O_DIR, dir_fd=self.source_fd)
             try:
@@ -113,6 +162,8 @@ class Seeder:
                 if name is None:
                     stack.pop()
                     try:
+                        if stack and stack[-1][0] < 0:
+                            self._unpark(stack, parked, src, dst)
                         self._finish_dir(src, dst)
                     finally:
                         os.close(src)
@@ -124,6 +175,7 @@ class Seeder:
                         # the entry on the cursor's way: copied already (at least created)
                         sub = self._reenter(src, dst, name, path, below[1:])
                         if sub is not None:
+                            self._park(stack, parked)
                             stack.append(sub)
                         continue
                     sub = self._copy_entry(src, dst, name, path)
@@ -139,6 +191,7 @@ class Seeder:
                     log.debug("seed: %s changed under the walk (%s)", _show(b"/".join(path)), e.strerror)
                     continue
                 if sub is not None:
+                    self._park(stack, parked)
                     stack.append(sub)
                 self.cursor = path
                 self.count += 1
@@ -148,8 +201,9 @@ class Seeder:
                     self.on_entry(self)
         finally:
             for src, dst, _, _, _ in stack:
-                os.close(src)
-                os.close(dst)
+                if src >= 0:
+                    os.close(src)
+                    os.close(dst)
             os.close(self.inodes_fd)
             self.inodes_fd = -1
         return self.count
@@ -325,43 +379,64 @@ def count_tree(source_fd: int, stop: Callable[[], bool] | None = None,
                each: Callable[[int, int], None] | None = None) -> tuple[int, int]:
     """Count the entries (the root not counted) and the allocated bytes of the regular files
     of the original, for the seed's progress; ``each(entries, bytes)`` is called now and then,
-    ``stop()`` ends the count early.  Depth first, one open directory per level (never one per
-    pending directory).  Entries that vanish under the count are ignored."""
+    ``stop()`` ends the count early.  Depth first, one listing per level (never one per
+    pending directory) and the fds of the top ``_OPEN_LEVELS`` levels only (a deeper parent
+    is opened again by '..': an estimate, it runs beside the walk and must not take its
+    fds).  Entries that vanish under the count are ignored."""
     entries = nbytes = 0
     fd = os.open(".", _O_DIR, dir_fd=source_fd)
-    stack: list[tuple[int, Iterator[os.DirEntry[str]]]] = [(fd, os.scandir(fd))]
+    stack: list[tuple[int, Iterator[tuple[str, int, int]]]] = [(fd, _count_listing(fd))]
     try:
         while stack:
             fd, it = stack[-1]
             e = next(it, None)
             if e is None:
                 stack.pop()
-                it.close()                          # type: ignore[attr-defined]
-                os.close(fd)
-                continue
-            try:
-                st = e.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            entries += 1
-            if stat.S_ISREG(st.st_mode):
-                nbytes += st.st_blocks * 512
-            elif stat.S_ISDIR(st.st_mode):
                 try:
-                    sub = os.open(e.name, _O_DIR, dir_fd=fd)
+                    if stack and stack[-1][0] < 0:
+                        stack[-1] = (os.open("..", _O_DIR, dir_fd=fd), stack[-1][1])
+                finally:
+                    os.close(fd)
+                continue
+            name, mode, blocks = e
+            entries += 1
+            if stat.S_ISREG(mode):
+                nbytes += blocks * 512
+            elif stat.S_ISDIR(mode):
+                try:
+                    sub = os.open(name, _O_DIR, dir_fd=fd)
                 except OSError:
                     continue
-                stack.append((sub, os.scandir(sub)))
+                if len(stack) >= _OPEN_LEVELS:
+                    os.close(fd)
+                    stack[-1] = (-1, it)
+                stack.append((sub, _count_listing(sub)))
             if entries % 4096 == 0:
                 if each is not None:
                     each(entries, nbytes)
                 if stop is not None and stop():
                     break
     finally:
-        for fd, it in stack:
-            it.close()                              # type: ignore[attr-defined]
-            os.close(fd)
+        for fd, _ in stack:
+            if fd >= 0:
+                os.close(fd)
     return entries, nbytes
+
+
+def _count_listing(fd: int) -> Iterator[tuple[str, int, int]]:
+    """(name, mode, blocks) of each entry of the directory ``fd`` (vanished ones left out)."""
+    out = []
+    try:
+        with os.scandir(fd) as it:
+            for e in it:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                out.append((e.name, st.st_mode, st.st_blocks))
+    except OSError:
+        pass
+    return iter(out)
 
 
 def path_show(path: Path) -> str:
