@@ -235,8 +235,15 @@ def validate_config(cfg: MountConfig) -> None:
 
 
 def mount_options(extra: list[str], *, fsname: str, read_only: bool = False) -> set[str]:
+    """The FUSE options of a mount: ``default_permissions`` (the kernel checks modes), and
+    for root's journaling mount ``allow_other`` (the application may run as another user).
+
+    A read-only (browse) mount is private to its owner unless ``-o allow_other`` is given:
+    the shadow is private on disk (promise 5), and a browse point does not reproduce the
+    protection of the directories above the original, so publishing old checkpoints to
+    other users is the owner's explicit choice."""
     opts = {"default_permissions", f"fsname={fsname}", "subtype=fusejournal"}
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not read_only:
         opts.add("allow_other")
     if read_only:
         opts.add("ro")

@@ -229,8 +229,9 @@ def test_another_uid_cannot_prune_restore_verify_browse_or_grant(mounted: Mounte
 def test_browse_all_of_another_users_journal_is_refused_then_root_browses(mounted: Mounted,
                                                                            tmp_path: Path) -> None:
     """A browse point made by uid 65534 over root's journal is refused; root's own browse
-    --all keeps each checkpoint's owners and modes, so 65534 reads there exactly what it
-    could read in the original at that checkpoint."""
+    --all is private to root by default (65534 reads nothing there), and with -o allow_other
+    keeps each checkpoint's owners and modes, so 65534 reads there exactly what it could read
+    in the original at that checkpoint."""
     mp = mounted.mountpoint
     (mp / "secret").write_text("root only")
     os.chmod(mp / "secret", 0o600)
@@ -241,9 +242,16 @@ def test_browse_all_of_another_users_journal_is_refused_then_root_browses(mounte
     make_traversable(tmp_path)
     with browsing(mounted, tmp_path / "all", "--all") as point:
         name = next(x for x in os.listdir(point) if x.split("-")[0] == str(n))
+        for f in ("secret", "open"):
+            r = subprocess.run([*NOBODY, "cat", os.fspath(point / name / f)], capture_output=True, text=True)
+            assert r.returncode != 0 and "Permission denied" in r.stderr, r
+        assert (point / name / "secret").read_text() == "root only"
+    with browsing(mounted, tmp_path / "pub", "--all", "-o", "allow_other") as point:
+        name = next(x for x in os.listdir(point) if x.split("-")[0] == str(n))
         r = subprocess.run([*NOBODY, "cat", os.fspath(point / name / "secret")], capture_output=True, text=True)
         assert r.returncode != 0 and "Permission denied" in r.stderr, r
-        assert (point / name / "secret").read_text() == "root only"
+        r = subprocess.run([*NOBODY, "cat", os.fspath(point / name / "open")], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout == "anyone", r
 
 
 # ----------------------------------------------------------------- kill -9 of prune

@@ -189,7 +189,11 @@ def test_group_history_bad_input_is_one_line_and_touches_nothing(bank, tmp_path:
     # another user: the members' modes hold in the group view; the commands refuse cleanly
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     make_traversable(view.parent)
-    fj("browse", "--all", "--group", g.file, view)
+    fj("browse", "--all", "--group", g.file, view)          # private to root by default
+    r = subprocess.run([*nobody, "cat", os.fspath(view / "3-c3" / "a" / "x")], capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
+    fj("umount", view)
+    fj("browse", "--all", "--group", g.file, view, "-o", "allow_other")
     r = subprocess.run([*nobody, "cat", os.fspath(view / "3-c3" / "a" / "x")], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == "1", r.stderr
     r = subprocess.run([*nobody, "cat", os.fspath(view / "latest" / "a" / "secret")], capture_output=True, text=True)
