@@ -16,10 +16,11 @@ Cases (each a single batch):
 * ``create``: 2000 new files of 100 bytes (Mknod + Write; an Entry per name);
 * ``sequential``: a 64 MiB file overwritten in 1 MiB writes (64 Write records).
 
-For each case: the best and median of ``--repeat`` runs (each on a new shadow) of the
-apply alone (``apply``: the records, with their pre-images captured when history is
-on), of the history's finish (END, fsync of the rev, rename; ``finish``), the ratio of
-the apply times, and the size of the rev.  ``--profile CASE`` runs that case once with
+For each case: the best and median wall time of ``--repeat`` runs (each on a new
+shadow) of the apply alone (the records, with their pre-images captured when history
+is on) and its median CPU time (user + system of this process: less disturbed by a
+busy machine), the median of the history's finish (END, fsync of the rev, rename),
+the ratios history / no history of the medians, and the size of the rev.  ``--profile CASE`` runs that case once with
 history under cProfile and prints the top functions.
 """
 
@@ -103,8 +104,9 @@ CASES: dict[str, Case] = {"overwrite": overwrite, "overwrite-random": overwrite_
 
 
 class Run:
-    def __init__(self, records: int, apply_s: float, finish_s: float, rev_bytes: int) -> None:
-        self.records, self.apply_s, self.finish_s, self.rev_bytes = records, apply_s, finish_s, rev_bytes
+    def __init__(self, records: int, apply_s: float, cpu_s: float, finish_s: float, rev_bytes: int) -> None:
+        self.records, self.apply_s, self.cpu_s = records, apply_s, cpu_s
+        self.finish_s, self.rev_bytes = finish_s, rev_bytes
 
 
 def run_once(scratch: Path, case: Case, with_history: bool,
@@ -123,9 +125,9 @@ def run_once(scratch: Path, case: Case, with_history: bool,
         hw = HistoryWriter(sh.root, Policy()) if with_history else None
         if profile is not None:
             profile.enable()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         apply_records(sh, 1, recs, 0, hw)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         if profile is not None:
             profile.disable()
         rev_bytes = 0
@@ -133,7 +135,7 @@ def run_once(scratch: Path, case: Case, with_history: bool,
             hw.finish(1, time.time_ns(), "bench")
             rev_bytes = os.stat(sh.root / layout.SHADOW_HISTORY / rev_name(0)).st_size
             hw.close()
-        return Run(len(recs), t1 - t0, time.perf_counter() - t1, rev_bytes)
+        return Run(len(recs), t1 - t0, c1 - c0, time.perf_counter() - t1, rev_bytes)
     finally:
         if fd >= 0:
             os.close(fd)
@@ -163,20 +165,22 @@ def main() -> int:
     for c in names:
         if c not in CASES:
             p.error(f"unknown case {c!r} (known: {', '.join(CASES)})")
-    print(f"{'case':17} {'records':>7} | {'no history (s)':>15} | {'history apply (s)':>17} "
-          f"{'finish (s)':>15} | {'ratio':>5} | {'rev':>9}")
-    print(f"{'':17} {'':>7} | {'best  median':>15} | {'best  median':>17} {'best  median':>15} | "
-          f"{'med':>5} | {'MiB':>9}")
+    print(f"{'case':17} {'records':>7} | {'no history':>22} | {'history':>22} {'finish':>7} | "
+          f"{'ratio':>11} | {'rev':>6}")
+    print(f"{'':17} {'':>7} | {'wall best/med   CPU':>22} | {'wall best/med   CPU':>22} {'med':>7} | "
+          f"{'wall   CPU':>11} | {'MiB':>6}")
     for c in names:
         plain = [run_once(scratch, CASES[c], False) for _ in range(a.repeat)]
         hist = [run_once(scratch, CASES[c], True) for _ in range(a.repeat)]
-        nrec = plain[0].records
-        ratio = statistics.median(r.apply_s for r in hist) / statistics.median(r.apply_s for r in plain)
-        print(f"{c:17} {nrec:7} | {_fmt([r.apply_s for r in plain]):>15} | "
-              f"{_fmt([r.apply_s for r in hist]):>17} {_fmt([r.finish_s for r in hist]):>15} | "
-              f"{ratio:5.1f} | {hist[0].rev_bytes / MiB:9.2f}")
-    print(f"(loadavg {os.getloadavg()[0]:.2f}; {a.repeat} runs each; apply = apply_records, "
-          f"finish = HistoryWriter.finish)")
+        med = statistics.median
+        print(f"{c:17} {plain[0].records:7} | {_fmt([r.apply_s for r in plain])} {med(r.cpu_s for r in plain):6.3f} | "
+              f"{_fmt([r.apply_s for r in hist])} {med(r.cpu_s for r in hist):6.3f} "
+              f"{med(r.finish_s for r in hist):7.3f} | "
+              f"{med(r.apply_s for r in hist) / med(r.apply_s for r in plain):5.1f} "
+              f"{med(r.cpu_s for r in hist) / med(r.cpu_s for r in plain):5.1f} | "
+              f"{hist[0].rev_bytes / MiB:6.2f}")
+    print(f"(seconds; loadavg {os.getloadavg()[0]:.2f}; {a.repeat} runs each on a new shadow; wall and CPU "
+          f"(user+sys of this process) of apply_records, finish = HistoryWriter.finish (END, fsync, rename))")
     return 0
 
 
