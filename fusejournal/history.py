@@ -43,10 +43,13 @@ A rev without END is incomplete and never used.
 1. The updater creates the staging cursor (durably), then :meth:`begin`
    creates ``N.rev.tmp`` (a new batch) or reopens it, dropping a torn last
    frame (a resumed batch).
-2. Before each record is applied, :meth:`capture` reads its pre-images and
-   appends them as one frame (write(2), no fsync: a killed updater loses
-   nothing the page cache holds; a power loss makes the updater refuse the
-   batch anyway, see staging.py).
+2. Before a record is applied, its pre-images are in the file: :meth:`capture`
+   reads them and appends them as one frame, or :meth:`capture_run` does it
+   for a run of consecutive writes and creations before the first of them is
+   applied (write(2), no fsync: a killed updater loses nothing the page cache
+   holds; a power loss makes the updater refuse the batch anyway, see
+   staging.py).  A resumed batch captures again from the cursor: what it
+   keeps again comes later in the rev and loses to the first.
 3. After the batch, :meth:`finish` appends END, fsyncs, renames
    ``N.rev.tmp`` to ``N.rev`` and fsyncs history/; then ``marker.json``
    (the new checkpoint's marker); then the updater's ``set_applied``.

@@ -9,7 +9,9 @@ at checkpoint N.  How (details in docs/updater.md):
    bytes; inode keys must be positive ints.  A corrupt or crafted batch
    stops the updater before it, with the shadow untouched.
 3. **Apply** the records in order (second pass), writing the staging cursor
-   ``(N, next index)`` after each one.  Paths are resolved component by
+   ``(N, next index)`` after each one.  With history, the pre-images of a
+   record are written before it is applied; those of a run of consecutive
+   writes and creations together, before the first of them (``_apply_run``).  Paths are resolved component by
    component from an fd of tree/ with ``O_NOFOLLOW|O_DIRECTORY``, and the
    final operation is done relative to the parent fd without following
    symlinks: nothing outside tree/ and inodes/ is ever touched.
