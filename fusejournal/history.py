@@ -98,7 +98,7 @@ from .records import (
     Unlink,
     Write,
 )
-from .treewalk import O_DIR, O_PATH, open_parent, read_xattrs
+from .treewalk import O_DIR, O_PATH, ParentCache, read_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -640,6 +640,7 @@ class HistoryWriter:
         self.known: dict[int, tuple[int, int]] = {}     # inode key -> (sino, block size), this batch
         self.created: set[int] = set()           # inode keys of objects created in this batch
         self.rfds: OrderedDict[int, int] = OrderedDict()    # inode key -> fd for reading pre-images
+        self.walk: ParentCache | None = None     # parents of paths in tree/ (_resolve)
         self.root_sino = 0
         self.applied_time = 0
 
@@ -668,6 +669,7 @@ class HistoryWriter:
         finally:
             os.close(rfd)
         self.root_sino = os.fstat(self.tree_fd).st_ino
+        self.walk = ParentCache(self.tree_fd)
         tmp = rev_name(n) + layout.TMP_SUFFIX
         if not resumed:
             self._check_marker(n)
@@ -771,6 +773,9 @@ class HistoryWriter:
         for rfd in self.rfds.values():
             os.close(rfd)
         self.rfds.clear()
+        if self.walk is not None:
+            self.walk.close()
+            self.walk = None
         for name in ("fd", "hfd", "tree_fd", "inodes_fd", "held_fd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -825,6 +830,9 @@ class HistoryWriter:
                 self._rename(rec)
         except _Unreachable:
             pass                    # the updater fails on it, with its own message
+        finally:
+            if isinstance(rec, (Rename, Rmdir)) and self.walk is not None:
+                self.walk.forget()  # a directory moves or goes (held, or by the updater)
         self._flush()
 
     def capture_run(self, run: Sequence[tuple[int, Record]]) -> int:
@@ -925,9 +933,13 @@ class HistoryWriter:
     # -------------------------------------------------------------- helpers
 
     def _resolve(self, path: bytes) -> tuple[int, bytes]:
-        """(fd of the parent directory, last name) of a non-root path; caller closes the fd."""
+        """(fd of the parent directory, last name) of a non-root path: treewalk's walk
+        (ParentCache, as the updater's), the fd borrowed from the cache, never closed.
+        :meth:`capture` forgets the cache after a Rename or an Rmdir (a directory may
+        move or go when it is applied)."""
+        assert self.walk is not None
         try:
-            return open_parent(self.tree_fd, path)
+            return self.walk.parent(path)
         except OSError:
             raise _Unreachable() from None
 
@@ -939,8 +951,6 @@ class HistoryWriter:
             return os.open(name, O_DIR, dir_fd=pfd)
         except OSError:
             raise _Unreachable() from None
-        finally:
-            os.close(pfd)
 
     def _attr_of(self, st: os.stat_result, fd: int, is_path_fd: bool) -> None:
         if st.st_ino in self.seen_attrs:
@@ -1068,51 +1078,39 @@ class HistoryWriter:
     def _entry(self, path: bytes, key: int, *, hold_dir: bool = False,
                pfd_name: tuple[int, bytes] | None = None) -> os.stat_result | None:
         """Record what ``path`` names now (before the record changes it)."""
-        if pfd_name is None:
-            pfd, name = self._resolve(path)
-        else:
-            pfd, name = os.dup(pfd_name[0]), pfd_name[1]
-        try:
-            pst = os.fstat(pfd)
-            self._attr_of(pst, pfd, True)      # pfd may be an O_PATH fd
-            st = self._attr_at(pfd, name)
-            dir_path = path.rpartition(b"/")[0]
-            if (pst.st_ino, name) not in self.seen_entries:
-                self.seen_entries.add((pst.st_ino, name))
-                if st is None:
-                    self._add(Entry(pst.st_ino, 0, 0, 0, self.pos, name, dir_path, b""))
-                elif stat.S_ISDIR(st.st_mode):
-                    self._add(Entry(pst.st_ino, st.st_ino, stat.S_IFDIR, 0, self.pos, name, dir_path, path))
-                else:
-                    self._add(Entry(pst.st_ino, st.st_ino, stat.S_IFMT(st.st_mode), self._key_of(st, key),
-                                    self.pos, name, dir_path, path))
-            if hold_dir and st is not None and stat.S_ISDIR(st.st_mode):
-                self._flush()           # the pre-image is written before the directory moves
-                self._hold_dir(pfd, name, st)
-            return st
-        finally:
-            os.close(pfd)
+        pfd, name = self._resolve(path) if pfd_name is None else pfd_name
+        pst = os.fstat(pfd)
+        self._attr_of(pst, pfd, True)      # pfd may be an O_PATH fd
+        st = self._attr_at(pfd, name)
+        dir_path = path.rpartition(b"/")[0]
+        if (pst.st_ino, name) not in self.seen_entries:
+            self.seen_entries.add((pst.st_ino, name))
+            if st is None:
+                self._add(Entry(pst.st_ino, 0, 0, 0, self.pos, name, dir_path, b""))
+            elif stat.S_ISDIR(st.st_mode):
+                self._add(Entry(pst.st_ino, st.st_ino, stat.S_IFDIR, 0, self.pos, name, dir_path, path))
+            else:
+                self._add(Entry(pst.st_ino, st.st_ino, stat.S_IFMT(st.st_mode), self._key_of(st, key),
+                                self.pos, name, dir_path, path))
+        if hold_dir and st is not None and stat.S_ISDIR(st.st_mode):
+            self._flush()           # the pre-image is written before the directory moves
+            self._hold_dir(pfd, name, st)
+        return st
 
     def _rename(self, r: Rename) -> None:
         self._add(Move(r.flags, self.pos, r.old, r.new), 32 + len(r.old) + len(r.new))
         opfd, oname = self._resolve(r.old)
-        try:
-            npfd, nname = self._resolve(r.new)
+        npfd, nname = self._resolve(r.new)
+        self._entry(r.old, r.ino, pfd_name=(opfd, oname))
+        tst = self._entry(r.new, 0, pfd_name=(npfd, nname))
+        if tst is not None and stat.S_ISDIR(tst.st_mode) and not r.flags & 2:
             try:
-                self._entry(r.old, r.ino, pfd_name=(opfd, oname))
-                tst = self._entry(r.new, 0, pfd_name=(npfd, nname))
-                if tst is not None and stat.S_ISDIR(tst.st_mode) and not r.flags & 2:
-                    try:
-                        sst = os.stat(oname, dir_fd=opfd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        sst = None          # renamed already (a replay): tst is the source itself
-                    if sst is not None and sst.st_ino != tst.st_ino:
-                        self._flush()
-                        self._hold_dir(npfd, nname, tst)    # replaced by the rename: keep it
-            finally:
-                os.close(npfd)
-        finally:
-            os.close(opfd)
+                sst = os.stat(oname, dir_fd=opfd, follow_symlinks=False)
+            except FileNotFoundError:
+                sst = None          # renamed already (a replay): tst is the source itself
+            if sst is not None and sst.st_ino != tst.st_ino:
+                self._flush()
+                self._hold_dir(npfd, nname, tst)    # replaced by the rename: keep it
 
     # -------------------------------------------------------------- holding removed objects
 
