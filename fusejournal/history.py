@@ -606,11 +606,11 @@ def prune(shadow_root: str | os.PathLike[str], applied: int, policy: Policy,
 
 # ------------------------------------------------------------------ writing (the updater's side)
 
-_FLUSH_BYTES = 4 << 20
+_FLUSH_BYTES = 1 << 20          # a frame ends past this (a reader decompresses one per pre-image it needs)
 #: the records :meth:`HistoryWriter.capture_run` captures together
 RUN_TYPES = (Write, Mknod, Symlink, Mkdir, Link)
 _FD_CACHE = 16
-_READ_CHUNK = 1 << 20
+_READ_CHUNK = 256 << 10
 
 
 class HistoryWriter:
@@ -848,7 +848,7 @@ class HistoryWriter:
         (or one already kept, then skipped).  A creation whose parent does not exist
         yet (made by an earlier record of the run) ends the run before it.  The ranges
         a run of writes overwrites in one object are merged and read with one SEEK_DATA
-        walk and one pread per span (in pieces of at most 1 MiB)."""
+        walk and one pread per span (in pieces of at most 256 KiB)."""
         first = run[0][1]
         if not isinstance(first, RUN_TYPES):
             self.capture(first, run[0][0])

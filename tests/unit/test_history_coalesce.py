@@ -41,15 +41,15 @@ def _rev(h: History, n: int) -> tuple[int, list[Data]]:
     return len(recs), data
 
 
-def test_consecutive_overwrites_are_kept_in_one_frame(hist):
-    """256 overwrites of 4 KiB: one frame (it was one frame, with its lz4 frame, two crc32 and a
-    write(2), per record), holding each old byte once."""
+def test_consecutive_overwrites_are_kept_in_few_frames(hist):
+    """256 overwrites of 4 KiB: one or two frames of about 1 MiB (it was one frame, with its lz4
+    frame, two crc32 and a write(2), per record), holding each old byte once."""
     r = hist.e.rec
     for i in range(256):
         r.write(b"big", i * 4 * KiB, os.urandom(4 * KiB))
     hist.sync()
     frames, data = _rev(hist, 0)
-    assert frames == 1
+    assert frames <= 2
     assert sum(len(d.data) for d in data) == 1 << 20
     assert hist.check_all() == [0, 1]
 
