@@ -888,9 +888,10 @@ class HistoryWriter:
             if w.ino not in self.created:       # created in this batch: nothing of it existed at N
                 by_ino.setdefault(w.ino, []).append((w.offset, w.offset + len(w.data)))
         for ino, ranges in by_ino.items():
+            ranges = _merged(ranges)
             size = self.sizes.get(ino)
-            top = max(e for _, e in ranges)
-            if size is not None and min(o for o, _ in ranges) >= size:
+            top = ranges[-1][1]
+            if size is not None and ranges[0][0] >= size:
                 self.sizes[ino] = max(size, top)     # appends to a file already seen: nothing to keep
                 continue
             known = self.known.get(ino)
@@ -1150,6 +1151,24 @@ class HistoryWriter:
 
 class _Unreachable(Exception):
     """A record's path does not resolve in the shadow (the updater reports it)."""
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[a, b)`` ranges sorted, the overlapping or adjacent ones merged (the bytes, and
+    the blocks they touch, are the same)."""
+    if len(ranges) == 1:
+        return ranges
+    ranges.sort()
+    out = []
+    a, b = ranges[0]
+    for p, q in ranges:
+        if p > b:
+            out.append((a, b))
+            a, b = p, q
+        elif q > b:
+            b = q
+    out.append((a, b))
+    return out
 
 
 class _Spans:
