@@ -18,7 +18,7 @@ from test_history import History
 
 from fusejournal import history, layout
 from fusejournal.compression import decompress
-from fusejournal.history import FRAME_RECORDS, Data, _Spans, read_frames
+from fusejournal.history import FRAME_RECORDS, Data, _merged, _Spans, read_frames
 
 KiB = 1024
 
@@ -148,3 +148,30 @@ def test_spans_are_the_set_of_bytes_added(ops):
         got = spans.spans()
         assert all(p < q for p, q in got) and all(q1 < p2 for (_, q1), (p2, _) in zip(got, got[1:]))
         assert {x for p, q in got for x in range(p, q)} == model
+
+
+def test_a_path_names_another_directory_after_a_rename(hist):
+    """The parents of captured paths are cached (as the updater's walk): after a rename the
+    path ``a`` names another directory, whose names must be kept, not the moved one's."""
+    r = hist.e.rec
+    r.mkdir(b"a")
+    r.create(b"a/f", 0o644, b"A")
+    r.mkdir(b"c")
+    r.create(b"c/f", 0o644, b"C")
+    hist.sync()
+    r.create(b"a/h", 0o644, b"h")                   # "a" is walked, and cached
+    r.rename(b"a", b"b")
+    r.rename(b"c", b"a")
+    r.unlink(b"a/f")                                # c's f, by its new path
+    r.create(b"a/g", 0o600, b"new")
+    hist.sync()
+    assert hist.check_all() == [0, 1, 2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(1, 20)), min_size=1, max_size=20))
+def test_merged_ranges_hold_the_same_bytes(ranges):
+    got = _merged([(a, a + n) for a, n in ranges])
+    assert all(p < q for p, q in got)
+    assert all(q1 < p2 for (_, q1), (p2, _) in zip(got, got[1:]))
+    assert {x for p, q in got for x in range(p, q)} == {x for a, n in ranges for x in range(a, a + n)}
