@@ -43,10 +43,13 @@ A rev without END is incomplete and never used.
 1. The updater creates the staging cursor (durably), then :meth:`begin`
    creates ``N.rev.tmp`` (a new batch) or reopens it, dropping a torn last
    frame (a resumed batch).
-2. Before each record is applied, :meth:`capture` reads its pre-images and
-   appends them as one frame (write(2), no fsync: a killed updater loses
-   nothing the page cache holds; a power loss makes the updater refuse the
-   batch anyway, see staging.py).
+2. Before a record is applied, its pre-images are in the file: :meth:`capture`
+   reads them and appends them as one frame, or :meth:`capture_run` does it
+   for a run of consecutive writes and creations before the first of them is
+   applied (write(2), no fsync: a killed updater loses nothing the page cache
+   holds; a power loss makes the updater refuse the batch anyway, see
+   staging.py).  A resumed batch captures again from the cursor: what it
+   keeps again comes later in the rev and loses to the first.
 3. After the batch, :meth:`finish` appends END, fsyncs, renames
    ``N.rev.tmp`` to ``N.rev`` and fsyncs history/; then ``marker.json``
    (the new checkpoint's marker); then the updater's ``set_applied``.
@@ -61,6 +64,7 @@ as it handles a failed record (ENOSPC: wait and resume at the cursor).
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import logging
@@ -72,7 +76,7 @@ import struct
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -94,7 +98,7 @@ from .records import (
     Unlink,
     Write,
 )
-from .treewalk import O_DIR, O_PATH, open_parent, read_xattrs
+from .treewalk import O_DIR, O_PATH, ParentCache, read_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +168,9 @@ _TIME_FIELDS: dict[type, tuple[int, ...]] = {Attr: (6, 7)}
 _NS = 1_000_000_000
 _HEAD = struct.Struct("<BI")
 _LEN = struct.Struct("<I")
+_DATA = _SPEC[3][1]
+_DATA_FIXED = _DATA.size + _LEN.size
+_U64 = (1 << 64) - 1
 
 
 class HistoryError(ValueError):
@@ -173,6 +180,10 @@ class HistoryError(ValueError):
 def encode(records: Iterable[RevRecord]) -> bytes:
     parts: list[bytes] = []
     for rec in records:
+        if type(rec) is Data and 0 <= rec.sino <= _U64 and 0 <= rec.offset <= _U64:   # the bulk
+            parts += [_HEAD.pack(3, _DATA_FIXED + len(rec.data)), _DATA.pack(rec.sino, rec.offset),
+                      _LEN.pack(len(rec.data)), rec.data]
+            continue
         op = _OPCODE[type(rec)]
         _, fixed, nb = _SPEC[op]
         ints, tail = rec[:len(rec) - nb], rec[len(rec) - nb:]
@@ -595,9 +606,11 @@ def prune(shadow_root: str | os.PathLike[str], applied: int, policy: Policy,
 
 # ------------------------------------------------------------------ writing (the updater's side)
 
-_FLUSH_BYTES = 4 << 20
+_FLUSH_BYTES = 1 << 20          # a frame ends past this (a reader decompresses one per pre-image it needs)
+#: the records :meth:`HistoryWriter.capture_run` captures together
+RUN_TYPES = (Write, Mknod, Symlink, Mkdir, Link)
 _FD_CACHE = 16
-_READ_CHUNK = 1 << 20
+_READ_CHUNK = 256 << 10
 
 
 class HistoryWriter:
@@ -622,11 +635,12 @@ class HistoryWriter:
         self.pos = 0
         self.seen_entries: set[tuple[int, bytes]] = set()
         self.seen_attrs: set[int] = set()
-        self.covered: dict[int, list[tuple[int, int]]] = {}
+        self.covered: dict[int, _Spans] = {}
         self.sizes: dict[int, int] = {}          # inode key -> its size now (this batch, regular files)
         self.known: dict[int, tuple[int, int]] = {}     # inode key -> (sino, block size), this batch
         self.created: set[int] = set()           # inode keys of objects created in this batch
         self.rfds: OrderedDict[int, int] = OrderedDict()    # inode key -> fd for reading pre-images
+        self.walk: ParentCache | None = None     # parents of paths in tree/ (_resolve)
         self.root_sino = 0
         self.applied_time = 0
 
@@ -655,6 +669,7 @@ class HistoryWriter:
         finally:
             os.close(rfd)
         self.root_sino = os.fstat(self.tree_fd).st_ino
+        self.walk = ParentCache(self.tree_fd)
         tmp = rev_name(n) + layout.TMP_SUFFIX
         if not resumed:
             self._check_marker(n)
@@ -758,6 +773,9 @@ class HistoryWriter:
         for rfd in self.rfds.values():
             os.close(rfd)
         self.rfds.clear()
+        if self.walk is not None:
+            self.walk.close()
+            self.walk = None
         for name in ("fd", "hfd", "tree_fd", "inodes_fd", "held_fd"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -777,27 +795,7 @@ class HistoryWriter:
         self.pos = index
         try:
             if isinstance(rec, Write):
-                if rec.ino in self.created:
-                    return                  # created in this batch: nothing of it existed at N
-                size = self.sizes.get(rec.ino)
-                end = rec.offset + len(rec.data)
-                if size is not None and rec.offset >= size:
-                    self.sizes[rec.ino] = end       # an append to a file already seen: nothing to keep
-                    return
-                known = self.known.get(rec.ino)
-                if known is None:
-                    st = self._attr_key(rec.ino)
-                    if st is None or not stat.S_ISREG(st.st_mode):
-                        return
-                    known = self.known[rec.ino] = (st.st_ino, max(st.st_blksize, 512))
-                    size = st.st_size
-                fd = self._read_fd(rec.ino, known[0])
-                if fd is None:
-                    return
-                if size is None:
-                    size = os.fstat(fd).st_size
-                self._data(fd, known[0], known[1], size, rec.offset, len(rec.data))
-                self.sizes[rec.ino] = max(size, end)
+                self._writes([rec])     # (capture_run takes consecutive writes together)
             elif isinstance(rec, Setattr):
                 self.sizes.pop(rec.ino, None)
                 if rec.ino in self.created:
@@ -808,8 +806,8 @@ class HistoryWriter:
                             and rec.size < st.st_size:
                         fd = self._read_fd(rec.ino, st.st_ino)
                         if fd is not None:
-                            self._data(fd, st.st_ino, max(st.st_blksize, 512), st.st_size, rec.size,
-                                       st.st_size - rec.size)
+                            self._data(fd, st.st_ino, max(st.st_blksize, 512), st.st_size,
+                                       [(rec.size, st.st_size)])
                 else:
                     self._attr_path(rec.path)
             elif isinstance(rec, (Setxattr, Removexattr)):
@@ -832,7 +830,84 @@ class HistoryWriter:
                 self._rename(rec)
         except _Unreachable:
             pass                    # the updater fails on it, with its own message
+        finally:
+            if isinstance(rec, (Rename, Rmdir)) and self.walk is not None:
+                self.walk.forget()  # a directory moves or goes (held, or by the updater)
         self._flush()
+
+    def capture_run(self, run: Sequence[tuple[int, Record]]) -> int:
+        """Write the pre-images of the first records of ``run`` (consecutive records of
+        the batch, none of them applied yet) as one frame (more past ``_FLUSH_BYTES``);
+        return how many were captured (at least one): the caller applies those, then
+        calls again for the rest.
+
+        Only records whose capture cannot depend on an earlier record of the run being
+        applied are captured together (:data:`RUN_TYPES`: writes and creations, which
+        move or remove nothing; anything else is captured alone, by :meth:`capture`).
+        Read before any of them is applied, every pre-image is the first of the batch
+        (or one already kept, then skipped).  A creation whose parent does not exist
+        yet (made by an earlier record of the run) ends the run before it.  The ranges
+        a run of writes overwrites in one object are merged and read with one SEEK_DATA
+        walk and one pread per span (in pieces of at most 256 KiB)."""
+        first = run[0][1]
+        if not isinstance(first, RUN_TYPES):
+            self.capture(first, run[0][0])
+            return 1
+        if not self.active:
+            return len(run)
+        writes: list[Write] = []
+        n = 0
+        for n, (index, rec) in enumerate(run):
+            if not isinstance(rec, RUN_TYPES):
+                break
+            self.pos = index
+            if isinstance(rec, Write):
+                writes.append(rec)
+                continue
+            if writes:
+                self._writes(writes)
+                writes = []
+            if isinstance(rec, (Mknod, Symlink)):
+                self._forget_key(rec.ino)       # an inode key may be reused: a new object
+                self.created.add(rec.ino)
+            try:
+                self._entry(rec.path, 0)
+            except _Unreachable:        # (nothing of it kept yet)
+                n = max(n, 1)           # first: the updater fails on it, with its own message
+                break                   # else it is captured again after the records before it
+        else:
+            n = len(run)
+        if writes:
+            self._writes(writes)
+        self._flush()
+        return n
+
+    def _writes(self, writes: list[Write]) -> None:
+        by_ino: dict[int, list[tuple[int, int]]] = {}
+        for w in writes:
+            if w.ino not in self.created:       # created in this batch: nothing of it existed at N
+                by_ino.setdefault(w.ino, []).append((w.offset, w.offset + len(w.data)))
+        for ino, ranges in by_ino.items():
+            ranges = _merged(ranges)
+            size = self.sizes.get(ino)
+            top = ranges[-1][1]
+            if size is not None and ranges[0][0] >= size:
+                self.sizes[ino] = max(size, top)     # appends to a file already seen: nothing to keep
+                continue
+            known = self.known.get(ino)
+            if known is None:
+                st = self._attr_key(ino)
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    continue
+                known = self.known[ino] = (st.st_ino, max(st.st_blksize, 512))
+                size = st.st_size
+            fd = self._read_fd(ino, known[0])
+            if fd is None:
+                continue
+            if size is None:
+                size = os.fstat(fd).st_size
+            self._data(fd, known[0], known[1], size, ranges)
+            self.sizes[ino] = max(size, top)
 
     def _flush(self) -> None:
         if not self.buf:
@@ -859,9 +934,13 @@ class HistoryWriter:
     # -------------------------------------------------------------- helpers
 
     def _resolve(self, path: bytes) -> tuple[int, bytes]:
-        """(fd of the parent directory, last name) of a non-root path; caller closes the fd."""
+        """(fd of the parent directory, last name) of a non-root path: treewalk's walk
+        (ParentCache, as the updater's), the fd borrowed from the cache, never closed.
+        :meth:`capture` forgets the cache after a Rename or an Rmdir (a directory may
+        move or go when it is applied)."""
+        assert self.walk is not None
         try:
-            return open_parent(self.tree_fd, path)
+            return self.walk.parent(path)
         except OSError:
             raise _Unreachable() from None
 
@@ -873,8 +952,6 @@ class HistoryWriter:
             return os.open(name, O_DIR, dir_fd=pfd)
         except OSError:
             raise _Unreachable() from None
-        finally:
-            os.close(pfd)
 
     def _attr_of(self, st: os.stat_result, fd: int, is_path_fd: bool) -> None:
         if st.st_ino in self.seen_attrs:
@@ -933,32 +1010,54 @@ class HistoryWriter:
         if fd is not None:
             os.close(fd)
 
-    def _data(self, fd: int, sino: int, bs: int, size: int, offset: int, length: int) -> None:
-        """Old bytes (holes as holes) of [offset, offset+length) within ``size``, read from ``fd``.
+    def _data(self, fd: int, sino: int, bs: int, size: int, ranges: list[tuple[int, int]]) -> None:
+        """Old bytes (holes as holes) of the ranges ``[offset, end)`` within ``size``, read
+        from ``fd``; bytes already kept in this batch (``covered``) are skipped.
 
         A write allocates whole blocks: the holes of the blocks it touches (below the
         current size) are kept as holes too, even for a write past the end of the
         file, else they would come back as data."""
-        lo, hi = offset - offset % bs, min(-(-(offset + length) // bs) * bs, size)
-        end = min(offset + length, size)
-        if lo >= hi:
+        cov = self.covered.get(sino)
+        if cov is None:
+            cov = self.covered[sino] = _Spans()
+        want = _Spans()                         # the bytes to keep
+        look: list[tuple[int, int]] = []        # where holes are kept: those bytes widened to blocks
+        for offset, end in ranges:
+            e = min(end, size)
+            if offset < e:
+                parts = cov.missing(offset, e)
+                if not parts:
+                    continue    # the first pre-image of these bytes is already kept
+            else:
+                parts = [(offset, offset)]      # past the end: only the holes of its block
+            for a, b in parts:
+                if a < b:
+                    want.add(a, b)
+                lo, hi = a - a % bs, min(-(-max(b, a + 1) // bs) * bs, size)
+                if lo < hi:
+                    look.append((lo, hi))
+        if not look:
             return
-        cov = self.covered.setdefault(sino, [])
-        if any(a <= offset and end <= b for a, b in cov):
-            return                  # the first pre-image of these bytes is already kept
-        for a, b, is_data in _extents(fd, lo, hi):
+        holes: _Spans | None = None
+        # one SEEK_DATA/SEEK_HOLE walk over all of it (a file without holes: one data extent)
+        for a, b, is_data in _extents(fd, min(lo for lo, _ in look), max(hi for _, hi in look)):
             if not is_data:
-                self._add(Hole(sino, a, b - a))
+                if holes is None:
+                    holes = _Spans()
+                    for lo, hi in look:
+                        holes.add(lo, hi)
+                for p, q in holes.present(a, b):
+                    self._add(Hole(sino, p, q - p))
                 continue
-            p, b = max(a, offset), min(b, end)
-            while p < b:
-                chunk = os.pread(fd, min(_READ_CHUNK, b - p), p)
-                if not chunk:
-                    break
-                self._add(Data(sino, p, chunk), 64 + len(chunk))
-                p += len(chunk)
-        if offset < end:
-            cov.append((offset, end))    # (the widened holes around it may be kept again: harmless)
+            for p, q in want.present(a, b):
+                while p < q:
+                    chunk = os.pread(fd, min(_READ_CHUNK, q - p), p)
+                    if not chunk:
+                        break
+                    self._add(Data(sino, p, chunk), 64 + len(chunk))
+                    p += len(chunk)
+        for a, b in want.spans():
+            cov.add(a, b)       # (the widened holes around them may be kept again: harmless)
 
     def _key_of(self, st: os.stat_result, hint: int) -> int:
         """The inode key of the non-directory ``st`` (0 if it will be held, or unknown)."""
@@ -980,51 +1079,39 @@ class HistoryWriter:
     def _entry(self, path: bytes, key: int, *, hold_dir: bool = False,
                pfd_name: tuple[int, bytes] | None = None) -> os.stat_result | None:
         """Record what ``path`` names now (before the record changes it)."""
-        if pfd_name is None:
-            pfd, name = self._resolve(path)
-        else:
-            pfd, name = os.dup(pfd_name[0]), pfd_name[1]
-        try:
-            pst = os.fstat(pfd)
-            self._attr_of(pst, pfd, True)      # pfd may be an O_PATH fd
-            st = self._attr_at(pfd, name)
-            dir_path = path.rpartition(b"/")[0]
-            if (pst.st_ino, name) not in self.seen_entries:
-                self.seen_entries.add((pst.st_ino, name))
-                if st is None:
-                    self._add(Entry(pst.st_ino, 0, 0, 0, self.pos, name, dir_path, b""))
-                elif stat.S_ISDIR(st.st_mode):
-                    self._add(Entry(pst.st_ino, st.st_ino, stat.S_IFDIR, 0, self.pos, name, dir_path, path))
-                else:
-                    self._add(Entry(pst.st_ino, st.st_ino, stat.S_IFMT(st.st_mode), self._key_of(st, key),
-                                    self.pos, name, dir_path, path))
-            if hold_dir and st is not None and stat.S_ISDIR(st.st_mode):
-                self._flush()           # the pre-image is written before the directory moves
-                self._hold_dir(pfd, name, st)
-            return st
-        finally:
-            os.close(pfd)
+        pfd, name = self._resolve(path) if pfd_name is None else pfd_name
+        pst = os.fstat(pfd)
+        self._attr_of(pst, pfd, True)      # pfd may be an O_PATH fd
+        st = self._attr_at(pfd, name)
+        dir_path = path.rpartition(b"/")[0]
+        if (pst.st_ino, name) not in self.seen_entries:
+            self.seen_entries.add((pst.st_ino, name))
+            if st is None:
+                self._add(Entry(pst.st_ino, 0, 0, 0, self.pos, name, dir_path, b""))
+            elif stat.S_ISDIR(st.st_mode):
+                self._add(Entry(pst.st_ino, st.st_ino, stat.S_IFDIR, 0, self.pos, name, dir_path, path))
+            else:
+                self._add(Entry(pst.st_ino, st.st_ino, stat.S_IFMT(st.st_mode), self._key_of(st, key),
+                                self.pos, name, dir_path, path))
+        if hold_dir and st is not None and stat.S_ISDIR(st.st_mode):
+            self._flush()           # the pre-image is written before the directory moves
+            self._hold_dir(pfd, name, st)
+        return st
 
     def _rename(self, r: Rename) -> None:
         self._add(Move(r.flags, self.pos, r.old, r.new), 32 + len(r.old) + len(r.new))
         opfd, oname = self._resolve(r.old)
-        try:
-            npfd, nname = self._resolve(r.new)
+        npfd, nname = self._resolve(r.new)
+        self._entry(r.old, r.ino, pfd_name=(opfd, oname))
+        tst = self._entry(r.new, 0, pfd_name=(npfd, nname))
+        if tst is not None and stat.S_ISDIR(tst.st_mode) and not r.flags & 2:
             try:
-                self._entry(r.old, r.ino, pfd_name=(opfd, oname))
-                tst = self._entry(r.new, 0, pfd_name=(npfd, nname))
-                if tst is not None and stat.S_ISDIR(tst.st_mode) and not r.flags & 2:
-                    try:
-                        sst = os.stat(oname, dir_fd=opfd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        sst = None          # renamed already (a replay): tst is the source itself
-                    if sst is not None and sst.st_ino != tst.st_ino:
-                        self._flush()
-                        self._hold_dir(npfd, nname, tst)    # replaced by the rename: keep it
-            finally:
-                os.close(npfd)
-        finally:
-            os.close(opfd)
+                sst = os.stat(oname, dir_fd=opfd, follow_symlinks=False)
+            except FileNotFoundError:
+                sst = None          # renamed already (a replay): tst is the source itself
+            if sst is not None and sst.st_ino != tst.st_ino:
+                self._flush()
+                self._hold_dir(npfd, nname, tst)    # replaced by the rename: keep it
 
     # -------------------------------------------------------------- holding removed objects
 
@@ -1064,6 +1151,68 @@ class HistoryWriter:
 
 class _Unreachable(Exception):
     """A record's path does not resolve in the shadow (the updater reports it)."""
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[a, b)`` ranges sorted, the overlapping or adjacent ones merged (the bytes, and
+    the blocks they touch, are the same)."""
+    if len(ranges) == 1:
+        return ranges
+    ranges.sort()
+    out = []
+    a, b = ranges[0]
+    for p, q in ranges:
+        if p > b:
+            out.append((a, b))
+            a, b = p, q
+        elif q > b:
+            b = q
+    out.append((a, b))
+    return out
+
+
+class _Spans:
+    """A set of bytes as sorted, disjoint, non-adjacent ``[a, b)`` spans (bisect: O(log n))."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def spans(self) -> list[tuple[int, int]]:
+        return list(zip(self.starts, self.ends, strict=True))
+
+    def add(self, a: int, b: int) -> None:
+        if a >= b:
+            return
+        i = bisect.bisect_left(self.ends, a)           # first span ending at or after a
+        j = bisect.bisect_right(self.starts, b)        # spans from i to j-1 touch [a, b)
+        if i < j:
+            a, b = min(a, self.starts[i]), max(b, self.ends[j - 1])
+        self.starts[i:j] = [a]
+        self.ends[i:j] = [b]
+
+    def missing(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The parts of ``[a, b)`` not in the set."""
+        out = []
+        i = bisect.bisect_right(self.ends, a)          # first span ending after a
+        while a < b:
+            if i == len(self.starts) or self.starts[i] >= b:
+                out.append((a, b))
+                break
+            if self.starts[i] > a:
+                out.append((a, self.starts[i]))
+            a = self.ends[i]
+            i += 1
+        return out
+
+    def present(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The parts of ``[a, b)`` that are in the set."""
+        out = []
+        i = bisect.bisect_right(self.ends, a)
+        while i < len(self.starts) and self.starts[i] < b:
+            out.append((max(a, self.starts[i]), min(b, self.ends[i])))
+            i += 1
+        return out
 
 
 def _extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:

@@ -9,7 +9,9 @@ at checkpoint N.  How (details in docs/updater.md):
    bytes; inode keys must be positive ints.  A corrupt or crafted batch
    stops the updater before it, with the shadow untouched.
 3. **Apply** the records in order (second pass), writing the staging cursor
-   ``(N, next index)`` after each one.  Paths are resolved component by
+   ``(N, next index)`` after each one.  With history, the pre-images of a
+   record are written before it is applied; those of a run of consecutive
+   writes and creations together, before the first of them (``_apply_run``).  Paths are resolved component by
    component from an fd of tree/ with ``O_NOFOLLOW|O_DIRECTORY``, and the
    final operation is done relative to the parent fd without following
    symlinks: nothing outside tree/ and inodes/ is ever touched.
@@ -41,7 +43,7 @@ from . import sysc
 from .browsegate import UpdaterSide
 from .errors import SPACE_ERRNOS, NoSpace, UpdaterError
 from .faults import fault
-from .history import HistoryWriter, Policy
+from .history import RUN_TYPES, HistoryWriter, Policy
 from .layout import SHADOW_INODES, SHADOW_TREE
 from .log import CheckpointInfo, Marker
 from .records import (
@@ -549,6 +551,44 @@ class _Applier:
             os.unlink(key, dir_fd=self.inodes_fd)
 
 
+#: a run of consecutive records whose pre-images are captured together (history on,
+#: history.RUN_TYPES: writes and creations) ends at this many bytes of data or records
+RUN_BYTES = 4 << 20
+RUN_RECORDS = 4096
+
+
+def _failed(checkpoint: int, index: int, rec: Record, e: Exception) -> UpdaterError:
+    if isinstance(e, OSError) and _is_space_error(e):
+        return NoSpace(f"checkpoint {checkpoint}: record {index} ({type(rec).__name__}): "
+                       f"{e.strerror} on the shadow's filesystem", checkpoint, index)
+    return UpdaterError(f"checkpoint {checkpoint}: record {index} "
+                        f"({type(rec).__name__}) failed: {e}; {RESEED_HINT}")
+
+
+def _apply_run(ap: _Applier, checkpoint: int, run: Sequence[tuple[int, Record]],
+               history: HistoryWriter | None) -> int:
+    """Apply the records of ``run`` in order, each after its pre-image is written
+    (:meth:`HistoryWriter.capture_run`: a part of the run at a time) and advancing the
+    cursor after each; returns how many."""
+    done = 0
+    while done < len(run):
+        part = run[done:]
+        take = len(part)
+        for i, (index, rec) in enumerate(part[:take]):
+            try:
+                if i == 0 and history is not None:
+                    take = history.capture_run(part)
+                ap.apply_one(rec, index)
+            except (OSError, _ApplyError) as e:
+                raise _failed(checkpoint, index, rec, e) from e
+            ap.advance(index + 1)
+            fault("updater.mid_batch")
+            if i + 1 >= take:
+                break
+        done += take
+    return len(run)
+
+
 def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], start: int = 0,
                   history: HistoryWriter | None = None) -> int:
     """Apply the records of ``checkpoint`` to ``shadow``'s tree, in order.
@@ -573,27 +613,27 @@ def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], st
             ap.history = history
             history.begin(checkpoint, ap.resumed, start)
         index = -1
+        run: list[tuple[int, Record]] = []      # consecutive records: their pre-images in one frame
+        run_bytes = 0
         for index, rec in enumerate(records):
             check_record(checkpoint, index, rec)
             if index < start:
                 ap.note(rec)
                 continue
-            try:
-                if history is not None:
-                    history.capture(rec, index)
-                ap.apply_one(rec, index)
-            except OSError as e:
-                if _is_space_error(e):
-                    raise NoSpace(f"checkpoint {checkpoint}: record {index} ({type(rec).__name__}): "
-                                  f"{e.strerror} on the shadow's filesystem", checkpoint, index) from e
-                raise UpdaterError(f"checkpoint {checkpoint}: record {index} "
-                                   f"({type(rec).__name__}) failed: {e}; {RESEED_HINT}") from e
-            except _ApplyError as e:
-                raise UpdaterError(f"checkpoint {checkpoint}: record {index} "
-                                   f"({type(rec).__name__}) failed: {e}; {RESEED_HINT}") from e
-            ap.advance(index + 1)
-            applied += 1
-            fault("updater.mid_batch")
+            if history is not None and isinstance(rec, RUN_TYPES):
+                run.append((index, rec))
+                run_bytes += len(rec.data) if type(rec) is Write else 64
+                if run_bytes < RUN_BYTES and len(run) < RUN_RECORDS:
+                    continue
+                applied += _apply_run(ap, checkpoint, run, history)
+                run, run_bytes = [], 0
+                continue
+            if run:
+                applied += _apply_run(ap, checkpoint, run, history)
+                run, run_bytes = [], 0
+            applied += _apply_run(ap, checkpoint, [(index, rec)], history)
+        if run:
+            applied += _apply_run(ap, checkpoint, run, history)
         if index + 1 < start:
             raise UpdaterError(f"checkpoint {checkpoint} has {index + 1} records, "
                                f"but {start} were already applied")
