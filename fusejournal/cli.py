@@ -105,6 +105,14 @@ def _getxattr(path: Path, name: bytes) -> bytes | None:
         raise UserError(f"{path}: {e.strerror}") from None
 
 
+def _is_fusejournal_mount(path: Path) -> bool:
+    """``path`` is the mount point of a fusejournal journaling mount (any user's)."""
+    from .checks import _mount_points
+    want = os.path.realpath(path)
+    return any(mp == want and fstype == "fuse.fusejournal" and fsname.startswith("fusejournal:")
+               for mp, fstype, fsname in _mount_points())
+
+
 def _denied(path: os.PathLike[str] | str) -> UserError:
     try:
         st = os.stat(path)
@@ -138,6 +146,9 @@ def _journal_arg(arg: str) -> Path:
     if not os.access(journal, os.R_OK | os.X_OK):
         raise _denied(journal)
     if not _exists(journal / layout.META):
+        j = _getxattr(journal, layout.XATTR_JOURNAL) if _is_fusejournal_mount(journal) else None
+        if j is not None and _exists(Path(os.fsdecode(j)) / layout.META):
+            return _journal_arg(os.fsdecode(j))     # a MOUNTPOINT: its journal
         raise UserError(f"{arg} is not a fusejournal journal", EXIT_USAGE)
     for p in (journal / layout.META, journal / layout.LOG_DIR):
         if os.path.exists(p) and not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0)):

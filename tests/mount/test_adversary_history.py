@@ -220,6 +220,12 @@ def test_another_uid_cannot_prune_restore_verify_browse_or_grant(mounted: Mounte
         assert r.returncode != 0, (name, r)
     assert sorted(os.listdir(hist)) == before
     assert int(os.getxattr(mp, b"user.fusejournal.checkpoint")) == 4
+    # given the MOUNTPOINT, the commands say why they refuse: its journal is root's
+    for args in (["log", mp], ["status", mp], ["wait", mp]):
+        r = as_nobody(*args)
+        one_line_error(r)
+        assert "ermission denied" in r.stderr, (args, r.stderr)
+    assert "label" in fj("log", mp).stdout                  # root: the journal of the mount
     # nor can it reach the history, the seeding state or the lock through the shadow
     for target in (hist, hist / "1.rev", mounted.shadow / "applied.json", mounted.shadow / "browse.lock"):
         r = subprocess.run([*NOBODY, "cat", os.fspath(target)], capture_output=True, text=True)
