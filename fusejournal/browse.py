@@ -48,8 +48,7 @@ from .browsegate import BrowseGate
 from .fs import DirHandle, FileHandle, Operations, _handler
 
 if TYPE_CHECKING:                   # imported where used (the browse mount starts fast)
-    from .history import RevFile
-    from .history_view import Node, TreeAt
+    from .history_view import Node, RevCache, TreeAt
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +311,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
                 raise
             log.info("the shadow %s is on a read-only filesystem: no updater can change it", self.root)
         self.views: dict[int, TreeAt] = {}
-        self.revcache: dict[tuple[int, int, int], RevFile] = {}
+        self.revcache: RevCache | None = None
         self.stamp: tuple[int, int, int] | None = None
         self.gen = 0
         self.by_key: dict[tuple[int, int, int], int] = {}
@@ -353,9 +352,8 @@ class HistoryBrowseOperations(pyfuse3.Operations):
                     live = set(os.listdir(hfd))
                 finally:
                     os.close(hfd)
-            for ck in list(self.revcache):                  # revs pruned: forget them
-                if f"{ck[0]}{layout.HISTORY_REV_SUFFIX}" not in live:
-                    del self.revcache[ck]
+            if self.revcache is not None:                   # revs pruned: forget them
+                self.revcache.forget(lambda n: f"{n}{layout.HISTORY_REV_SUFFIX}" in live)
 
     def _applied(self) -> int:
         from .history import read_json_at
@@ -365,9 +363,11 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         return n
 
     def _view(self, k: int) -> TreeAt:
-        from .history_view import HistoryError, NotRetained, TreeAt
+        from .history_view import HistoryError, NotRetained, RevCache, TreeAt
         v = self.views.get(k)
         if v is None:
+            if self.revcache is None:
+                self.revcache = RevCache()
             try:
                 v = TreeAt(self.root, k, self.revcache)
             except NotRetained:
