@@ -313,6 +313,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         self.views: dict[int, TreeAt] = {}
         self.revcache: RevCache | None = None
         self.stamp: tuple[int, int, int] | None = None
+        self.cps: tuple[int, list[tuple[bytes, int]]] | None = None
         self.gen = 0
         self.by_key: dict[tuple[int, int, int], int] = {}
         self.nodes: dict[int, _HNode] = {}
@@ -379,11 +380,15 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         return v
 
     def _checkpoints(self) -> list[tuple[bytes, int]]:
+        """The root's names under --all (read once per state of the shadow: a listing looks
+        each one up, and each would read every rev's META again)."""
         from .history import retained
-        cps = retained(self.root, self._applied())
-        out = [(checkpoint_dir_name(c.id, c.label), c.id) for c in cps]
-        out.append((b"latest", cps[-1].id))
-        return out
+        if self.cps is None or self.cps[0] != self.gen:
+            cps = retained(self.root, self._applied())
+            out = [(checkpoint_dir_name(c.id, c.label), c.id) for c in cps]
+            out.append((b"latest", cps[-1].id))
+            self.cps = (self.gen, out)
+        return self.cps[1]
 
     def _node(self, ino: int) -> tuple[_HNode, Node]:
         """The entry and a current history_view.Node of a FUSE inode (ESTALE if it is gone)."""
