@@ -9,6 +9,8 @@ daemonize, with a ready pipe as sshfs has).
 3. ``spawn`` returns the ready info, or raises the daemon's own UserError; if
    the pipe closes without either, the daemon died: a UserError with its status.
 If ``spawn`` is interrupted before an answer, the child is terminated.
+``fork_daemon`` does the same with a forked child instead of a new interpreter
+(steps 2-3 unchanged), for a command that has already imported its daemon.
 
 Used by the journaled mount, the browse mount, a group member and the coordinator.
 """
