@@ -142,6 +142,8 @@ def browse_history(a: argparse.Namespace) -> int:
         have = f"{cps[0].id}..{cps[-1].id}" if len(cps) > 1 else f"{cps[-1].id}"
         why = "not applied to the shadow yet" if a.checkpoint > applied else "not retained"
         raise UserError(f"checkpoint {a.checkpoint} is {why} (retained: {have})", EXIT_USAGE)
+    _read_ahead(t.shadow, [c.id for c in cps if c.id != applied
+                           and (a.checkpoint is None or c.id >= a.checkpoint)])
     from . import browse, history_view, mount  # noqa: F401  (the daemon's imports, done once, before the fork)
     shadow = t.shadow
     fork_daemon(lambda ready_fd: run_history_browse(shadow, browsepoint, a.o or [], ready_fd, a.debug,
@@ -150,6 +152,25 @@ def browse_history(a: argparse.Namespace) -> int:
         f"{len(cps)} retained checkpoint(s) and latest"
     print(f"browsing {what} of the shadow {t.shadow} at {browsepoint} (read-only)")
     return 0
+
+
+def _read_ahead(shadow: Path, ids: list[int]) -> None:
+    """Have the kernel start reading the revs the daemon's first request indexes
+    (posix_fadvise WILLNEED does not wait), so that the disk works while this command
+    imports the daemon's modules."""
+    from .history import rev_name
+    hdir = shadow / layout.SHADOW_HISTORY
+    for n in ids:
+        try:
+            fd = os.open(hdir / rev_name(n), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def run_history_browse(shadow: Path, browsepoint: Path, options: list[str], ready_fd: int | None,
