@@ -415,8 +415,8 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             h.node, h.gen = node, self.gen
         return ino
 
-    def _attr(self, ino: int, k: int, node: Node) -> pyfuse3.EntryAttributes:
-        s = self._view(k).stat(node)
+    def _attr(self, ino: int, k: int, node: Node, cur: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        s = self._view(k).stat(node, cur)
         e = pyfuse3.EntryAttributes()
         e.st_ino = ino
         e.generation = 0
@@ -467,6 +467,14 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             return self.only, self._view(self.only).root
         return None
 
+    def _parent(self, parent: int) -> tuple[int, Node, bytes, int]:
+        """(checkpoint, node, path at the checkpoint, tag) of a directory inode."""
+        top = self._top(parent)
+        if top is not None:
+            return top[0], top[1], b"", 0
+        h, pnode = self._node(parent)
+        return h.k, pnode, h.kpath, h.tag
+
     def _lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
         if parent == pyfuse3.ROOT_INODE and self.only is None:
             for dname, k in self._checkpoints():
@@ -475,14 +483,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
                     ino = self._ino(k, b"", root, 1 if name == b"latest" else 0)
                     return self._attr(ino, k, root)
             raise pyfuse3.FUSEError(errno.ENOENT)
-        top = self._top(parent)
-        tag = 0
-        if top is not None:
-            k, pnode = top
-            h_kpath = b""
-        else:
-            h, pnode = self._node(parent)
-            k, h_kpath, tag = h.k, h.kpath, h.tag
+        k, pnode, h_kpath, tag = self._parent(parent)
         if name in (b".", b".."):
             raise pyfuse3.FUSEError(errno.ENOENT)
         child = self._view(k).lookup(pnode, name)
@@ -532,13 +533,14 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             for dname, _ in self._checkpoints():
                 out.append((dname, self._lookup(ino, dname)))
             return out
-        k, node = self._where(ino)
+        k, node, kpath, tag = self._parent(ino)
         if node.kind != stat.S_IFDIR:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         out.append((b"..", out[0][1]))
-        for name, _ in self._view(k).listdir(node):
+        for name, child, cur in self._view(k).listdir_stat(node):      # one lookup per name
             try:
-                out.append((name, self._lookup(ino, name)))
+                cino = self._ino(k, kpath + b"/" + name if kpath else name, child, tag)
+                out.append((name, self._attr(cino, k, child, cur)))
             except pyfuse3.FUSEError:
                 continue
         return out

@@ -466,13 +466,16 @@ class TreeAt:
 
     def names(self, d: Node) -> list[bytes]:
         """The names in directory ``d`` at K, sorted."""
-        now: set[bytes] = set()
-        if d.where == "tree":
-            fd = self.open(d, O_DIR)
-            try:
-                now = {os.fsencode(n) for n in os.listdir(fd)}
-            finally:
-                os.close(fd)
+        if d.where != "tree":
+            return self._names(d, -1)
+        fd = self.open(d, O_DIR)
+        try:
+            return self._names(d, fd)
+        finally:
+            os.close(fd)
+
+    def _names(self, d: Node, fd: int) -> list[bytes]:
+        now = {os.fsencode(n) for n in os.listdir(fd)} if fd >= 0 else set()
         out = []
         for name in sorted(now | self.extra_names.get(d.sino, set())):
             hit = self.entries.get((d.sino, name))
@@ -485,6 +488,31 @@ class TreeAt:
             n = self.lookup(d, name)
             if n is not None:
                 yield name, n
+
+    def listdir_stat(self, d: Node) -> list[tuple[bytes, Node, os.stat_result | None]]:
+        """:meth:`listdir`, with the lstat of each object found in tree/ under ``d`` (taken
+        through one fd of ``d``, to give to :meth:`stat`), None for the others."""
+        if d.where != "tree":
+            return [(name, n, None) for name, n in self.listdir(d)]
+        out: list[tuple[bytes, Node, os.stat_result | None]] = []
+        fd = self.open(d, O_DIR)
+        try:
+            for name in self._names(d, fd):
+                hit = self.entries.get((d.sino, name))
+                if hit is not None:
+                    n = self._from_entry(*hit)
+                    if n is not None:
+                        out.append((name, n, None))
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                p = d.path + b"/" + name if d.path else name
+                out.append((name, Node(st.st_ino, stat.S_IFMT(st.st_mode), "tree", p, 0), st))
+        finally:
+            os.close(fd)
+        return out
 
     def resolve(self, path: bytes) -> Node | None:
         """The object at ``path`` (components joined by b"/"; symlinks never followed)."""
@@ -521,10 +549,13 @@ class TreeAt:
             raise OSError(errno.ESTALE, f"object {node.sino} was replaced")
         return fd
 
-    def stat(self, node: Node) -> Stat:
+    def stat(self, node: Node, cur: os.stat_result | None = None) -> Stat:
+        """The attributes at K (``cur``: an lstat of the object just taken by the caller,
+        :meth:`listdir_stat`; else it is opened and checked)."""
         a = self.attrs.get(node.sino)
-        cur: os.stat_result | None = None
-        if a is None or node.kind != stat.S_IFDIR:      # (dirs' blocks: from the current one, if read)
+        if a is not None and node.kind == stat.S_IFDIR:
+            cur = None                       # (a changed directory: its blocks at K unknown, 0)
+        elif cur is None:
             fd = self.open(node, O_PATH)
             try:
                 cur = os.fstat(fd)

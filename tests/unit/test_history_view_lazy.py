@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import stat
 import tracemalloc
 
 import pytest
@@ -223,3 +224,36 @@ def test_index_rev_checks_every_frame_as_parse_rev_does(tmp_path):
     p.write_bytes(small + small[-40:])                # a frame after END
     with pytest.raises(HistoryError):
         _index(p)
+
+
+def test_a_listing_with_its_stats_is_the_listing_and_the_stats(tmp_path):
+    """listdir_stat (one fd of the directory, one lstat per unchanged name: what the browse
+    daemon's READDIR uses) gives what listdir and stat give, at every checkpoint."""
+    h = History(tmp_path, lambda r: (r.mkdir(b"d"), r.create(b"d/f", 0o644, b"one"), r.create(b"g", 0o600, b"gg"),
+                                     r.mkdir(b"d/sub"), r.create(b"d/sub/x", 0o644, b"x" * 9000)))
+    try:
+        r = h.e.rec
+        r.write(b"d/f", 1, b"XYZ")
+        r.link(b"g", b"d/hard")
+        r.rename(b"d/sub", b"moved")
+        r.symlink(b"lnk", b"d/f")
+        assert h.sync() == 1
+        r.unlink(b"g")
+        r.truncate(b"moved/x", 10)
+        r.create(b"d/new", 0o640, b"new")
+        r.chmod(b"d", 0o700)
+        assert h.sync() == 2
+
+        def walk(v, node, path=b""):
+            got = v.listdir_stat(node)
+            assert [(n, c) for n, c, _ in got] == list(v.listdir(node))
+            for name, child, cur in got:
+                assert v.stat(child, cur) == v.stat(child), (path, name)
+                if child.kind == stat.S_IFDIR:
+                    walk(v, child, path + b"/" + name)
+        for k in (0, 1, 2):
+            with TreeAt(h.e.shadow.root, k) as v:
+                walk(v, v.root)
+        assert h.check_all() == [0, 1, 2]
+    finally:
+        h.e.close()
