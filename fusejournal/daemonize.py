@@ -147,6 +147,7 @@ def fork_daemon(run: Callable[[int], int]) -> dict[str, Any]:
     pid = os.fork()
     if pid == 0:                                      # the daemon
         code = EXIT_UNUSABLE
+        pipe: os.stat_result | None = None
         try:
             os.setsid()
             null = os.open(os.devnull, os.O_RDWR)
@@ -154,9 +155,15 @@ def fork_daemon(run: Callable[[int], int]) -> dict[str, Any]:
                 os.dup2(null, fd)
             os.closerange(3, w)
             os.closerange(w + 1, _max_fd())
+            pipe = os.fstat(w)
             code = run(w)
         except BaseException as e:                    # noqa: BLE001 (never back into the command)
-            Reporter(w).error(EXIT_UNUSABLE, f"the daemon failed to start: {e}")
+            try:                                      # still the ready pipe (not closed, its number reused)?
+                st = os.fstat(w)
+                if pipe is not None and (st.st_dev, st.st_ino) == (pipe.st_dev, pipe.st_ino):
+                    Reporter(w).error(EXIT_UNUSABLE, f"the daemon failed to start: {e}")
+            except OSError:
+                pass
         finally:
             os._exit(code)
     os.close(w)
