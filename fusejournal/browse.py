@@ -49,8 +49,7 @@ from .browsegate import BrowseGate
 from .fs import DirHandle, FileHandle, Operations, _handler
 
 if TYPE_CHECKING:                   # imported where used (the browse mount starts fast)
-    from .history import RevFile
-    from .history_view import Node, TreeAt
+    from .history_view import Node, RevCache, TreeAt
 
 log = logging.getLogger(__name__)
 
@@ -314,8 +313,9 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             log.info("the shadow %s is on a read-only filesystem: no updater can change it", self.root)
         self.views: dict[int, TreeAt] = {}
         self.fd_budget = max(16, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64) // 2)
-        self.revcache: dict[tuple[int, int, int], RevFile] = {}
+        self.revcache: RevCache | None = None
         self.stamp: tuple[int, int, int] | None = None
+        self.cps: tuple[int, list[tuple[bytes, int]]] | None = None
         self.gen = 0
         self.by_key: dict[tuple[int, int, int], int] = {}
         self.nodes: dict[int, _HNode] = {}
@@ -355,9 +355,8 @@ class HistoryBrowseOperations(pyfuse3.Operations):
                     live = set(os.listdir(hfd))
                 finally:
                     os.close(hfd)
-            for ck in list(self.revcache):                  # revs pruned: forget them
-                if f"{ck[0]}{layout.HISTORY_REV_SUFFIX}" not in live:
-                    del self.revcache[ck]
+            if self.revcache is not None:                   # revs pruned: forget them
+                self.revcache.forget(lambda n: f"{n}{layout.HISTORY_REV_SUFFIX}" in live)
 
     def _applied(self) -> int:
         from .history import read_json_at
@@ -367,12 +366,14 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         return n
 
     def _view(self, k: int) -> TreeAt:
-        from .history_view import HistoryError, NotRetained, TreeAt
+        from .history_view import HistoryError, NotRetained, RevCache, TreeAt
         v = self.views.pop(k, None)
         if v is None:
             # the views are a cache bounded by the open-file limit (least recently used out)
             while self.views and sum(len(x.fds) for x in self.views.values()) >= self.fd_budget:
                 self.views.pop(next(iter(self.views))).close()
+            if self.revcache is None:
+                self.revcache = RevCache()
             try:
                 v = TreeAt(self.root, k, self.revcache)
             except NotRetained:
@@ -384,11 +385,15 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         return v
 
     def _checkpoints(self) -> list[tuple[bytes, int]]:
+        """The root's names under --all (read once per state of the shadow: a listing looks
+        each one up, and each would read every rev's META again)."""
         from .history import retained
-        cps = retained(self.root, self._applied())
-        out = [(checkpoint_dir_name(c.id, c.label), c.id) for c in cps]
-        out.append((b"latest", cps[-1].id))
-        return out
+        if self.cps is None or self.cps[0] != self.gen:
+            cps = retained(self.root, self._applied())
+            out = [(checkpoint_dir_name(c.id, c.label), c.id) for c in cps]
+            out.append((b"latest", cps[-1].id))
+            self.cps = (self.gen, out)
+        return self.cps[1]
 
     def _node(self, ino: int) -> tuple[_HNode, Node]:
         """The entry and a current history_view.Node of a FUSE inode (ESTALE if it is gone)."""
@@ -415,8 +420,8 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             h.node, h.gen = node, self.gen
         return ino
 
-    def _attr(self, ino: int, k: int, node: Node) -> pyfuse3.EntryAttributes:
-        s = self._view(k).stat(node)
+    def _attr(self, ino: int, k: int, node: Node, cur: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        s = self._view(k).stat(node, cur)
         e = pyfuse3.EntryAttributes()
         e.st_ino = ino
         e.generation = 0
@@ -482,6 +487,14 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             return self.only, self._view(self.only).root
         return None
 
+    def _parent(self, parent: int) -> tuple[int, Node, bytes, int]:
+        """(checkpoint, node, path at the checkpoint, tag) of a directory inode."""
+        top = self._top(parent)
+        if top is not None:
+            return top[0], top[1], b"", 0
+        h, pnode = self._node(parent)
+        return h.k, pnode, h.kpath, h.tag
+
     def _lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
         if parent == pyfuse3.ROOT_INODE and self.only is None:
             for dname, k in self._checkpoints():
@@ -490,14 +503,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
                     ino = self._ino(k, b"", root, 1 if name == b"latest" else 0)
                     return self._attr(ino, k, root)
             raise pyfuse3.FUSEError(errno.ENOENT)
-        top = self._top(parent)
-        tag = 0
-        if top is not None:
-            k, pnode = top
-            h_kpath = b""
-        else:
-            h, pnode = self._node(parent)
-            k, h_kpath, tag = h.k, h.kpath, h.tag
+        k, pnode, h_kpath, tag = self._parent(parent)
         if name in (b".", b".."):
             raise pyfuse3.FUSEError(errno.ENOENT)
         child = self._view(k).lookup(pnode, name)
@@ -547,13 +553,14 @@ class HistoryBrowseOperations(pyfuse3.Operations):
             for dname, _ in self._checkpoints():
                 out.append((dname, self._lookup(ino, dname)))
             return out
-        k, node = self._where(ino)
+        k, node, kpath, tag = self._parent(ino)
         if node.kind != stat.S_IFDIR:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         out.append((b"..", out[0][1]))
-        for name, _ in self._view(k).listdir(node):
+        for name, child, cur in self._view(k).listdir_stat(node):      # one lookup per name
             try:
-                out.append((name, self._lookup(ino, name)))
+                cino = self._ino(k, kpath + b"/" + name if kpath else name, child, tag)
+                out.append((name, self._attr(cino, k, child, cur)))
             except pyfuse3.FUSEError:
                 continue
         return out

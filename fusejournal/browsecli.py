@@ -183,11 +183,13 @@ def cmd_prune(a: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ browse --all, --checkpoint N
 
 def browse_history(a: argparse.Namespace) -> int:
-    """``browse --all|--checkpoint N MOUNTPOINT|JOURNAL BROWSEPOINT``: spawn the daemon
-    (:func:`run_history_browse`) serving browse.HistoryBrowseOperations."""
+    """``browse --all|--checkpoint N MOUNTPOINT|JOURNAL BROWSEPOINT``: start the daemon
+    (:func:`run_history_browse`) serving browse.HistoryBrowseOperations, forked from this
+    process once it has imported what the daemon needs (daemonize.fork_daemon: one Python
+    start-up instead of two)."""
     from .cli import Target
+    from .daemonize import fork_daemon
     from .history import retained
-    from .mount import spawn
     from .shadow import Shadow, ShadowError
     if a.browsepoint is None:
         raise UserError("BROWSEPOINT is required", EXIT_USAGE)
@@ -204,15 +206,35 @@ def browse_history(a: argparse.Namespace) -> int:
         have = f"{cps[0].id}..{cps[-1].id}" if len(cps) > 1 else f"{cps[-1].id}"
         why = "not applied to the shadow yet" if a.checkpoint > applied else "not retained"
         raise UserError(f"checkpoint {a.checkpoint} is {why} (retained: {have})", EXIT_USAGE)
-    argv = ["browse", os.fspath(t.shadow), os.fspath(browsepoint), "--tree"]
-    argv += ["--checkpoint", str(a.checkpoint)] if a.checkpoint is not None else ["--all"]
-    for o in a.o or []:
-        argv += ["-o", o]
-    spawn(argv)
+    _read_ahead(t.shadow, [c.id for c in cps if c.id != applied
+                           and (a.checkpoint is None or c.id >= a.checkpoint)])
+    from . import browse, history_view, mount  # noqa: F401  (the daemon's imports, done once, before the fork)
+    shadow = t.shadow
+    fork_daemon(lambda ready_fd: run_history_browse(shadow, browsepoint, a.o or [], ready_fd, a.debug,
+                                                     a.checkpoint))
     what = f"checkpoint {a.checkpoint}" if a.checkpoint is not None else \
         f"{len(cps)} retained checkpoint(s) and latest"
     print(f"browsing {what} of the shadow {t.shadow} at {browsepoint} (read-only)")
     return 0
+
+
+def _read_ahead(shadow: Path, ids: list[int]) -> None:
+    """Have the kernel start reading the revs the daemon's first request indexes
+    (posix_fadvise WILLNEED does not wait), so that the disk works while this command
+    imports the daemon's modules."""
+    from .history import rev_name
+    hdir = shadow / layout.SHADOW_HISTORY
+    for n in ids:
+        try:
+            fd = os.open(hdir / rev_name(n), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def run_history_browse(shadow: Path, browsepoint: Path, options: list[str], ready_fd: int | None,

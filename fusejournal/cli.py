@@ -399,7 +399,6 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
 
 def cmd_browse(a: argparse.Namespace) -> int:
-    from .mount import run_browse, spawn
     if a.group and not a.member:
         from .browsecli import browse_group
         return browse_group(a)
@@ -409,6 +408,7 @@ def cmd_browse(a: argparse.Namespace) -> int:
             return browse_history(a)
         return run_history_browse(Path(a.target), Path(os.path.abspath(a.browsepoint)), a.o or [],
                                   a.ready_fd, a.debug, a.checkpoint)
+    from .mount import run_browse, spawn
     if a.browsepoint is None:
         raise UserError("BROWSEPOINT is required", EXIT_USAGE)
     browsepoint = Path(os.path.abspath(a.browsepoint))

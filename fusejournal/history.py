@@ -314,6 +314,55 @@ def read_frames(data: bytes) -> tuple[list[Frame], int, str | None]:
     return out, pos, None
 
 
+_SCAN_CHUNK = 1 << 20
+
+
+def scan_frames(fd: int) -> Iterator[Frame]:
+    """The frames of the file ``fd`` in order, read in chunks (never the whole file at once,
+    read_frames' checks); HistoryError at the first torn or damaged one."""
+    buf, bpos, pos = b"", 0, 0                # buf holds the file's bytes from bpos
+    while True:
+        i = pos - bpos
+        if len(buf) - i < _FRAME.size:
+            more = os.pread(fd, _SCAN_CHUNK, bpos + len(buf))
+            if not more:
+                if len(buf) == i:
+                    return
+                raise HistoryError(f"a torn frame header at {pos}")
+            buf, bpos = buf[i:] + more, pos
+            continue
+        magic, kind, n, pcrc, hcrc = _FRAME.unpack_from(buf, i)
+        if magic != FRAME_MAGIC or zlib.crc32(buf[i:i + _FRAME.size - 4]) != hcrc:
+            raise HistoryError(f"a damaged frame header at {pos}")
+        start = pos + _FRAME.size
+        if len(buf) - i >= _FRAME.size + n:
+            payload = buf[i + _FRAME.size:i + _FRAME.size + n]
+        else:
+            payload = os.pread(fd, n, start)    # past the buffer: read it whole, once
+            buf, bpos = b"", start + n
+        if len(payload) != n:
+            raise HistoryError(f"a torn frame at {pos}")
+        if zlib.crc32(payload) != pcrc:
+            raise HistoryError(f"a frame at {pos} fails its checksum")
+        yield Frame(kind, start, payload)
+        pos = start + n
+
+
+def read_frame_at(fd: int, offset: int, length: int) -> bytes:
+    """The payload of the frame whose payload :func:`scan_frames` found at ``offset``
+    (``length`` bytes), checked again; HistoryError if it is not (any more) that frame."""
+    head = os.pread(fd, _FRAME.size + length, offset - _FRAME.size) if offset >= _FRAME.size else b""
+    if len(head) != _FRAME.size + length:
+        raise HistoryError(f"the frame at {offset - _FRAME.size} is cut short")
+    magic, _kind, n, pcrc, hcrc = _FRAME.unpack_from(head, 0)
+    if magic != FRAME_MAGIC or zlib.crc32(head[:_FRAME.size - 4]) != hcrc or n != length:
+        raise HistoryError(f"a damaged frame header at {offset - _FRAME.size}")
+    payload = head[_FRAME.size:]
+    if zlib.crc32(payload) != pcrc:
+        raise HistoryError(f"the frame at {offset - _FRAME.size} fails its checksum")
+    return payload
+
+
 @dataclass
 class RevFile:
     """A parsed, complete reverse batch."""

@@ -10,7 +10,13 @@ symlink targets and xattrs of every object as it was at K.
    for each (directory, name) the Entry of the *oldest* rev that has one
    (that rev's first: the name as it was at K), for each object the oldest
    Attr, and per object the Data/Hole pre-images of every rev.  Only changed
-   objects have entries: an unchanged object costs nothing.
+   objects have entries: an unchanged object costs nothing.  A rev is read
+   one frame at a time (:func:`index_rev`) and a Data pre-image is kept as
+   where its bytes are (:class:`PreImage`: the frame's place in the file, the
+   bytes' place in the decompressed frame), never the bytes: the memory of
+   an open view follows the number of changed objects and records, not the
+   size of the pre-images.  Indexes are cached by rev (:class:`RevCache`,
+   shared by the views of one reader).
 2. **Objects** (:class:`Node`) are named by their inode number in the shadow
    (``sino``) and found where they are now: in tree/ by path (reached
    through unchanged names), by inode key in inodes/ (a non-directory a rev
@@ -21,7 +27,11 @@ symlink targets and xattrs of every object as it was at K.
 3. **Contents.**  A read takes the object's current bytes, then, from the
    newest rev to the oldest, each rev's pre-images of it in reverse order
    (so the first pre-image of a byte wins) and that rev's size (bytes past
-   it are cut).  Data maps (holes) are computed the same way.
+   it are cut).  A pre-image the read covers is read then: its frame is read
+   again, its checksum checked again and decompressed (EIO if the frame is
+   no longer intact: never other bytes), and kept in the cache's small LRU
+   of frames.  Data maps (holes) are computed the same way, without reading
+   pre-images.
 4. **Link counts** of non-directories are the current count corrected by the
    names the revs change (computed at opening, one lstat per changed name).
 
@@ -37,18 +47,21 @@ retained), HistoryError (a damaged rev), OSError from the filesystem
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import history, layout
+from .compression import CompressionError, decompress
 from .history import Attr, Data, Entry, HistoryError, Hole, Move
 from .treewalk import O_DIR, O_PATH, open_parent, read_xattrs
 from .treewalk import data_map as _data_map
 
-__all__ = ["TreeAt", "Node", "Stat", "NotRetained", "HistoryError"]
+__all__ = ["TreeAt", "Node", "Stat", "NotRetained", "HistoryError", "RevCache", "RevIndex", "PreImage", "index_rev"]
 
 
 class NotRetained(LookupError):
@@ -76,7 +89,113 @@ class Stat(NamedTuple):
     blocks: int        # 512-byte blocks the object has at K (estimated from its data map)
 
 
-_Step = tuple[str, int, object]          # ("cut", size, None) | ("data", offset, bytes) | ("hole", offset, length)
+class PreImage(NamedTuple):
+    """A Data record's old bytes, left in its rev file: ``length`` bytes at ``offset`` of
+    object ``sino``, at ``at`` in the decompressed RECORDS frame whose payload is at
+    ``frame`` (``frame_len`` bytes) in the file."""
+    sino: int
+    offset: int
+    length: int
+    frame: int
+    frame_len: int
+    at: int
+
+
+IndexRecord = Entry | Attr | PreImage | Hole | Move
+
+
+@dataclass
+class RevIndex:
+    """What a view needs of one complete rev, without its pre-images' bytes."""
+    key: tuple[int, int, int]              # (checkpoint, inode, size) of the rev file
+    checkpoint: int
+    records: list[IndexRecord]
+
+
+def index_rev(fd: int, key: tuple[int, int, int]) -> RevIndex:
+    """Check a whole rev file (as history.parse_rev: frame checksums, META, END and its record
+    count) one frame at a time, and keep its records with each Data as a :class:`PreImage`
+    (where its bytes are, not the bytes).  HistoryError if it is damaged or incomplete."""
+    meta: object = None
+    end: object = None
+    recs: list[IndexRecord] = []
+    for f in history.scan_frames(fd):
+        if end is not None:
+            raise HistoryError("a frame after the END frame")
+        if meta is None:
+            if f.kind != history.FRAME_META:
+                raise HistoryError("no META frame")
+            try:
+                meta = json.loads(f.payload)
+            except ValueError as e:
+                raise HistoryError(f"bad META: {e}") from None
+            if not isinstance(meta, dict) or meta.get("format") != history.REV_FORMAT \
+                    or type(meta.get("checkpoint")) is not int:
+                raise HistoryError(f"unknown META {meta!r}")
+            continue
+        if f.kind == history.FRAME_END:
+            try:
+                end = json.loads(f.payload)
+            except ValueError as e:
+                raise HistoryError(f"bad END: {e}") from None
+            continue
+        if f.kind != history.FRAME_RECORDS:
+            raise HistoryError(f"unexpected frame type {f.kind}")
+        try:
+            raw = decompress(f.payload)
+        except CompressionError as e:
+            raise HistoryError(str(e)) from None
+        for rec, at in history.decode(raw):
+            if isinstance(rec, Data):
+                recs.append(PreImage(rec.sino, rec.offset, len(rec.data), f.offset, len(f.payload), at))
+            else:
+                recs.append(rec)
+    if meta is None:
+        raise HistoryError("no META frame")
+    if end is None:
+        raise HistoryError("incomplete (no END frame)")
+    if not isinstance(end, dict) or end.get("records") != len(recs):
+        raise HistoryError(f"END says {end!r}, the frames hold {len(recs)} records")
+    assert isinstance(meta, dict)
+    return RevIndex(key, meta["checkpoint"], recs)
+
+
+class RevCache:
+    """Shared by the views of one reader: the index of each rev (a complete rev never changes;
+    keyed by checkpoint, inode and size) and a small LRU of decompressed RECORDS frames
+    (at most ``frame_bytes`` in all; a bigger frame is decompressed for each read)."""
+
+    def __init__(self, frame_bytes: int = 8 << 20, frames: int = 64) -> None:
+        self.index: dict[tuple[int, int, int], RevIndex] = {}
+        self.frames: OrderedDict[tuple[tuple[int, int, int], int], bytes] = OrderedDict()
+        self.frame_bytes = frame_bytes
+        self.max_frames = frames
+        self.held_bytes = 0
+
+    def frame(self, key: tuple[int, int, int], at: int) -> bytes | None:
+        raw = self.frames.get((key, at))
+        if raw is not None:
+            self.frames.move_to_end((key, at))
+        return raw
+
+    def keep(self, key: tuple[int, int, int], at: int, raw: bytes) -> None:
+        if len(raw) > self.frame_bytes:
+            return
+        self.frames[(key, at)] = raw
+        self.held_bytes += len(raw)
+        while self.held_bytes > self.frame_bytes or len(self.frames) > self.max_frames:
+            self.held_bytes -= len(self.frames.popitem(last=False)[1])
+
+    def forget(self, live: Callable[[int], bool]) -> None:
+        """Drop what belongs to revs whose checkpoint is not ``live`` (pruned)."""
+        for ck in [ck for ck in self.index if not live(ck[0])]:
+            del self.index[ck]
+        for fk in [fk for fk in self.frames if not live(fk[0][0])]:
+            self.held_bytes -= len(self.frames.pop(fk))
+
+
+# ("cut", size, None) | ("data", offset, (rev position in the chain, PreImage)) | ("hole", offset, length)
+_Step = tuple[str, int, object]
 
 
 @dataclass
@@ -88,14 +207,15 @@ class _Rev:
 class TreeAt:
     """Checkpoint ``k`` of the shadow at ``shadow_root`` (steps 1-4 above)."""
 
-    def __init__(self, shadow_root: str | os.PathLike[str], k: int,
-                 cache: dict[tuple[int, int, int], history.RevFile] | None = None) -> None:
-        """``cache``: parsed revs by (id, inode, size), shared by the views of one reader
-        (a rev never changes once complete)."""
+    def __init__(self, shadow_root: str | os.PathLike[str], k: int, cache: RevCache | None = None) -> None:
+        """``cache``: the revs' indexes and decompressed frames, shared by the views of one
+        reader (a new one of its own if None)."""
         self.root_path = os.fspath(shadow_root)
         self.k = k
-        self.cache = cache
+        self.cache = cache if cache is not None else RevCache()
         self.fds: list[int] = []
+        self.rev_fds: dict[int, int] = {}
+        self.rev_keys: list[tuple[int, int, int]] = []
         try:
             self._open(k)
         except BaseException:
@@ -150,39 +270,37 @@ class TreeAt:
         meta = chain[0][1]
         self.time_ns = meta.get("time_ns") if type(meta.get("time_ns")) is int else 0  # type: ignore[assignment]
         self.label = str(meta.get("label", ""))
-        parsed = []
+        indexes: list[RevIndex] = []
         for n, _ in chain:
             fd = os.open(history.rev_name(n), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.hist_fd)
             try:
                 fst = os.fstat(fd)
                 ck = (n, fst.st_ino, fst.st_size)
-                rev = self.cache.get(ck) if self.cache is not None else None
+                rev = self.cache.index.get(ck)
                 if rev is None:
-                    with os.fdopen(fd, "rb", closefd=False) as f:
-                        data = f.read()
                     try:
-                        rev = history.parse_rev(data)
+                        rev = index_rev(fd, ck)
                     except HistoryError as e:
                         raise HistoryError(f"{self.root_path}/history/{history.rev_name(n)}: {e}") from None
-                    if self.cache is not None:
-                        self.cache[ck] = rev
+                    self.cache.index[ck] = rev
             finally:
                 os.close(fd)
-            parsed.append(rev)
+            indexes.append(rev)
             try:
                 for name in os.listdir(self._held_fd(n)):
                     if name.isdigit():
                         self.held[int(name)] = n
             except FileNotFoundError:
                 pass
+        self.rev_keys = [rev.key for rev in indexes]
         # newest first, so that the oldest rev's first record is the one left standing
-        for ri in range(len(parsed) - 1, -1, -1):
-            rev = parsed[ri]
+        for ri in range(len(indexes) - 1, -1, -1):
+            rev = indexes[ri]
             seen_e: set[tuple[int, bytes]] = set()
             seen_a: dict[int, Attr] = {}
             per: dict[int, list[_Step]] = {}
             moves: dict[int, Move] = {}
-            for rec, _, _ in rev.records:
+            for rec in rev.records:
                 t = type(rec)
                 if t is Entry:
                     assert isinstance(rec, Entry)
@@ -196,9 +314,9 @@ class TreeAt:
                     if rec.sino not in seen_a:
                         seen_a[rec.sino] = rec
                         self.attrs[rec.sino] = rec
-                elif t is Data:
-                    assert isinstance(rec, Data)
-                    per.setdefault(rec.sino, []).append(("data", rec.offset, rec.data))
+                elif t is PreImage:
+                    assert isinstance(rec, PreImage)
+                    per.setdefault(rec.sino, []).append(("data", rec.offset, (ri, rec)))
                 elif t is Hole:
                     assert isinstance(rec, Hole)
                     per.setdefault(rec.sino, []).append(("hole", rec.offset, rec.length))
@@ -218,6 +336,7 @@ class TreeAt:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+        self.rev_fds = {}
 
     def __enter__(self) -> TreeAt:
         return self
@@ -233,6 +352,36 @@ class TreeAt:
             fd = self._fd(os.open(history.held_name(n), O_DIR, dir_fd=self.hist_fd))
             self.held_fds[n] = fd
         return fd
+
+    def _rev_fd(self, ri: int) -> int:
+        """An fd of rev ``ri`` of the chain, checked to be the file its index was made of."""
+        fd = self.rev_fds.get(ri)
+        if fd is None:
+            n, ino, size = self.rev_keys[ri]
+            fd = os.open(history.rev_name(n), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.hist_fd)
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_size) != (ino, size):
+                os.close(fd)
+                raise OSError(errno.EIO, f"{self.root_path}/history/{history.rev_name(n)} was replaced "
+                                         f"while checkpoint {self.k} was open")
+            self.rev_fds[ri] = self._fd(fd)
+        return fd
+
+    def _frame(self, ri: int, p: PreImage) -> bytes:
+        """The decompressed RECORDS frame holding ``p`` (read now, or from the cache); EIO
+        if the rev no longer holds that frame intact."""
+        key = self.rev_keys[ri]
+        raw = self.cache.frame(key, p.frame)
+        if raw is None:
+            try:
+                raw = decompress(history.read_frame_at(self._rev_fd(ri), p.frame, p.frame_len))
+            except (HistoryError, CompressionError) as e:
+                raise OSError(errno.EIO, f"{self.root_path}/history/{history.rev_name(key[0])}: {e}") from None
+            self.cache.keep(key, p.frame, raw)
+        if p.at + p.length > len(raw):
+            raise OSError(errno.EIO, f"{self.root_path}/history/{history.rev_name(key[0])}: the frame at "
+                                     f"{p.frame} does not hold the pre-image it held")
+        return raw
 
     def _translate(self, path: bytes, ri: int, pos: int) -> bytes:
         """Where ``path`` (as of record ``pos`` of rev ``ri``'s batch) is in tree/ now."""
@@ -317,13 +466,16 @@ class TreeAt:
 
     def names(self, d: Node) -> list[bytes]:
         """The names in directory ``d`` at K, sorted."""
-        now: set[bytes] = set()
-        if d.where == "tree":
-            fd = self.open(d, O_DIR)
-            try:
-                now = {os.fsencode(n) for n in os.listdir(fd)}
-            finally:
-                os.close(fd)
+        if d.where != "tree":
+            return self._names(d, -1)
+        fd = self.open(d, O_DIR)
+        try:
+            return self._names(d, fd)
+        finally:
+            os.close(fd)
+
+    def _names(self, d: Node, fd: int) -> list[bytes]:
+        now = {os.fsencode(n) for n in os.listdir(fd)} if fd >= 0 else set()
         out = []
         for name in sorted(now | self.extra_names.get(d.sino, set())):
             hit = self.entries.get((d.sino, name))
@@ -336,6 +488,31 @@ class TreeAt:
             n = self.lookup(d, name)
             if n is not None:
                 yield name, n
+
+    def listdir_stat(self, d: Node) -> list[tuple[bytes, Node, os.stat_result | None]]:
+        """:meth:`listdir`, with the lstat of each object found in tree/ under ``d`` (taken
+        through one fd of ``d``, to give to :meth:`stat`), None for the others."""
+        if d.where != "tree":
+            return [(name, n, None) for name, n in self.listdir(d)]
+        out: list[tuple[bytes, Node, os.stat_result | None]] = []
+        fd = self.open(d, O_DIR)
+        try:
+            for name in self._names(d, fd):
+                hit = self.entries.get((d.sino, name))
+                if hit is not None:
+                    n = self._from_entry(*hit)
+                    if n is not None:
+                        out.append((name, n, None))
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                p = d.path + b"/" + name if d.path else name
+                out.append((name, Node(st.st_ino, stat.S_IFMT(st.st_mode), "tree", p, 0), st))
+        finally:
+            os.close(fd)
+        return out
 
     def resolve(self, path: bytes) -> Node | None:
         """The object at ``path`` (components joined by b"/"; symlinks never followed)."""
@@ -372,10 +549,13 @@ class TreeAt:
             raise OSError(errno.ESTALE, f"object {node.sino} was replaced")
         return fd
 
-    def stat(self, node: Node) -> Stat:
+    def stat(self, node: Node, cur: os.stat_result | None = None) -> Stat:
+        """The attributes at K (``cur``: an lstat of the object just taken by the caller,
+        :meth:`listdir_stat`; else it is opened and checked)."""
         a = self.attrs.get(node.sino)
-        cur: os.stat_result | None = None
-        if a is None or node.kind != stat.S_IFDIR:      # (dirs' blocks: from the current one, if read)
+        if a is not None and node.kind == stat.S_IFDIR:
+            cur = None                       # (a changed directory: its blocks at K unknown, 0)
+        elif cur is None:
             fd = self.open(node, O_PATH)
             try:
                 cur = os.fstat(fd)
@@ -452,8 +632,8 @@ class TreeAt:
                         win[lo - offset:] = bytes(end - lo)
                     continue
                 if kind == "data":
-                    assert isinstance(arg, bytes)
-                    b = a + len(arg)
+                    assert isinstance(arg, tuple)
+                    b = a + arg[1].length
                 else:
                     assert isinstance(arg, int)
                     b = a + arg
@@ -461,8 +641,10 @@ class TreeAt:
                 if lo >= hi:
                     continue
                 if kind == "data":
-                    assert isinstance(arg, bytes)
-                    win[lo - offset:hi - offset] = arg[lo - a:hi - a]
+                    assert isinstance(arg, tuple)
+                    ri, p = arg
+                    raw = memoryview(self._frame(ri, p))
+                    win[lo - offset:hi - offset] = raw[p.at + lo - a:p.at + hi - a]
                 else:
                     win[lo - offset:hi - offset] = bytes(hi - lo)
             return bytes(win[:max(0, min(size, vsize - offset))])
@@ -483,8 +665,9 @@ class TreeAt:
             if kind == "cut":
                 ranges = _cut(ranges, 0, 1 << 62, keep_below=a)
             elif kind == "data":
-                assert isinstance(arg, bytes)
-                ranges = _add(_cut(ranges, a, a + len(arg)), a, a + len(arg))
+                assert isinstance(arg, tuple)
+                n = arg[1].length
+                ranges = _add(_cut(ranges, a, a + n), a, a + n)
             else:
                 assert isinstance(arg, int)
                 ranges = _cut(ranges, a, a + arg)

@@ -15,7 +15,9 @@ full run, half text-like, half random):
    the start of the command to its return (mounted), to the first listing of
    the root (``first_list_s``), to the end of reading a changed (overwritten)
    file of k1 (``first_read_s``); every kind of changed file is checked against
-   its content at k1 (sha256); the browse daemon's RSS;
+   its content at k1 (sha256); the browse daemon's RSS; ``view_open``: the
+   view of k1 opened in a child process (history_view.TreeAt: seconds, and
+   what it holds and peaks at under tracemalloc);
 4. the same for ``fusejournal browse --all`` (the root, then k1's directory)
    and, for comparison, for the latest checkpoint (plain ``browse``).
 
@@ -178,6 +180,16 @@ def _change(mnt: Path, names: list[str], size: int) -> dict:
     return out
 
 
+def _browse_daemon(point: Path) -> int | None:
+    """The pid of the daemon serving the browse mount ``point``: its root answers
+    ``user.fusejournal.pid`` (browse --checkpoint/--all fork their daemon from the command,
+    whose command line has no --foreground for browsebench._daemon_of to find)."""
+    try:
+        return int(os.getxattr(point, b"user.fusejournal.pid"))
+    except (OSError, ValueError):
+        return _daemon_of(point)
+
+
 def _browse_timed(cli, cenv, mnt: Path, point: Path, extra: list[str], sub: str | None,
                   check: dict[str, str], logp: Path) -> dict:
     """browse (with extra flags) from start to mounted, first listing of the root (and of sub),
@@ -190,7 +202,7 @@ def _browse_timed(cli, cenv, mnt: Path, point: Path, extra: list[str], sub: str 
         run_cmd(cli + ["browse", *extra, str(mnt), str(point)], timeout=600, env=cenv, stdout_path=logp)
         wait_mounted(point, 60)
         res["mounted_s"] = round(time.perf_counter() - t0, 3)
-        pid = _daemon_of(point)
+        pid = _browse_daemon(point)
         root = os.listdir(point)
         res["first_list_s"] = round(time.perf_counter() - t0, 3)
         res["root_entries"] = len(root)
@@ -223,6 +235,34 @@ def _browse_timed(cli, cenv, mnt: Path, point: Path, extra: list[str], sub: str 
     finally:
         _stop(point, pid, cli, cenv)
     return res
+
+
+_VIEW_OPEN = """
+import json, os, sys, time, tracemalloc
+t0 = time.perf_counter()
+from fusejournal.history_view import TreeAt
+t1 = time.perf_counter()
+v = TreeAt(sys.argv[1], int(sys.argv[2]))
+t2 = time.perf_counter()
+v.root; v.close()
+tracemalloc.start()
+v = TreeAt(sys.argv[1], int(sys.argv[2]))
+held, peak = tracemalloc.get_traced_memory()
+v.close()
+print(json.dumps({"import_s": round(t1 - t0, 3), "open_s": round(t2 - t1, 3), "revs": len(v.rev_keys),
+                  "rev_bytes": sum(k[2] for k in v.rev_keys), "held_mib": round(held / 2**20, 2),
+                  "peak_mib": round(peak / 2**20, 2)}))
+"""
+
+
+def _view_open(cli, cenv, shadow: Path, k: int) -> dict:
+    """history_view.TreeAt(shadow, k) in a child process, caches dropped: seconds to import it
+    and to open the view (index every rev of the chain), then, opened again under tracemalloc,
+    what the open view holds and the peak while opening."""
+    drop_caches()
+    r = run_cmd([cli[0], "-c", _VIEW_OPEN, str(shadow), str(k)], timeout=600, env=cenv)
+    import json
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def part_browse(env, files: int, size: int) -> dict:
@@ -354,6 +394,8 @@ def phase_history(env, sizes) -> dict:
     try:
         k1 = b.pop("_k1")
         samples = b.pop("samples")
+        if cli[1:2] == ["-m"]:              # (a python running fusejournal.cli of this checkout)
+            b["view_open"] = _view_open(cli, cenv, base / "shadow", k1)
         first = samples                     # the first: a text file overwritten after k1
         b["browse_checkpoint"] = _browse_timed(cli, cenv, mnt, point, ["--checkpoint", str(k1)], None,
                                                first, base / "browse.log")
