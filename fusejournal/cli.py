@@ -872,7 +872,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "func", None) is cmd_restore and args.dest is None \
+            and len(extra) == 1 and not extra[0].startswith("-"):
+        # `restore MOUNTPOINT --checkpoint N DEST`: argparse gives the optional DEST nothing in
+        # the first run of positionals and leaves the later one over
+        args.dest, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         func: Command = args.func
         return func(args)
