@@ -111,6 +111,8 @@ _FILE_MASK = _DIR_MASK | ATTR_SIZE
 _LINK_MASK = ATTR_UID | ATTR_GID | ATTR_MTIME
 _COMPARED_XATTRS = ("user.", "trusted.")
 _GONE = (errno.ESTALE, errno.ENOENT)
+#: a file whose data is read by path or handle has moved or gone (``skip_vanished``)
+_VANISHED = (errno.ESTALE, errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 _PARK = b".fusejournal-resync."
 #: directories a single "is it the same directory?" check may read before giving up
 _SAME_DIR_BUDGET = 64
@@ -282,10 +284,12 @@ _Item: TypeAlias = "Record | _Lazy"
 
 class _Resync:
     def __init__(self, source_fd: int, shadow: Shadow, since_ns: int | None,
-                 defer: Deferred | None = None, distrust: bool = False) -> None:
+                 defer: Deferred | None = None, distrust: bool = False,
+                 skip_vanished: bool = False) -> None:
         self.src = source_fd
         self.defer = defer
         self.distrust = distrust
+        self.skip_vanished = skip_vanished
         self.since = None if since_ns is None else since_ns - CTIME_MARGIN_NS
         self.shadow = shadow
         self.tree_fd = self.inodes_fd = -1
@@ -324,7 +328,7 @@ class _Resync:
         self.park_names: set[bytes] | None = None
         self.park_seq = 0
         self.stats = {"files": 0, "dirs": 0, "copied": 0, "linked": 0, "removed": 0, "writes": 0,
-                      "checked": 0, "data_bytes_read": 0}
+                      "checked": 0, "data_bytes_read": 0, "skipped": 0}
 
     def close(self) -> None:
         for name in ("tree_fd", "inodes_fd"):
@@ -939,15 +943,23 @@ class _Resync:
         for phase in (self.p_files, self.p_parks, self.p_blocking, self.p_create, self.p_remove,
                       self.p_unparks, self.p_dirattrs):
             for item in phase:
-                if isinstance(item, _Lazy):
+                if not isinstance(item, _Lazy):
+                    yield item
+                elif not self.skip_vanished:
                     yield from item.fn()
                 else:
-                    yield item
+                    try:
+                        yield from item.fn()
+                    except (ResyncError, OSError) as e:
+                        if isinstance(e, OSError) and e.errno not in _VANISHED:
+                            raise
+                        self.stats["skipped"] += 1     # its data stays partly unknown
 
 
 def resync_iter(source_fd: int, shadow: Shadow, intents: Iterable[Intent], *,
                 since_ns: int | None = None, defer: Deferred | None = None,
-                stats: dict[str, int] | None = None, distrust: bool = False) -> Iterator[Record]:
+                stats: dict[str, int] | None = None, distrust: bool = False,
+                skip_vanished: bool = False) -> Iterator[Record]:
     """Like :func:`resync`, but yields the records one by one.
 
     All the comparing is done before the first record is yielded; file data
@@ -958,9 +970,12 @@ def resync_iter(source_fd: int, shadow: Shadow, intents: Iterable[Intent], *,
     ``stats``, if given, receives the counts at the end (``data_bytes_read``:
     the bytes of file data read from either side).  With ``distrust``, every regular
     file reached is compared even if its size and mtime agree with the shadow's (after a
-    final round whose contents were left to a replay that did not happen).
+    final round whose contents were left to a replay that did not happen).  With
+    ``skip_vanished``, a file that moves or goes while its data is read is skipped (counted
+    in ``stats["skipped"]``) instead of failing the whole resync: the seed's rounds, where
+    every such change is dirty again and the next round distrusts the files it reaches.
     """
-    r = _Resync(source_fd, shadow, since_ns, defer, distrust)
+    r = _Resync(source_fd, shadow, since_ns, defer, distrust, skip_vanished)
     try:
         r.plan(intents)
         yield from r.emit()

@@ -178,20 +178,22 @@ def unique(intents: Iterable[Intent]) -> list[Intent]:
 def reconcile(source_fd: int, shadow: Shadow, intents: list[Intent], since_ns: int,
               spill_dir: Path | None, stop: Callable[[], bool] = lambda: False,
               defer: Deferred | None = None, stats: dict[str, int] | None = None,
-              distrust: bool = False) -> int:
+              distrust: bool = False, skip_vanished: bool = False) -> int:
     """Make the shadow's versions of ``intents`` the original's (resync.py), applying the
     records directly to the shadow (it claims no checkpoint while seeding).  The records are
     all made first (spilling beyond ROUND_MEMORY), then applied.  Returns their number.
     Raises Stopped if ``stop()`` turns true (the shadow is then partly reconciled: the
     objects stay dirty).  ``defer``: file contents are left to :func:`replay` (the final
     round); ``stats``: the resync's counts (``data_bytes_read``); ``distrust``: compare the
-    contents of every file reached (after a final round that was not completed)."""
+    contents of every file reached (after a final round that was not completed);
+    ``skip_vanished``: a file that moves or goes while its data is read is skipped
+    (``stats["skipped"]``), not a failure of the round."""
     if not intents:
         return 0
     store = TempStore(spill_dir, memory_limit=ROUND_MEMORY)
     n = 0
     for rec in resync_iter(source_fd, shadow, intents, since_ns=since_ns, defer=defer, stats=stats,
-                           distrust=distrust):
+                           distrust=distrust, skip_vanished=skip_vanished):
         store.append(rec)
         n += 1
         if n % 256 == 0 and stop():
@@ -644,10 +646,14 @@ class SeedingTask:
                 continue
             self.state = f"converging (round {self.rounds + 1}, {len(intents)} object(s))"
             t0 = time.monotonic()
+            # a file that moves or goes while the round reads it is skipped: the change made
+            # an intent of the new period (its directory's), and the next round distrusts
+            # what it reaches, since the skipped file's size and mtime may already be set
+            round_stats: dict[str, int] = {}
             try:
                 await self._in_thread(reconcile, self.source_fd, self.shadow, intents,
                                       self.started_ns, self.spill_dir, lambda: self._stop, None,
-                                      None, distrust)
+                                      round_stats, distrust, True)
             except Stopped:
                 raise
             except Exception as e:
@@ -671,9 +677,11 @@ class SeedingTask:
             self.waiting = None
             delay = 0.5
             failures = 0
-            self.replay_after = log_base
+            # a round that skipped a file is no base for the final round's replay: another
+            # round (distrusting) first
+            distrust = round_stats.get("skipped", 0) > 0
+            self.replay_after = None if distrust else log_base
             self.replay_unjournaled = unjournaled
-            distrust = False
             self.rounds += 1
             per_object = (time.monotonic() - t0) / max(1, len(intents))
             log.info("seed: round %d: %d object(s) reconciled in %.3f s", self.rounds, len(intents),

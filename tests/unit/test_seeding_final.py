@@ -414,3 +414,38 @@ def test_failed_replay_claims_nothing_and_keeps_the_set(tmp_path: Path) -> None:
     finally:
         olog.close()
         os.close(fd)
+
+
+def test_round_skips_a_file_that_moves_while_read_then_distrusts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file renamed while a round reads it (a busy application) does not fail the round
+    (which would fail again and again under steady renames): it is skipped and counted,
+    and the next round, distrusting, makes it exact."""
+    orig, sh, fd, started = seeded(tmp_path, 2 * MiB)
+    try:
+        orig.new_period()
+        orig.create("d1/fresh", b"F" * 300000)
+        orig.write("d0/big", 5, b"read first")         # files are synced before creations
+        dirty = orig.new_period()
+        moved = []
+
+        def during() -> None:
+            if not moved:
+                moved.append(1)
+                orig.rename("d1/fresh", "d0/fresh")
+        counting_reads(monkeypatch, during)
+        with pytest.raises(OSError):
+            reconcile(fd, sh, unique(dirty), started, None)
+        monkeypatch.undo()
+        moved.clear()
+        counting_reads(monkeypatch, during)
+        orig.rename("d0/fresh", "d1/fresh")
+        dirty += orig.new_period()
+        stats: dict[str, int] = {}
+        reconcile(fd, sh, unique(dirty), started, None, stats=stats, skip_vanished=True)
+        assert stats["skipped"] == 1
+        monkeypatch.undo()
+        reconcile(fd, sh, unique(dirty + orig.new_period()), started, None, distrust=True)
+        assert_exact(sh, fd, orig)
+    finally:
+        os.close(fd)
