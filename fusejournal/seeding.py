@@ -30,28 +30,47 @@ shadow before mounting, with the application stopped.  Now (docs/design.md,
    cursor), not logged:
    the shadow holds no checkpoint, so nothing claims this state.  A round
    that fails because the original changed under it (or the shadow is full)
-   keeps its objects for the next round.  Rounds go on until the next dirty
-   set is small: at most ``FINAL_MAX`` objects and an estimated reconcile
-   time (the last round's time per object) of at most ``FINAL_BUDGET_S``;
+   keeps its objects for the next round; a file that moves or goes while the
+   round reads its data is skipped (its change is dirty again) and the next
+   round *distrusts* (compares every file it reaches, even one whose size
+   and mtime agree).  Rounds go on until the next dirty set is small: at
+   most ``FINAL_MAX`` objects (without a log, also an estimated reconcile
+   time, the last round's time per object, of at most ``FINAL_BUDGET_S``);
    when the set has not shrunk for ``STALL_ROUNDS`` rounds (a file rewritten
    all the time) and the estimate is at most ``STALL_BUDGET_S``, or after
-   ``MAX_ROUNDS`` whatever the estimate, the next set is taken.
-4. **Final round, under the halt.**  The seed asks for a checkpoint itself
-   (label ``seed complete``), unless one is asked first.  Inside its halt,
-   after the temporary store was taken and the new activity period began
-   (``Checkpointer.take``'s ``hold``, the gate still closed), the last dirty
-   set (the objects kept from step 3 and the periods closed since) is
-   resynced and applied to the shadow: the original does not change while
-   the gate is closed, so the shadow then equals the original at that
-   checkpoint N exactly.  The gate opens; the batch is appended as usual
-   (marker ``seeding: first complete``).  Once it is durable,
-   ``seeded.json``, then ``applied.json`` = N are written (after a
-   ``syncfs``), seeding.json is removed, the activity periods up to N are
-   deleted, and the updater starts at N: N is the **first complete
-   checkpoint**.  Checkpoints before N are never applied.
-5. **Failure.**  If the final round fails, the seed goes back to step 3
-   with its objects.  If the append fails, the shadow equals the original
-   at that halt and the dirty set since it is tracked: back to step 3 too.
+   ``MAX_ROUNDS`` whatever the estimate, the next set is taken, always right
+   after a round that succeeded without skips: ``replay_after``, the log's
+   last checkpoint when that round began, is where step 4's replay starts.
+4. **Final round: under the halt, all but contents; then the replay.**  The
+   seed asks for a checkpoint itself (label ``seed complete``), unless one is
+   asked first.  Inside its halt, after the temporary store was taken and the
+   new activity period began (``Checkpointer.take``'s ``hold``, the gate
+   still closed), the last dirty set (the periods since the last round
+   began) is resynced with file contents *deferred* (resync.py, ``defer``):
+   names, types, attributes, links, symlinks, xattrs are made the
+   original's at this checkpoint N; no file data is read, so the halt does
+   not grow with file sizes or with what was written; every regular file
+   reached is noted with its stat at N.  The gate opens; the batch is
+   appended as usual (marker ``seeding: first complete``).  Once it is
+   durable, :func:`replay` reads the records of the checkpoints after
+   ``replay_after`` through N and replays, for the noted files only, their
+   ``Write``, ``Setattr`` (size) and ``Mknod`` records in order: each sets
+   every byte to a value, to end-of-file, or end-of-file to zero, whatever
+   it held, so replayed over any state a byte had since the last round
+   began they end where the original was at N (docs/design.md, "Why the
+   replay is exact").  Checked: each file's size is N's, and a file new to
+   the shadow was created within the records.  Then ``seeded.json``, then
+   ``applied.json`` = N are written (after a ``syncfs``), seeding.json is
+   removed, the activity periods up to N are deleted, and the updater
+   starts at N: N is the **first complete checkpoint**.  Checkpoints
+   before N are never applied.  A change that reached the original without
+   a record since the last round (resyncflag.py) makes that final round
+   compare contents under the halt instead (exact, longer).
+5. **Failure.**  If the final round, its append or its replay fails,
+   nothing is claimed and the seed goes back to step 3 with its objects
+   (and every change since the halt, in the new periods); the next round
+   distrusts.  ``final_attempted`` in seeding.json makes the first round
+   after a kill distrust too (a kill between the halt and the replay).
    A kill at any point resumes from seeding.json: the copy after its
    cursor, then the convergence with every period since the seed began.
    A full shadow filesystem (ENOSPC, EDQUOT) is waited out (``status``:
@@ -622,13 +641,17 @@ class SeedingTask:
                        and sizes[-1] >= min(sizes[-1 - STALL_ROUNDS:-1]))
             # the final round needs the previous round to have succeeded (with a log: its
             # replay starts there; ``carry`` is then empty)
-            if ready is not None and ((est is not None and est <= FINAL_BUDGET_S
-                                       and len(intents) <= FINAL_MAX)
-                                      or self.rounds >= MAX_ROUNDS or stalled):
-                if self.rounds >= MAX_ROUNDS or stalled:
+            # With a log, the final halt reads no file data (the contents are replayed after
+            # it), so the rounds' time per object, which is mostly reading files, says nothing
+            # of it: a set of at most FINAL_MAX objects is enough.
+            small = len(intents) <= FINAL_MAX and (
+                self.olog is not None or (est is not None and est <= FINAL_BUDGET_S))
+            if ready is not None and (small or self.rounds >= MAX_ROUNDS or stalled):
+                if not small:
                     log.warning("seed: not converging after %d rounds: the last %d object(s) are "
-                                "reconciled under the halt anyway (estimated %.3f s)", self.rounds,
-                                len(intents), est or 0.0)
+                                "reconciled under the halt anyway (estimated %.3f s%s)", self.rounds,
+                                len(intents), est or 0.0,
+                                ", file contents replayed after it" if self.olog is not None else "")
                 self.final_intents = intents
                 self.replay_after = ready
                 if self.olog is not None and not self.doc.get("final_attempted"):
@@ -776,17 +799,20 @@ class SeedingTask:
         def write() -> None:
             t0 = time.monotonic()
             counts = self._replay(checkpoint)
+            replay_s = time.monotonic() - t0
             if counts:
                 log.info("seed: final round: contents of %d file(s) replayed from checkpoints "
                          "%d..%d in %.3f s (%d record(s), %d write(s), %d bytes)", counts["files"],
-                         (self.replay_after or 0) + 1, checkpoint, time.monotonic() - t0,
+                         (self.replay_after or 0) + 1, checkpoint, replay_s,
                          counts["records"], counts["writes"], counts["bytes_written"])
             sh = self.shadow
             sh.write_state(SEEDED, {"first_complete": checkpoint, "time_ns": marker_time_ns,
                                     "started_ns": self.started_ns, "entries": self.entries,
                                     "bytes": self.bytes, "rounds": self.rounds,
                                     "final_halt_s": self.final_halt_s,
-                                    "final_halt": self.final_stats, "online": True})
+                                    "final_halt": self.final_stats,
+                                    "final_replay": dict(counts, seconds=round(replay_s, 6)),
+                                    "online": True})
             sh.set_applied(checkpoint)
             sh.remove_state(SEEDING)
         try:
