@@ -50,9 +50,11 @@ shadow before mounting, with the application stopped.  Now (docs/design.md,
    names, types, attributes, links, symlinks, xattrs are made the
    original's at this checkpoint N; no file data is read, so the halt does
    not grow with file sizes or with what was written; every regular file
-   reached is noted with its stat at N.  The gate opens; the batch is
-   appended as usual (marker ``seeding: first complete``).  Once it is
-   durable, :func:`replay` reads the records of the checkpoints after
+   reached is noted with its stat at N.  The shadow is only read in the
+   halt: the records are kept (:func:`plan_records`) and applied after the
+   append.  The gate opens; the batch is appended as usual (marker
+   ``seeding: first complete``).  Once it is durable, the records are
+   applied, then :func:`replay` reads the records of the checkpoints after
    ``replay_after`` through N and replays, for the noted files only, their
    ``Write``, ``Setattr`` (size) and ``Mknod`` records in order: each sets
    every byte to a value, to end-of-file, or end-of-file to zero, whatever
@@ -108,7 +110,7 @@ from .records_check import check_record
 from .resync import Deferred, resync_iter
 from .seed import Seeder, count_tree, sweep_hidden_links
 from .shadow import SEEDED, SEEDING, Shadow
-from .tempstore import TempStore
+from .tempstore import Batch, TempStore
 from .treewalk import O_WRITE
 from .updater import _Applier
 
@@ -209,16 +211,37 @@ def reconcile(source_fd: int, shadow: Shadow, intents: list[Intent], since_ns: i
     (``stats["skipped"]``), not a failure of the round."""
     if not intents:
         return 0
+    batch = plan_records(source_fd, shadow, intents, since_ns, spill_dir, stop, defer, stats,
+                         distrust, skip_vanished)
+    n = batch.operations
+    apply_batch(shadow, batch, stop)
+    return n
+
+
+def plan_records(source_fd: int, shadow: Shadow, intents: list[Intent], since_ns: int,
+                 spill_dir: Path | None, stop: Callable[[], bool] = lambda: False,
+                 defer: Deferred | None = None, stats: dict[str, int] | None = None,
+                 distrust: bool = False, skip_vanished: bool = False) -> Batch:
+    """The records of :func:`reconcile`, made (spilling beyond ROUND_MEMORY) but not applied:
+    the shadow is only read.  The final round makes them inside the halt and applies them
+    after it (:func:`apply_batch`): nothing else changes the shadow meanwhile."""
     store = TempStore(spill_dir, memory_limit=ROUND_MEMORY)
     n = 0
-    for rec in resync_iter(source_fd, shadow, intents, since_ns=since_ns, defer=defer, stats=stats,
-                           distrust=distrust, skip_vanished=skip_vanished):
-        store.append(rec)
-        n += 1
-        if n % 256 == 0 and stop():
-            raise Stopped()
-    batch = store.take()
+    try:
+        for rec in resync_iter(source_fd, shadow, intents, since_ns=since_ns, defer=defer,
+                               stats=stats, distrust=distrust, skip_vanished=skip_vanished):
+            store.append(rec)
+            n += 1
+            if n % 256 == 0 and stop():
+                raise Stopped()
+    except BaseException:
+        store.take().close()
+        raise
+    return store.take()
 
+
+def apply_batch(shadow: Shadow, batch: Batch, stop: Callable[[], bool] = lambda: False) -> None:
+    """Apply (and close) a batch of :func:`plan_records` to the shadow."""
     def records() -> Iterator[Record]:
         for i, r in enumerate(batch):
             if i % 256 == 0 and stop():
@@ -229,7 +252,6 @@ def reconcile(source_fd: int, shadow: Shadow, intents: list[Intent], since_ns: i
         _apply(shadow, records())
     finally:
         batch.close()
-    return n
 
 
 def _apply(shadow: Shadow, records: Iterable[Record]) -> None:
@@ -386,6 +408,7 @@ class SeedingTask:
         self.olog = olog
         self.replay_after: int | None = None
         self.final_defer: Deferred | None = None
+        self.final_batch: Batch | None = None     # the final round's records, made in the halt
         self.final_stats: dict[str, int] = {}
         # changes that reached the original without a record (resyncflag.py), counted: set by
         # the daemon; the replay cannot hold them, so such a final round compares contents
@@ -725,10 +748,12 @@ class SeedingTask:
 
     async def at_halt(self) -> None:
         """Inside a checkpoint's halt (gate closed, store taken, new period begun): if the
-        dirty set is ready, reconcile its names, types, attributes, links and xattrs, with the
-        contents of files deferred (``resync``'s ``defer``: no file data is read); they are
-        replayed from the log by :meth:`complete`.  Without a log the contents are compared
-        here too.  Never raises: a failure leaves the seed converging."""
+        dirty set is ready, make the records that reconcile its names, types, attributes,
+        links and xattrs with the original as it stands now, with the contents of files
+        deferred (``resync``'s ``defer``: no file data is read; they are replayed from the
+        log by :meth:`complete`).  The shadow is only read here: the records are applied by
+        :meth:`complete`, after the append.  Without a log the contents are compared here
+        too.  Never raises: a failure leaves the seed converging."""
         if self.state != "ready" or self.done:
             return
         closed = self.current_period() - 1
@@ -744,9 +769,9 @@ class SeedingTask:
         try:
             intents = unique(intents + read_periods(self.activity_dir, self.last_period, closed))
             self.dirty = len(intents)
-            await trio.to_thread.run_sync(reconcile, self.source_fd, self.shadow, intents,
-                                          self.started_ns, self.spill_dir, lambda: False, defer,
-                                          stats)
+            batch = await trio.to_thread.run_sync(plan_records, self.source_fd, self.shadow, intents,
+                                                  self.started_ns, self.spill_dir, lambda: False,
+                                                  defer, stats)
         except Exception as e:
             log.warning("seed: the final round failed (%s); converging again", e)
             self.final_intents = intents
@@ -756,6 +781,8 @@ class SeedingTask:
         # kept until complete(): if the replay or the append fails, they are dirty again
         self.final_intents = intents
         self.final_defer = defer
+        self._drop_batch()
+        self.final_batch = batch
         self.last_period = closed
         self.final_pending = True
         self.final_halt_s = time.monotonic() - t0
@@ -773,7 +800,13 @@ class SeedingTask:
         the halt (new periods), are dirty: converge again."""
         self.final_pending = False
         self.final_defer = None
+        self._drop_batch()
         self.state = "converging"
+
+    def _drop_batch(self) -> None:
+        if self.final_batch is not None:
+            self.final_batch.close()
+            self.final_batch = None
 
     def _replay(self, checkpoint: int) -> dict[str, int]:
         """The contents of the final round's files from the records of the checkpoints after
@@ -794,10 +827,14 @@ class SeedingTask:
         return replay(self.shadow, defer, records(), lambda: self._stop)
 
     async def complete(self, checkpoint: int, marker_time_ns: int) -> None:
-        """The checkpoint whose halt ran the final round is durable: replay the contents of
-        its files (:meth:`_replay`), then the shadow holds it: record that."""
+        """The checkpoint whose halt ran the final round is durable: apply the records made
+        in the halt, replay the contents of its files (:meth:`_replay`); then the shadow
+        holds it: record that."""
         def write() -> None:
             t0 = time.monotonic()
+            if self.final_batch is not None:
+                batch, self.final_batch = self.final_batch, None
+                apply_batch(self.shadow, batch, lambda: self._stop)
             counts = self._replay(checkpoint)
             replay_s = time.monotonic() - t0
             if counts:
@@ -823,6 +860,7 @@ class SeedingTask:
         self.final_pending = False
         self.final_intents = []
         self.final_defer = None
+        self._drop_batch()
         self.done = True
         self.first_complete = checkpoint
         self.state = "complete"
