@@ -266,6 +266,7 @@ class Daemon:
 
         if self.seeding is not None:
             self.seeding.checkpoint = lambda label: self.checkpoint(label, auto=True)
+            self.seeding.unjournaled = lambda: len(self.resync_flag.reasons)
 
     @property
     def shadow_applied(self) -> int | None:

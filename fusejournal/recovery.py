@@ -214,7 +214,7 @@ def prepare_online_seed(mode: str, shadow: Shadow, source_fd: int, activity: Act
     task = SeedingTask(shadow, source_fd, activity_dir=activity.dir, spill_dir=journal.spill_dir,
                        state=state, new_period=activity.new_period,
                        current_period=lambda: activity.period, extra_intents=flagged,
-                       foreground_tty=reporter.fd is None and sys.stderr.isatty())
+                       foreground_tty=reporter.fd is None and sys.stderr.isatty(), olog=olog)
     if task.phase != "copy":
         reporter.message(f"resuming the seed of the shadow {root}: reconciling the changes made "
                          f"while it was copied")

@@ -41,6 +41,16 @@ crash"):
   dropped; directory attributes.  So a moved file always gets its new name
   before its old name goes (the last name of an object takes its hidden link
   with it).
+
+**Deferred data** (the online seed's final round, ``defer``): the contents of
+regular files are neither read nor compared.  Every regular file the resync
+reaches (an intent, or an entry of a compared directory) is noted in
+``defer.files`` with the original's stat (size, mtime, mode), and a new one
+(not in the shadow) is created empty at its size and noted in ``defer.fresh``;
+attributes, names, links, symlinks and xattrs are done as usual.  The caller
+brings the contents to that state from the logged records (seeding.py,
+"replay").  No file data is then read: the work is the listings and stats of
+the intended objects, whatever the files' sizes.
 """
 
 from __future__ import annotations
@@ -86,7 +96,7 @@ from .treewalk import open_at as _open_at
 from .treewalk import open_read as _open_read
 from .treewalk import same_object as _same
 
-__all__ = ["resync", "resync_iter", "ResyncError", "CHUNK", "UNKNOWN_KEY", "CTIME_MARGIN_NS"]
+__all__ = ["resync", "resync_iter", "ResyncError", "Deferred", "CHUNK", "UNKNOWN_KEY", "CTIME_MARGIN_NS"]
 
 #: largest Write record produced (and the block size files are compared in)
 CHUNK = 1 << 20
@@ -101,6 +111,8 @@ _FILE_MASK = _DIR_MASK | ATTR_SIZE
 _LINK_MASK = ATTR_UID | ATTR_GID | ATTR_MTIME
 _COMPARED_XATTRS = ("user.", "trusted.")
 _GONE = (errno.ESTALE, errno.ENOENT)
+#: a file whose data is read by path or handle has moved or gone (``skip_vanished``)
+_VANISHED = (errno.ESTALE, errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 _PARK = b".fusejournal-resync."
 #: directories a single "is it the same directory?" check may read before giving up
 _SAME_DIR_BUDGET = 64
@@ -108,6 +120,18 @@ _SAME_DIR_BUDGET = 64
 
 class ResyncError(Exception):
     """The original or the shadow is not in a state the resync can work from."""
+
+
+class Deferred:
+    """What a resync with deferred data left to the caller (see the module docstring):
+    ``files``: inode key -> the original's stat of every regular file reached;
+    ``fresh``: the keys of those the shadow did not have (created empty)."""
+
+    __slots__ = ("files", "fresh")
+
+    def __init__(self) -> None:
+        self.files: dict[int, os.stat_result] = {}
+        self.fresh: set[int] = set()
 
 
 # ------------------------------------------------------------------ helpers
@@ -259,8 +283,13 @@ _Item: TypeAlias = "Record | _Lazy"
 # ------------------------------------------------------------------ the resync
 
 class _Resync:
-    def __init__(self, source_fd: int, shadow: Shadow, since_ns: int | None) -> None:
+    def __init__(self, source_fd: int, shadow: Shadow, since_ns: int | None,
+                 defer: Deferred | None = None, distrust: bool = False,
+                 skip_vanished: bool = False) -> None:
         self.src = source_fd
+        self.defer = defer
+        self.distrust = distrust
+        self.skip_vanished = skip_vanished
         self.since = None if since_ns is None else since_ns - CTIME_MARGIN_NS
         self.shadow = shadow
         self.tree_fd = self.inodes_fd = -1
@@ -299,7 +328,7 @@ class _Resync:
         self.park_names: set[bytes] | None = None
         self.park_seq = 0
         self.stats = {"files": 0, "dirs": 0, "copied": 0, "linked": 0, "removed": 0, "writes": 0,
-                      "checked": 0}
+                      "checked": 0, "data_bytes_read": 0, "skipped": 0}
 
     def close(self) -> None:
         for name in ("tree_fd", "inodes_fd"):
@@ -464,7 +493,9 @@ class _Resync:
         if stat.S_ISREG(o.st_mode):
             if o.st_size < k.st_size:
                 out.append(setattr_record(key, ATTR_SIZE | ATTR_MTIME, o))
-            if always or o.st_size != k.st_size or o.st_mtime_ns != k.st_mtime_ns:
+            if self.defer is not None:
+                self.defer.files[key] = o           # the contents: the caller's (replay)
+            elif always or o.st_size != k.st_size or o.st_mtime_ns != k.st_mtime_ns:
                 out.append(_Lazy(lambda: self.diff_data(key, o, loc)))
             out.append(setattr_record(key, _FILE_MASK, o))
         elif stat.S_ISLNK(o.st_mode):
@@ -517,12 +548,14 @@ class _Resync:
                     for off, nxt in _blocks(start, stop):
                         n = nxt - off
                         a = sysc.pread_full(ofd, n, off) if in_o else bytes(n)
+                        self.stats["data_bytes_read"] += len(a) if in_o else 0
                         if len(a) < n:
                             a += bytes(n - len(a))
                         if not in_s:
                             differs = exact or not _all_zero(a)
                         else:
                             b = sysc.pread_full(sfd, n, off)
+                            self.stats["data_bytes_read"] += len(b)
                             differs = a != b + bytes(n - len(b))
                         if differs:
                             self.stats["writes"] += 1
@@ -541,6 +574,7 @@ class _Resync:
             for start, end in (omap if omap is not None else [(0, size)] if size else []):
                 for off, nxt in _blocks(start, end):
                     a = sysc.pread_full(ofd, nxt - off, off)
+                    self.stats["data_bytes_read"] += len(a)
                     if a and (omap is not None or not _all_zero(a)):
                         self.stats["writes"] += 1
                         yield Write(key, off, mtime, a)
@@ -721,7 +755,11 @@ class _Resync:
                 self.p_create.append(Link(key, pm, path))
                 self.needed.add(key)
                 self.stats["linked"] += 1
-            if key not in self.synced and not self.looks_same(o, kst):
+            if self.defer is not None and stat.S_ISREG(o.st_mode):
+                # its contents may have changed within the same mtime tick: the replay decides
+                self.defer.files.setdefault(key, o)
+            if key not in self.synced and ((self.distrust and stat.S_ISREG(o.st_mode))
+                                           or not self.looks_same(o, kst)):
                 # an inode number reused for another object, or a change not announced
                 self.synced.add(key)
                 fd = os.open(name, _O_PATH, dir_fd=pfd)
@@ -771,7 +809,10 @@ class _Resync:
             out.append(mknod_record(o, pm, path))
         if stat.S_ISREG(o.st_mode):
             loc = _Locator(path=path)
-            if o.st_size:
+            if self.defer is not None:
+                self.defer.files[key] = o
+                self.defer.fresh.add(key)
+            elif o.st_size:
                 out.append(_Lazy(lambda: self.copy_data(key, o.st_size, o.st_mtime_ns, loc)))
             out.append(setattr_record(key, _FILE_MASK, o))
         out.extend(_xattr_diff(key, b"", attrs, {}))
@@ -902,26 +943,45 @@ class _Resync:
         for phase in (self.p_files, self.p_parks, self.p_blocking, self.p_create, self.p_remove,
                       self.p_unparks, self.p_dirattrs):
             for item in phase:
-                if isinstance(item, _Lazy):
+                if not isinstance(item, _Lazy):
+                    yield item
+                elif not self.skip_vanished:
                     yield from item.fn()
                 else:
-                    yield item
+                    try:
+                        yield from item.fn()
+                    except (ResyncError, OSError) as e:
+                        if isinstance(e, OSError) and e.errno not in _VANISHED:
+                            raise
+                        self.stats["skipped"] += 1     # its data stays partly unknown
 
 
 def resync_iter(source_fd: int, shadow: Shadow, intents: Iterable[Intent], *,
-                since_ns: int | None = None) -> Iterator[Record]:
+                since_ns: int | None = None, defer: Deferred | None = None,
+                stats: dict[str, int] | None = None, distrust: bool = False,
+                skip_vanished: bool = False) -> Iterator[Record]:
     """Like :func:`resync`, but yields the records one by one.
 
     All the comparing is done before the first record is yielded; file data
     is read as the Write records are yielded, so memory stays bounded by
     the number of records without data.  Consume it completely before
     applying anything to the shadow (the data diffs read the shadow).
+    With ``defer``, file data is not read at all (see the module docstring).
+    ``stats``, if given, receives the counts at the end (``data_bytes_read``:
+    the bytes of file data read from either side).  With ``distrust``, every regular
+    file reached is compared even if its size and mtime agree with the shadow's (after a
+    final round whose contents were left to a replay that did not happen).  With
+    ``skip_vanished``, a file that moves or goes while its data is read is skipped (counted
+    in ``stats["skipped"]``) instead of failing the whole resync: the seed's rounds, where
+    every such change is dirty again and the next round distrusts the files it reaches.
     """
-    r = _Resync(source_fd, shadow, since_ns)
+    r = _Resync(source_fd, shadow, since_ns, defer, distrust, skip_vanished)
     try:
         r.plan(intents)
         yield from r.emit()
     finally:
+        if stats is not None:
+            stats.update(r.stats)
         r.close()
 
 

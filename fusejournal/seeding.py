@@ -30,28 +30,49 @@ shadow before mounting, with the application stopped.  Now (docs/design.md,
    cursor), not logged:
    the shadow holds no checkpoint, so nothing claims this state.  A round
    that fails because the original changed under it (or the shadow is full)
-   keeps its objects for the next round.  Rounds go on until the next dirty
-   set is small: at most ``FINAL_MAX`` objects and an estimated reconcile
-   time (the last round's time per object) of at most ``FINAL_BUDGET_S``;
+   keeps its objects for the next round; a file that moves or goes while the
+   round reads its data is skipped (its change is dirty again) and the next
+   round *distrusts* (compares every file it reaches, even one whose size
+   and mtime agree).  Rounds go on until the next dirty set is small: at
+   most ``FINAL_MAX`` objects (without a log, also an estimated reconcile
+   time, the last round's time per object, of at most ``FINAL_BUDGET_S``);
    when the set has not shrunk for ``STALL_ROUNDS`` rounds (a file rewritten
    all the time) and the estimate is at most ``STALL_BUDGET_S``, or after
-   ``MAX_ROUNDS`` whatever the estimate, the next set is taken.
-4. **Final round, under the halt.**  The seed asks for a checkpoint itself
-   (label ``seed complete``), unless one is asked first.  Inside its halt,
-   after the temporary store was taken and the new activity period began
-   (``Checkpointer.take``'s ``hold``, the gate still closed), the last dirty
-   set (the objects kept from step 3 and the periods closed since) is
-   resynced and applied to the shadow: the original does not change while
-   the gate is closed, so the shadow then equals the original at that
-   checkpoint N exactly.  The gate opens; the batch is appended as usual
-   (marker ``seeding: first complete``).  Once it is durable,
-   ``seeded.json``, then ``applied.json`` = N are written (after a
-   ``syncfs``), seeding.json is removed, the activity periods up to N are
-   deleted, and the updater starts at N: N is the **first complete
-   checkpoint**.  Checkpoints before N are never applied.
-5. **Failure.**  If the final round fails, the seed goes back to step 3
-   with its objects.  If the append fails, the shadow equals the original
-   at that halt and the dirty set since it is tracked: back to step 3 too.
+   ``MAX_ROUNDS`` whatever the estimate, the next set is taken, always right
+   after a round that succeeded without skips: ``replay_after``, the log's
+   last checkpoint when that round began, is where step 4's replay starts.
+4. **Final round: under the halt, all but contents; then the replay.**  The
+   seed asks for a checkpoint itself (label ``seed complete``), unless one is
+   asked first.  Inside its halt, after the temporary store was taken and the
+   new activity period began (``Checkpointer.take``'s ``hold``, the gate
+   still closed), the last dirty set (the periods since the last round
+   began) is resynced with file contents *deferred* (resync.py, ``defer``):
+   names, types, attributes, links, symlinks, xattrs are made the
+   original's at this checkpoint N; no file data is read, so the halt does
+   not grow with file sizes or with what was written; every regular file
+   reached is noted with its stat at N.  The shadow is only read in the
+   halt: the records are kept (:func:`plan_records`) and applied after the
+   append.  The gate opens; the batch is appended as usual (marker
+   ``seeding: first complete``).  Once it is durable, the records are
+   applied, then :func:`replay` reads the records of the checkpoints after
+   ``replay_after`` through N and replays, for the noted files only, their
+   ``Write``, ``Setattr`` (size) and ``Mknod`` records in order: each sets
+   every byte to a value, to end-of-file, or end-of-file to zero, whatever
+   it held, so replayed over any state a byte had since the last round
+   began they end where the original was at N (docs/design.md, "Why the
+   replay is exact").  Checked: each file's size is N's, and a file new to
+   the shadow was created within the records.  Then ``seeded.json``, then
+   ``applied.json`` = N are written (after a ``syncfs``), seeding.json is
+   removed, the activity periods up to N are deleted, and the updater
+   starts at N: N is the **first complete checkpoint**.  Checkpoints
+   before N are never applied.  A change that reached the original without
+   a record since the last round (resyncflag.py) makes that final round
+   compare contents under the halt instead (exact, longer).
+5. **Failure.**  If the final round, its append or its replay fails,
+   nothing is claimed and the seed goes back to step 3 with its objects
+   (and every change since the halt, in the new periods); the next round
+   distrusts.  ``final_attempted`` in seeding.json makes the first round
+   after a kill distrust too (a kill between the halt and the replay).
    A kill at any point resumes from seeding.json: the copy after its
    cursor, then the convergence with every period since the seed began.
    A full shadow filesystem (ENOSPC, EDQUOT) is waited out (``status``:
@@ -70,6 +91,7 @@ import ctypes
 import logging
 import os
 import platform
+import stat
 import sys
 import threading
 import time
@@ -82,12 +104,15 @@ import trio
 from .activity import Intent, decode_intents, parse_period_name
 from .errors import SPACE_ERRNOS
 from .faults import fault
-from .records import Record
+from .layout import SHADOW_INODES
+from .log import OrderedLog
+from .records import ATTR_SIZE, Mknod, Record, Setattr, Write
 from .records_check import check_record
-from .resync import resync_iter
+from .resync import Deferred, resync_iter
 from .seed import Seeder, count_tree, sweep_hidden_links
 from .shadow import SEEDED, SEEDING, Shadow
-from .tempstore import TempStore
+from .tempstore import Batch, TempStore
+from .treewalk import O_WRITE
 from .updater import _Applier
 
 log = logging.getLogger("fusejournal")
@@ -173,23 +198,51 @@ def unique(intents: Iterable[Intent]) -> list[Intent]:
 
 
 def reconcile(source_fd: int, shadow: Shadow, intents: list[Intent], since_ns: int,
-              spill_dir: Path | None, stop: Callable[[], bool] = lambda: False) -> int:
+              spill_dir: Path | None, stop: Callable[[], bool] = lambda: False,
+              defer: Deferred | None = None, stats: dict[str, int] | None = None,
+              distrust: bool = False, skip_vanished: bool = False) -> int:
     """Make the shadow's versions of ``intents`` the original's (resync.py), applying the
     records directly to the shadow (it claims no checkpoint while seeding).  The records are
     all made first (spilling beyond ROUND_MEMORY), then applied.  Returns their number.
     Raises Stopped if ``stop()`` turns true (the shadow is then partly reconciled: the
-    objects stay dirty)."""
+    objects stay dirty).  ``defer``: file contents are left to :func:`replay` (the final
+    round); ``stats``: the resync's counts (``data_bytes_read``); ``distrust``: compare the
+    contents of every file reached (after a final round that was not completed);
+    ``skip_vanished``: a file that moves or goes while its data is read is skipped
+    (``stats["skipped"]``), not a failure of the round."""
     if not intents:
         return 0
+    batch = plan_records(source_fd, shadow, intents, since_ns, spill_dir, stop, defer, stats,
+                         distrust, skip_vanished)
+    n = batch.operations
+    apply_batch(shadow, batch, stop)
+    return n
+
+
+def plan_records(source_fd: int, shadow: Shadow, intents: list[Intent], since_ns: int,
+                 spill_dir: Path | None, stop: Callable[[], bool] = lambda: False,
+                 defer: Deferred | None = None, stats: dict[str, int] | None = None,
+                 distrust: bool = False, skip_vanished: bool = False) -> Batch:
+    """The records of :func:`reconcile`, made (spilling beyond ROUND_MEMORY) but not applied:
+    the shadow is only read.  The final round makes them inside the halt and applies them
+    after it (:func:`apply_batch`): nothing else changes the shadow meanwhile."""
     store = TempStore(spill_dir, memory_limit=ROUND_MEMORY)
     n = 0
-    for rec in resync_iter(source_fd, shadow, intents, since_ns=since_ns):
-        store.append(rec)
-        n += 1
-        if n % 256 == 0 and stop():
-            raise Stopped()
-    batch = store.take()
+    try:
+        for rec in resync_iter(source_fd, shadow, intents, since_ns=since_ns, defer=defer,
+                               stats=stats, distrust=distrust, skip_vanished=skip_vanished):
+            store.append(rec)
+            n += 1
+            if n % 256 == 0 and stop():
+                raise Stopped()
+    except BaseException:
+        store.take().close()
+        raise
+    return store.take()
 
+
+def apply_batch(shadow: Shadow, batch: Batch, stop: Callable[[], bool] = lambda: False) -> None:
+    """Apply (and close) a batch of :func:`plan_records` to the shadow."""
     def records() -> Iterator[Record]:
         for i, r in enumerate(batch):
             if i % 256 == 0 and stop():
@@ -200,7 +253,6 @@ def reconcile(source_fd: int, shadow: Shadow, intents: list[Intent], since_ns: i
         _apply(shadow, records())
     finally:
         batch.close()
-    return n
 
 
 def _apply(shadow: Shadow, records: Iterable[Record]) -> None:
@@ -216,6 +268,87 @@ def _apply(shadow: Shadow, records: Iterable[Record]) -> None:
         ap.finish()
     finally:
         ap.close()
+
+
+class ReplayError(Exception):
+    """The logged records cannot prove the deferred contents exact (the final round is
+    then not claimed: the seed converges again)."""
+
+
+def replay(shadow: Shadow, defer: Deferred, records: Iterable[Record],
+           stop: Callable[[], bool] = lambda: False) -> dict[str, int]:
+    """Bring the contents of the files of a final round (``defer``, made under the halt of
+    checkpoint N) to what the original held at N, from ``records``: every record of the
+    checkpoints after the one the last round started in, through N, in order.
+
+    Only what decides contents is replayed, on ``inodes/<key>`` of the keys in
+    ``defer.files``: ``Write`` (pwrite), ``Setattr`` with a size (ftruncate) and ``Mknod``
+    of the key (truncate to 0: a new object).  Each of these sets every byte it covers to
+    a value, to end-of-file, or end-of-file to zero, whatever the byte held: replaying them
+    in order over any state a byte had since the round began (and over any earlier prefix
+    of the same records) ends where the original ended (docs/design.md, "Seeding online",
+    "Why the replay is exact").  Then each file is checked to have the size the original
+    had at N (else ReplayError) and gets the original's mtime and mode at N back.  A key
+    the shadow did not have (``defer.fresh``) needs its ``Mknod`` among the records: its
+    whole contents are in them only then (else ReplayError).  Returns counts."""
+    files = defer.files
+    created: set[int] = set()
+    counts = {"records": 0, "writes": 0, "bytes_written": 0, "truncates": 0, "files": 0}
+    fds: dict[int, int] = {}
+    inodes = shadow.open_sub(SHADOW_INODES)
+
+    def fd_of(key: int) -> int:
+        fd = fds.get(key)
+        if fd is None:
+            try:
+                fd = os.open(str(key), O_WRITE, dir_fd=inodes)
+            except OSError as e:
+                raise ReplayError(f"inodes/{key} cannot be opened for the replay: {e}") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise ReplayError(f"inodes/{key} is not a regular file")
+            fds[key] = fd
+        return fd
+    try:
+        for i, rec in enumerate(records):
+            if i % 256 == 0 and stop():
+                raise Stopped()
+            counts["records"] += 1
+            if isinstance(rec, Write):
+                if rec.ino in files:
+                    fd, mv, n = fd_of(rec.ino), memoryview(rec.data), 0
+                    while n < len(mv):
+                        n += os.pwrite(fd, mv[n:], rec.offset + n)
+                    counts["writes"] += 1
+                    counts["bytes_written"] += len(mv)
+            elif isinstance(rec, Setattr):
+                if rec.ino in files and rec.mask & ATTR_SIZE:
+                    os.ftruncate(fd_of(rec.ino), rec.size)
+                    counts["truncates"] += 1
+            elif isinstance(rec, Mknod):
+                if rec.ino in files:
+                    os.ftruncate(fd_of(rec.ino), 0)
+                    created.add(rec.ino)
+        fault("seed.replay")
+        missing = defer.fresh - created
+        if missing:
+            raise ReplayError(f"{len(missing)} file(s) new to the shadow were not created within "
+                              f"the replayed checkpoints (e.g. inode {min(missing)}): their contents "
+                              f"are not all in the log")
+        for key, o in files.items():
+            fd = fd_of(key)
+            size = os.fstat(fd).st_size
+            if size != o.st_size:
+                raise ReplayError(f"inodes/{key}: {size} bytes after the replay, the original had "
+                                  f"{o.st_size}")
+            os.fchmod(fd, stat.S_IMODE(o.st_mode))       # a write may clear set-id bits
+            os.utime(fd, ns=(os.fstat(fd).st_atime_ns, o.st_mtime_ns))
+            counts["files"] += 1
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        os.close(inodes)
+    return counts
 
 
 def _space_error(e: BaseException) -> bool:
@@ -234,7 +367,8 @@ class SeedingTask:
 
     def __init__(self, shadow: Shadow, source_fd: int, *, activity_dir: Path, spill_dir: Path | None,
                  state: dict[str, Any], new_period: Callable[[], int], current_period: Callable[[], int],
-                 extra_intents: list[Intent] | None = None, foreground_tty: bool = False) -> None:
+                 extra_intents: list[Intent] | None = None, foreground_tty: bool = False,
+                 olog: OrderedLog | None = None) -> None:
         self.shadow = shadow
         self.source_fd = source_fd
         self.activity_dir = activity_dir
@@ -269,6 +403,18 @@ class SeedingTask:
         self.last_period = self.first_period - 1
         self.final_intents: list[Intent] = []
         self.final_pending = False
+        # the final round (module docstring, step 4): the ordered log its contents are replayed
+        # from; the last checkpoint before the last successful round began (None: no such
+        # round since the last final attempt, or no log: the final round compares contents)
+        self.olog = olog
+        self.replay_after: int | None = None
+        self.final_defer: Deferred | None = None
+        self.final_batch: Batch | None = None     # the final round's records, made in the halt
+        self.final_stats: dict[str, int] = {}
+        # changes that reached the original without a record (resyncflag.py), counted: set by
+        # the daemon; the replay cannot hold them, so such a final round compares contents
+        self.unjournaled: Callable[[], int] = lambda: 0
+        self.replay_unjournaled = 0
         self.done = False
         self.first_complete: int | None = None
         self.done_event = trio.Event()
@@ -495,7 +641,16 @@ class SeedingTask:
         per_object: float | None = None
         delay = 0.5
         failures = 0
+        # a final round with deferred contents may have been left unreplayed (a kill, a
+        # failed replay): the shadow's files then show the original's size and mtime with
+        # other contents, so the next round compares every file it reaches
+        distrust = bool(self.doc.get("final_attempted"))
         while not self.done:
+            # the records since this round began are in the checkpoints after this one (a
+            # checkpoint taken but not yet appended holds only earlier records: harmless)
+            log_base = self.olog.last_checkpoint if self.olog is not None else 0
+            unjournaled = self.unjournaled()
+            ready, self.replay_after = self.replay_after, None
             closed = self.new_period()
             intents = unique(carry + await self._in_thread(read_periods, self.activity_dir,
                                                            self.last_period, closed))
@@ -508,26 +663,44 @@ class SeedingTask:
             # (a file rewritten all the time): more rounds only cost the application
             stalled = (len(sizes) > STALL_ROUNDS and est is not None and est <= STALL_BUDGET_S
                        and sizes[-1] >= min(sizes[-1 - STALL_ROUNDS:-1]))
-            if (est is not None and est <= FINAL_BUDGET_S and len(intents) <= FINAL_MAX) \
-                    or self.rounds >= MAX_ROUNDS or stalled:
-                if self.rounds >= MAX_ROUNDS or stalled:
+            # the final round needs the previous round to have succeeded (with a log: its
+            # replay starts there; ``carry`` is then empty)
+            # With a log, the final halt reads no file data (the contents are replayed after
+            # it), so the rounds' time per object, which is mostly reading files, says nothing
+            # of it: a set of at most FINAL_MAX objects is enough.
+            small = len(intents) <= FINAL_MAX and (
+                self.olog is not None or (est is not None and est <= FINAL_BUDGET_S))
+            if ready is not None and (small or self.rounds >= MAX_ROUNDS or stalled):
+                if not small:
                     log.warning("seed: not converging after %d rounds: the last %d object(s) are "
-                                "reconciled under the halt anyway (estimated %.3f s)", self.rounds,
-                                len(intents), est or 0.0)
+                                "reconciled under the halt anyway (estimated %.3f s%s)", self.rounds,
+                                len(intents), est or 0.0,
+                                ", file contents replayed after it" if self.olog is not None else "")
                 self.final_intents = intents
+                self.replay_after = ready
+                if self.olog is not None and not self.doc.get("final_attempted"):
+                    self.doc["final_attempted"] = True       # survives a kill (no fsync needed:
+                    await self._in_thread(self.persist, False)   # the shadow is not synced either)
                 self.state = "ready"
                 await self._trigger()
                 if self.done:
                     return
                 carry, self.final_intents = self.final_intents, []
+                self.replay_after = None             # a round first: the replay starts there
+                distrust = True
                 self.state = "converging"
                 await trio.sleep(1.0)
                 continue
             self.state = f"converging (round {self.rounds + 1}, {len(intents)} object(s))"
             t0 = time.monotonic()
+            # a file that moves or goes while the round reads it is skipped: the change made
+            # an intent of the new period (its directory's), and the next round distrusts
+            # what it reaches, since the skipped file's size and mtime may already be set
+            round_stats: dict[str, int] = {}
             try:
                 await self._in_thread(reconcile, self.source_fd, self.shadow, intents,
-                                      self.started_ns, self.spill_dir, lambda: self._stop)
+                                      self.started_ns, self.spill_dir, lambda: self._stop, None,
+                                      round_stats, distrust, True)
             except Stopped:
                 raise
             except Exception as e:
@@ -551,6 +724,11 @@ class SeedingTask:
             self.waiting = None
             delay = 0.5
             failures = 0
+            # a round that skipped a file is no base for the final round's replay: another
+            # round (distrusting) first
+            distrust = round_stats.get("skipped", 0) > 0
+            self.replay_after = None if distrust else log_base
+            self.replay_unjournaled = unjournaled
             self.rounds += 1
             per_object = (time.monotonic() - t0) / max(1, len(intents))
             log.info("seed: round %d: %d object(s) reconciled in %.3f s", self.rounds, len(intents),
@@ -571,46 +749,108 @@ class SeedingTask:
 
     async def at_halt(self) -> None:
         """Inside a checkpoint's halt (gate closed, store taken, new period begun): if the
-        dirty set is ready, reconcile it; the shadow then equals the original exactly at this
-        checkpoint.  Never raises: a failure leaves the seed converging."""
+        dirty set is ready, make the records that reconcile its names, types, attributes,
+        links and xattrs with the original as it stands now, with the contents of files
+        deferred (``resync``'s ``defer``: no file data is read; they are replayed from the
+        log by :meth:`complete`).  The shadow is only read here: the records are applied by
+        :meth:`complete`, after the append.  Without a log the contents are compared here
+        too.  Never raises: a failure leaves the seed converging."""
         if self.state != "ready" or self.done:
             return
         closed = self.current_period() - 1
         t0 = time.monotonic()
         self.state = "final"
         intents: list[Intent] = list(self.final_intents)
+        defer = Deferred() if self.olog is not None else None
+        if defer is not None and self.unjournaled() != self.replay_unjournaled:
+            log.warning("seed: a change since the last round reached the original without a "
+                        "record: the final round compares the contents under the halt")
+            defer = None
+        stats: dict[str, int] = {}
         try:
             intents = unique(intents + read_periods(self.activity_dir, self.last_period, closed))
             self.dirty = len(intents)
-            await trio.to_thread.run_sync(reconcile, self.source_fd, self.shadow, intents,
-                                          self.started_ns, self.spill_dir)
+            batch = await trio.to_thread.run_sync(plan_records, self.source_fd, self.shadow, intents,
+                                                  self.started_ns, self.spill_dir, lambda: False,
+                                                  defer, stats)
         except Exception as e:
             log.warning("seed: the final round failed (%s); converging again", e)
             self.final_intents = intents
             self.last_period = closed
             self.state = "converging"
             return
-        self.final_intents = []
+        # kept until complete(): if the replay or the append fails, they are dirty again
+        self.final_intents = intents
+        self.final_defer = defer
+        self._drop_batch()
+        self.final_batch = batch
         self.last_period = closed
         self.final_pending = True
         self.final_halt_s = time.monotonic() - t0
-        log.info("seed: final round: %d object(s) reconciled under the halt in %.3f s", len(intents),
-                 self.final_halt_s)
+        self.final_stats = {"objects": len(intents),
+                            "data_bytes_read": stats.get("data_bytes_read", 0),
+                            "deferred_files": len(defer.files) if defer is not None else 0}
+        log.info("seed: final round: %d object(s) reconciled under the halt in %.3f s "
+                 "(%d bytes of file data read, %d file(s) left to the replay)", len(intents),
+                 self.final_halt_s, self.final_stats["data_bytes_read"],
+                 self.final_stats["deferred_files"])
 
     def final_failed(self) -> None:
-        """The checkpoint whose halt ran the final round was not made durable: the shadow
-        equals the original at that halt, and the changes since are dirty: converge again."""
+        """The checkpoint whose halt ran the final round was not made durable (or its
+        contents not replayed): the objects of the final round, and every change since
+        the halt (new periods), are dirty: converge again."""
         self.final_pending = False
+        self.final_defer = None
+        self._drop_batch()
         self.state = "converging"
 
+    def _drop_batch(self) -> None:
+        if self.final_batch is not None:
+            self.final_batch.close()
+            self.final_batch = None
+
+    def _replay(self, checkpoint: int) -> dict[str, int]:
+        """The contents of the final round's files from the records of the checkpoints after
+        ``replay_after`` through ``checkpoint`` (the one whose halt ran it): :func:`replay`."""
+        defer, olog, after = self.final_defer, self.olog, self.replay_after
+        if defer is None or olog is None:
+            return {}
+        if after is None:
+            raise ReplayError("no round to replay from")
+        infos = [i for i in olog.checkpoints(after) if i.marker.checkpoint <= checkpoint]
+        if not infos or infos[-1].marker.checkpoint != checkpoint \
+                or infos[0].marker.checkpoint != after + 1:
+            raise ReplayError(f"checkpoints {after + 1}..{checkpoint} are not all in the log")
+
+        def records() -> Iterator[Record]:
+            for info in infos:
+                yield from olog.records(info)
+        return replay(self.shadow, defer, records(), lambda: self._stop)
+
     async def complete(self, checkpoint: int, marker_time_ns: int) -> None:
-        """The checkpoint whose halt ran the final round is durable: the shadow holds it."""
+        """The checkpoint whose halt ran the final round is durable: apply the records made
+        in the halt, replay the contents of its files (:meth:`_replay`); then the shadow
+        holds it: record that."""
         def write() -> None:
+            t0 = time.monotonic()
+            if self.final_batch is not None:
+                batch, self.final_batch = self.final_batch, None
+                apply_batch(self.shadow, batch, lambda: self._stop)
+            counts = self._replay(checkpoint)
+            replay_s = time.monotonic() - t0
+            if counts:
+                log.info("seed: final round: contents of %d file(s) replayed from checkpoints "
+                         "%d..%d in %.3f s (%d record(s), %d write(s), %d bytes)", counts["files"],
+                         (self.replay_after or 0) + 1, checkpoint, replay_s,
+                         counts["records"], counts["writes"], counts["bytes_written"])
             sh = self.shadow
             sh.write_state(SEEDED, {"first_complete": checkpoint, "time_ns": marker_time_ns,
                                     "started_ns": self.started_ns, "entries": self.entries,
                                     "bytes": self.bytes, "rounds": self.rounds,
-                                    "final_halt_s": self.final_halt_s, "online": True})
+                                    "final_halt_s": self.final_halt_s,
+                                    "final_halt": self.final_stats,
+                                    "final_replay": dict(counts, seconds=round(replay_s, 6)),
+                                    "online": True})
             sh.set_applied(checkpoint)
             sh.remove_state(SEEDING)
         try:
@@ -619,6 +859,9 @@ class SeedingTask:
             self.final_failed()
             raise
         self.final_pending = False
+        self.final_intents = []
+        self.final_defer = None
+        self._drop_batch()
         self.done = True
         self.first_complete = checkpoint
         self.state = "complete"

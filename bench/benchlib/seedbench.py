@@ -152,7 +152,11 @@ def throughput(a: argparse.Namespace) -> None:
             done = json.loads((base / "shadow" / "seeded.json").read_text())
             got = (f"done: first complete checkpoint {done['first_complete']} after "
                    f"{(done['time_ns'] - done['started_ns']) / 1e9:.1f} s, {done.get('rounds')} "
-                   f"round(s), final halt {done.get('final_halt_s') or 0:.3f} s")
+                   f"round(s), final halt {done.get('final_halt_s') or 0:.3f} s"
+                   + (f" ({h['objects']} object(s), {h['data_bytes_read']} bytes of file data read; "
+                      f"replay after it {r.get('seconds', 0):.3f} s, {r.get('bytes_written', 0)} bytes)"
+                      if (h := done.get("final_halt")) and (r := done.get("final_replay")) is not None
+                      else ""))
         rows.append((label, rate, p99, got))
         umount(base)
     base_rate = rows[0][1]
