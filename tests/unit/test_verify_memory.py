@@ -333,3 +333,26 @@ def test_memory_does_not_grow_with_the_tree(tmp_path: Path, linked: bool) -> Non
     # a per-file structure (path -> inode, ~100 bytes a file) would be 5 MB at 50,000
     assert peaks[50_000] < 1_500_000, peaks
     assert peaks[50_000] < peaks[10_000] * 1.5 + 200_000, peaks
+
+
+def test_stale_hidden_links_among_many(tmp_path: Path) -> None:
+    """inodes/ is read in batches: stale names are found in every batch, and a name that is
+    not an inode number's canonical spelling is stale too."""
+    p = Pair(tmp_path)
+    for i in range(1200):
+        (p.orig / f"f{i:04}").write_bytes(b"")
+    p.seed()
+    try:
+        some = p.hidden("f0007")
+        stale = ["99999999", "0" + some.name, "not-a-number", "18446744073709551616"]
+        for name in stale:
+            os.link(p.tree / "f0007", p.shadow.inodes / name)
+        for i in range(1000):                   # spread over more than one batch of the listing
+            os.link(p.tree / "f0008", p.shadow.inodes / f"{10**12 + i}")
+        out = p.diffs()
+        assert sorted(d for d in out if "stale" in d) == sorted(
+            [f"stale hidden link inodes/{n} (no such inode in the original tree)" for n in stale]
+            + [f"stale hidden link inodes/{10**12 + i} (no such inode in the original tree)" for i in range(1000)])
+        assert len(out) == 1004        # extra hidden links are no extra names: no hard-link difference
+    finally:
+        os.close(p.fd)
