@@ -16,7 +16,8 @@
    margin), or which is gone from the original, changed after the checkpoint,
    and so may rightly differ from the shadow; for a name missing or extra,
    its directory's ctime decides.  Everything else must be equal.
-5. Print each difference; exit 1 if there is any, 0 if none.
+5. Print each difference as it is found (the verifier streams: memory does
+   not follow the tree, see verify.py); exit 1 if there is any, 0 if none.
 
 The applications may keep running: what they change after T is left out, at
 the price of leaving it unchecked.
@@ -71,18 +72,11 @@ class ChangedSinceVerifier(_Verifier):
     """The shadow verifier, keeping only differences in objects unchanged since ``since_ns``."""
 
     def __init__(self, shadow: Shadow, source_fd: int, since_ns: int,
-                 progress: Callable[[int], None] | None = None) -> None:
-        super().__init__(shadow, source_fd)
+                 progress: Callable[[int], None] | None = None,
+                 on_diff: Callable[[str], None] | None = None) -> None:
+        super().__init__(shadow, source_fd, on_diff=on_diff, progress=progress)
         self.since_ns = since_ns - _MARGIN_NS
         self.left_out = 0
-        self.dirs = 0
-        self.progress = progress
-
-    def _compare_dir(self, src: int, dst: int, path: bytes, stack: list[tuple[int, int, bytes]]) -> None:
-        super()._compare_dir(src, dst, path, stack)
-        self.dirs += 1
-        if self.progress is not None:
-            self.progress(self.dirs)
 
     def _fresh(self, path: bytes) -> bool:
         try:
@@ -104,13 +98,39 @@ class ChangedSinceVerifier(_Verifier):
             return
         super().diff(path, what)
 
-    def _check_inodes_dir(self) -> None:
-        before = len(self.diffs)
-        super()._check_inodes_dir()
+    def stale_link(self, name: str) -> None:
         if self.left_out:
             # a file removed from the original since the checkpoint still has its hidden link
-            self.left_out += len(self.diffs) - before
-            del self.diffs[before:]
+            self.left_out += 1
+            return
+        super().stale_link(name)
+
+
+class _Output:
+    """Differences to stdout as they are found; on a terminal, a progress line on stderr,
+    cleared before each difference."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.last = 0.0
+        self.shown = False
+
+    def progress(self, dirs: int) -> None:
+        now = time.monotonic()
+        if self.tty and now - self.last >= 0.2:
+            self.last = now
+            self.shown = True
+            print(f"\rverifying: {dirs} directories compared", end="", file=sys.stderr, flush=True)
+
+    def diff(self, line: str) -> None:
+        if self.shown:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+            self.shown = False
+        print(line, flush=self.tty)
+
+    def end(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
@@ -145,27 +165,17 @@ def cmd_verify(a: argparse.Namespace) -> int:
     if tty:
         print(f"checkpoint {n} applied; comparing the shadow with the original ...", file=sys.stderr)
     src = _original_root(Path(t.meta["source"]["path"]), mp, st.get("pid"))
+    out = _Output(tty)
     try:
-        last = [0.0]
-
-        def progress(n: int) -> None:
-            now = time.monotonic()
-            if tty and now - last[0] >= 0.2:
-                last[0] = now
-                print(f"\rverifying: {n} directories compared", end="", file=sys.stderr, flush=True)
-
         with holding(t.shadow):
-            v = ChangedSinceVerifier(shadow, src, since, progress)
-            diffs = v.run()
+            v = ChangedSinceVerifier(shadow, src, since, out.progress, out.diff)
+            v.run()
     finally:
         os.close(src)
-        if tty:
-            print(file=sys.stderr)
-    for d in diffs:
-        print(d)
+        out.end()
     note = f" ({v.left_out} in objects changed since the checkpoint, left out)" if v.left_out else ""
-    if diffs:
-        print(f"fusejournal: checkpoint {n}: {len(diffs)} difference(s) between the shadow and the "
+    if v.count:
+        print(f"fusejournal: checkpoint {n}: {v.count} difference(s) between the shadow and the "
               f"original{note}", file=sys.stderr)
         return 1
     print(f"verified checkpoint {n}: the shadow equals the original{note}")
