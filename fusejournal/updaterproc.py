@@ -189,8 +189,11 @@ class UpdaterLoop:
 
     def receive(self, timeout: float | None) -> list[dict[str, Any]] | None:
         """Messages that arrived (waiting up to ``timeout``; [] if none), None at EOF."""
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        if not ready:
+        # poll, not select: the socket's fd may be above FD_SETSIZE (1024) when a deep walk
+        # (a 4096-level tree) raised the open-file limit and used the low numbers
+        p = select.poll()
+        p.register(self.sock, select.POLLIN)
+        if not p.poll(None if timeout is None else max(0, int(timeout * 1000))):
             return []
         data = self.sock.recv(1 << 16)
         if not data:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fusejournal.log import Marker, OrderedLog
 from fusejournal.records import Mkdir, Write
 from fusejournal.updaterproc import ForwardedLog, Lines, encode_message, info_from_json, info_to_json
@@ -125,3 +127,31 @@ async def test_telling_a_process_that_is_gone_returns_quietly(tmp_path: Path) ->
         await task._tell(stream)
     await stream.aclose()
     olog.close()
+
+
+def test_receive_works_on_a_socket_fd_above_fd_setsize() -> None:
+    """The updater process's socket may be numbered above 1024 (select() refused it with
+    "filedescriptor out of range" after a deep walk; test_depth's updater died of it)."""
+    import resource
+    import socket
+
+    from fusejournal.updaterproc import UpdaterLoop
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2100:
+        pytest.skip(f"the hard open-file limit {hard} is below 2100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (2100, hard))
+    a, b = socket.socketpair()
+    high = fcntl.fcntl(b.fileno(), fcntl.F_DUPFD_CLOEXEC, 2000)
+    try:
+        loop = UpdaterLoop.__new__(UpdaterLoop)
+        loop.sock = socket.socket(fileno=high)
+        loop.lines = Lines()
+        assert loop.receive(0.01) == []
+        a.sendall(encode_message({"op": "x"}))
+        assert loop.receive(5) == [{"op": "x"}]
+        a.close()
+        assert loop.receive(5) is None
+        loop.sock.close()
+    finally:
+        b.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
