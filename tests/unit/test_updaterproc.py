@@ -137,21 +137,22 @@ def test_receive_works_on_a_socket_fd_above_fd_setsize() -> None:
 
     from fusejournal.updaterproc import UpdaterLoop
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 2100:
-        pytest.skip(f"the hard open-file limit {hard} is below 2100")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (2100, hard))
-    a, b = socket.socketpair()
-    high = fcntl.fcntl(b.fileno(), fcntl.F_DUPFD_CLOEXEC, 2000)
+    if soft != resource.RLIM_INFINITY and soft < 2100:          # raise it only, never lower it
+        if hard != resource.RLIM_INFINITY and hard < 2100:
+            pytest.skip(f"the hard open-file limit {hard} is below 2100")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2100, hard))
     try:
-        loop = UpdaterLoop.__new__(UpdaterLoop)
-        loop.sock = socket.socket(fileno=high)
-        loop.lines = Lines()
-        assert loop.receive(0.01) == []
-        a.sendall(encode_message({"op": "x"}))
-        assert loop.receive(5) == [{"op": "x"}]
-        a.close()
-        assert loop.receive(5) is None
-        loop.sock.close()
+        a, b = socket.socketpair()
+        with a, b:
+            high = fcntl.fcntl(b.fileno(), fcntl.F_DUPFD_CLOEXEC, 2000)
+            loop = UpdaterLoop.__new__(UpdaterLoop)
+            loop.sock = socket.socket(fileno=high)
+            with loop.sock:
+                loop.lines = Lines()
+                assert loop.receive(0.01) == []
+                a.sendall(encode_message({"op": "x"}))
+                assert loop.receive(5) == [{"op": "x"}]
+                a.shutdown(socket.SHUT_WR)
+                assert loop.receive(5) is None
     finally:
-        b.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
