@@ -215,6 +215,7 @@ class TreeAt:
         self.cache = cache if cache is not None else RevCache()
         self.fds: list[int] = []
         self.rev_fds: dict[int, int] = {}
+        self.scanned_keys: dict[int, int] = {}     # sino -> inodes/ key (_key_by_scan)
         self.rev_keys: list[tuple[int, int, int]] = []
         try:
             self._open(k)
@@ -426,7 +427,29 @@ class TreeAt:
             st2 = self._lstat_tree(p)
             if st2 is not None and st2.st_ino == e.child_sino:
                 return Node(e.child_sino, e.kind, "tree", p, 0)
+        if e.kind != stat.S_IFDIR:
+            # recorded without a key (it had one name then: "held if it goes"), it gained a
+            # name later and lost the recorded one, so it was never held: its hidden link in
+            # inodes/ still names it (the object exists, so its number is not reused)
+            key = self._key_by_scan(e.child_sino)
+            if key:
+                return Node(e.child_sino, e.kind, "key", b"", key)
         return Node(e.child_sino, e.kind, "lost", b"", 0)
+
+    def _key_by_scan(self, sino: int) -> int:
+        """The inodes/ key of the shadow object ``sino`` by one scan of inodes/ (0: none).
+        Rare (see :meth:`_from_entry`); each scan remembers every key it passed."""
+        if sino in self.scanned_keys:
+            return self.scanned_keys[sino]
+        fd = os.open(".", O_DIR, dir_fd=self.inodes_fd)
+        try:
+            with os.scandir(fd) as it:
+                for d in it:
+                    if d.name.isdigit():
+                        self.scanned_keys[d.inode()] = int(d.name)
+        finally:
+            os.close(fd)
+        return self.scanned_keys.setdefault(sino, 0)
 
     def _link_deltas(self) -> dict[int, int]:
         """Per non-directory: names at K minus names now, over the names the revs change."""

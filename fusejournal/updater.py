@@ -720,6 +720,12 @@ class Updater:
             self.error = None
             return applied
 
+    def close(self) -> None:
+        """Close what the updater keeps open between batches: the history writer's files and
+        the browse gate's lock file (a process that exits closes them anyway)."""
+        self.history.close()
+        self.browse_gate.close()
+
     def _describe(self, e: Exception) -> str:
         msg = str(e) if isinstance(e, UpdaterError) else f"{type(e).__name__}: {e}"
         if self._current is not None and not msg.startswith("checkpoint"):

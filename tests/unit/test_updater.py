@@ -259,6 +259,8 @@ class Env:
 
     def close(self) -> None:
         os.close(self.orig_fd)
+        self.updater.close()
+        self.shadow.close()
 
     def checkpoint(self) -> int:
         return self.log.add(self.rec.take())
@@ -287,6 +289,7 @@ class Env:
                 with pytest.raises(KeyboardInterrupt):     # a kill past the batch's end is a test bug
                     self.updater.run_once()
                 assert read_cursor(self.shadow).index == k
+            self.updater.close()            # what the killed process's exit would have closed
             self.updater = Updater(self.log, self.shadow)
         assert self.updater.run_once() == n
         assert self.shadow.applied == n
