@@ -272,6 +272,19 @@ def checkpoint_dir_name(cp_id: int, label: str, cap: int = 200) -> bytes:
     return b"%d-%s" % (cp_id, raw) if raw else b"%d" % cp_id
 
 
+class _ReadOnlyOperations(pyfuse3.Operations):
+    """What a read-only view answers alike: nothing to flush or sync (never ENOSYS)."""
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+
 @dataclass
 class _HNode:
     k: int                  # the checkpoint
@@ -281,7 +294,7 @@ class _HNode:
     tag: int = 0            # 1 under ``latest``: its own inodes (a directory has one name only)
 
 
-class HistoryBrowseOperations(pyfuse3.Operations):
+class HistoryBrowseOperations(_ReadOnlyOperations):
     """``browse --all``: one directory per retained checkpoint (``<id>-<label>``) plus
     ``latest``; ``--checkpoint N``: the tree of N at the root.  Read-only.
 
@@ -618,15 +631,6 @@ class HistoryBrowseOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         self.files.pop(fh, None)
 
-    async def flush(self, fh: int) -> None:
-        return None
-
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        return None
-
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
-
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         from .layout import XATTR_PID, XATTR_PREFIX
         if name.startswith(XATTR_PREFIX):
@@ -679,7 +683,7 @@ class HistoryBrowseOperations(pyfuse3.Operations):
         os.close(self.root_fd)
 
 
-class GroupHistoryBrowseOperations(pyfuse3.Operations):
+class GroupHistoryBrowseOperations(_ReadOnlyOperations):
     """``browse --all --group FILE POINT``: one directory per group checkpoint that every
     member retains (``<gid>-<label>``), each holding one directory per member at that group
     checkpoint, plus ``latest``; ``--checkpoint N --group``: the members at group checkpoint N
@@ -940,15 +944,6 @@ class GroupHistoryBrowseOperations(pyfuse3.Operations):
         got = self.fhs.pop(fh, None)
         if got is not None:
             await self.members[got[0]].release(got[1])
-
-    async def flush(self, fh: int) -> None:
-        return None
-
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        return None
-
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         from .layout import XATTR_PID

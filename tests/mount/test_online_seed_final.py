@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_online_seed import wait_complete as _wait_complete
 
 from conftest import Mounted, alive, checkpoint_and_compare, fj, force_unmount, needs_fuse
 
@@ -29,15 +30,7 @@ MAGIC = b"FJOP"
 
 
 def wait_complete(m: Mounted, timeout: float = 240) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = m.status()
-        if st.get("seeding") is None and st["shadow_checkpoint"] is not None:
-            assert st["first_complete_checkpoint"] is not None, st
-            return int(st["first_complete_checkpoint"])
-        assert not str((st.get("seeding") or {}).get("state", "")).startswith("stopped"), st
-        assert time.monotonic() < deadline, st["seeding"]
-        time.sleep(0.05)
+    return _wait_complete(m, timeout)
 
 
 def build(src: Path) -> None:

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 import pytest
+from test_online_seed import fill, pause_env, wait_paused
+from test_online_seed import wait_complete as _wait_complete
 
 from conftest import FJ, Mounted, alive, checkpoint_and_compare, fj, force_unmount, needs_fuse
 from snapshot import assert_same, snapshot
@@ -39,21 +41,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------- helpers
-
-def fill(src: Path, dirs: int, files: int, size: int = 64) -> None:
-    """``dirs`` directories d000.. of ``files`` files each (sorted names: a known walk order)."""
-    for d in range(dirs):
-        p = src / f"d{d:03d}"
-        p.mkdir()
-        for f in range(files):
-            (p / f"f{f:03d}").write_bytes(b"%d.%d;" % (d, f) * (size // 8))
-
-
-def pause_env(tmp: Path, entry: int) -> tuple[dict[str, str], Path]:
-    flag = tmp / "seed-pause"
-    flag.touch()
-    return {"FUSEJOURNAL_FAULT": f"seed.entry:{entry}:pause", "FUSEJOURNAL_FAULT_PAUSE": str(flag)}, flag
-
 
 def can_read_search(pid: int) -> bool:
     with open(f"/proc/{pid}/status") as f:
@@ -74,27 +61,8 @@ def mount_nocap(m: Mounted, *more: str, env: dict[str, str] | None = None, wait0
     assert not can_read_search(m.pid), "the daemon can still open by handle"
 
 
-def wait_paused(m: Mounted, entry: int, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = m.status().get("seeding")
-        assert s is not None, "the seed finished before its pause point (it did not run online)"
-        if s["entries_copied"] >= entry:
-            return s
-        assert time.monotonic() < deadline, s
-        time.sleep(0.01)
-
-
 def wait_complete(m: Mounted, timeout: float = 90) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = m.status()
-        if st.get("seeding") is None and st["shadow_checkpoint"] is not None:
-            assert st["first_complete_checkpoint"] is not None, st
-            return int(st["first_complete_checkpoint"])
-        assert not str((st.get("seeding") or {}).get("state", "")).startswith("stopped"), st
-        assert time.monotonic() < deadline, st["seeding"]
-        time.sleep(0.02)
+    return _wait_complete(m, timeout)
 
 
 def rewrite_keeping_mtime(path: Path, data: bytes) -> None:
