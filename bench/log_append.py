@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""The streamer's cost per byte: ``OrderedLog.append_unmarked`` of Write records, in
-one thread, measured in that thread's CPU time (so a busy machine disturbs it
-little).  No FUSE mount: this is what the streamer's worker thread does with every
+"""The streamer's cost per byte: ``OrderedLog.append_unmarked`` of Write records,
+measured in wall time and in this process's CPU time (every thread: the appending
+one and the log's lz4 workers).  No FUSE mount: this is what the streamer's worker thread does with every
 byte written through the mount (encode, lz4, CRC-32, write), the step that bounds
 1 MiB sequential writes (docs/performance-analysis.md).
 
     .venv/bin/python bench/log_append.py [--mib 256] [--repeat 2] [--scratch /var/tmp]
-        [--data FILE] [--levels 0,-16]
+        [--data FILE] [--levels 0,-16] [--ahead 1,2]
 
 Data kinds (each 8 MiB, repeated to ``--mib``):
 
@@ -17,9 +17,11 @@ Data kinds (each 8 MiB, repeated to ``--mib``):
   stores at about 0.31);
 * ``--data FILE``: the first 8 MiB of FILE, as ``file``.
 
-For each kind, three runs: the log as it is (its adaptive level, ``adaptive``), and
-the log held at each ``--levels`` value (``OrderedLog._level`` patched), printing MiB
-per CPU-second of the appending thread and stored / raw.
+For each kind and each ``--ahead`` value (``log.COMPRESS_AHEAD``: 1 = one chunk at a
+time, the appending thread waiting for its compression), runs of the log as it is (its
+adaptive level, ``adaptive``) and held at each ``--levels`` value (``OrderedLog._level``
+patched), printing MiB/s of wall time (the rate the streamer could feed the log on an
+otherwise idle machine), MiB per CPU-second of the whole process, and stored / raw.
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ def kinds(data_file: str | None, scratch: str) -> dict[str, bytes]:
     return out
 
 
-def run(buf: bytes, mib: int, scratch: str, level: int | None) -> tuple[float, float]:
-    saved = OrderedLog._level
+def run(buf: bytes, mib: int, scratch: str, level: int | None,
+        ahead: int) -> tuple[float, float, float]:
+    saved, saved_ahead = OrderedLog._level, logmod.COMPRESS_AHEAD
+    logmod.COMPRESS_AHEAD = ahead
     if level is not None:
         OrderedLog._level = lambda self, raw, stored: level  # type: ignore[method-assign]
     try:
@@ -81,14 +85,15 @@ def run(buf: bytes, mib: int, scratch: str, level: int | None) -> tuple[float, f
             n = max(1, len(buf) // MIB)
             records = (Write(1, i * MIB, 0, buf[(i % n) * MIB:((i % n) + 1) * MIB])
                        for i in range(mib))
-            t = time.thread_time()
+            t, w = time.process_time(), time.perf_counter()
             log.append_unmarked(records)
-            cpu = time.thread_time() - t
+            cpu, wall = time.process_time() - t, time.perf_counter() - w
             stored = sum(p.stat().st_size for p in Path(d).glob("*.fjlog"))
             log.close()
     finally:
         OrderedLog._level = saved  # type: ignore[method-assign]
-    return mib / cpu, stored / (mib * MIB)
+        logmod.COMPRESS_AHEAD = saved_ahead
+    return mib / wall, mib / cpu, stored / (mib * MIB)
 
 
 def main() -> int:
@@ -98,20 +103,25 @@ def main() -> int:
     ap.add_argument("--scratch", default="/var/tmp")
     ap.add_argument("--data")
     ap.add_argument("--levels", default="0,-16")
+    ap.add_argument("--ahead", default="1,2")
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",") if x]
     print(f"log_append: {a.mib} MiB of 1 MiB Write records per run; FAST_LEVEL "
           f"{logmod.FAST_LEVEL}, fast above {logmod.FAST_ABOVE}, default below "
           f"{logmod.DEFAULT_BELOW}")
+    aheads = [int(x) for x in a.ahead.split(",") if x]
     for name, buf in kinds(a.data, a.scratch).items():
-        for level in [None, *levels]:
-            rates, ratio = [], 0.0
-            for _ in range(a.repeat):
-                rate, ratio = run(buf, a.mib, a.scratch, level)
-                rates.append(rate)
-            how = "adaptive" if level is None else f"level {level}"
-            print(f"{name:6s} {how:10s} {max(rates):7.0f} MiB/CPU-s (best of {a.repeat}; "
-                  f"all {', '.join(f'{r:.0f}' for r in rates)})  stored/raw {ratio:.3f}")
+        for ahead in aheads:
+            for level in [None, *levels]:
+                walls, cpus, ratio = [], [], 0.0
+                for _ in range(a.repeat):
+                    wall, cpu, ratio = run(buf, a.mib, a.scratch, level, ahead)
+                    walls.append(wall)
+                    cpus.append(cpu)
+                how = "adaptive" if level is None else f"level {level}"
+                print(f"{name:6s} ahead {ahead} {how:9s} {max(walls):6.0f} MiB/s wall, "
+                      f"{max(cpus):6.0f} MiB/CPU-s (best of {a.repeat}; wall "
+                      f"{', '.join(f'{r:.0f}' for r in walls)})  stored/raw {ratio:.3f}")
     return 0
 
 

@@ -33,6 +33,8 @@ Every checksum is checked before anything read from the log is used.
 from __future__ import annotations
 
 import bisect
+import collections
+import concurrent.futures
 import dataclasses
 import errno
 import json
@@ -228,6 +230,9 @@ def _file_header(index: int, base: int) -> bytes:
 FAST_LEVEL = -16
 FAST_ABOVE = 0.9
 DEFAULT_BELOW = 0.8
+# chunks compressed at once by the log's worker threads while the appending thread
+# encodes the next one and writes the oldest (OrderedLog._write_batches)
+COMPRESS_AHEAD = 2
 
 
 def _entry_header(typ: int, checkpoint: int, payload: bytes) -> bytes:
@@ -654,6 +659,7 @@ class OrderedLog:
         self.chunk_bytes = max(1, chunk_bytes)
         self.damage: CorruptLog | None = None
         self._fast = False               # the last chunks barely compressed: see _level
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None   # _compressor
         self._lock = threading.Lock()    # guards _infos, _segments, _last
         self._wlock = threading.Lock()   # serialises append/prune/close
         self._infos: list[CheckpointInfo] = []
@@ -839,21 +845,54 @@ class OrderedLog:
                 self._fast = False
         return FAST_LEVEL if self._fast else 0
 
+    def _compressor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=COMPRESS_AHEAD, thread_name_prefix="fj-log-lz4")
+        return self._pool
+
     def _write_batches(self, fd: int, cp: int, records: Iterable[Record]) -> tuple[int, int, int]:
-        """Write ``records`` as BATCH entries of ``cp``: (operations, raw bytes, bytes written)."""
+        """Write ``records`` as BATCH entries of ``cp``: (operations, raw bytes, bytes written).
+
+        1. This thread takes the next chunk of records and encodes it (Python,
+           under the GIL) while up to ``COMPRESS_AHEAD`` earlier chunks are being
+           compressed by the log's own worker threads (lz4 releases the GIL, so
+           they use the other core).
+        2. The oldest chunk's frame is written as soon as it is ready, in order:
+           the entries land exactly as one thread would write them.
+        3. Failure (a record that cannot be encoded, the records' source, lz4,
+           a write): the exception propagates after every compression still in
+           flight has finished and been dropped; the caller cuts the segment back.
+        """
         written, ops, raw = 0, 0, 0
         level = FAST_LEVEL if self._fast else 0
-        for chunk in _chunked(records, self.chunk_bytes):
-            data = encode(chunk)
-            ops += len(chunk)
-            raw += len(data)
-            del chunk
-            # no frame checksum: the entry's CRC-32 covers the payload
-            payload = compression.compress(data, level=level, checksum=False)
-            level = self._level(len(data), len(payload))
-            del data
+        inflight: collections.deque[tuple[concurrent.futures.Future[bytes], int]] = collections.deque()
+
+        def write_oldest() -> None:
+            nonlocal written, level
+            future, size = inflight.popleft()
+            payload = future.result()
+            level = self._level(size, len(payload))
             written += _write_entry(fd, BATCH, cp, payload)
-            del payload
+
+        try:
+            for chunk in _chunked(records, self.chunk_bytes):
+                data = encode(chunk)
+                ops += len(chunk)
+                raw += len(data)
+                del chunk
+                # no frame checksum: the entry's CRC-32 covers the payload
+                inflight.append((self._compressor().submit(
+                    compression.compress, data, level=level, checksum=False), len(data)))
+                del data
+                if len(inflight) >= COMPRESS_AHEAD:
+                    write_oldest()
+            while inflight:
+                write_oldest()
+        finally:
+            if inflight:
+                concurrent.futures.wait([f for f, _ in inflight])
+                inflight.clear()
         return ops, raw, written
 
     def append_unmarked(self, records: Iterable[Record]) -> tuple[int, int]:
@@ -1051,6 +1090,9 @@ class OrderedLog:
                 if self._wfd is not None:
                     os.close(self._wfd)
                     self._wfd = None
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                    self._pool = None
                 self._state = "closed"
 
 
