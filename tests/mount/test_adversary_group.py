@@ -807,15 +807,22 @@ def test_a_member_journal_stays_full_across_group_checkpoints(tmp_path: Path) ->
         snaps1 = originals(g)
         blob = os.urandom(2 << 20)
         (b / "blob").write_bytes(blob)                                 # incompressible, in memory
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)          # now fill b's journal disk
-        try:
-            while True:
-                os.write(fd, b"\0" * PAGE)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
+
+        def fill() -> None:
+            """Fill b's journal disk (again: a streamed append that raced the filler and
+            was cut back on ENOSPC gives its pages back)."""
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                while True:
+                    os.write(fd, b"\0" * PAGE)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+            finally:
+                os.close(fd)
+        fill()
+        time.sleep(0.5)
         for k in range(3):
+            fill()
             (a / f"row{k}").write_text(f"a goes on {k}")
             os.rename(a / "moving", a / f"moved-full{k}")
             (a / "moving").write_text(str(k))
