@@ -98,7 +98,7 @@ from .records import (
     Unlink,
     Write,
 )
-from .treewalk import O_DIR, O_PATH, ParentCache, read_xattrs
+from .treewalk import O_DIR, O_PATH, ParentCache, fd_cache_size, read_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -689,6 +689,7 @@ class HistoryWriter:
         self.known: dict[int, tuple[int, int]] = {}     # inode key -> (sino, block size), this batch
         self.created: set[int] = set()           # inode keys of objects created in this batch
         self.rfds: OrderedDict[int, int] = OrderedDict()    # inode key -> fd for reading pre-images
+        self._rfd_max = fd_cache_size(_FD_CACHE)            # fewer under a low open-file limit
         self.walk: ParentCache | None = None     # parents of paths in tree/ (_resolve)
         self.root_sino = 0
         self.applied_time = 0
@@ -1048,7 +1049,7 @@ class HistoryWriter:
             os.close(fd)
             return None
         self.rfds[ino] = fd
-        if len(self.rfds) > _FD_CACHE:
+        if len(self.rfds) > self._rfd_max:
             os.close(self.rfds.popitem(last=False)[1])
         return fd
 

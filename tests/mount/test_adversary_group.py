@@ -853,19 +853,9 @@ def test_a_member_journal_stays_full_across_group_checkpoints(tmp_path: Path) ->
 # ------------------------------------------------------------------ a low open-file limit
 
 
-UPDATER_FDS = ("under a hard RLIMIT_NOFILE of 64 each member's updater process stops for good at the "
-               "first batch with more than about 60 files: updater.py keeps up to FD_CACHE_SIZE = 64 "
-               "files open for writing (history.py 16 more for reading, two ParentCaches up to 16 "
-               "each), whatever the limit, and apply_records turns the EMFILE into a permanent "
-               "UpdaterError with RESEED_HINT ('the shadow does not match the log (changed by hand?): "
-               "--reseed') although the shadow is fine; not group-specific (docs/design.md, "
-               "'Adversarial pass on groups')")
-
-
 @pytest.mark.parametrize("limit, dirs, files, held", [
     (256, 30, 60, 40),
-    pytest.param(64, 6, 30, 0, marks=[pytest.mark.xfail(strict=True, reason=UPDATER_FDS),
-                                      pytest.mark.daemon_errors]),
+    (64, 6, 30, 0),     # updater caches sized from the limit, EMFILE waited out (NoFds)
 ])
 def test_a_group_under_a_low_open_file_limit(group: Group, limit: int, dirs: int, files: int,
                                              held: int) -> None:
