@@ -408,34 +408,8 @@ def cmd_browse(a: argparse.Namespace) -> int:
             return browse_history(a)
         return run_history_browse(Path(a.target), Path(os.path.abspath(a.browsepoint)), a.o or [],
                                   a.ready_fd, a.debug, a.checkpoint)
-    from .mount import run_browse, spawn
-    if a.browsepoint is None:
-        raise UserError("BROWSEPOINT is required", EXIT_USAGE)
-    browsepoint = Path(os.path.abspath(a.browsepoint))
-    if a.tree:
-        tree = Path(a.target)
-    else:
-        t = Target(a.target)
-        tree = t.shadow / layout.SHADOW_TREE
-    if not tree.is_dir():
-        raise UserError(f"the shadow tree {tree} does not exist")
-    if not a.tree and t.shadow is not None:
-        from .shadow import Shadow
-        if Shadow(t.shadow).seeding:
-            live = t.live_status() or {}
-            seed = live.get("seeding") or {}
-            raise UserError(f"the shadow is being seeded ({seed.get('entries_copied', '?')} entries "
-                            f"copied so far): it holds no complete checkpoint to browse yet; "
-                            f"`fusejournal wait {a.target}` waits for the first one")
-    if a.foreground:
-        return run_browse(tree, browsepoint, a.o or [], a.ready_fd, a.debug,
-                          (a.group, a.member) if a.group else None)
-    argv = ["browse", os.fspath(tree), os.fspath(browsepoint), "--tree"]
-    for o in a.o or []:
-        argv += ["-o", o]
-    spawn(argv)
-    print(f"browsing the shadow {tree} at {browsepoint} (read-only)")
-    return 0
+    from .browsecli import browse_latest
+    return browse_latest(a)
 
 
 def cmd_restore(a: argparse.Namespace) -> int:

@@ -76,7 +76,7 @@ import struct
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -571,8 +571,15 @@ class Policy:
 DEFAULT_POLICY = Policy()
 
 
-def retention_policy(keep_last: int | None, keep_within: float | None) -> Policy:
-    """The policy of a mount: the default (last 24) when neither limit is given."""
+def retention_policy(keep_last: int | None, keep_within: float | None,
+                     group: tuple[str, str] | list[str] | None = None) -> Policy:
+    """The policy of a mount: the default (last 24) when neither limit is given.  ``group``
+    = (group file, member name): a consistency group member's, decided on the group
+    checkpoints so that every member keeps the same ones (groupretention.GroupRetention)."""
+    if group is not None:
+        from .groupretention import group_retention
+        base = retention_policy(keep_last, keep_within)
+        return group_retention(str(group[0]), str(group[1]), base.keep_last, base.keep_within)
     if keep_last is None and keep_within is None:
         return DEFAULT_POLICY
     return Policy(keep_last=keep_last, keep_within=keep_within)
@@ -671,6 +678,8 @@ class HistoryWriter:
     def __init__(self, shadow_root: str | os.PathLike[str], policy: Policy = DEFAULT_POLICY) -> None:
         self.root = os.fspath(shadow_root)
         self.policy = policy
+        #: "now" for the retention policy (a test gives its own clock)
+        self.clock: Callable[[], int] = time.time_ns
         self.n = -1                          # the rev being written: checkpoint n (batch n + 1)
         self.fd = -1
         self.hfd = -1
@@ -814,7 +823,7 @@ class HistoryWriter:
 
     def retain(self, applied: int) -> None:
         """Apply the retention policy (after set_applied)."""
-        dropped = prune(self.root, applied, self.policy)
+        dropped = prune(self.root, applied, self.policy, self.clock())
         if dropped:
             log.info("history: pruned checkpoint(s) %s (%s)", _ranges(dropped), self.policy)
 
