@@ -19,6 +19,7 @@ here for that reason.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -58,9 +59,8 @@ def browse_group(a: argparse.Namespace) -> int:
             bp = point / m.name
             bp.mkdir(mode=0o755)
             _import_daemon()
-            member = (os.fspath(group.path), m.name)
-            fork_daemon(lambda fd, tree=tree, bp=bp, member=member:
-                        run_browse(tree, bp, a.o or [], fd, a.debug, member))
+            fork_daemon(functools.partial(run_browse, tree, bp, a.o or [], debug=a.debug,
+                                          group=(os.fspath(group.path), m.name)))
             done.append(bp)
     except BaseException:
         for bp in done:
@@ -206,8 +206,9 @@ def browse_history(a: argparse.Namespace) -> int:
         applied = Shadow(t.shadow).applied
     except ShadowError as e:
         raise UserError(str(e)) from None
-    cps = retained(t.shadow, applied)
+    cps = retained(t.shadow, applied, down_to=a.checkpoint)     # --checkpoint K: the revs from K on
     if a.checkpoint is not None and a.checkpoint not in {c.id for c in cps}:
+        cps = retained(t.shadow, applied)
         have = f"{cps[0].id}..{cps[-1].id}" if len(cps) > 1 else f"{cps[-1].id}"
         why = "not applied to the shadow yet" if a.checkpoint > applied else "not retained"
         raise UserError(f"checkpoint {a.checkpoint} is {why} (retained: {have})", EXIT_USAGE)
