@@ -34,7 +34,7 @@ first is the same on every member.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +79,15 @@ def group_drop(rule: Policy, member: str, cps: list[Checkpoint], commits: list[d
 
 @dataclass(frozen=True)
 class GroupRetention(Policy):
-    """A group member's retention policy (steps 1-3 of the module docstring), read from the
-    group commit log at ``commits_path`` at every prune."""
+    """A group member's retention policy (steps 1-3 of the module docstring), on the group
+    commit log at ``commits_path`` as it stands at each prune (read on from where the
+    previous prune left it)."""
     member: str = ""
     commits_path: str = ""
+    commits: CommitLog | None = field(default=None, compare=False, repr=False)
 
     def drop(self, cps: list[Checkpoint], now_ns: int) -> list[int]:
-        commits = CommitLog(Path(self.commits_path))
+        commits = self.commits if self.commits is not None else CommitLog(Path(self.commits_path))
         commits.refresh()
         return group_drop(Policy(keep_last=self.keep_last, keep_within=self.keep_within), self.member,
                           cps, commits.commits, now_ns)
@@ -96,4 +98,4 @@ def group_retention(group_file: str, member: str, keep_last: int | None,
     """Member ``member``'s policy in the group of ``group_file`` (read once, now)."""
     group = load_group(group_file, check=False)
     return GroupRetention(keep_last=keep_last, keep_within=keep_within, member=member,
-                          commits_path=str(group.commits_path))
+                          commits_path=str(group.commits_path), commits=CommitLog(group.commits_path))
