@@ -844,6 +844,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _leave(rc: int) -> None:
+    """After a command that forked a daemon (browse: daemonize.fork_daemon), exit at once:
+    the interpreter's teardown would touch nearly every page the daemon still shares with
+    this process, each then copied (about 70 ms before the command returns, measured)."""
+    daemonize = sys.modules.get("fusejournal.daemonize")
+    if daemonize is None or not getattr(daemonize, "forked", 0):
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        pass
+    os._exit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -856,7 +871,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         func: Command = args.func
-        return func(args)
+        rc = func(args)
+        if argv is None:                # the program (not a call from Python): see _leave
+            _leave(rc)
+        return rc
     except UserError as e:
         print(f"fusejournal: {e}", file=sys.stderr)
         return e.exit_code
