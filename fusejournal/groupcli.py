@@ -231,10 +231,14 @@ def status_group(a: argparse.Namespace) -> int:
                 "group_halts_committed": len(commits.commits), "group_aborted": len(commits.aborts),
                 "coordinator": None, "members": {}}
     from .group import GroupHistoryError, retained_points
-    try:       # what browse --all --group and restore --group --checkpoint can show
+    # what browse --all --group and restore --group --checkpoint can show: always a list (none
+    # while a member's shadow holds no checkpoint, e.g. while it is seeded), and why not
+    st["retained_group_checkpoints_error"] = None
+    try:
         st["retained_group_checkpoints"] = [p.id for p in retained_points(group)]
     except GroupHistoryError as e:
-        st["retained_group_checkpoints"] = f"unknown ({e})"
+        st["retained_group_checkpoints"] = []
+        st["retained_group_checkpoints_error"] = str(e)
     try:
         r = _coordinator(group, {"op": "status"}, 5.0)
         st["coordinator"] = r.get("status")

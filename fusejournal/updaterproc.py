@@ -267,7 +267,9 @@ def main(argv: list[str]) -> int:
         flog = ForwardedLog(cfg["log_dir"])
         rule = _group_rule(*cfg["group"]) if cfg.get("group") else None
         keep_last, keep_within = cfg.get("retention") or (None, None)
-        updater = Updater(flog, shadow, committed=rule, retention=retention_policy(keep_last, keep_within))
+        # a group member's retention is decided on the group checkpoints (groupretention.py)
+        updater = Updater(flog, shadow, committed=rule,
+                          retention=retention_policy(keep_last, keep_within, cfg.get("group")))
         UpdaterLoop(updater, flog, shadow, sock).run()
     except (BrokenPipeError, ConnectionResetError):
         pass                              # the daemon is gone
