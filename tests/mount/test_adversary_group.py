@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_groups import UP, Group, _in_background, remount_with_fault
+from test_groups import UP, Group, _in_background, group, remount_with_fault  # noqa: F401 (a fixture)
 
 from fusejournal.group import CommitLog
 
@@ -170,18 +170,6 @@ def public_group(base: Path, **kw: object) -> Group:
     g = Group(base, srcs, **kw)   # type: ignore[arg-type]
     os.chmod(g.file, 0o644)
     return g
-
-
-@pytest.fixture
-def group(tmp_path: Path) -> Iterator[Group]:
-    srcs = {"a": tmp_path / "a", "b": tmp_path / "b"}
-    for s in srcs.values():
-        s.mkdir()
-    g = Group(tmp_path, srcs)
-    try:
-        yield g
-    finally:
-        g.cleanup()
 
 
 # ------------------------------------------------------------------ promise 5: another user
@@ -705,6 +693,18 @@ class GroupAt(Group):
 PAGE = 4096
 
 
+def fill_up(filler: Path) -> None:
+    """Append pages to ``filler`` until its filesystem is full (ENOSPC)."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * PAGE)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
 def _room(path: Path) -> int:
     size = path.stat().st_size
     return PAGE - size % PAGE
@@ -747,14 +747,7 @@ def test_the_group_journal_fills_up_in_the_middle_of_a_commit_line(tmp_path: Pat
             pytest.fail("could not place the end of the commit log")
         last_ok = commit_lines(g)[-1]
         g.wait(last_ok["commit"])
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            while True:
-                os.write(fd, b"\0" * PAGE)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-        finally:
-            os.close(fd)
+        fill_up(filler)
         change(g, "2")
         with pytest.raises(OSError) as ei:
             g.checkpoint("a", "q" * 200)              # its line cannot fit in the last page
@@ -811,14 +804,7 @@ def test_a_member_journal_stays_full_across_group_checkpoints(tmp_path: Path) ->
         def fill() -> None:
             """Fill b's journal disk (again: a streamed append that raced the filler and
             was cut back on ENOSPC gives its pages back)."""
-            fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                while True:
-                    os.write(fd, b"\0" * PAGE)
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-            finally:
-                os.close(fd)
+            fill_up(filler)
         fill()
         time.sleep(0.5)
         for k in range(3):

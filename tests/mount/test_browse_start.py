@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from fusejournal import layout
+from test_browse_history_startup import _gone, _pid
 
 from conftest import Mounted, alive, fj, is_mounted, make_traversable
 
@@ -35,17 +34,6 @@ NOT_NEEDED = ("fusejournal.mount", "fusejournal.acquisition", "fusejournal.updat
               "fusejournal.updaterproc", "fusejournal.seeding", "fusejournal.seed", "fusejournal.streamer",
               "fusejournal.recovery", "fusejournal.control", "fusejournal.resync", "fusejournal.coordinator",
               "fusejournal.member", "hypothesis", "pytest", "matplotlib", "numpy")
-
-
-def _pid(point: Path) -> int:
-    return int(os.getxattr(point, layout.XATTR_PID))
-
-
-def _gone(pid: int) -> bool:
-    deadline = time.monotonic() + 20
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not alive(pid)
 
 
 def _two_checkpoints(m: Mounted) -> None:

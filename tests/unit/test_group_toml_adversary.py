@@ -22,22 +22,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_group_file import member, write_group
 
 from fusejournal import group as group_mod
 from fusejournal.group import CommitLog, GroupFileError, load_group
 
 MAX_GROUP_FILE = getattr(group_mod, "MAX_GROUP_FILE", 1 << 20)
-
-
-def write_group(tmp: Path, members: str, group: str = 'name = "g"\njournal = "gj"\n') -> Path:
-    p = tmp / "g.toml"
-    p.write_text(f"[group]\n{group}\n{members}")
-    return p
-
-
-def member(name: str, source: str, **more: str) -> str:
-    extra = "".join(f'{k} = "{v}"\n' for k, v in more.items())
-    return f'[[member]]\nname = "{name}"\nsource = "{source}"\n{extra}\n'
 
 
 @pytest.fixture
