@@ -289,6 +289,8 @@ def wait_group(a: argparse.Namespace) -> int:
                 if st.get("pid") is None:
                     raise UserError(f"member {m.name!r}: its shadow is {part.why} and no daemon is "
                                     f"running to finish it: mount the group again", EXIT_FAILED)
+                if not part.seeding and not seed:         # not seeding: nothing to wait for
+                    raise UserError(f"member {m.name!r}: {part.why}", EXIT_FAILED)
                 waiting.append(f"{m.name} ({seed.get('state') or part.why})")
             if deadline is not None and time.monotonic() >= deadline:
                 raise UserError(f"timed out: the members are still being seeded: {', '.join(waiting)}; "

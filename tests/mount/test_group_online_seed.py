@@ -167,16 +167,17 @@ def test_mount_group_returns_while_a_large_member_is_still_seeding(tmp_path: Pat
         st = group_status(g)
         assert st["first_complete_group_checkpoint"] is None and "a" in st["seeding_members"], st
         assert st["members"]["a"]["shadow_checkpoint"] is None
-        out = fj("status", "--group", g.file).stdout
+        out = fj("status", "--group", g.file, check=False).stdout
         assert "a.seeding: [" in out or "a.seeding: 100" in out, out
         (g.sources["a"] / "d000" / "f000").write_bytes(b"changed after its copy")
         (g.sources["a"] / "d009" / "f029").write_bytes(b"changed before its copy")
         (g.sources["b"] / "new").write_bytes(b"new in b")
         early = g.checkpoint("b", "during the seed")
-        assert early >= 1 and int(os.getxattr(g.sources["a"], b"user.fusejournal.checkpoint")) == early
+        # (b's own seed may commit a group checkpoint meanwhile: ids only grow)
+        assert early >= 1 and int(os.getxattr(g.sources["a"], b"user.fusejournal.checkpoint")) >= early
         markers = json.loads(fj("log", g.journal / "members" / "a" / "journal", "--json").stdout)
-        assert markers[-1]["extra"]["group_checkpoint"] == early
-        assert markers[-1]["extra"]["seeding"] == "incomplete", markers[-1]
+        mine = [mk for mk in markers if mk["extra"].get("group_checkpoint") == early]
+        assert len(mine) == 1 and mine[0]["extra"]["seeding"] == "incomplete", markers
         point = tmp_path / "browse"
         point.mkdir()
         r = fj("browse", "--group", g.file, point, check=False)
@@ -312,9 +313,11 @@ def test_kill_mid_seed_then_mount_group_resumes_and_ends_exact(tmp_path: Path) -
     a, b = g.sources["a"], g.sources["b"]
     fill(a, 30, 500, size=16)                       # 15,030 entries: the cursor is persisted at 10,000
     (b / "acct").write_bytes(b"b before")
-    mount_group(g, env={"FUSEJOURNAL_FAULT": "seed.entry:13500"})
     try:
-        pid = g.status("a")["pid"]
+        r = mount_group(g, env={"FUSEJOURNAL_FAULT": "seed.entry:13500"})
+        # (a's daemon may be gone already: its pid from mount's output)
+        line = next(x for x in r.stdout.splitlines() if x.startswith("member a: mounted"))
+        pid = int(line.rsplit("pid ", 1)[1].rstrip(")"))
         for i in range(20):
             try:
                 (a / "d000" / f"f{i:03d}").write_bytes(b"early %d" % i)
