@@ -866,7 +866,7 @@ class SeedingTask:
                          (self.replay_after or 0) + 1, checkpoint, replay_s,
                          counts["records"], counts["writes"], counts["bytes_written"])
             sh = self.shadow
-            doc = {"first_complete": checkpoint, "time_ns": marker_time_ns,
+            doc: dict[str, object] = {"first_complete": checkpoint, "time_ns": marker_time_ns,
                    "started_ns": self.started_ns, "entries": self.entries,
                    "bytes": self.bytes, "rounds": self.rounds,
                    "final_halt_s": self.final_halt_s,
