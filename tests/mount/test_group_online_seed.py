@@ -360,3 +360,57 @@ def test_kill_mid_seed_then_mount_group_resumes_and_ends_exact(tmp_path: Path) -
         g.assert_exact()
     finally:
         g.cleanup()
+
+
+@pytest.mark.daemon_errors      # (the group checkpoints failing while a member is dead)
+def test_a_member_killed_while_completing_its_seed_claims_nothing(tmp_path: Path) -> None:
+    """The worst moment: a member's final round ran behind its held cut, the group
+    checkpoint is committed, and the member is killed (-9) while it applies the final
+    round and replays the contents (``seed.replay``), before its shadow claims anything.
+    The commit line names that batch (marked ``seeding: first complete``), yet the shadow
+    holds no checkpoint (seeding.json, no applied.json); mounted again, the seed converges
+    again (distrusting) and the first complete group checkpoint, later, is exact on both."""
+    g = make_group(tmp_path)
+    setup_trees(g)
+    try:
+        r = mount_group(g, env={"FUSEJOURNAL_FAULT": "seed.replay"})
+        pids = {}
+        for line in r.stdout.splitlines():
+            if line.startswith("member ") and " mounted " in line:
+                pids[line.split()[1].rstrip(":")] = int(line.rsplit("pid ", 1)[1].rstrip(")"))
+        assert set(pids) == {"a", "b"}, r.stdout
+        for src in g.sources.values():               # changes during the seed: contents to replay
+            try:
+                (src / "acct0").write_bytes(b"%+016d%016d" % (START - 5, 1))
+                (src / "zz" / "acct0").write_bytes(b"%+016d%016d" % (START + 5, 1))
+            except OSError:
+                pass                                # (that member is gone already)
+        deadline = time.monotonic() + 90
+        while all(alive(p) for p in pids.values()):
+            assert time.monotonic() < deadline, "no member reached seed.replay"
+            time.sleep(0.05)
+        dead = sorted(n for n, p in pids.items() if not alive(p))
+        commits = [c for c in g.commits() if "commit" in c]
+        for name in dead:
+            shadow = g.journal / "members" / name / "shadow"
+            assert (shadow / "seeding.json").exists() and not (shadow / "applied.json").exists(), name
+            assert json.loads((shadow / "seeding.json").read_text()).get("final_attempted"), name
+            markers = json.loads(fj("log", g.journal / "members" / name / "journal", "--json").stdout)
+            final = [m["checkpoint"] for m in markers if m["extra"].get("seeding") == "first complete"]
+            # its final round's batch was committed: the group counts it, the shadow does not
+            assert final and any(c["members"][name] == final[-1] for c in commits), (markers, commits)
+        killed_at = max(c["commit"] for c in commits)
+        fj("umount", "--group", g.file)             # the dead mounts cleared, the rest unmounted
+        mount_group(g)                              # again, without the fault
+        first = wait_first_complete(g)
+        assert first > killed_at
+        fj("wait", "--group", g.file, "--checkpoint", str(first), "--timeout", "120")
+        g.assert_exact()
+        for name in dead:
+            seeded = json.loads((g.journal / "members" / name / "shadow" / "seeded.json").read_text())
+            assert seeded["group_checkpoint"] > killed_at, seeded
+        gid = g.checkpoint("a", "after")
+        g.wait(gid)
+        g.assert_exact()
+    finally:
+        g.cleanup()
