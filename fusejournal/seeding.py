@@ -430,6 +430,7 @@ class SeedingTask:
         self._copy_error: BaseException | None = None
         self._count_thread: threading.Thread | None = None
         self._work: threading.Thread | None = None
+        self._trigger_failures = 0
         self._last_persist = time.monotonic()
         self._persist_entries = self.entries
 
@@ -688,7 +689,7 @@ class SeedingTask:
                     self.doc["final_attempted"] = True       # survives a kill (no fsync needed:
                     await self._in_thread(self.persist, False)   # the shadow is not synced either)
                 self.state = "ready"
-                await self._trigger()
+                asked = await self._trigger()
                 # a group member's session may still be deciding a final round its halt ran
                 # (the coordinator's answer can reach this task before the member's session
                 # has its outcome): never reconcile beside it
@@ -700,7 +701,9 @@ class SeedingTask:
                 self.replay_after = None             # a round first: the replay starts there
                 distrust = True
                 self.state = "converging"
-                await trio.sleep(1.0)
+                # (a group member whose group cannot checkpoint yet, e.g. another member not
+                # running: asked again less and less often, up to every 30 s)
+                await trio.sleep(1.0 if asked else min(30.0, 2.0 ** self._trigger_failures))
                 continue
             self.state = f"converging (round {self.rounds + 1}, {len(intents)} object(s))"
             t0 = time.monotonic()
@@ -746,15 +749,23 @@ class SeedingTask:
                      time.monotonic() - t0)
             fault("seed.round")
 
-    async def _trigger(self) -> None:
-        """Ask for the checkpoint whose halt runs the final round (unless one comes first)."""
+    async def _trigger(self) -> bool:
+        """Ask for the checkpoint whose halt runs the final round (unless one comes first);
+        False if it failed (logged on the 1st, 2nd, 4th, 8th ... failure in a row)."""
         assert self.checkpoint is not None
         try:
             await self.checkpoint("seed complete")
         except trio.Cancelled:
             raise
         except Exception as e:
-            log.warning("seed: the checkpoint that completes the seed failed (%s); retrying", e)
+            self._trigger_failures += 1
+            n = self._trigger_failures
+            if n & (n - 1) == 0:
+                log.warning("seed: the checkpoint that completes the seed failed (%s)%s; retrying",
+                            e, f" ({n} times in a row)" if n > 1 else "")
+            return False
+        self._trigger_failures = 0
+        return True
 
     # -------------------------------------------------------------- the final round
 
