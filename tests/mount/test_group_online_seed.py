@@ -29,7 +29,7 @@ import pytest
 from test_groups import START, WORKER, Group, check_bank, read_acct
 from test_online_seed import fill, pause_env
 
-from conftest import alive, can_mount, fj, force_unmount
+from conftest import alive, can_mount, fj, force_unmount, is_mounted
 
 pytestmark = [pytest.mark.mount,
               pytest.mark.skipif(not can_mount(), reason="needs root, /dev/fuse and fusermount3")]
@@ -201,12 +201,24 @@ def test_mount_group_returns_while_a_large_member_is_still_seeding(tmp_path: Pat
         assert seeded["group_checkpoint"] == first and seeded["online"], seeded
         commit = next(c for c in g.commits() if c.get("commit") == first)
         assert seeded["first_complete"] == commit["members"]["a"]
+        fj("browse", "--group", g.file, point)          # now there is one to show
+        try:
+            assert (point / "a" / "d000" / "f000").read_bytes() == b"changed after its copy"
+            assert (point / "a" / "d009" / "f029").read_bytes() == b"changed before its copy"
+            assert (point / "b" / "new").read_bytes() == b"new in b"
+        finally:
+            for name in ("a", "b"):
+                if is_mounted(point / name):
+                    fj("umount", point / name, check=False)
+                force_unmount(point / name)
         gid = g.checkpoint("a", "after")
         g.wait(gid)
         g.assert_exact()
     finally:
         if flag.exists():
             flag.unlink()
+        for name in ("a", "b"):
+            force_unmount(tmp_path / "browse" / name)
         g.cleanup()
 
 
