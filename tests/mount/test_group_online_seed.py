@@ -426,3 +426,53 @@ def test_a_member_killed_while_completing_its_seed_claims_nothing(tmp_path: Path
         g.assert_exact()
     finally:
         g.cleanup()
+
+
+@pytest.mark.parametrize("seed", range(1, 7))
+def test_random_operations_on_both_members_during_the_seed(tmp_path: Path, seed: int) -> None:
+    """tests/mount/test_online_seed.py's operations (writes, truncates, creates, renames of
+    files and directories, hard links, unlinks, rmdirs, symlinks, chmods, xattrs, group
+    checkpoints), at random on both members: half while a's seeder is held mid-tree, half
+    while it copies and converges; then quiet: the first complete group checkpoint equals
+    both originals, and so does the next."""
+    import random
+
+    from test_online_seed import Program
+    g = make_group(tmp_path)
+    env, flag = pause_env(tmp_path, 60)
+    try:
+        fill(g.sources["a"], 5, 30, size=2000)
+        fill(g.sources["b"], 1, 20, size=2000)
+        os.symlink("d000/f000", g.sources["a"] / "sym")
+        os.link(g.sources["a"] / "d000" / "f001", g.sources["a"] / "hard")
+        mount_group(g, env=env)
+        wait_paused(g, "a", 60)
+        rnd = random.Random(seed)
+        kinds = ["write", "append", "truncate", "create", "mkdir", "rename", "link", "unlink",
+                 "rmdir", "symlink", "chmod", "xattr", "rename_dir", "checkpoint"]
+        progs = {n: Program(src) for n, src in g.sources.items()}
+
+        def some(k: int) -> None:
+            for _ in range(k):
+                progs[rnd.choice("ab")].run((rnd.choice(kinds), rnd.randrange(10_000),
+                                             rnd.randrange(10_000), rnd.randrange(5000)))
+        some(40)
+        flag.unlink()
+        some(40)                                    # while the copy goes on and converges
+        last_op_ns = time.time_ns()
+        first = wait_first_complete(g)
+        fj("wait", "--group", g.file, "--checkpoint", str(first), "--timeout", "120")
+        commits = [c for c in g.commits() if "commit" in c]
+        cut_ns = next(c["time_ns"] for c in commits if c["commit"] == first)
+        # F itself, when every operation had returned before its trigger and nothing was
+        # committed after it (else only the next one is compared)
+        if last_op_ns < cut_ns and max(c["commit"] for c in commits) == first:
+            print(f"seed {seed}: the first complete group checkpoint {first} compared")
+            g.assert_exact()
+        gid = g.checkpoint("b", "after")
+        g.wait(gid)
+        g.assert_exact()
+    finally:
+        if flag.exists():
+            flag.unlink()
+        g.cleanup()
