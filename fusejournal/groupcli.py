@@ -87,6 +87,7 @@ def _stop_coordinator(group: Group, timeout: float = 30.0) -> None:
 
 def mount_group(a: argparse.Namespace) -> int:
     from .daemonize import spawn
+    seeding: list[str] = []             # members whose shadow is seeded behind the mount
     group = _load(a.group)
     try:
         ensure_run_dir(group)
@@ -94,7 +95,6 @@ def mount_group(a: argparse.Namespace) -> int:
         raise UserError(f"group journal {group.journal}: {e}") from None
     started_coordinator = False
     mounted: list[Member] = []
-    seeding: list[str] = []
     current = None
     try:
         if not _coordinator_alive(group):
