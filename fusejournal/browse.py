@@ -67,6 +67,25 @@ class _Opened:
     stamp: tuple[int, int, int, int]
 
 
+#: one directory listing as the browse mounts keep it: (name, attributes) or (name,
+#: attributes, FUSE inode), "." and ".." first
+Listing = Sequence[tuple[bytes, pyfuse3.EntryAttributes] | tuple[bytes, pyfuse3.EntryAttributes, int]]
+
+
+def _reply(token: pyfuse3.ReaddirToken, listing: Listing, start_id: int,
+           sent: Callable[[int], None] | None = None) -> None:
+    """The one READDIR reply loop of the browse mounts: the entries of ``listing`` from
+    ``start_id`` on, entry ``i`` with ``i + 1`` as the offset the kernel resumes at, until the
+    kernel's buffer is full (the entry refused is sent again by the next READDIR).  ``sent(i)``
+    is called for each entry the kernel took (with READDIRPLUS, one lookup of it)."""
+    for i in range(start_id, len(listing)):
+        entry = listing[i]
+        if not pyfuse3.readdir_reply(token, entry[0], entry[1], i + 1):
+            return
+        if sent is not None:
+            sent(i)
+
+
 class BrowseOperations(Operations):
     """Read-only Operations over ``SHADOW/tree`` that coordinate with the updater."""
 
@@ -148,13 +167,14 @@ class BrowseOperations(Operations):
             async with self._enter():
                 listing = self._list(h)
             self._listings[fh] = listing
-        for i in range(start_id, len(listing)):
-            name, attr, fino = listing[i]
-            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
-                return
+        entries = listing
+
+        def sent(i: int) -> None:
             if i >= 2:
                 # each entry returned is one lookup; the identity is remembered, no fd opened
+                name, attr, fino = entries[i]
                 self.inodes.remember(fino, self._identity(attr, fino), h.inode_id, name)
+        _reply(token, listing, start_id, sent)
 
     def _identity(self, attr: pyfuse3.EntryAttributes, fino: int) -> os.stat_result:
         """What the inode table keeps of a listed entry (its original inode number and
@@ -596,10 +616,7 @@ class HistoryBrowseOperations(_ReadOnlyOperations):
         if start_id == 0 or not listing:
             listing = await self._do(self._list, self.dir_inodes[fh])
             self.dirs[fh] = listing
-        for i in range(start_id, len(listing)):
-            name, attr = listing[i]
-            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
-                return
+        _reply(token, listing, start_id)
 
     async def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
@@ -914,10 +931,7 @@ class GroupHistoryBrowseOperations(_ReadOnlyOperations):
         if start_id == 0 or not listing:
             listing = await self._own(lambda: self._list(ino))
             self.listings[fh] = (ino, listing)
-        for n in range(start_id, len(listing)):
-            name, attr = listing[n]
-            if not pyfuse3.readdir_reply(token, name, attr, n + 1):
-                return
+        _reply(token, listing, start_id)
 
     async def releasedir(self, fh: int) -> None:
         self.listings.pop(fh, None)

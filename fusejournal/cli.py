@@ -408,34 +408,8 @@ def cmd_browse(a: argparse.Namespace) -> int:
             return browse_history(a)
         return run_history_browse(Path(a.target), Path(os.path.abspath(a.browsepoint)), a.o or [],
                                   a.ready_fd, a.debug, a.checkpoint)
-    from .mount import run_browse, spawn
-    if a.browsepoint is None:
-        raise UserError("BROWSEPOINT is required", EXIT_USAGE)
-    browsepoint = Path(os.path.abspath(a.browsepoint))
-    if a.tree:
-        tree = Path(a.target)
-    else:
-        t = Target(a.target)
-        tree = t.shadow / layout.SHADOW_TREE
-    if not tree.is_dir():
-        raise UserError(f"the shadow tree {tree} does not exist")
-    if not a.tree and t.shadow is not None:
-        from .shadow import Shadow
-        if Shadow(t.shadow).seeding:
-            live = t.live_status() or {}
-            seed = live.get("seeding") or {}
-            raise UserError(f"the shadow is being seeded ({seed.get('entries_copied', '?')} entries "
-                            f"copied so far): it holds no complete checkpoint to browse yet; "
-                            f"`fusejournal wait {a.target}` waits for the first one")
-    if a.foreground:
-        return run_browse(tree, browsepoint, a.o or [], a.ready_fd, a.debug,
-                          (a.group, a.member) if a.group else None)
-    argv = ["browse", os.fspath(tree), os.fspath(browsepoint), "--tree"]
-    for o in a.o or []:
-        argv += ["-o", o]
-    spawn(argv)
-    print(f"browsing the shadow {tree} at {browsepoint} (read-only)")
-    return 0
+    from .browsecli import browse_latest
+    return browse_latest(a)
 
 
 def cmd_restore(a: argparse.Namespace) -> int:
@@ -870,6 +844,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _leave(rc: int) -> None:
+    """After a command that forked a daemon (browse: daemonize.fork_daemon), exit at once:
+    the interpreter's teardown would touch nearly every page the daemon still shares with
+    this process, each then copied (about 70 ms before the command returns, measured)."""
+    daemonize = sys.modules.get("fusejournal.daemonize")
+    if daemonize is None or not getattr(daemonize, "forked", 0):
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        pass
+    os._exit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -882,7 +871,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         func: Command = args.func
-        return func(args)
+        rc = func(args)
+        if argv is None:                # the program (not a call from Python): see _leave
+            _leave(rc)
+        return rc
     except UserError as e:
         print(f"fusejournal: {e}", file=sys.stderr)
         return e.exit_code

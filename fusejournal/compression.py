@@ -1,8 +1,13 @@
 """Compression of record batches: one standard LZ4 frame per chunk.
 
-The frame carries its own content size and content checksum (xxhash32), so a
-damaged chunk is caught here even if the log's own crc32 were to miss it.
-Nothing is hand-rolled: framing and checksums are lz4's.
+The frame carries its own content size and, by default, its own content
+checksum (xxhash32), so a damaged chunk is caught here even where nothing
+outside the frame checks it (``pending.fjrec``, history revs).  The ordered
+log's BATCH entries leave the content checksum out (``checksum=False``): the
+entry's CRC-32 over the compressed payload is checked before every
+decompression, and the xxhash32 cost a third of the compressor's time on
+incompressible data (docs/performance-analysis.md).  Either kind of frame
+decompresses here.  Nothing is hand-rolled: framing and checksums are lz4's.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ class CompressionError(ValueError):
     """Data that is not exactly one complete, intact LZ4 frame."""
 
 
-def compress(raw: bytes, *, level: int = 0) -> bytes:
-    """Compress ``raw`` into one LZ4 frame (``level`` 0 = default, fast)."""
+def compress(raw: bytes, *, level: int = 0, checksum: bool = True) -> bytes:
+    """Compress ``raw`` into one LZ4 frame (``level`` 0 = default, fast).
+
+    ``checksum=False`` omits the frame's content checksum: only for a caller
+    that checksums the compressed bytes itself and checks that first."""
     out: bytes = lz4.frame.compress(raw, compression_level=level,
-                                    content_checksum=True, store_size=True)
+                                    content_checksum=checksum, store_size=True)
     return out
 
 

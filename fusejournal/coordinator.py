@@ -209,6 +209,8 @@ def request(path: Path, obj: JSON, timeout: float) -> JSON:
         raise ProtocolError(f"no answer from the group coordinator within {timeout:g} s") from None
     except PermissionError:
         raise ProtocolError(f"not allowed to use {path} (only the mounting user and root)") from None
+    except (BrokenPipeError, ConnectionResetError):
+        raise ProtocolError("the group coordinator closed the connection") from None
     finally:
         s.close()
     try:
@@ -424,9 +426,13 @@ class Coordinator:
         req = await ch.recv()
         op = req.get("op")
         if op == "checkpoint":
-            label = req.get("label")
-            if not isinstance(label, str) or not label or len(label.encode()) > 200:
-                await ch.send({"ok": False, "error": "bad label", "errno": errno.EINVAL})
+            from .control import check_label
+            raw = req.get("label")
+            label = raw if isinstance(raw, str) else ""       # (not a string: refused as empty)
+            try:        # the rule of setfattr on a mount: 1-200 bytes of printable UTF-8
+                check_label(label.encode("utf-8", "surrogateescape"))
+            except ValueError as e:         # (UnicodeEncodeError too: a lone surrogate)
+                await ch.send({"ok": False, "error": f"bad label: {e}", "errno": errno.EINVAL})
                 return
             try:
                 gid, halt_ns = await self.checkpoint(label, auto=req.get("auto") is True)

@@ -167,7 +167,15 @@ def fork_daemon(run: Callable[[int], int]) -> dict[str, Any]:
         finally:
             os._exit(code)
     os.close(w)
+    global forked
+    forked += 1
     return _await_ready(_Forked(pid), r, None, None)
+
+
+#: daemons forked from this process (:func:`fork_daemon`); the command line then ends without
+#: the interpreter's teardown (cli.main), which would write to nearly every page this process
+#: still shares with them, copy-on-write: tens of ms of page copies before the command returns
+forked = 0
 
 
 def _max_fd() -> int:

@@ -56,3 +56,12 @@ class NoSpace(UpdaterError):
         super().__init__(message)
         self.checkpoint = checkpoint
         self.record = record
+
+
+class NoFds(NoSpace):
+    """The updater ran out of file descriptors (EMFILE/ENFILE) while applying a batch.
+
+    Transient like :class:`NoSpace` (it is one, so every caller that waits a full
+    shadow out waits this out too): nothing is wrong with the shadow, the batch's fds
+    are closed, and the next pass resumes at the staging cursor.
+    """

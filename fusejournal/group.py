@@ -53,6 +53,7 @@ COORDINATOR_SOCK = layout.GROUP_COORDINATOR_SOCK
 COORDINATOR_PID = layout.GROUP_COORDINATOR_PID
 MEMBERS_DIR = layout.GROUP_MEMBERS_DIR
 MAX_SOCKET_PATH = 107           # sun_path is 108 bytes with the NUL
+MAX_GROUP_FILE = 1 << 20        # a group file is a few hundred bytes; more is not a group file
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
 _GROUP_KEYS: dict[str, type | tuple[type, ...]] = {"name": str, "journal": str, "halt_timeout": (int, float),
@@ -255,6 +256,13 @@ def check_group(group: Group) -> None:
             if _inside(real[a.name], real[b.name]):
                 raise ValueError(f"member {a.name!r} (source {a.source}) is inside member {b.name!r} "
                                  f"(source {b.source})")
+    for m in group.members:
+        # a mount is made where the path leads: a group that names it through a symlink
+        # would not find it again (umount --group, a dead mount's clearing)
+        for what, p in (("source", m.source), ("mountpoint", m.mountpoint)):
+            if _real(p) != p:
+                raise ValueError(f"member {m.name!r}: {what} {p} is a symlink or lies below one: "
+                                 f"name the real directory {_real(p)}")
     mps: dict[Path, str] = {}
     for m in group.members:
         if m.mountpoint in mps:
@@ -278,6 +286,7 @@ def check_group(group: Group) -> None:
         if p in seen:
             raise ValueError(f"{seen[p]} and {what} are the same directory {p}")
         seen[p] = what
+    _check_across(group, real, state)
     longest = max([os.fspath(group.coordinator_socket)] +
                   [os.fspath(group.member_socket(m.name)) for m in group.members], key=len)
     if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
@@ -285,17 +294,84 @@ def check_group(group: Group) -> None:
                          f"({longest} exceeds {MAX_SOCKET_PATH} bytes)")
 
 
+def _check_across(group: Group, real: dict[str, Path], state: list[tuple[str, Path]]) -> None:
+    """How members lie relative to each other's directories.  Each member's daemon checks
+    its own source, mountpoint, journal and shadow, but only when it mounts, after the
+    members before it; these cross-member cases would otherwise mount a member over
+    another's shadow, or one member inside another's mount (which then cannot be
+    unmounted)."""
+    rstate = [(what, p, _real(p)) for what, p in state]
+    for m in group.members:
+        for what, p, rp in rstate:
+            if _inside(real[m.name], rp):
+                raise ValueError(f"member {m.name!r}'s source {m.source} must not be inside {what} {p}")
+    gj = rstate[0][2]
+    for what_a, a, ra in rstate[1:]:
+        if _inside(gj, ra):
+            raise ValueError(f"the group journal {group.journal} must not be {what_a} {a} or lie inside it")
+    for what_a, a, ra in rstate[1:]:
+        for what_b, b, rb in rstate[1:]:
+            if a != b and _inside(ra, rb):
+                raise ValueError(f"{what_a} {a} must not be inside {what_b} {b}")
+    mreal = {m.name: _real(m.mountpoint) for m in group.members}
+    for m in group.members:
+        mp = mreal[m.name]
+        if m.mountpoint != m.source and _inside(mp, real[m.name]):
+            raise ValueError(f"member {m.name!r}'s mountpoint {m.mountpoint} must not be inside its source "
+                             f"{m.source} (mount over the source itself, or outside it)")
+        for o in group.members:
+            if o is m:
+                continue
+            if _inside(mp, real[o.name]):
+                raise ValueError(f"member {m.name!r}'s mountpoint {m.mountpoint} must not be inside member "
+                                 f"{o.name!r}'s source {o.source}")
+            if _inside(mp, mreal[o.name]):
+                raise ValueError(f"member {m.name!r}'s mountpoint {m.mountpoint} must not be inside member "
+                                 f"{o.name!r}'s mountpoint {o.mountpoint}")
+        for what, p, rp in rstate:
+            if _inside(mp, rp):
+                raise ValueError(f"member {m.name!r}'s mountpoint {m.mountpoint} must not be inside {what} {p}")
+
+
+def _read_group_file(p: Path) -> bytes:
+    """The group file's bytes: a regular file of at most MAX_GROUP_FILE bytes (a FIFO, a
+    device such as /dev/zero or a huge file would block or exhaust memory)."""
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise GroupFileError(f"group file {p} does not exist") from None
+    except OSError as e:
+        raise GroupFileError(f"group file {p}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise GroupFileError(f"group file {p} is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise GroupFileError(f"group file {p} is not a regular file")
+        too_big = f"group file {p} is larger than {MAX_GROUP_FILE >> 20} MiB: not a group file"
+        if st.st_size > MAX_GROUP_FILE:
+            raise GroupFileError(too_big)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_GROUP_FILE:
+            chunk = os.read(fd, MAX_GROUP_FILE + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_GROUP_FILE:
+            raise GroupFileError(too_big)
+        return b"".join(chunks)
+    except OSError as e:
+        raise GroupFileError(f"group file {p}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def load_group(path: str | os.PathLike[str], *, check: bool = True) -> Group:
     """Read, parse and check a group file; GroupFileError with one line on any problem."""
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise GroupFileError(f"group file {p} does not exist") from None
-    except IsADirectoryError:
-        raise GroupFileError(f"group file {p} is a directory") from None
-    except OSError as e:
-        raise GroupFileError(f"group file {p}: {e.strerror}") from None
+    raw = _read_group_file(p)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -313,7 +389,13 @@ def load_group(path: str | os.PathLike[str], *, check: bool = True) -> Group:
 def ensure_run_dir(group: Group) -> Path:
     """Create the group journal (private, as every journal: docs/reliability.md, "Users and
     permissions") and its 0700 socket directory; refuse a group journal that is a symlink,
-    another user's, or below a directory another user can change."""
+    another user's, or below a directory another user can change.
+
+    A group journal found loose (made by an older version, or by hand) may hold what
+    another user put there while it was open: its entries and those of ``run/`` are
+    made private as a journal's are (layout.tighten_entries): a symlink (the
+    coordinator's log, the commit log, its pid file would be written through it) is
+    refused, an entry of another user's is taken over (as root) or refused."""
     from . import layout
     try:
         layout.check_ancestors(group.journal, "group journal")
@@ -335,6 +417,19 @@ def ensure_run_dir(group: Group) -> Path:
         raise GroupFileError(f"the socket directory {d} belongs to uid {st.st_uid}, not to this user")
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(d, 0o700)
+    for attempt in range(3):        # (an entry may go meanwhile: a coordinator stopping)
+        try:
+            fd = layout.open_private_dir(group.journal, "group journal")
+            try:
+                layout.tighten_entries(fd, os.fspath(group.journal), recurse=frozenset({RUN_DIR}))
+            finally:
+                os.close(fd)
+            break
+        except layout.LayoutError as e:
+            raise GroupFileError(str(e)) from None
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     return d
 
 
@@ -432,14 +527,33 @@ class CommitLog:
         return None
 
     def append(self, rec: dict[str, Any], *, durable: bool) -> None:
+        """Append one line (and ``fdatasync`` it if ``durable``).
+
+        1. A file that does not end with a newline ends with a torn line (a crash
+           in the middle of a write): the new line starts on a line of its own,
+           else it would be read as part of the torn one and never count.
+        2. Write the line in one ``write``; ``fdatasync`` it.
+        3. On any failure (ENOSPC, a short write on a full disk, EIO) the file is
+           cut back to its size before, so no fragment of a line the caller is told
+           failed stays in front of the next one (nor reads as committed)."""
         new = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
+            size = os.fstat(fd).st_size
             data = _line(rec)
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.EIO, "short write to the group commit log")
-            if durable:
-                os.fdatasync(fd)
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.EIO, "short write to the group commit log (is its disk full?)")
+                if durable:
+                    os.fdatasync(fd)
+            except OSError:
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise
         finally:
             os.close(fd)
         if new:

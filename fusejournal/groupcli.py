@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout
-from .errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE, UserError
+from .errors import EXIT_DAMAGED, EXIT_FAILED, EXIT_IN_USE, EXIT_TIMEOUT, EXIT_USAGE, UserError
 from .group import COORDINATOR_PID, CommitLog, Group, GroupFileError, Member, ensure_run_dir, load_group
 from .history import Checkpoint, Policy
 
@@ -96,6 +96,7 @@ def mount_group(a: argparse.Namespace) -> int:
     started_coordinator = False
     mounted: list[Member] = []
     current = None
+    _check_running_coordinator(group)
     try:
         if not _coordinator_alive(group):
             spawn([os.fspath(group.path)], module="fusejournal.coordinator")
@@ -143,6 +144,25 @@ def mount_group(a: argparse.Namespace) -> int:
     return 0
 
 
+def _check_running_coordinator(group: Group) -> None:
+    """A coordinator already running for this group journal must coordinate the members of
+    this group file: one started from another file (a second group given the same journal,
+    or this file before a member was added or removed) would checkpoint its own members
+    only, and a member it does not know would be told its checkpoints succeeded while none
+    of them ever reached its shadow."""
+    try:
+        st = _coordinator(group, {"op": "status"}, 5.0).get("status") or {}
+    except UserError:
+        return                               # none running: this command starts one
+    names = [m.name for m in group.members]
+    if st.get("group") != group.name or sorted(map(str, st.get("members") or [])) != sorted(names):
+        running = ", ".join(map(str, st.get("members") or [])) or "?"
+        raise UserError(f"group {group.name!r}: the group journal {group.journal} is in use by the "
+                        f"coordinator of group {st.get('group')!r} with member(s) {running}, not "
+                        f"{', '.join(names)}: unmount that group first (`fusejournal umount --group`), "
+                        f"or give this group its own journal", EXIT_IN_USE)
+
+
 def _retention_argv(a: argparse.Namespace, group: Group) -> list[str]:
     """Every member's retention: ``mount --group``'s --keep-last/--keep-within, each one
     given on the command line replacing the group file's ``keep_last``/``keep_within``;
@@ -185,8 +205,13 @@ def umount_group(a: argparse.Namespace) -> int:
 
 
 def checkpoint_group(a: argparse.Namespace) -> int:
+    from .control import check_label
     group = _load(a.group, check=False)
     label = a.label if a.label is not None else datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:        # the rule of setfattr on a mount (control.py): a label is one line of text
+        check_label(os.fsencode(label))
+    except ValueError as e:
+        raise UserError(f"checkpoint --group: {e} (labels: 1-200 bytes of printable UTF-8)", EXIT_USAGE) from None
     r = _coordinator(group, {"op": "checkpoint", "label": label},
                      3 * group.halt_timeout + group.append_timeout + 60)
     if not r.get("ok"):
@@ -215,10 +240,14 @@ def status_group(a: argparse.Namespace) -> int:
                 "group_halts_committed": len(commits.commits), "group_aborted": len(commits.aborts),
                 "coordinator": None, "members": {}}
     from .group import GroupHistoryError, retained_points
-    try:       # what browse --all --group and restore --group --checkpoint can show
+    # what browse --all --group and restore --group --checkpoint can show: always a list (none
+    # while a member's shadow holds no checkpoint, e.g. while it is seeded), and why not
+    st["retained_group_checkpoints_error"] = None
+    try:
         st["retained_group_checkpoints"] = [p.id for p in retained_points(group)]
     except GroupHistoryError as e:
-        st["retained_group_checkpoints"] = f"unknown ({e})"
+        st["retained_group_checkpoints"] = []
+        st["retained_group_checkpoints_error"] = str(e)
     try:
         r = _coordinator(group, {"op": "status"}, 5.0)
         st["coordinator"] = r.get("status")

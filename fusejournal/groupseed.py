@@ -55,8 +55,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .seeding import ReplayError
-
 if TYPE_CHECKING:
     from .acquisition import Taken
     from .group import CommitLog, Group, Member
@@ -93,6 +91,7 @@ class MemberSeed:
 
     async def committed(self, gid: int, taken: Taken, info: CheckpointInfo) -> None:
         """Step 4, on ``commit`` (before the batch is confirmed)."""
+        from .seeding import ReplayError
         task = self.task
         if task.done:
             return

@@ -76,7 +76,7 @@ import struct
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
@@ -98,7 +98,7 @@ from .records import (
     Unlink,
     Write,
 )
-from .treewalk import O_DIR, O_PATH, ParentCache, read_xattrs
+from .treewalk import O_DIR, O_PATH, ParentCache, fd_cache_size, read_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -431,23 +431,36 @@ def rev_ids(history_fd: int) -> list[int]:
     return sorted(out)
 
 
-def chain(history_fd: int, tree: list[int], applied: int) -> list[tuple[int, dict[str, object]]]:
+def chain(history_fd: int, tree: list[int], applied: int,
+          down_to: int | None = None) -> list[tuple[int, dict[str, object]]]:
     """The usable reverse batches, oldest first: the rev whose ``next`` is ``applied``, the
     one whose ``next`` is that rev's checkpoint, and so on (a missing, damaged or foreign
-    rev ends the chain)."""
+    rev ends the chain; of several revs naming the same ``next``, the highest counts).
+
+    The revs' METAs are read newest first and only as far as needed: with ``down_to``
+    the chain stops at the first rev at or below it (browsing or restoring checkpoint K
+    reads the METAs of the revs from K on, not of every retained one)."""
     by_next: dict[int, tuple[int, dict[str, object]]] = {}
-    for n in rev_ids(history_fd):
-        meta = read_meta(history_fd, n)
-        if meta is not None and meta.get("tree") == tree and type(meta.get("next")) is int:
-            by_next[_int(meta.get("next"))] = (n, meta)
+    unread = iter(rev_ids(history_fd)[::-1])
     out = []
     cur = applied
-    while cur in by_next:
+    while True:
+        if cur not in by_next:
+            for n in unread:            # newest first: the first rev naming cur is the highest
+                meta = read_meta(history_fd, n)
+                if meta is not None and meta.get("tree") == tree and type(meta.get("next")) is int:
+                    by_next.setdefault(_int(meta.get("next")), (n, meta))
+                    if meta.get("next") == cur:
+                        break
+        if cur not in by_next:
+            break
         n, meta = by_next.pop(cur)
         if n >= cur:
             break
         out.append((n, meta))
         cur = n
+        if down_to is not None and cur <= down_to:
+            break
     return out[::-1]
 
 
@@ -525,8 +538,9 @@ def tree_identity(shadow_root: str | os.PathLike[str]) -> list[int]:
     return [st.st_dev, st.st_ino]
 
 
-def retained(shadow_root: str | os.PathLike[str], applied: int) -> list[Checkpoint]:
-    """Every checkpoint that can be browsed or restored, oldest first (the last is ``applied``)."""
+def retained(shadow_root: str | os.PathLike[str], applied: int, down_to: int | None = None) -> list[Checkpoint]:
+    """Every checkpoint that can be browsed or restored, oldest first (the last is ``applied``);
+    with ``down_to``, only those from the first at or below it on (:func:`chain`)."""
     hfd = _open_history(shadow_root, create=False)
     adoc = read_json_at_path(os.fspath(shadow_root), layout.SHADOW_APPLIED)
     latest = Checkpoint(applied, _int(adoc.get("time_ns")), "")
@@ -537,7 +551,7 @@ def retained(shadow_root: str | os.PathLike[str], applied: int) -> list[Checkpoi
         if marker.get("checkpoint") == applied:
             latest = Checkpoint(applied, _int(marker.get("time_ns")), str(marker.get("label", "")))
         out = [Checkpoint(n, _int(meta.get("time_ns")), str(meta.get("label", "")))
-               for n, meta in chain(hfd, tree_identity(shadow_root), applied)]
+               for n, meta in chain(hfd, tree_identity(shadow_root), applied, down_to)]
         return out + [latest]
     finally:
         os.close(hfd)
@@ -571,8 +585,15 @@ class Policy:
 DEFAULT_POLICY = Policy()
 
 
-def retention_policy(keep_last: int | None, keep_within: float | None) -> Policy:
-    """The policy of a mount: the default (last 24) when neither limit is given."""
+def retention_policy(keep_last: int | None, keep_within: float | None,
+                     group: tuple[str, str] | list[str] | None = None) -> Policy:
+    """The policy of a mount: the default (last 24) when neither limit is given.  ``group``
+    = (group file, member name): a consistency group member's, decided on the group
+    checkpoints so that every member keeps the same ones (groupretention.GroupRetention)."""
+    if group is not None:
+        from .groupretention import group_retention
+        base = retention_policy(keep_last, keep_within)
+        return group_retention(str(group[0]), str(group[1]), base.keep_last, base.keep_within)
     if keep_last is None and keep_within is None:
         return DEFAULT_POLICY
     return Policy(keep_last=keep_last, keep_within=keep_within)
@@ -671,6 +692,8 @@ class HistoryWriter:
     def __init__(self, shadow_root: str | os.PathLike[str], policy: Policy = DEFAULT_POLICY) -> None:
         self.root = os.fspath(shadow_root)
         self.policy = policy
+        #: "now" for the retention policy (a test gives its own clock)
+        self.clock: Callable[[], int] = time.time_ns
         self.n = -1                          # the rev being written: checkpoint n (batch n + 1)
         self.fd = -1
         self.hfd = -1
@@ -689,6 +712,7 @@ class HistoryWriter:
         self.known: dict[int, tuple[int, int]] = {}     # inode key -> (sino, block size), this batch
         self.created: set[int] = set()           # inode keys of objects created in this batch
         self.rfds: OrderedDict[int, int] = OrderedDict()    # inode key -> fd for reading pre-images
+        self._rfd_max = fd_cache_size(_FD_CACHE)            # fewer under a low open-file limit
         self.walk: ParentCache | None = None     # parents of paths in tree/ (_resolve)
         self.root_sino = 0
         self.applied_time = 0
@@ -814,7 +838,7 @@ class HistoryWriter:
 
     def retain(self, applied: int) -> None:
         """Apply the retention policy (after set_applied)."""
-        dropped = prune(self.root, applied, self.policy)
+        dropped = prune(self.root, applied, self.policy, self.clock())
         if dropped:
             log.info("history: pruned checkpoint(s) %s (%s)", _ranges(dropped), self.policy)
 
@@ -1048,7 +1072,7 @@ class HistoryWriter:
             os.close(fd)
             return None
         self.rfds[ino] = fd
-        if len(self.rfds) > _FD_CACHE:
+        if len(self.rfds) > self._rfd_max:
             os.close(self.rfds.popitem(last=False)[1])
         return fd
 

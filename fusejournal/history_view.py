@@ -262,9 +262,11 @@ class TreeAt:
             return
         if self.hist_fd < 0:
             raise NotRetained(f"checkpoint {k} is not retained (the shadow keeps no history)")
-        chain = history.chain(self.hist_fd, history.tree_identity(self.root_path), applied)
+        tree = history.tree_identity(self.root_path)
+        chain = history.chain(self.hist_fd, tree, applied, down_to=k)      # the revs from k on
         ids = [n for n, _ in chain]
         if k not in ids:
+            ids = [n for n, _ in history.chain(self.hist_fd, tree, applied)]
             have = f"{ids[0]}..{applied}" if ids else f"only {applied}"
             raise NotRetained(f"checkpoint {k} is not retained (retained: {have})")
         chain = chain[ids.index(k):]

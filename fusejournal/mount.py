@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -63,7 +62,7 @@ from .recovery import (
 )
 from .resyncflag import NO_HANDLE, ResyncFlag
 from .seeding import ReplayError, SeedingTask
-from .session import FuseOperations, serve_session
+from .session import serve_session
 from .shadow import SEEDED, Shadow, ShadowError
 from .streamer import Streamer
 from .tempstore import TempStore
@@ -168,7 +167,9 @@ class Daemon:
 
         self.store = TempStore(self.journal.spill_dir, memory_limit=cfg.memory_limit)
         self.updater = Updater(self.olog, self.shadow,
-                               retention=retention_policy(cfg.keep_last, cfg.keep_within))
+                               retention=retention_policy(cfg.keep_last, cfg.keep_within,
+                                                          (os.fspath(cfg.group), cfg.member)
+                                                          if cfg.group is not None and cfg.member else None))
         group_member: tuple[Path, str] | None = None
         if cfg.group is not None:
             if cfg.member is None:              # the CLI gives both (cli.py)
@@ -510,45 +511,6 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None) -> int:
     return 0
 
 
-def run_browse(tree: Path, browsepoint: Path, options: list[str], ready_fd: int | None, debug: bool,
-               group: tuple[str, str] | None = None) -> int:
-    """Serve a read-only view of a shadow tree until unmounted."""
-    def open_ops() -> tuple[FuseOperations, Callable[[], None]]:
-        fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
-        from .browse import browse_operations
-        ops = browse_operations(tree, fd, group)
-
-        def close() -> None:
-            ops.close_all()
-            os.close(fd)
-        return ops, close
-    return serve_read_only(browsepoint, options, ready_fd, debug, _fsname(tree, "fusejournal-browse"),
-                           open_ops)
-
-
-def serve_read_only(browsepoint: Path, options: list[str], ready_fd: int | None, debug: bool,
-                    fsname: str, open_ops: Callable[[], tuple[FuseOperations, Callable[[], None]]]) -> int:
-    """A read-only mount's daemon, until unmounted: the browse mount (:func:`run_browse`) and
-    the browse of retained checkpoints (browsecli.run_history_browse).  ``open_ops`` builds
-    the Operations once the browse point is checked, and returns them with what closes them."""
-    reporter = Reporter(ready_fd)
-    setup_logging(None, debug, ready_fd is None)
-    try:
-        check_dir(browsepoint, "browse point")
-        check_mountpoint(browsepoint, journal_free=False)
-        ops, close = open_ops()
-
-        async def serve() -> None:
-            try:
-                await serve_session(ops, browsepoint, mount_options(options, fsname=fsname, read_only=True),
-                                    lambda: reporter.ready({"browsepoint": os.fspath(browsepoint),
-                                                            "pid": os.getpid()}))
-            finally:
-                close()
-        trio.run(serve)
-    except UserError as e:
-        reporter.error(e.exit_code, str(e))
-        if ready_fd is None:
-            raise
-        return e.exit_code
-    return 0
+# the read-only daemons live with the browse commands (browsecli.py), which import none of
+# this module: a browse starts without the journaled mount's machinery
+from .browsecli import run_browse  # noqa: E402

@@ -6,12 +6,22 @@ All functions raise :class:`OSError` with the right errno on failure.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import struct
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load_libc() -> ctypes.CDLL:
+    """glibc by its soname first: ctypes.util.find_library runs ``ldconfig -p`` in a child
+    process (tens of ms from a cold cache, at every command's start); it is the fallback."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+        return ctypes.CDLL(find_library("c"), use_errno=True)
+
+
+_libc = _load_libc()
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100

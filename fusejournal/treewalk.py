@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -108,6 +109,18 @@ def open_parent(base_fd: int, path: bytes) -> tuple[int, bytes]:
     return open_at(base_fd, head, O_WALK), name
 
 
+def fd_cache_size(most: int, share: int = 8, reserve: int = 40) -> int:
+    """How many fds a cache of the updater's side may keep under this process's soft
+    open-file limit: ``most``, or 1/``share`` of what is left after ``reserve``
+    (the log's, the socket's, the shadow's own fds) when the limit is low; at least 2.
+    The updater keeps a write-fd cache (share 4), two ParentCaches and the
+    history's read cache (share 8 each): under a limit of 64 they keep 6 + 3 × 3."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return most
+    return max(2, min(most, (soft - reserve) // share))
+
+
 class ParentCache:
     """Rule 2 for a stream of changes (the updater's): the parent directory of a
     path, walked with :func:`open_at` (``O_DIR`` for the parent itself, readable so
@@ -120,9 +133,9 @@ class ParentCache:
     the caller.
     """
 
-    def __init__(self, base_fd: int, size: int = 16) -> None:
+    def __init__(self, base_fd: int, size: int | None = None) -> None:
         self.base_fd = base_fd
-        self.size = size
+        self.size = fd_cache_size(16) if size is None else size
         self._fds: OrderedDict[bytes, int] = OrderedDict()
 
     def parent(self, path: bytes) -> tuple[int, bytes]:

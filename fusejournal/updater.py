@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import resource
 import stat
 import threading
 from collections import OrderedDict
@@ -41,7 +42,7 @@ from typing import Any, Protocol
 
 from . import sysc
 from .browsegate import UpdaterSide
-from .errors import SPACE_ERRNOS, NoSpace, UpdaterError
+from .errors import SPACE_ERRNOS, NoFds, NoSpace, UpdaterError
 from .faults import fault
 from .history import RUN_TYPES, HistoryWriter, Policy
 from .layout import SHADOW_INODES, SHADOW_TREE
@@ -70,7 +71,7 @@ from .shadow import Shadow
 from .staging import CURSOR, Cursor, StagingCursor, boot_id, clear_cursor, read_cursor
 from .treewalk import O_DIR as _O_DIR
 from .treewalk import O_WRITE as _O_WRITE
-from .treewalk import ParentCache
+from .treewalk import ParentCache, fd_cache_size
 from .treewalk import same_object as _samestat
 
 # validation lives beside the record types (records_check.py), the staging cursor in
@@ -88,7 +89,8 @@ RESEED_HINT = "the shadow does not match the log (changed by hand?): fusejournal
 RESEED_REPAIR_HINT = ("run `fusejournal fsck JOURNAL` to see what is lost, then re-seed the shadow "
                       "(stop the application, `fusejournal umount`, `fusejournal mount --reseed`)")
 
-#: number of open file descriptors kept for writes (per batch)
+#: number of open file descriptors kept for writes (per batch), fewer under a low
+#: open-file limit (treewalk.fd_cache_size)
 FD_CACHE_SIZE = 64
 
 
@@ -109,6 +111,7 @@ class _Applier:
         self.shadow = shadow
         self.checkpoint = checkpoint
         self.fds: OrderedDict[int, int] = OrderedDict()   # ino -> fd open for writing
+        self.fd_max = fd_cache_size(FD_CACHE_SIZE, share=4)
         self.deferred: dict[int, int] = {}                # ino -> mtime_ns to set at the end
         self.replaced: set[tuple[int, int]] = set()       # objects that may have lost their last name
         self.resumed = False
@@ -238,7 +241,7 @@ class _Applier:
             os.close(fd)
             raise _ApplyError(f"inodes/{key} changed while being opened")
         self.fds[ino] = fd
-        if len(self.fds) > FD_CACHE_SIZE:
+        if len(self.fds) > self.fd_max:
             _, old = self.fds.popitem(last=False)
             os.close(old)
         return fd
@@ -561,6 +564,12 @@ def _failed(checkpoint: int, index: int, rec: Record, e: Exception) -> UpdaterEr
     if isinstance(e, OSError) and _is_space_error(e):
         return NoSpace(f"checkpoint {checkpoint}: record {index} ({type(rec).__name__}): "
                        f"{e.strerror} on the shadow's filesystem", checkpoint, index)
+    if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+        # the process (or the system) is out of fds: nothing is wrong with the shadow;
+        # the batch's fds are closed (apply_records' close) and the pass resumes at the cursor
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return NoFds(f"checkpoint {checkpoint}: record {index} ({type(rec).__name__}): "
+                     f"{e.strerror} (open-file limit {soft}); retrying", checkpoint, index)
     return UpdaterError(f"checkpoint {checkpoint}: record {index} "
                         f"({type(rec).__name__}) failed: {e}; {RESEED_HINT}")
 

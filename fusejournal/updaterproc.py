@@ -49,6 +49,7 @@ from typing import Any
 
 from . import faults
 from .daemonize import setup_logging
+from .errors import NoFds
 from .history import retention_policy
 from .log import CheckpointInfo, Marker, OrderedLog, Position
 from .records import Record
@@ -165,15 +166,18 @@ class UpdaterLoop:
         try:
             self.applied = self.updater.run_once()
             if self.waiting:
-                log.info("updater: space is back; caught up to checkpoint %d", self.applied)
+                log.info("updater: %s is back; caught up to checkpoint %d",
+                         "the fd supply" if "descriptors" in self.waiting else "space", self.applied)
             self.error = self.waiting = None
             delay = None
         except NoSpace as e:
             with contextlib.suppress(Exception):
                 self.applied = self.shadow.applied        # earlier batches may have landed
+            what = "file descriptors" if isinstance(e, NoFds) else "space"
             if not self.waiting:
-                log.warning("updater: %s; waiting for space", e)
-            self.waiting = f"waiting for space on {self._space()} ({e})"
+                log.warning("updater: %s; waiting for %s", e, what)
+            self.waiting = (f"waiting for file descriptors ({e})" if isinstance(e, NoFds)
+                            else f"waiting for space on {self._space()} ({e})")
             self.error = None
             delay = 0.5 if delay is None else min(delay * 2, 8.0)
         except Exception as e:            # CorruptLog, UpdaterError, OSError ...: shown by status
@@ -263,7 +267,9 @@ def main(argv: list[str]) -> int:
         flog = ForwardedLog(cfg["log_dir"])
         rule = _group_rule(*cfg["group"]) if cfg.get("group") else None
         keep_last, keep_within = cfg.get("retention") or (None, None)
-        updater = Updater(flog, shadow, committed=rule, retention=retention_policy(keep_last, keep_within))
+        # a group member's retention is decided on the group checkpoints (groupretention.py)
+        updater = Updater(flog, shadow, committed=rule,
+                          retention=retention_policy(keep_last, keep_within, cfg.get("group")))
         UpdaterLoop(updater, flog, shadow, sock).run()
     except (BrokenPipeError, ConnectionResetError):
         pass                              # the daemon is gone

@@ -103,7 +103,13 @@ def _mib(n: int | None) -> float | None:
 
 
 def _daemon_of(point: Path) -> int | None:
-    """The pid of the daemon serving ``point`` (its command line names it)."""
+    """The pid of the daemon serving ``point``: its root answers ``user.fusejournal.pid``
+    (every browse forks its daemon from the command, whose command line has no
+    --foreground); else the process whose command line names it with --foreground."""
+    try:
+        return int(os.getxattr(point, b"user.fusejournal.pid"))
+    except (OSError, ValueError):
+        pass
     want = os.fsencode(point)
     for p in os.listdir("/proc"):
         if not p.isdigit():

@@ -314,6 +314,10 @@ def phase_cpu_rss(env, sizes) -> dict:
 def phase_halt(env, sizes) -> dict:
     samples = []
     with Session(env, sizes, "halt") as s:
+        # the daemon's peak RSS through each pending size (issue 11: bounded through 10 GiB)
+        pid = s.t.daemon_pid()
+        if pid:
+            proc_reset_hwm(pid)
         # the CLI's own start-up time (for reading `wait` times)
         overhead = median([s.wait(0) for _ in range(3)])
         block = random_block()
@@ -341,6 +345,7 @@ def phase_halt(env, sizes) -> dict:
                     "apply_s": apply_s,
                     "apply_by": "poll" if t_applied is not None else "wait - CLI start-up",
                     "wait_s": t_wait,
+                    "daemon_hwm_bytes": proc_hwm_bytes(pid) if pid else None,
                 })
         final_status = s.status()
     per_size = []
@@ -362,6 +367,9 @@ def phase_halt(env, sizes) -> dict:
             "lag_p50_s": percentile([x["apply_s"] for x in ss], 50),
             "lag_max_s": max(x["apply_s"] for x in ss) if ss else None,
             "wait_p50_s": percentile([x["wait_s"] for x in ss], 50),
+            # VmHWM since the mount, so the peak through this size and every smaller one
+            "daemon_peak_rss_mib": max((x["daemon_hwm_bytes"] or 0 for x in ss), default=0) / MiB
+            if any(x.get("daemon_hwm_bytes") for x in ss) else None,
         })
     return {"cli_overhead_s": overhead, "samples": samples, "per_size": per_size,
             "status": final_status}

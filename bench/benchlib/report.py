@@ -141,6 +141,11 @@ def goal_rows(results: dict, summary: dict) -> list[list[str]]:
             f"<= 20 ms + compress@300MB/s + fsync = {fmt(lim)} ms",
             {"fusejournal": (fmt(v) + " ms" if v is not None else "n/a",
                              None if v is None or lim is None else v <= lim)})
+    rss = [ps for ps in halt.get("per_size", []) if ps.get("daemon_peak_rss_mib") is not None]
+    if rss:
+        v = rss[-1]["daemon_peak_rss_mib"]
+        add(f"daemon peak RSS through {fmt_bytes(rss[-1]['pending'])} pending", "<= memory limit + 64 MiB = 128 MiB",
+            {"fusejournal": (fmt(v) + " MiB", v <= 128)})
     comp = ex.get("compress") or {}
     if "text_mb_s" in comp:
         for kind in ("text", "random"):
@@ -392,10 +397,15 @@ def render_extras(L: list[str], results: dict) -> None:
             rows.append([fmt_bytes(ps["pending"]), ps["n"], fmt(ps["halt_p50_ms"]), fmt(ps["halt_p99_ms"]),
                          fmt(ps["halt_max_ms"]), fmt(ps["setfattr_p50_ms"]), fmt(ps["setfattr_max_ms"]),
                          fmt(ps["setfattr_allowance_ms"]), fmt(ps["apply_mb_s"]), fmt(ps["lag_p50_s"]),
-                         fmt(ps["lag_max_s"]), fmt(ps.get("wait_p50_s"))])
+                         fmt(ps["lag_max_s"]), fmt(ps.get("wait_p50_s")),
+                         fmt(ps.get("daemon_peak_rss_mib"))])
         L.append(table(["pending", "n", "halt p50 ms", "halt p99 ms", "halt max ms", "setfattr p50 ms",
                         "setfattr max ms", "allowance ms", "apply MB/s", "lag p50 s", "lag max s",
-                        "wait returns p50 s"], rows))
+                        "wait returns p50 s", "daemon peak RSS MiB"], rows))
+        L.append("")
+        L.append("Daemon peak RSS: VmHWM of the daemon since the mount (reset at the start), read after "
+                 "each checkpoint, so the peak through that pending size and the smaller ones before it; "
+                 "the daemon's `--memory-limit` is 64 MiB.")
         L.append("")
     comp = ex.get("compress") or {}
     if comp.get("error"):

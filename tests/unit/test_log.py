@@ -142,6 +142,48 @@ def test_compression_round_trip_and_errors():
     assert issubclass(CompressionError, ValueError)
 
 
+def test_batch_frames_leave_the_content_checksum_to_the_entry_crc(d):
+    """The log's BATCH frames carry no xxhash32 (FLG bit 2): the entry's CRC-32
+    over the compressed payload, checked before decompressing, covers them.
+    Frames with it (older logs, pending.fjrec) still decompress."""
+    infos = fill(d, 2)
+    data = seg(d).read_bytes()
+    batches = [(pos, cp) for typ, cp, pos in parse_entries(seg(d), infos[0].start.offset,
+                                                           infos[-1].end.offset)
+               if typ == logmod.BATCH]
+    assert batches
+    for pos, _cp in batches:
+        length = logmod._ENTRY_HEADER.unpack_from(data, pos)[3]
+        frame = data[pos + HDR:pos + HDR + length]
+        assert frame[:4] == b"\x04\x22\x4d\x18" and not frame[4] & 0x04
+        compression.decompress(frame)
+    raw = b"record bytes " * 1000
+    with_sum, without = compression.compress(raw), compression.compress(raw, checksum=False)
+    assert with_sum[4] & 0x04 and not without[4] & 0x04
+    assert compression.decompress(with_sum) == compression.decompress(without) == raw
+
+
+def test_incompressible_chunks_switch_to_lz4_fast_mode_and_back(d):
+    """After a chunk that stores above FAST_ABOVE of its size the log compresses
+    in lz4's fast mode, and back at the default once a chunk stores below
+    DEFAULT_BELOW; what is read back is the same either way."""
+    log = opened(d, chunk_bytes=64 << 10)
+    assert log._level(1000, 950) == logmod.FAST_LEVEL       # barely compressed
+    assert log._level(1000, 850) == logmod.FAST_LEVEL       # between: stays fast
+    assert log._level(1000, 300) == 0                       # compressible again
+    assert log._level(1000, 850) == 0                       # between: stays default
+    assert log._level(0, 0) == 0
+    text = b"".join(b"%08d GET /api/items/%d 200 %d bytes\n" % (i, i * 7, i % 977)
+                    for i in range(20_000))
+    records = [Write(2, i << 16, 0, os.urandom(60_000)) for i in range(6)]
+    records += [Write(3, i << 16, 0, text[i * 60_000:(i + 1) * 60_000]) for i in range(6)]
+    log.append_unmarked(iter(records))
+    assert not log._fast                                    # the text chunks turned it back
+    info = log.append([], mk(1))
+    assert list(log.records(info)) == records
+    log.close()
+
+
 # ---------------------------------------------------------------- round trips
 
 def test_round_trip_every_type_big_write_and_empty(d):
@@ -265,8 +307,9 @@ def test_streaming_from_a_generator(d, monkeypatch):
     monkeypatch.setattr(os, "write", spy)
     info = log.append(gen(), mk(2))
     monkeypatch.undo()
-    # the first chunk was written long before the generator was exhausted
-    assert state["at_first_write"] <= chunk // size + 2
+    # the first chunk was written long before the generator was exhausted: after at
+    # most COMPRESS_AHEAD chunks were taken (the others being compressed meanwhile)
+    assert state["at_first_write"] <= logmod.COMPRESS_AHEAD * (chunk // size + 1) + 1
     entries = parse_entries(seg(d), info.start.offset, info.end.offset)
     batches = [e for e in entries if e[0] == logmod.BATCH]
     assert len(batches) >= n * size // chunk - 1
@@ -562,6 +605,35 @@ def test_append_failure_from_the_iterable(d, rotate):
     log.close()
     log = opened(d, **kw)
     assert log.checkpoints() == infos + [i4]
+    log.close()
+
+
+@pytest.mark.parametrize("failing_call", [1, 2, 3, 5])
+def test_append_failure_in_a_compression_in_flight(d, monkeypatch, failing_call):
+    """lz4 failing on one chunk while others are being compressed beside it: the
+    append raises, nothing of it stays in the log, and the log goes on."""
+    kw = {"chunk_bytes": 100}
+    infos = fill(d, 2, **kw)
+    before = snapshot(d)
+    log = opened(d, **kw)
+    real, calls = compression.compress, {"n": 0}
+
+    def flaky(data, **kw2):
+        calls["n"] += 1
+        if calls["n"] == failing_call:
+            raise MemoryError("lz4 could not allocate")
+        return real(data, **kw2)
+
+    monkeypatch.setattr(compression, "compress", flaky)
+    with pytest.raises(MemoryError):
+        log.append(small_batch(3, n=10), mk(3))
+    with pytest.raises(MemoryError):
+        calls["n"] = failing_call - 1
+        log.append_unmarked(small_batch(3, n=10))
+    monkeypatch.undo()
+    assert snapshot(d) == before and log.checkpoints() == infos
+    i3 = log.append(small_batch(3, n=10), mk(3))
+    assert list(log.records(i3)) == small_batch(3, n=10)
     log.close()
 
 

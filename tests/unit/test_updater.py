@@ -1130,3 +1130,58 @@ def test_random_operations(tmp_path_factory, no_flush, data):
         for fd in fds:
             os.close(fd)
         e.close()
+
+
+# ------------------------------------------------------------------ open-file limits
+
+def test_a_low_open_file_limit_shrinks_the_caches_and_emfile_is_waited_out(env):
+    """Under a low RLIMIT_NOFILE the updater's caches stay small (one batch writing
+    200 files applies where 64 cached write fds would not fit), and an EMFILE in the
+    middle of a batch is NoFds: transient, no error kept, nothing claimed, and the next
+    pass resumes at the cursor and is exact (it used to be a permanent 'changed by
+    hand? --reseed')."""
+    import resource
+
+    from fusejournal.errors import NoFds, NoSpace
+    from fusejournal.treewalk import fd_cache_size
+
+    for d in range(10):
+        env.rec.mkdir(b"d%d" % d)
+        for i in range(20):
+            env.rec.create(b"d%d/f%d" % (d, i), data=b"x" * 10)
+    env.sync()
+    for d in range(10):
+        for i in range(20):
+            env.rec.write(b"d%d/f%d" % (d, i), 5, b"y")
+    cp = env.checkpoint()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    real_getrlimit, real_open, calls = resource.getrlimit, os.open, {"n": 0}
+
+    def as_if_64(what):
+        return (64, hard) if what == resource.RLIMIT_NOFILE else real_getrlimit(what)
+
+    def emfile_once(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(*a, **kw)
+
+    # the caches are sized as under a limit of 64; the real limit leaves this process
+    # (which holds the suite's other fds) 30 more than it has now
+    opened = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (opened + 30, hard))
+    try:
+        with mock.patch("fusejournal.treewalk.resource.getrlimit", as_if_64):
+            assert fd_cache_size(64, share=4) == 6 and fd_cache_size(16) == 3
+            env.updater.close()
+            env.updater = updater_mod.Updater(env.log, env.shadow)
+            with mock.patch.object(updater_mod.os, "open", emfile_once):
+                with pytest.raises(NoFds) as ei:
+                    env.updater.run_once()
+            assert isinstance(ei.value, NoSpace) and "open-file limit" in str(ei.value)
+            assert env.updater.error is None and env.shadow.applied == cp - 1
+            assert read_cursor(env.shadow) is not None
+            assert env.updater.run_once() == cp
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    env.check()
