@@ -50,6 +50,8 @@ def browse_group(a: argparse.Namespace) -> int:
         raise UserError(f"{point} is not a directory", EXIT_USAGE)
     if os.listdir(point):
         raise UserError(f"{point} is not empty", EXIT_USAGE)
+    from .groupseed import refuse_while_seeding
+    refuse_while_seeding(group, "browse")
     done: list[Path] = []
     try:
         for m in group.members:

@@ -230,6 +230,10 @@ class GroupCheckpointError(Exception):
         self.errno = err
 
 
+class _NotEveryMember(Exception):
+    """An automatic request (a member's seed) found a member not running: nothing started."""
+
+
 class Coordinator:
     def __init__(self, group: Group) -> None:
         self.group = group
@@ -264,20 +268,27 @@ class Coordinator:
                 n.start_soon(one, name)
         return out
 
-    async def checkpoint(self, label: str) -> tuple[int, int]:
-        """One group checkpoint; returns (id, group halt ns) once committed durably."""
+    async def checkpoint(self, label: str, auto: bool = False) -> tuple[int, int]:
+        """One group checkpoint; returns (id, group halt ns) once committed durably.
+        ``auto`` (asked by a member's online seed, fusejournal/groupseed.py): if a member
+        is not running, nothing is started, no id is used and nothing is logged as an
+        error (EAGAIN: the seed asks again later)."""
         async with self._lock:
             gid = self.next_id
             self.next_id += 1
             try:
-                return await self._checkpoint(gid, label)
+                return await self._checkpoint(gid, label, auto)
+            except _NotEveryMember as e:
+                self.next_id = gid
+                log.info("group checkpoint %r asked by a member's seed not started: %s", label, e)
+                raise GroupCheckpointError(str(e), errno.EAGAIN) from None
             except GroupCheckpointError as e:
                 self.failed += 1
                 self.last_error = f"group checkpoint {gid} failed: {e}"
                 log.error("%s", self.last_error)
                 raise
 
-    async def _checkpoint(self, gid: int, label: str) -> tuple[int, int]:
+    async def _checkpoint(self, gid: int, label: str, auto: bool = False) -> tuple[int, int]:
         g = self.group
         names = [m.name for m in g.members]
         T = g.halt_timeout
@@ -313,6 +324,8 @@ class Coordinator:
                 chans[name] = Channel(stream)
             res = await self._each(names, connect, T, "connect")
             err = first_error(res, "unreachable")
+            if err and auto:
+                raise _NotEveryMember(err)          # (nothing sent: the channels are closed)
             if err:
                 await abort(err, {})
                 raise GroupCheckpointError(err, errno.EIO)
@@ -422,7 +435,7 @@ class Coordinator:
                 await ch.send({"ok": False, "error": f"bad label: {e}", "errno": errno.EINVAL})
                 return
             try:
-                gid, halt_ns = await self.checkpoint(label)
+                gid, halt_ns = await self.checkpoint(label, auto=req.get("auto") is True)
             except GroupCheckpointError as e:
                 await ch.send({"ok": False, "error": f"group checkpoint failed: {e}", "errno": e.errno})
                 return

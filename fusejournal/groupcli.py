@@ -87,6 +87,7 @@ def _stop_coordinator(group: Group, timeout: float = 30.0) -> None:
 
 def mount_group(a: argparse.Namespace) -> int:
     from .daemonize import spawn
+    seeding: list[str] = []             # members whose shadow is seeded behind the mount
     group = _load(a.group)
     try:
         ensure_run_dir(group)
@@ -110,6 +111,8 @@ def mount_group(a: argparse.Namespace) -> int:
                     "--memory-limit", str(a.memory_limit), "--segment-limit", str(a.segment_limit),
                     "--group", os.fspath(group.path), "--member", m.name]
             argv += _retention_argv(a, group)
+            if getattr(a, "seed_wait", None) is not None:
+                argv += ["--seed-wait", str(a.seed_wait)]
             for o in a.o or []:
                 argv += ["-o", o]
             if a.debug:
@@ -120,6 +123,8 @@ def mount_group(a: argparse.Namespace) -> int:
             mounted.append(m)
             print(f"member {m.name}: mounted {m.source} at {m.mountpoint} (journal {m.journal}, "
                   f"shadow {m.shadow}, pid {info.get('pid')})")
+            if info.get("seeding"):
+                seeding.append(m.name)
     except UserError as e:
         for m in reversed(mounted):
             try:
@@ -132,6 +137,10 @@ def mount_group(a: argparse.Namespace) -> int:
         undone = f"; unmounted the {len(mounted)} member(s) this command had mounted" if mounted else ""
         raise UserError(f"group {group.name!r}: {who}: {e}{undone}", e.exit_code) from None
     print(f"group {group.name}: {len(group.members)} member(s) mounted")
+    if seeding:
+        print(f"member(s) {', '.join(seeding)}: the shadow is being seeded in the background: "
+              f"`fusejournal status --group {group.path}` shows the progress, `fusejournal wait "
+              f"--group {group.path}` waits for the first complete group checkpoint")
     return 0
 
 
@@ -246,7 +255,13 @@ def status_group(a: argparse.Namespace) -> int:
         st["coordinator_error"] = str(e)
     for m in group.members:
         st["members"][m.name] = _member_status(m)
+    # the members' online seeds (groupseed.py): no group checkpoint is complete before this one
+    from .groupseed import first_complete
+    first, parts = first_complete(group, commits)
+    st["first_complete_group_checkpoint"] = first
+    st["seeding_members"] = [n for n, p in parts.items() if p.seeding]
     bad = any(s.get("error") or s.get("updater_error") or s.get("log_damage") or s.get("group_error")
+              or str((s.get("seeding") or {}).get("state", "")).startswith("stopped")
               for s in st["members"].values())
     if a.json:
         print(json.dumps(st, indent=1, sort_keys=True))
@@ -256,34 +271,74 @@ def status_group(a: argparse.Namespace) -> int:
                 print(f"{k}: {st[k]}")
         for k, v in sorted((st["coordinator"] or {}).items()):
             print(f"coordinator.{k}: {v}")
+        from .seeding import progress_line
         for name, ms in st["members"].items():
             for k in sorted(ms):
-                print(f"{name}.{k}: {ms[k]}")
+                v = ms[k]
+                if k == "seeding" and isinstance(v, dict) and "entries_copied" in v and "phase" in v:
+                    print(f"{name}.seeding: {progress_line(v).removeprefix('seeding: ')}")
+                else:
+                    print(f"{name}.{k}: {v}")
     return EXIT_DAMAGED if bad else 0
 
 
 def wait_group(a: argparse.Namespace) -> int:
+    """``wait --group FILE [--checkpoint G]``: until every member's shadow stands at G.
+    While the members are seeded online (groupseed.py) no group checkpoint is complete
+    before the group's first complete one F: a G before F is waited for as F (which
+    includes it), and said so."""
     group = _load(a.group, check=False)
     commits = CommitLog(group.commits_path)
     commits.refresh()
     target = a.checkpoint if a.checkpoint is not None else commits.last_committed
-    if target == 0:
-        print(0)
-        return 0
-    rec = commits.commit_record(target)
-    if rec is None:
+    if target > 0 and commits.commit_record(target) is None:
         if target <= commits.last_id:
             raise UserError(f"group checkpoint {target} was not committed (it failed)", EXIT_USAGE)
         raise UserError(f"group checkpoint {target} does not exist (last is {commits.last_committed})",
                         EXIT_USAGE)
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
+    from .groupseed import first_complete
     from .shadow import Shadow, ShadowError
     while True:
+        commits.refresh()
+        first, parts = first_complete(group, commits)
+        if first is None:
+            waiting = []
+            for m in group.members:
+                part = parts[m.name]
+                if part.complete_at is not None:
+                    continue
+                st = _member_status(m)
+                if st.get("error"):
+                    raise UserError(f"member {m.name!r}: {st['error']}", EXIT_FAILED)
+                seed = st.get("seeding") or {}
+                if str(seed.get("state", "")).startswith("stopped"):
+                    raise UserError(f"member {m.name!r}: the seed of its shadow is {seed['state']}",
+                                    EXIT_DAMAGED)
+                if st.get("pid") is None:
+                    raise UserError(f"member {m.name!r}: its shadow is {part.why} and no daemon is "
+                                    f"running to finish it: mount the group again", EXIT_FAILED)
+                if not part.seeding and not seed:         # not seeding: nothing to wait for
+                    raise UserError(f"member {m.name!r}: {part.why}", EXIT_FAILED)
+                waiting.append(f"{m.name} ({seed.get('state') or part.why})")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise UserError(f"timed out: the members are still being seeded: {', '.join(waiting)}; "
+                                f"no group checkpoint is complete yet (waiting for {target})",
+                                EXIT_TIMEOUT)
+            time.sleep(0.05)
+            continue
+        goal = max(target, first)
+        if goal == 0:
+            print(0)
+            return 0
+        rec = commits.commit_record(goal)
+        if rec is None:              # (first is a committed group checkpoint: not reached)
+            raise UserError(f"group checkpoint {goal} is not in the commit log", EXIT_FAILED)
         behind = []
         for m in group.members:
             local = rec["members"].get(m.name)
             if local is None:
-                raise UserError(f"group checkpoint {target} has no batch of member {m.name!r}")
+                raise UserError(f"group checkpoint {goal} has no batch of member {m.name!r}")
             st = _member_status(m)
             if st.get("error"):
                 raise UserError(f"member {m.name!r}: {st['error']}", EXIT_FAILED)
@@ -292,7 +347,9 @@ def wait_group(a: argparse.Namespace) -> int:
                 try:
                     applied = Shadow(m.shadow).applied
                 except ShadowError as e:
-                    raise UserError(f"member {m.name!r}: {e}") from None
+                    if st.get("pid") is None:
+                        raise UserError(f"member {m.name!r}: {e}") from None
+                    applied = -1          # completing its seed this very moment
             if applied < local:
                 if st.get("pid") is None:
                     raise UserError(f"member {m.name!r}: its shadow is behind and no daemon is running "
@@ -302,10 +359,14 @@ def wait_group(a: argparse.Namespace) -> int:
                                     EXIT_DAMAGED)
                 behind.append(m.name)
         if not behind:
-            print(target)
+            if target < first:
+                print(f"fusejournal: group checkpoint {target} was taken while the members were being "
+                      f"seeded; every member stands at group checkpoint {goal}, the first complete "
+                      f"group checkpoint, which includes it", file=sys.stderr)
+            print(goal)
             return 0
         if deadline is not None and time.monotonic() >= deadline:
-            raise UserError(f"timed out: member(s) {', '.join(behind)} not yet at group checkpoint {target}",
+            raise UserError(f"timed out: member(s) {', '.join(behind)} not yet at group checkpoint {goal}",
                             EXIT_TIMEOUT)
         time.sleep(0.05)
 
@@ -317,8 +378,12 @@ def log_group(a: argparse.Namespace) -> int:
     commits.refresh()
     rows = sorted([("committed", r["commit"], r) for r in commits.commits] +
                   [("failed", r["abort"], r) for r in commits.aborts], key=lambda x: x[1])
+    from .groupseed import first_complete
+    first, parts = first_complete(group, commits)
     if a.json:
-        print(json.dumps([{"id": i, "state": s, **r} for s, i, r in rows], indent=1))
+        print(json.dumps([{"id": i, "state": s, **r, **({"first_complete": True} if i == first and
+                                                         s == "committed" else {})}
+                          for s, i, r in rows], indent=1))
         return 0
     print(f"{'id':>6}  {'state':9}  {'time (UTC)':20}  {'group halt ms':>13}  members  label")
     for state, gid, r in rows:
@@ -327,8 +392,21 @@ def log_group(a: argparse.Namespace) -> int:
         halt = f"{r['halt_ns'] / 1e6:.3f}" if "halt_ns" in r else ""
         members = ",".join(f"{n}:{c}" for n, c in sorted(r.get("members", {}).items())) or "-"
         extra = f"  ({r['error']})" if state == "failed" and r.get("error") else ""
+        if state == "committed" and gid == first and first:
+            extra += "  (first complete group checkpoint: every member's seed is done)"
+        elif state == "committed" and (first is None or gid < first) and _seeded_online(parts):
+            extra += "  (taken while seeding: not complete on every member)"
         print(f"{gid:>6}  {state:9}  {when:20}  {halt:>13}  {members}  {r.get('label', '')}{extra}")
+    if first is None:
+        print("no group checkpoint is complete yet: " + "; ".join(
+            f"member {n}: {p.why}" for n, p in parts.items() if p.complete_at is None))
     return 0
+
+
+def _seeded_online(parts: dict[str, Any]) -> bool:
+    """Was the group seeded online (a member's seed completed at a group checkpoint > 0, or
+    one is in progress)?  Only then are earlier rows "taken while seeding"."""
+    return any(p.seeding or (p.complete_at or 0) > 0 for p in parts.values())
 
 
 def fsck_group(a: argparse.Namespace) -> int:

@@ -55,6 +55,17 @@ appended (the checkpoint aborted, the coordinator lost) goes back in front of
 the temporary store (:meth:`TempStore.restore`), so operations admitted since
 stay after it, in order.  Nothing ever stays closed: there is no closed state
 another process has to lift.
+
+A member seeding online (fusejournal/groupseed.py) may ask, before it answers
+``ready``, for its next cut to be *held* (:attr:`GroupHalt.hold_next`): the
+cut is made exactly as above (by an operation or by the task), but the gate
+stays closed behind it — later operations of this member wait, as in a single
+tree's halt — until the member's own checkpoint task has run the seed's final
+round and calls :meth:`GroupHalt.release` (or the session ends: :meth:`finish`
+releases it).  The cut itself is unchanged, so the consistency argument above
+is too: holding only delays this member's operations *after* its cut; no other
+member waits for it.  The hold is the member's halt (``cut_ns`` moves to the
+release), bounded by the final round's own deadline (the group's halt bound).
 """
 
 from __future__ import annotations
@@ -287,6 +298,12 @@ class GroupHalt(Halt):
         self.cut: Cut | None = None
         self._seen_ns = 0
         self._settled = trio.Event()    # set when a due cut is made or given up
+        # a member seeding online (groupseed.py): its session asks for the next cut to be
+        # *held* (the gate stays closed after the take until :meth:`release`), so that the
+        # seed's final round reads an original that does not move
+        self.hold_next = False
+        self._held = False
+        self._held_value = 0
 
     # the gate points (fs.py) ------------------------------------------------
 
@@ -315,7 +332,10 @@ class GroupHalt(Halt):
 
     async def _due(self) -> None:
         """The epoch moved: this member's cut is due before the calling operation.
-        No await unless an operation is in flight."""
+        No await unless an operation is in flight (or the cut is held)."""
+        if self._held:              # cut already, held until the session releases it
+            await self._settled.wait()
+            return
         if self.expecting is None:
             self.adopt("the epoch moved for a checkpoint this member is not part of")
             return
@@ -348,19 +368,42 @@ class GroupHalt(Halt):
         batch = self.store.take()
         period = self.activity.new_period() if self.activity is not None else 0
         done = time.monotonic_ns()
-        self._cut_at = value
+        if self.hold_next:          # the gate stays closed until release()
+            self._held, self._held_value = True, value
+        else:
+            self._cut_at = value
         self.cut = Cut(ep.gid, batch, period, seen, done, by_handler)
         self._seen_ns = 0
         self.last_duration_ns = done - seen
         self.count += 1
         self._settle()
 
+    @property
+    def held(self) -> bool:
+        """A cut is made and the gate is still closed behind it (:attr:`hold_next`)."""
+        return self._held
+
+    def release(self) -> None:
+        """End a held cut: the operations waiting go on.  The cut's ``cut_ns`` (the end
+        of this member's halt) becomes now.  No-op if nothing is held."""
+        if not self._held:
+            return
+        self._held = False
+        self._cut_at = self._held_value
+        now = time.monotonic_ns()
+        if self.cut is not None:
+            self.cut.cut_ns = now
+            self.last_duration_ns = now - self.cut.seen_ns
+        self._settle()
+
     def adopt(self, why: str, value: int | None = None) -> None:
-        """Go on at the current epoch without a cut (nothing taken: the records stay)."""
+        """Go on at the current epoch without a cut (nothing taken: the records stay);
+        a held cut is released."""
         if value is None:
             value = self._mm[_EPOCH]
-        if value != self._cut_at:
+        if value != self._cut_at and not self._held:
             log.info("group gate: %s: adopted without a cut", why)
+        self._held = False
         self._cut_at = value
         self._seen_ns = 0
         self._settle()
@@ -397,8 +440,12 @@ class GroupHalt(Halt):
         return self.cut
 
     def finish(self) -> Cut | None:
-        """The session ends: stop expecting; return a cut nobody consumed (to put back)."""
+        """The session ends: stop expecting, release a held cut; return a cut nobody
+        consumed (to put back)."""
         self.expecting = None
+        self.hold_next = False
+        if self._held:
+            self.release()
         cut, self.cut = self.cut, None
         if self._mm[_EPOCH] != self._cut_at:
             self.adopt("the session ended")

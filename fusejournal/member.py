@@ -56,6 +56,7 @@ from .tempstore import TempStore
 
 if TYPE_CHECKING:
     from .activity import ActivityLog
+    from .groupseed import MemberSeed
 
 log = logging.getLogger("fusejournal.member")
 
@@ -121,6 +122,8 @@ class GroupMember:
         self._fifo = make_fifo(self.group.wake_path(name))
         self.notifier = Notifier(self._fifo)
         self._halt: GroupHalt | None = None
+        # an online seed (groupseed.py): set by the daemon while its shadow is seeded
+        self.seed: MemberSeed | None = None
 
     def make_halt(self, store: TempStore, activity: ActivityLog | None) -> GroupHalt:
         """This member's halt (mount.py): the group's epoch is its gate."""
@@ -150,18 +153,23 @@ class GroupMember:
 
     # ------------------------------------------------------------ update permission
 
-    async def request_checkpoint(self, label: str) -> None:
-        """setxattr on this member's root: one group checkpoint, via the coordinator."""
+    async def request_checkpoint(self, label: str, auto: bool = False) -> None:
+        """setxattr on this member's root: one group checkpoint, via the coordinator.
+        ``auto``: asked by this member's seed (groupseed.py): a coordinator or a member
+        not running yet is not an error (the seed asks again), and the coordinator starts
+        nothing unless every member is there."""
         path = os.fspath(self.group.coordinator_socket)
         try:
             stream = await trio.open_unix_socket(path)
         except OSError:
+            if auto:
+                raise OSError(errno.EAGAIN, "the group coordinator is not running") from None
             self.last_error = "the group coordinator is not running"
             log.error("update permission %r refused: %s", label, self.last_error)
             raise OSError(errno.EIO, self.last_error) from None
         ch = Channel(stream)
         try:
-            await ch.send({"op": "checkpoint", "label": label})
+            await ch.send({"op": "checkpoint", "label": label, **({"auto": True} if auto else {})})
             with trio.fail_after(3 * self.group.halt_timeout + self.group.append_timeout
                                  + REQUEST_TIMEOUT_SLACK):
                 reply = await ch.recv()
@@ -171,6 +179,8 @@ class GroupMember:
         finally:
             await ch.aclose()
         if not reply.get("ok"):
+            if auto and reply.get("errno") == errno.EAGAIN:     # a member is not running yet
+                raise OSError(errno.EAGAIN, reply.get("error", "not every member is running"))
             self.last_error = reply.get("error", "group checkpoint failed")
             log.error("update permission %r: %s", label, self.last_error)
             err = reply.get("errno")
@@ -244,6 +254,8 @@ class GroupMember:
             self.store_restore(left, f"group checkpoint {gid}: the cut was not appended")
         if paused:
             cp._resume()
+        if self.seed is not None:
+            self.seed.failed()
 
     async def _session(self, ch: Channel, cp: Checkpointer, gid: int, label: str, inbox: _Inbox,
                        handed: list[bool]) -> None:
@@ -265,6 +277,8 @@ class GroupMember:
                 paused = True
             # 2. expect the cut, report ready; wait for the coordinator to move the epoch
             halt.expecting = gid
+            # an online seed ready for its final round: hold the cut (groupseed.py)
+            halt.hold_next = self.seed is not None and self.seed.wants_hold()
             await ch.send({"ok": True, "state": "ready"})
             with trio.move_on_after(HALT_ORDER_TIMEOUT):
                 while True:
@@ -280,6 +294,9 @@ class GroupMember:
                 await faults.hold("group.member_before_halt")
             # 3. the cut (made already by an operation, or now), bounded by T
             cut = await halt.cut_for(gid, bound)
+            if halt.held and self.seed is not None:
+                await self.seed.at_cut()        # the seed's final round, the gate still closed
+            halt.release()
         except BaseException as e:
             self._give_back(cp, gid, paused)   # nothing appended: the streamer goes on
             if isinstance(e, HaltTimeout):          # the drain, or the barrier (BarrierTimeout)
@@ -305,9 +322,13 @@ class GroupMember:
         del cp.halt_history[:-1000]
         taken = Taken(label, wall, cut.batch, cut.period, cut.seen_ns, cut.cut_ns, paused=paused)
         handed[0] = True                  # append restores it on failure; then commit/abort/in doubt
+        seed = self.seed
         try:
-            info = await cp.append(taken, {"group": self.group.name, "group_checkpoint": gid})
+            info = await cp.append(taken, {"group": self.group.name, "group_checkpoint": gid,
+                                           **(seed.marker_extra() if seed is not None else {})})
         except Exception as e:
+            if seed is not None:
+                seed.failed()
             err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
             await ch.send({"ok": False, "error": str(e), "errno": err})
             return
@@ -324,19 +345,27 @@ class GroupMember:
         except BaseException:
             # cancelled (the daemon unmounting): durable but undecided, so in doubt;
             # shutdown() settles it from the commit log before saving what is pending
+            if seed is not None:
+                seed.in_doubt(taken)
             self.in_doubt = (gid, taken, info)
             raise
         op = msg.get("op") if msg else None
         if op == "commit":
+            if seed is not None:
+                await seed.committed(gid, taken, info)      # before confirm: the periods
             cp.confirm(taken, info)
             self.last_group = max(self.last_group, gid)
             self.last_error = None
         elif op == "abort" and msg is not None:
+            if seed is not None:
+                seed.failed()
             cp.restore(taken, f"group checkpoint {gid} aborted: {msg.get('error')}")
             self.last_error = f"group checkpoint {gid} aborted: {msg.get('error')}"
         else:
             log.warning("group checkpoint %d: no outcome from the coordinator; in doubt until "
                         "the commit log says", gid)
+            if seed is not None:
+                seed.in_doubt(taken)
             self.in_doubt = (gid, taken, info)
             return
         with contextlib.suppress(ProtocolError):

@@ -126,11 +126,11 @@ class Daemon:
         self.shadow = Shadow(self.journal.shadow_path, identity=self.journal.shadow_identity)
         self.stack.callback(self.shadow.close)
         wait_for_previous_updater(self.shadow.root)     # a killed daemon's updater process, dying
-        # the seed runs online (seeding.py) outside a consistency group: its changes are
-        # tracked by the activity log, by handle (CAP_DAC_READ_SEARCH: root) or else by fd
-        # (activity.py); a group member still seeds before mounting
+        # the seed runs online (seeding.py), a consistency group member's too (groupseed.py):
+        # its changes are tracked by the activity log, by handle (CAP_DAC_READ_SEARCH: root)
+        # or else by fd (activity.py)
         self.handles = handles_usable()
-        online = cfg.group is None
+        online = True
         self.seed_mode: str | None = None          # "fresh" / "resume": an online seed (seeding.py)
         self.seeding: SeedingTask | None = None
         self._seed_made: list[str] = []
@@ -141,10 +141,6 @@ class Daemon:
             else:
                 reseed(self.journal, self.shadow, self.olog, source_fd, cfg.source, self.reporter)
         elif self.shadow.seeding:
-            if not online:
-                raise UserError(f"the shadow {self.shadow.root} is being seeded online, which is "
-                                f"done outside a consistency group: mount it alone to finish the "
-                                f"seed, or --reseed")
             self.shadow.attach()
             self.seed_mode = "resume"
         elif not self.shadow.exists():
@@ -266,8 +262,28 @@ class Daemon:
             self.member.attach(self.checkpointer, self.control)
 
         if self.seeding is not None:
-            self.seeding.checkpoint = lambda label: self.checkpoint(label, auto=True)
             self.seeding.unjournaled = lambda: len(self.resync_flag.reasons)
+            if self.member is not None:         # its checkpoints are group checkpoints
+                from .groupseed import MemberSeed
+                member = self.member
+                member.seed = MemberSeed(self.seeding, self._member_seed_done,
+                                         member.group.halt_timeout)
+                self.seeding.checkpoint = lambda label: member.request_checkpoint(label, auto=True)
+            else:
+                self.seeding.checkpoint = lambda label: self.checkpoint(label, auto=True)
+
+    def _member_seed_done(self, checkpoint: int) -> None:
+        """A group member's seed completed at its ``checkpoint`` (groupseed.py; called before
+        the batch is confirmed): the updater starts there, as after Daemon.checkpoint."""
+        self.update_task.applied = checkpoint
+        self.resync_flag.recovered = True            # flagged objects were reconciled
+        if self.member is not None:
+            self.member.seed = None
+        if not self.handles:                 # by fd: the log was kept for the seed only
+            try:
+                self.activity.stop_tracking()
+            except OSError as e:
+                log.warning("seed: could not remove the activity log kept for it: %s", e)
 
     @property
     def shadow_applied(self) -> int | None:

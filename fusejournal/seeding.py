@@ -82,7 +82,10 @@ shadow before mounting, with the application stopped.  Now (docs/design.md,
 
 A daemon without CAP_DAC_READ_SEARCH keeps the activity log by fd while
 seeding (activity.py; docs/design.md, "Seeding online without handles").
-Members of a consistency group still seed before mounting.
+A member of a consistency group seeds online too: its checkpoints are group
+checkpoints, its final round runs behind a held cut of the group's epoch
+(fusejournal/groupseed.py; docs/design.md, "Consistency group members seed
+online").
 """
 
 from __future__ import annotations
@@ -417,6 +420,9 @@ class SeedingTask:
         self.replay_unjournaled = 0
         self.done = False
         self.first_complete: int | None = None
+        # a consistency group member: the group checkpoint whose batch completes the seed
+        # (set by groupseed.MemberSeed before complete(); written to seeded.json)
+        self.group_checkpoint: int | None = None
         self.done_event = trio.Event()
         # threads
         self._stop = False
@@ -424,6 +430,7 @@ class SeedingTask:
         self._copy_error: BaseException | None = None
         self._count_thread: threading.Thread | None = None
         self._work: threading.Thread | None = None
+        self._trigger_failures = 0
         self._last_persist = time.monotonic()
         self._persist_entries = self.entries
 
@@ -682,14 +689,21 @@ class SeedingTask:
                     self.doc["final_attempted"] = True       # survives a kill (no fsync needed:
                     await self._in_thread(self.persist, False)   # the shadow is not synced either)
                 self.state = "ready"
-                await self._trigger()
+                asked = await self._trigger()
+                # a group member's session may still be deciding a final round its halt ran
+                # (the coordinator's answer can reach this task before the member's session
+                # has its outcome): never reconcile beside it
+                while self.state == "final" and not self.done:
+                    await trio.sleep(0.05)
                 if self.done:
                     return
                 carry, self.final_intents = self.final_intents, []
                 self.replay_after = None             # a round first: the replay starts there
                 distrust = True
                 self.state = "converging"
-                await trio.sleep(1.0)
+                # (a group member whose group cannot checkpoint yet, e.g. another member not
+                # running: asked again less and less often, up to every 30 s)
+                await trio.sleep(1.0 if asked else min(30.0, 2.0 ** self._trigger_failures))
                 continue
             self.state = f"converging (round {self.rounds + 1}, {len(intents)} object(s))"
             t0 = time.monotonic()
@@ -735,28 +749,42 @@ class SeedingTask:
                      time.monotonic() - t0)
             fault("seed.round")
 
-    async def _trigger(self) -> None:
-        """Ask for the checkpoint whose halt runs the final round (unless one comes first)."""
+    async def _trigger(self) -> bool:
+        """Ask for the checkpoint whose halt runs the final round (unless one comes first);
+        False if it failed (logged on the 1st, 2nd, 4th, 8th ... failure in a row)."""
         assert self.checkpoint is not None
         try:
             await self.checkpoint("seed complete")
         except trio.Cancelled:
             raise
         except Exception as e:
-            log.warning("seed: the checkpoint that completes the seed failed (%s); retrying", e)
+            self._trigger_failures += 1
+            n = self._trigger_failures
+            if n & (n - 1) == 0:
+                log.warning("seed: the checkpoint that completes the seed failed (%s)%s; retrying",
+                            e, f" ({n} times in a row)" if n > 1 else "")
+            return False
+        self._trigger_failures = 0
+        return True
 
     # -------------------------------------------------------------- the final round
 
-    async def at_halt(self) -> None:
+    async def at_halt(self, timeout: float | None = None) -> None:
         """Inside a checkpoint's halt (gate closed, store taken, new period begun): if the
         dirty set is ready, make the records that reconcile its names, types, attributes,
         links and xattrs with the original as it stands now, with the contents of files
         deferred (``resync``'s ``defer``: no file data is read; they are replayed from the
         log by :meth:`complete`).  The shadow is only read here: the records are applied by
         :meth:`complete`, after the append.  Without a log the contents are compared here
-        too.  Never raises: a failure leaves the seed converging."""
+        too.  Never raises: a failure leaves the seed converging.  ``timeout`` (a group
+        member: the group's halt bound): past it the round stops at its next record and is
+        not attempted (the seed converges again)."""
         if self.state != "ready" or self.done:
             return
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def stop() -> bool:
+            return self._stop or (deadline is not None and time.monotonic() > deadline)
         closed = self.current_period() - 1
         t0 = time.monotonic()
         self.state = "final"
@@ -771,9 +799,14 @@ class SeedingTask:
             intents = unique(intents + read_periods(self.activity_dir, self.last_period, closed))
             self.dirty = len(intents)
             batch = await trio.to_thread.run_sync(plan_records, self.source_fd, self.shadow, intents,
-                                                  self.started_ns, self.spill_dir, lambda: False,
+                                                  self.started_ns, self.spill_dir, stop,
                                                   defer, stats)
+            if deadline is not None and time.monotonic() > deadline:
+                batch.close()
+                raise Stopped()
         except Exception as e:
+            if isinstance(e, Stopped) and timeout is not None and not self._stop:
+                e = Stopped(f"not done within the halt bound of {timeout:g} s")
             log.warning("seed: the final round failed (%s); converging again", e)
             self.final_intents = intents
             self.last_period = closed
@@ -844,13 +877,16 @@ class SeedingTask:
                          (self.replay_after or 0) + 1, checkpoint, replay_s,
                          counts["records"], counts["writes"], counts["bytes_written"])
             sh = self.shadow
-            sh.write_state(SEEDED, {"first_complete": checkpoint, "time_ns": marker_time_ns,
-                                    "started_ns": self.started_ns, "entries": self.entries,
-                                    "bytes": self.bytes, "rounds": self.rounds,
-                                    "final_halt_s": self.final_halt_s,
-                                    "final_halt": self.final_stats,
-                                    "final_replay": dict(counts, seconds=round(replay_s, 6)),
-                                    "online": True})
+            doc: dict[str, object] = {"first_complete": checkpoint, "time_ns": marker_time_ns,
+                   "started_ns": self.started_ns, "entries": self.entries,
+                   "bytes": self.bytes, "rounds": self.rounds,
+                   "final_halt_s": self.final_halt_s,
+                   "final_halt": self.final_stats,
+                   "final_replay": dict(counts, seconds=round(replay_s, 6)),
+                   "online": True}
+            if self.group_checkpoint is not None:    # a group member (groupseed.py)
+                doc["group_checkpoint"] = self.group_checkpoint
+            sh.write_state(SEEDED, doc)
             sh.set_applied(checkpoint)
             sh.remove_state(SEEDING)
         try:

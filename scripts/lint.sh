@@ -27,7 +27,7 @@ cd "$(dirname "$0")/.."
 # coordinator, a member's side, the group commands
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/group.py fusejournal/groupgate.py fusejournal/coordinator.py fusejournal/member.py \
-  fusejournal/groupcli.py fusejournal/groupretention.py
+  fusejournal/groupcli.py fusejournal/groupretention.py fusejournal/groupseed.py
 # the online seed (issue 12)
 .venv/bin/mypy --strict --follow-imports=silent --ignore-missing-imports \
   fusejournal/seeding.py
