@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_groups import START, WORKER, Group, check_bank, read_acct
+from test_groups import START, WORKER, Group, check_bank, read_acct, stop_bank
 from test_online_seed import fill, pause_env
 
 from conftest import alive, can_mount, fj, force_unmount, is_mounted
@@ -114,17 +114,7 @@ def start_banks(g: Group, stop: Path) -> list[subprocess.Popen]:
 
 
 def stop_banks(procs: list[subprocess.Popen], stop: Path) -> list[str]:
-    stop.touch()
-    errors = []
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            _, err = p.communicate()
-        if p.returncode != 0:
-            errors.append(err.strip())
-    return errors
+    return stop_bank(procs, stop, timeout=60)     # (a seeding member answers slower)
 
 
 def banks_moved(g: Group) -> bool:

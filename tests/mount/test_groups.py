@@ -204,12 +204,12 @@ def start_bank(g: Group, workers: int) -> tuple[list[subprocess.Popen], Path]:
     return procs, stop
 
 
-def stop_bank(procs: list[subprocess.Popen], stop: Path) -> list[str]:
+def stop_bank(procs: list[subprocess.Popen], stop: Path, timeout: float = 30) -> list[str]:
     stop.touch()
     errors = []
     for p in procs:
         try:
-            _, err = p.communicate(timeout=30)
+            _, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
             _, err = p.communicate()
