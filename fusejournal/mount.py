@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trio
 
-from . import layout
+from . import fuseloop, layout
 from .acquisition import sync_through_mount
 from .activity import ActivityLog, handles_usable, hold_by_walk
 from .checks import (
@@ -418,6 +418,8 @@ class Daemon:
             "first_complete_checkpoint": self._first_complete(),
             **self.streamer.status(),
             "updater_pid": self.update_task.pid,
+            "fuse_loop": "fusejournal" if fuseloop.installed() else "pyfuse3",
+            "fuse_loop_waits": fuseloop.waits(),
             "log_damage": str(self.olog.damage) if getattr(self.olog, "damage", None) else None,
             **(self.member.status() if self.member is not None else {}),
         }

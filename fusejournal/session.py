@@ -8,12 +8,14 @@ serve_session:
    (docs/performance-analysis.md, "pgbench: where the time goes"): a worker
    thread finishing an fsync, or the FUSE loop woken by it, waits at most that
    long for the GIL while another thread runs Python code, instead of 5 ms;
-1. ``pyfuse3.init`` mounts the Operations (a failure is a UserError of one line);
+1. ``pyfuse3.init`` mounts the Operations (a failure is a UserError of one line),
+   and pyfuse3's wait for each request is replaced by fusejournal/fuseloop.py's
+   (no trio Lock per request);
 2. ``on_ready`` is called (the mount is usable: the waiting command returns);
 3. ``pyfuse3.main`` serves requests, with the background tasks (the updater's
    task, a group member's connection) and a signal watcher beside it in one
    nursery;
-4. SIGTERM/SIGINT/SIGHUP call ``pyfuse3.terminate``: no new request is read,
+4. SIGTERM/SIGINT/SIGHUP call ``fuseloop.terminate`` (``pyfuse3.terminate``): no new request is read,
    in-flight handlers finish, main returns;
 5. when main returns (unmounted or terminated) the background tasks are
    cancelled, and the session is always closed, unmounting it if it was not
@@ -34,6 +36,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from . import fuseloop
 from .errors import UserError
 
 log = logging.getLogger("fusejournal")
@@ -42,11 +45,12 @@ log = logging.getLogger("fusejournal")
 GIL_SWITCH_INTERVAL = 0.0005
 
 
-async def _terminate_on_signal() -> None:
+async def _terminate_on_signal(terminated: list[int]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
         async for signum in sigs:
             log.info("signal %d: unmounting", signum)
-            pyfuse3.terminate()
+            terminated.append(signum)
+            fuseloop.terminate()
             return
 
 
@@ -59,19 +63,25 @@ async def serve_session(ops: pyfuse3.Operations, mountpoint: Path, opts: set[str
     """Mount ``ops`` (one FUSE session per process), call ``on_ready``, serve until
     unmounted or signalled, with ``background`` tasks alongside; always close the session."""
     sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
+    fuse_fds = fuseloop.before_init()
     try:
         pyfuse3.init(ops, os.fspath(mountpoint), opts)
     except RuntimeError as e:
         raise UserError(f"cannot mount at {mountpoint}: {e}") from None
     unmounted = False
     try:
+        fuseloop.install(fuse_fds)
         on_ready()
         async with trio.open_nursery() as nursery:
             for task in background:
                 nursery.start_soon(task)
-            nursery.start_soon(_terminate_on_signal)
+            terminated: list[int] = []
+            nursery.start_soon(_terminate_on_signal, terminated)
             await pyfuse3.main()
-            unmounted = True
+            # main returns when the mount went away (unmounted from outside) or after
+            # a signal's terminate (still mounted: unmounted by close below)
+            unmounted = not terminated
             nursery.cancel_scope.cancel()
     finally:
+        fuseloop.uninstall()
         pyfuse3.close(unmount=not unmounted)

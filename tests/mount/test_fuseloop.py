@@ -1,0 +1,123 @@
+"""pyfuse3's wait for a request, replaced (fusejournal/fuseloop.py), through real mounts.
+
+* the replacement serves the session (status says so and counts its waits), and
+  ``FUSEJOURNAL_FUSE_LOOP=stock`` keeps pyfuse3's own;
+* a handler that blocks does not block the others: while a mutating operation is
+  held in flight, many threads' stats, reads and listings are all served;
+* the session ends both ways with every worker task parked: unmounted from
+  outside, and terminated by SIGTERM (the daemon exits, the mount is gone).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Mounted, alive, is_mounted, needs_fuse
+
+pytestmark = [needs_fuse, pytest.mark.mount]
+
+
+def _many_requests(mp: Path, n: int = 300) -> None:
+    """More requests than pyfuse3's 99 worker tasks, so every one of them is parked."""
+    for i in range(n):
+        (mp / f"f{i}").write_bytes(b"x")
+        os.stat(mp / f"f{i}")
+
+
+def test_the_replacement_serves_the_session(dirs: Mounted) -> None:
+    dirs.mount()
+    before = dirs.status()
+    assert before["fuse_loop"] == "fusejournal"
+    _many_requests(dirs.mountpoint, 50)
+    after = dirs.status()
+    # each file: LOOKUP, CREATE, WRITE, GETXATTR, FLUSH, RELEASE, ... (at least 4 each)
+    assert after["fuse_loop_waits"] - before["fuse_loop_waits"] >= 200
+    assert sorted(os.listdir(dirs.mountpoint)) == sorted(f"f{i}" for i in range(50))
+
+
+def test_stock_keeps_pyfuse3s_own_loop(dirs: Mounted) -> None:
+    dirs.mount(env={"FUSEJOURNAL_FUSE_LOOP": "stock"})
+    _many_requests(dirs.mountpoint, 20)
+    st = dirs.status()
+    assert st["fuse_loop"] == "pyfuse3"
+    assert st["fuse_loop_waits"] == 0
+
+
+def test_a_held_operation_does_not_hold_the_others(dirs: Mounted, tmp_path: Path) -> None:
+    pause = tmp_path / "pause"
+    pause.write_text("")
+    (dirs.source / "sub").mkdir()
+    (dirs.source / "data").write_bytes(b"d" * 10000)
+    dirs.mount(env={"FUSEJOURNAL_FAULT": "halt.in_operation:1:pause",
+                    "FUSEJOURNAL_FAULT_PAUSE": os.fspath(pause)})
+    mp = dirs.mountpoint
+    held_done = threading.Event()
+
+    def held() -> None:
+        os.mkdir(mp / "sub" / "held")    # the first mutating operation: held in flight
+        held_done.set()
+
+    th = threading.Thread(target=held, daemon=True)
+    th.start()
+    try:
+        time.sleep(0.2)
+        assert not held_done.is_set()
+        results: list[object] = []
+
+        def reader(k: int) -> None:
+            try:
+                for _ in range(20):
+                    assert (mp / "data").read_bytes() == b"d" * 10000
+                    os.stat(mp / "sub")
+                    assert "data" in os.listdir(mp)
+                results.append(k)
+            except BaseException as e:   # reported below
+                results.append(e)
+
+        readers = [threading.Thread(target=reader, args=(k,), daemon=True) for k in range(8)]
+        for r in readers:
+            r.start()
+        for r in readers:
+            r.join(30)
+        assert sorted(results, key=str) == list(range(8)), results
+        assert not held_done.is_set()    # all of that was served while the mkdir was held
+    finally:
+        pause.unlink()
+        th.join(30)
+    assert held_done.is_set()
+    assert (dirs.source / "sub" / "held").is_dir()
+
+
+def test_unmounted_from_outside_with_every_task_parked(dirs: Mounted) -> None:
+    dirs.mount()
+    _many_requests(dirs.mountpoint)
+    pid = dirs.pid
+    assert pid is not None
+    dirs.umount()
+    deadline = time.monotonic() + 30
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(pid)
+    assert not is_mounted(dirs.mountpoint)
+
+
+@pytest.mark.parametrize("loop", ["fusejournal", "stock"])
+def test_sigterm_ends_the_session_with_every_task_parked(dirs: Mounted, loop: str) -> None:
+    dirs.mount(env={"FUSEJOURNAL_FUSE_LOOP": loop})
+    _many_requests(dirs.mountpoint)
+    pid = dirs.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(pid), "the daemon did not end on SIGTERM"
+    assert not is_mounted(dirs.mountpoint)
+    dirs.pid = None
+    assert (dirs.source / "f299").read_bytes() == b"x"
