@@ -59,6 +59,7 @@ from .tempstore import TempStore
 log = logging.getLogger(__name__)
 
 ROOT = pyfuse3.ROOT_INODE
+_PYFUSE3_TIMEOUT = pyfuse3.EntryAttributes().entry_timeout   # what a new EntryAttributes holds
 # Caller flags never given to the backing fd (see Operations._backing_flags):
 # O_APPEND (the kernel gives the offsets), O_DIRECT (unaligned requests would
 # fail), O_CREAT/O_EXCL/O_TRUNC (the handler does those itself), O_NOCTTY, and
@@ -229,19 +230,22 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
     def _attr(self, st: os.stat_result, fino: int) -> pyfuse3.EntryAttributes:
+        # (EntryAttributes starts zeroed, generation 0, both timeouts 300 s: only what
+        # differs is set; this runs once per entry of every listing)
         e = pyfuse3.EntryAttributes()
         e.st_ino = fino
-        e.generation = 0
-        e.entry_timeout = self.timeout
-        e.attr_timeout = self.timeout
-        e.st_mode = st.st_mode
+        if self.timeout != _PYFUSE3_TIMEOUT:
+            e.entry_timeout = self.timeout
+            e.attr_timeout = self.timeout
+        mode = e.st_mode = st.st_mode
         nlink = st.st_nlink
-        if self.read_only and nlink > 1 and not stat.S_ISDIR(st.st_mode):
+        if self.read_only and nlink > 1 and not stat.S_ISDIR(mode):
             nlink -= 1               # the shadow's hidden inode-key link
         e.st_nlink = nlink
         e.st_uid = st.st_uid
         e.st_gid = st.st_gid
-        e.st_rdev = st.st_rdev
+        if st.st_rdev:
+            e.st_rdev = st.st_rdev
         e.st_size = st.st_size
         e.st_blksize = st.st_blksize
         e.st_blocks = st.st_blocks
@@ -489,25 +493,30 @@ class Operations(pyfuse3.Operations):
             # one listing per open directory stream, served in chunks by index
             h.names = [b".", b".."] + [os.fsencode(n) for n in os.listdir(h.fd)]
         names = h.names
-        for i in range(start_id, len(names)):
+        reply = pyfuse3.readdir_reply
+        for i in range(start_id, min(2, len(names))):
+            # the kernel takes no lookup for . and .. (fuse_direntplus_link skips them)
+            st, fino = self._dot_entry(h, names[i])
+            if not reply(token, names[i], self._attr(st, fino), i + 1):
+                return
+        # the loop below runs once per entry of every listing: names looked up once
+        dfd, parent, dev, root_ino = h.fd, h.inode_id, self.dev, self.root_ino
+        stat_at, attr, listed = os.stat, self._attr, self.inodes.listed
+        for i in range(max(start_id, 2), len(names)):
             name = names[i]
-            if i < 2:
-                # the kernel takes no lookup for . and .. (fuse_direntplus_link skips them)
-                st, fino = self._dot_entry(h, name)
-                if not pyfuse3.readdir_reply(token, name, self._attr(st, fino), i + 1):
-                    return
-                continue
             try:
-                st = os.stat(name, dir_fd=h.fd, follow_symlinks=False)
+                st = stat_at(name, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue             # removed since the listing
-            if st.st_dev != self.dev:
+            if st.st_dev != dev:
                 continue
-            fino = self._fuse_ino(st.st_ino)
-            if not pyfuse3.readdir_reply(token, name, self._attr(st, fino), i + 1):
+            fino = st.st_ino
+            if fino == root_ino or fino == ROOT:
+                fino = self._fuse_ino(fino)
+            if not reply(token, name, attr(st, fino), i + 1):
                 return
             # each entry returned is one lookup; the identity is remembered, no fd opened
-            self.inodes.remember(fino, st, h.inode_id, name)
+            listed(fino, st, parent, name)
 
     @_handler
     async def releasedir(self, fh: int) -> None:

@@ -242,6 +242,17 @@ class InodeTable:
                 self._insert(fino, fd)
         return inode
 
+    def listed(self, fino: int, st: os.stat_result, parent: int, name: bytes) -> None:
+        """:meth:`remember` for an entry of a listing (READDIRPLUS, no fd): an inode the
+        table knows under that very name and type only gains the lookup."""
+        inode = self._inodes.get(fino)
+        if (inode is not None and inode.name == name and inode.parent == parent
+                and stat.S_ISDIR(st.st_mode) == inode.is_dir
+                and stat.S_ISLNK(st.st_mode) == inode.is_symlink):
+            inode.lookups += 1
+            return
+        self.remember(fino, st, parent, name)
+
     def _check_reuse(self, inode: Inode, st: os.stat_result) -> None:
         """The filesystem gave ``inode``'s number to a new object of another type while
         the kernel still knew the old one (ext4 reuses freed numbers at once; a number
