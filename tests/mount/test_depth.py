@@ -138,7 +138,9 @@ def deep_changes(dirs: Mounted) -> None:
     cp = dirs.checkpoint("deep")
     dirs.wait(cp)
     st = dirs.status()
-    assert st["shadow_checkpoint"] == cp and not st["updater_error"], st
+    # (>=: on a loaded machine the seed may outlast --seed-wait and complete at a later
+    # checkpoint, which includes cp: wait --checkpoint says so)
+    assert st["shadow_checkpoint"] >= cp and not st["updater_error"], st
     expected = chain_listing(dirs.source, DEPTH)
     assert [r[0] for r in expected[-2]] == ["leaf2", "sub"]
     assert chain_listing(dirs.tree, DEPTH) == expected
@@ -173,7 +175,8 @@ def test_a_crash_resync_reaches_below_4096_levels(dirs: Mounted) -> None:
         cp = dirs.checkpoint("after the crash")
         dirs.wait(cp)
         st = dirs.status()
-        assert st["shadow_checkpoint"] == cp and not st["updater_error"], st
+        # (>=: the seed may outlast --seed-wait and complete at a later checkpoint)
+        assert st["shadow_checkpoint"] >= cp and not st["updater_error"], st
         expected = chain_listing(dirs.source, DEPTH)
         assert [r[0] for r in expected[-2]] == ["lost", "lostdir"]
         assert chain_listing(dirs.tree, DEPTH) == expected
