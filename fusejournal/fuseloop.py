@@ -1,27 +1,38 @@
-"""pyfuse3's wait for the next request, without a trio Lock per request.
+"""pyfuse3's wait for the next request, without a trio Lock and a second task per request.
 
 pyfuse3's request loop (``_session_loop``, internal.pxi) waits for each request
 in ``_wait_fuse_readable``: it takes a ``trio.Lock`` (so that one task at a time
 waits on the FUSE fd), waits until the fd is readable, releases the lock, and
-the loop then reads and dispatches one request.  An uncontended
-``trio.Lock.acquire`` is a full trip through trio's scheduler
-(``cancel_shielded_checkpoint``), paid once per request: py-spy put 15 % of the
-daemon's FUSE loop in the lock's ``__aenter__``/``__aexit__`` while a program
-created small files (docs/performance-analysis.md, "pyfuse3's wait for a
-request").
+the loop then reads and dispatches one request; when no other task is waiting
+it starts one, so that a handler that blocks does not hold up the requests
+behind it.  An uncontended ``trio.Lock.acquire`` is a trip through trio's
+scheduler, paid per request: py-spy put 15 % of the daemon's FUSE loop in the
+lock's ``__aenter__``/``__aexit__`` while a program created small files
+(docs/performance-analysis.md, "pyfuse3's wait for a request").  And every
+extra pass of trio's scheduler releases the GIL in ``epoll_wait``, where the
+log's compressor threads can take it for up to the switch interval.
 
 :func:`install` replaces that function (looked up by name in pyfuse3's module
 dict at every call, so the compiled loop calls the replacement) with
-:func:`_wait_readable`, which keeps its contract:
+:func:`_wait_readable`, and wraps the Operations' handlers on the instance
+(:func:`_watched`).  The contract kept:
 
-1. if the session is ending (:func:`terminate` was called), answer False: the
-   task leaves the loop;
-2. at most one task waits on the fd: the others park until it is done (what
-   the lock did), and check again when woken;
+1. if the session is ending (:func:`terminate`, or the fd reported an error),
+   answer False: the task leaves the loop;
+2. at most one task waits on the fd: the others park until they are needed;
 3. the waiting task waits until the fd is readable, then, with no checkpoint
-   between that and the loop's read, answers True; a waiter woken by
-   ``notify_closing`` (pyfuse3.terminate) answers False;
-4. leaving (either way, also when cancelled) it wakes the next parked task.
+   between that and the loop's read, answers True; it wakes no one: the
+   request it is about to read is most often answered without the handler
+   ever blocking, and the same task is back to wait right after (one pass of
+   trio's scheduler per request);
+4. a handler that blocks (its coroutine yields to trio for the first time:
+   a thread, the halt's gate, the streamer's back-pressure, a fault's pause)
+   first wakes one parked task to wait on the fd in its place (:func:`standby`),
+   so the requests behind it are served meanwhile, as pyfuse3's spare task did;
+5. a waiter woken by ``notify_closing`` (pyfuse3.terminate) or by an error on
+   the fd (the mount went away: the read that follows gets ENODEV and ends
+   that task) marks the session ended and wakes every parked task, which
+   leave by 1.
 
 What the replacement does not keep: pyfuse3 counts its waiting tasks
 (``active_readers``, not reachable from Python) to start a new worker task
@@ -31,21 +42,25 @@ and ends none; they park here.  Up to 99 requests may be in flight at once,
 as before.
 
 Cancellation: a parked or waiting task that is cancelled raises Cancelled (as
-the lock and ``wait_readable`` did) and wakes the next one.
+the lock and ``wait_readable`` did); a waiter that leaves by an exception
+wakes one parked task to wait in its place.
 
 :func:`install` checks that the pyfuse3 it patches has the function it
-replaces; otherwise (another pyfuse3) it leaves pyfuse3's own loop in place
-and says so in the log.  ``FUSEJOURNAL_FUSE_LOOP=stock`` keeps pyfuse3's own
-(to measure the difference: bench/requests.py and bench/run.py pass it
-through).
+replaces and that the session's fd can be told; otherwise it leaves pyfuse3's
+own loop in place and says so in the log.  ``FUSEJOURNAL_FUSE_LOOP=stock``
+keeps pyfuse3's own (to measure the difference).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import select
 import stat
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any
 
 import pyfuse3
 import trio
@@ -61,13 +76,21 @@ class _Loop:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.busy = False            # a task is waiting on the fd
-        self.exited = False          # terminate() was called
+        self.exited = False          # the session is ending
         self.lot = trio.lowlevel.ParkingLot()
+        self.poller = select.poll()
+        self.poller.register(fd, select.POLLIN)
         self.waits = 0               # waits served (tests: the replacement is in use)
+        self.standbys = 0            # tasks woken because a handler blocked
+
+    def end(self) -> None:
+        self.exited = True
+        self.lot.unpark_all()
 
 
 _loop: _Loop | None = None
 _stock: Callable[[], Awaitable[bool]] | None = None
+_ERROR = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 async def _wait_readable() -> bool:
@@ -76,18 +99,72 @@ async def _wait_readable() -> bool:
     while loop.busy and not loop.exited:                 # 2.
         await loop.lot.park()
     if loop.exited:                                      # 1.
-        loop.lot.unpark()                                # the next parked one leaves too
         return False
     loop.busy = True
     loop.waits += 1
     try:
         await trio.lowlevel.wait_readable(loop.fd)       # 3.
-    except trio.ClosedResourceError:
+    except trio.ClosedResourceError:                     # 5.
+        loop.busy = False
+        loop.end()
         return False
-    finally:
-        loop.busy = False                                # 4.
-        loop.lot.unpark()
+    except BaseException:
+        loop.busy = False
+        loop.lot.unpark()                                # someone else waits instead
+        raise
+    loop.busy = False
+    for _, events in loop.poller.poll(0):                # 5.
+        if events & _ERROR:
+            loop.end()
     return True
+
+
+def standby() -> None:
+    """A handler is about to block: have a parked task wait on the fd meanwhile (4.)."""
+    loop = _loop
+    if loop is not None and not loop.busy and not loop.exited:
+        loop.standbys += 1
+        loop.lot.unpark()
+
+
+@types.coroutine
+def _drive(coro: Coroutine[Any, Any, Any]) -> Generator[Any, Any, Any]:
+    """Run a handler's coroutine as ``await coro`` would, calling :func:`standby`
+    when it first yields to trio (4.); a handler that never blocks costs one
+    ``send``."""
+    try:
+        y = coro.send(None)
+    except StopIteration as done:
+        return done.value
+    standby()
+    while True:
+        try:
+            sent = yield y
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:       # trio resumes a task with an error: pass it in
+            try:
+                y = coro.throw(e)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                y = coro.send(sent)
+            except StopIteration as done:
+                return done.value
+
+
+def _watched(method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+    def handler(*args: Any, **kwargs: Any) -> Any:
+        return _drive(method(*args, **kwargs))
+    handler.__name__ = getattr(method, "__name__", "handler")
+    return handler
+
+
+def _handler_names() -> list[str]:
+    return [n for n in dir(pyfuse3.Operations) if not n.startswith("_")
+            and inspect.iscoroutinefunction(getattr(pyfuse3.Operations, n))]
 
 
 def _fuse_fds() -> set[int]:
@@ -106,9 +183,10 @@ def before_init() -> set[int]:
     return _fuse_fds()
 
 
-def install(before: set[int]) -> bool:
+def install(before: set[int], ops: pyfuse3.Operations) -> bool:
     """Put :func:`_wait_readable` in place of pyfuse3's wait, for the session
-    ``pyfuse3.init`` just opened; False (and pyfuse3's own loop) if it cannot."""
+    ``pyfuse3.init`` just opened with ``ops``, and wrap ``ops``' handlers (on the
+    instance); False (and pyfuse3's own loop) if it cannot."""
     global _loop, _stock
     if os.environ.get("FUSEJOURNAL_FUSE_LOOP") == "stock":
         return False
@@ -125,6 +203,8 @@ def install(before: set[int]) -> bool:
     fd = new.pop()
     if not stat.S_ISCHR(os.fstat(fd).st_mode):
         return False
+    for name in _handler_names():
+        setattr(ops, name, _watched(getattr(ops, name)))
     _loop = _Loop(fd)
     _stock = stock
     setattr(pyfuse3, _STOCK_NAME, _wait_readable)
@@ -134,8 +214,7 @@ def install(before: set[int]) -> bool:
 def terminate() -> None:
     """``pyfuse3.terminate``, and the replacement's tasks leave the loop (step 1)."""
     if _loop is not None:
-        _loop.exited = True
-        _loop.lot.unpark_all()
+        _loop.end()
     pyfuse3.terminate()
 
 
@@ -156,3 +235,8 @@ def installed() -> bool:
 def waits() -> int:
     """Requests waited for by the replacement so far (0 if not installed)."""
     return _loop.waits if _loop is not None else 0
+
+
+def standbys() -> int:
+    """Tasks woken to wait in place of a handler that blocked (0 if not installed)."""
+    return _loop.standbys if _loop is not None else 0

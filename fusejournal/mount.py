@@ -420,6 +420,7 @@ class Daemon:
             "updater_pid": self.update_task.pid,
             "fuse_loop": "fusejournal" if fuseloop.installed() else "pyfuse3",
             "fuse_loop_waits": fuseloop.waits(),
+            "fuse_loop_standbys": fuseloop.standbys(),
             "log_damage": str(self.olog.damage) if getattr(self.olog, "damage", None) else None,
             **(self.member.status() if self.member is not None else {}),
         }

@@ -70,7 +70,7 @@ async def serve_session(ops: pyfuse3.Operations, mountpoint: Path, opts: set[str
         raise UserError(f"cannot mount at {mountpoint}: {e}") from None
     unmounted = False
     try:
-        fuseloop.install(fuse_fds)
+        fuseloop.install(fuse_fds, ops)
         on_ready()
         async with trio.open_nursery() as nursery:
             for task in background:

@@ -3,7 +3,8 @@
 * the replacement serves the session (status says so and counts its waits), and
   ``FUSEJOURNAL_FUSE_LOOP=stock`` keeps pyfuse3's own;
 * a handler that blocks does not block the others: while a mutating operation is
-  held in flight, many threads' stats, reads and listings are all served;
+  held in flight, many threads' stats, reads and listings are all served (the
+  held handler woke a parked task to wait on the fd in its place);
 * the session ends both ways with every worker task parked: unmounted from
   outside, and terminated by SIGTERM (the daemon exits, the mount is gone).
 """
@@ -87,6 +88,7 @@ def test_a_held_operation_does_not_hold_the_others(dirs: Mounted, tmp_path: Path
             r.join(30)
         assert sorted(results, key=str) == list(range(8)), results
         assert not held_done.is_set()    # all of that was served while the mkdir was held
+        assert dirs.status()["fuse_loop_standbys"] >= 1   # the held handler woke a waiter
     finally:
         pause.unlink()
         th.join(30)
