@@ -295,3 +295,35 @@ def test_a_failed_stored_write_cuts_back(d, monkeypatch):
     log.verify(info)
     log.close()
     assert fsck(d).clean
+
+
+# ---------------------------------------------------------------- the daemon's heap
+
+_FIFO = """
+import resource, sys
+sys.path.insert(0, {repo!r})
+from fusejournal import sysc
+if {keep}:
+    assert sysc.keep_heap()
+held = []
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for i in range(512):                 # 512 MiB of WRITE data, taken by the streamer 8 MiB at a time
+    held.append(bytes([i % 251]) * (1 << 20))
+    if len(held) == 8:
+        held.clear()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_heap_spares_a_page_fault_per_page_of_data(keep):
+    import subprocess
+    import sys
+    repo = str(Path(__file__).resolve().parents[2])
+    faults = int(subprocess.run([sys.executable, "-c", _FIFO.format(repo=repo, keep=keep)],
+                                check=True, capture_output=True, text=True).stdout)
+    pages = 512 * MiB // os.sysconf("SC_PAGE_SIZE")
+    if keep:
+        assert faults < pages // 10          # the heap is reused
+    else:
+        assert faults > pages // 2           # glibc's defaults (why keep_heap exists)
