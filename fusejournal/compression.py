@@ -19,7 +19,7 @@ class CompressionError(ValueError):
     """Data that is not exactly one complete, intact LZ4 frame."""
 
 
-def compress(raw: bytes, *, level: int = 0, checksum: bool = True) -> bytes:
+def compress(raw: bytes | bytearray | memoryview, *, level: int = 0, checksum: bool = True) -> bytes:
     """Compress ``raw`` into one LZ4 frame (``level`` 0 = default, fast).
 
     ``checksum=False`` omits the frame's content checksum: only for a caller

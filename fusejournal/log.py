@@ -49,16 +49,21 @@ from pathlib import Path
 
 from . import compression, layout
 from .faults import fault
-from .records import Record, RecordError, decode, encode, record_size
+from .records import Record, RecordError, decode, encode_parts, record_size
 from .sysc import fsync_dir, pread_full
 from .treewalk import durable_replace
 
-LOG_FORMAT = 1
+LOG_FORMAT = 2
+#: format versions this fusejournal reads (2 added the STORED flag)
+READ_FORMATS = (1, 2)
 SEGMENT_SUFFIX = layout.LOG_SEGMENT_SUFFIX
 FILE_MAGIC = b"FJLOG\0"
 ENTRY_MAGIC = b"FJ"
 BATCH = 1
 MARKER = 2
+#: entry flag of a BATCH entry (format 2): the payload is the encoded records as they
+#: are, not an lz4 frame (a chunk that does not compress: _pack)
+STORED = 1
 
 # magic, format version, segment index, base checkpoint, crc32 of the preceding 24 bytes
 _FILE_HEADER = struct.Struct("<6sHQQI")
@@ -230,17 +235,25 @@ def _file_header(index: int, base: int) -> bytes:
 FAST_LEVEL = -16
 FAST_ABOVE = 0.9
 DEFAULT_BELOW = 0.8
+# a chunk whose PROBES samples of PROBE_BYTES store above STORE_ABOVE in lz4's fast
+# mode is written STORED, without compressing it (_pack)
+STORE_ABOVE = 0.95
+PROBES = 4
+PROBE_BYTES = 16 << 10
 # chunks compressed at once by the log's worker threads while the appending thread
 # encodes the next one and writes the oldest (OrderedLog._write_batches)
 COMPRESS_AHEAD = 2
 
 
-def _entry_header(typ: int, checkpoint: int, payload: bytes) -> bytes:
-    if len(payload) > _MAX_PAYLOAD:
-        raise ValueError(f"log entry payload of {len(payload)} bytes is too large")
-    head = _ENTRY_HEADER.pack(ENTRY_MAGIC, typ, 0, len(payload), checkpoint,
-                              zlib.crc32(payload), 0)[:-4]
+def _header(typ: int, flags: int, length: int, checkpoint: int, crc: int) -> bytes:
+    if length > _MAX_PAYLOAD:
+        raise ValueError(f"log entry payload of {length} bytes is too large")
+    head = _ENTRY_HEADER.pack(ENTRY_MAGIC, typ, flags, length, checkpoint, crc, 0)[:-4]
     return head + struct.pack("<I", zlib.crc32(head))
+
+
+def _entry_header(typ: int, checkpoint: int, payload: bytes) -> bytes:
+    return _header(typ, 0, len(payload), checkpoint, zlib.crc32(payload))
 
 
 def _marker_json(m: Marker) -> bytes:
@@ -285,6 +298,7 @@ class _Entry:
     length: int
     checkpoint: int
     crc: int
+    flags: int = 0
 
     @property
     def payload(self) -> int:
@@ -319,9 +333,9 @@ def _read_entry(fd: int, off: int, limit: int, *, check_payload: bool = True) ->
         raise _Bad("bad entry magic")
     if zlib.crc32(raw[:-4]) != hcrc:
         raise _Bad("entry header checksum mismatch")
-    if typ not in (BATCH, MARKER) or flags:
+    if typ not in (BATCH, MARKER) or flags & ~(STORED if typ == BATCH else 0):
         raise _Bad(f"unknown entry type {typ} (flags {flags})")
-    e = _Entry(off, typ, length, cp, pcrc)
+    e = _Entry(off, typ, length, cp, pcrc, flags)
     if e.end > limit:
         raise _Bad(f"entry of {length} payload bytes runs past the end ({limit})")
     if check_payload and _crc_range(fd, e.payload, length) != pcrc:
@@ -393,7 +407,7 @@ def _scan_segment(fd: int, index: int, path: Path, expected: int | None) -> _Seg
         reason = "bad segment magic"
     elif zlib.crc32(raw[:-4]) != crc:
         reason = "segment header checksum mismatch"
-    elif version != LOG_FORMAT:
+    elif version not in READ_FORMATS:
         reason = f"bad format version {version}"
     elif idx != index:
         reason = f"segment header names segment {idx}"
@@ -551,7 +565,7 @@ def _iter_batches(path: Path, info: CheckpointInfo) -> Iterator[tuple[int, bytes
                     if _parse_marker(payload, cp) != info.marker:
                         raise _Bad("marker differs from the index")
                     return
-                raw = compression.decompress(payload)
+                raw = payload if e.flags & STORED else compression.decompress(payload)
             except (_Bad, compression.CompressionError) as x:
                 raise CorruptLog(seg, pos, cp, str(x)) from None
             del payload
@@ -593,7 +607,7 @@ def _truncate(path: Path, size: int) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     mv = memoryview(data)
     while mv:
         n = os.write(fd, mv)
@@ -606,6 +620,101 @@ def _write_entry(fd: int, typ: int, checkpoint: int, payload: bytes) -> int:
     _write_all(fd, _entry_header(typ, checkpoint, payload))
     _write_all(fd, payload)
     return _ENTRY_HEADER.size + len(payload)
+
+
+_IOV_GROUP = 512       # buffers per writev (IOV_MAX is 1024 on Linux)
+
+
+def _writev_all(fd: int, bufs: list[bytes | bytearray]) -> None:
+    """Write ``bufs`` back to back at the fd's offset (os.writev, short writes finished)."""
+    i = 0
+    while i < len(bufs):
+        group = bufs[i:i + _IOV_GROUP]
+        n = os.writev(fd, group)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write to log segment")
+        for b in group:
+            i += 1
+            if n >= len(b):
+                n -= len(b)
+                continue
+            _write_all(fd, memoryview(b)[n:])   # the rest of a partly written buffer
+            break
+
+
+@dataclass
+class _Packed:
+    """One BATCH entry's payload, ready to write: its parts, flags, length, CRC-32."""
+    parts: list[bytes | bytearray]
+    flags: int
+    length: int
+    crc: int
+
+
+def _slice(parts: list[bytes | bytearray], start: int, n: int) -> bytes:
+    """Bytes ``start .. start + n`` of the concatenation of ``parts``."""
+    out = []
+    for p in parts:
+        if start >= len(p):
+            start -= len(p)
+            continue
+        piece = memoryview(p)[start:start + n]
+        out.append(piece)
+        n -= len(piece)
+        start = 0
+        if n <= 0:
+            break
+    return b"".join(out)
+
+
+def _looks_incompressible(parts: list[bytes | bytearray], size: int) -> bool:
+    """Do ``PROBES`` samples of ``PROBE_BYTES``, spread over the chunk, each compressed
+    alone in lz4's fast mode, store above ``STORE_ABOVE`` of their size?  (lz4 finds
+    matches within 64 KiB only, so a sample of that order predicts the chunk.)"""
+    stored = 0
+    for k in range(PROBES):
+        sample = _slice(parts, size * (2 * k + 1) // (2 * PROBES), PROBE_BYTES)
+        stored += len(compression.compress(sample, level=FAST_LEVEL, checksum=False))
+    return stored > STORE_ABOVE * PROBES * PROBE_BYTES
+
+
+def _stored(parts: list[bytes | bytearray], size: int) -> _Packed:
+    crc = 0
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+    return _Packed(parts, STORED, size, crc)
+
+
+def _pack(parts: list[bytes | bytearray], size: int, level: int, may_store: bool) -> _Packed:
+    """The payload of the BATCH entry of one chunk (encoded records in ``parts``, ``size``
+    bytes), made in a worker thread (lz4 and zlib.crc32 release the GIL).
+
+    1. With ``may_store`` (the segment has format 2), a chunk of at least
+       ``2 * PROBES * PROBE_BYTES`` whose samples do not compress
+       (:func:`_looks_incompressible`: already-compressed or encrypted data, random
+       bytes) is STORED: its parts as they are, neither joined nor compressed.
+    2. Otherwise it is compressed at ``level`` into one lz4 frame; a frame not smaller
+       than the chunk is dropped for the STORED form too (``may_store``).
+    3. The CRC-32 of the payload goes into the entry's header; the reader checks it
+       before using the payload (decompressing it, or decoding a STORED one).
+    """
+    if may_store and size >= 2 * PROBES * PROBE_BYTES and _looks_incompressible(parts, size):
+        return _stored(parts, size)
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    payload = compression.compress(data, level=level, checksum=False)
+    if may_store and len(payload) >= size:
+        return _stored([data], size)
+    return _Packed([payload], 0, len(payload), zlib.crc32(payload))
+
+
+def _write_packed(fd: int, checkpoint: int, p: _Packed) -> int:
+    head = _header(BATCH, p.flags, p.length, checkpoint, p.crc)
+    if len(p.parts) == 1:
+        _write_all(fd, head)
+        _write_all(fd, p.parts[0])
+    else:
+        _writev_all(fd, [head, *p.parts])
+    return _ENTRY_HEADER.size + p.length
 
 
 def _chunked(records: Iterable[Record], limit: int) -> Iterator[list[Record]]:
@@ -675,6 +784,7 @@ class OrderedLog:
         self._open_raw = 0
         self._dirty = False              # written since the last fdatasync
         self._dir_dirty = False          # a new segment's directory entry not yet fsync'ed
+        self._store_ok = True            # the last segment has format 2: STORED entries may go in
 
     # -- opening
 
@@ -717,6 +827,10 @@ class OrderedLog:
             self._wfd = os.open(self.directory / format_segment_name(segments[-1]),
                                 os.O_RDWR | os.O_CLOEXEC)
             self._size = os.fstat(self._wfd).st_size
+            # never a STORED entry into a segment of format 1: an older fusejournal reading
+            # it would take that entry for a torn tail and cut it (format 2 it refuses whole)
+            head = pread_full(self._wfd, _FILE_VERSION.size, 0)
+            self._store_ok = _FILE_VERSION.unpack(head)[1] >= 2
             u = scan.unmarked
             if u is not None and u.segment == segments[-1] and u.end == self._size:
                 self._open_start, self._open_ops, self._open_raw = u.start, u.operations, u.raw_bytes
@@ -823,6 +937,7 @@ class OrderedLog:
             self._wfd = fd
             self._size = _FILE_HEADER.size
             self._dir_dirty = True
+            self._store_ok = True
             with self._lock:
                 self._segments.append(index)
 
@@ -851,14 +966,17 @@ class OrderedLog:
                 max_workers=COMPRESS_AHEAD, thread_name_prefix="fj-log-lz4")
         return self._pool
 
-    def _write_batches(self, fd: int, cp: int, records: Iterable[Record]) -> tuple[int, int, int]:
+    def _write_batches(self, fd: int, cp: int, records: Iterable[Record],
+                       may_store: bool) -> tuple[int, int, int]:
         """Write ``records`` as BATCH entries of ``cp``: (operations, raw bytes, bytes written).
 
-        1. This thread takes the next chunk of records and encodes it (Python,
-           under the GIL) while up to ``COMPRESS_AHEAD`` earlier chunks are being
-           compressed by the log's own worker threads (lz4 releases the GIL, so
-           they use the other core).
-        2. The oldest chunk's frame is written as soon as it is ready, in order:
+        1. This thread takes the next chunk of records and encodes it into parts
+           (:func:`encode_parts`: large data is not copied; Python, under the GIL)
+           while up to ``COMPRESS_AHEAD`` earlier chunks are being packed by the log's
+           own worker threads (:func:`_pack`: probed, compressed or STORED, CRC-32;
+           lz4 and zlib release the GIL, so they use the other core).  STORED
+           entries only if ``may_store`` (the segment has format 2).
+        2. The oldest chunk's entry is written as soon as it is ready, in order:
            the entries land exactly as one thread would write them.
         3. Failure (a record that cannot be encoded, the records' source, lz4,
            a write): the exception propagates after every compression still in
@@ -866,25 +984,26 @@ class OrderedLog:
         """
         written, ops, raw = 0, 0, 0
         level = FAST_LEVEL if self._fast else 0
-        inflight: collections.deque[tuple[concurrent.futures.Future[bytes], int]] = collections.deque()
+        inflight: collections.deque[tuple[concurrent.futures.Future[_Packed], int]] = collections.deque()
 
         def write_oldest() -> None:
             nonlocal written, level
             future, size = inflight.popleft()
-            payload = future.result()
-            level = self._level(size, len(payload))
-            written += _write_entry(fd, BATCH, cp, payload)
+            packed = future.result()
+            level = self._level(size, packed.length)
+            written += _write_packed(fd, cp, packed)
 
         try:
             for chunk in _chunked(records, self.chunk_bytes):
-                data = encode(chunk)
+                parts = encode_parts(chunk)
+                size = sum(len(p) for p in parts)
                 ops += len(chunk)
-                raw += len(data)
+                raw += size
                 del chunk
                 # no frame checksum: the entry's CRC-32 covers the payload
-                inflight.append((self._compressor().submit(
-                    compression.compress, data, level=level, checksum=False), len(data)))
-                del data
+                inflight.append((self._compressor().submit(_pack, parts, size, level, may_store),
+                                 size))
+                del parts
                 if len(inflight) >= COMPRESS_AHEAD:
                     write_oldest()
             while inflight:
@@ -913,7 +1032,7 @@ class OrderedLog:
             new, index, fd, path = self._writer(cp)
             start = _FILE_HEADER.size if new else self._size
             try:
-                ops, raw, written = self._write_batches(fd, cp, records)
+                ops, raw, written = self._write_batches(fd, cp, records, new or self._store_ok)
                 fault("log.stream_written")
             except BaseException:
                 self._rollback(fd, new, path, start)
@@ -984,7 +1103,7 @@ class OrderedLog:
             wstart = _FILE_HEADER.size if new else self._size
             start = self._open_start if self._open_start is not None else wstart
             try:
-                ops, raw, written = self._write_batches(fd, cp, records)
+                ops, raw, written = self._write_batches(fd, cp, records, new or self._store_ok)
                 pos = wstart + written
                 fault("log.before_marker")
                 final, payload = _final_marker(marker, self._open_ops + ops, self._open_raw + raw,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trio
 
-from . import fuseloop, layout
+from . import fuseloop, layout, sysc
 from .acquisition import sync_through_mount
 from .activity import ActivityLog, handles_usable, hold_by_walk
 from .checks import (
@@ -493,6 +493,7 @@ class Daemon:
 def run_daemon(cfg: MountConfig, ready_fd: int | None) -> int:
     """Run a journaled mount in this process until it is unmounted."""
     raise_fd_limit()             # soft RLIMIT_NOFILE to the hard limit, before seeding
+    sysc.keep_heap()             # no page fault per page of every WRITE's data (sysc.py)
     reporter = Reporter(ready_fd)
     daemon = Daemon(cfg, reporter)
     try:

@@ -267,6 +267,44 @@ def encode(records: Iterable[Record]) -> bytes:
     return b"".join(parts)
 
 
+#: a bytes field at least this long is its own part in :func:`encode_parts` (not copied)
+BIG_FIELD = 64 << 10
+
+
+def encode_parts(records: Iterable[Record]) -> list[bytes | bytearray]:
+    """The encoding of :func:`encode` as a list of parts whose concatenation it is,
+    without copying the large bytes fields (the log's writer writes, checksums and
+    compresses them where they are).
+
+    Headers, integers and bytes fields shorter than :data:`BIG_FIELD` are copied
+    into shared bytearrays between the big fields, so a chunk of small records
+    is one part and a chunk of 1 MiB writes about two parts per record."""
+    parts: list[bytes | bytearray] = []
+    buf = bytearray()
+    for rec in records:
+        op = _OPCODE[type(rec)]
+        _, fixed, nbytes, times = _SPEC[op]
+        nints = len(rec) - nbytes
+        tail = cast("tuple[bytes, ...]", rec[nints:])
+        body_len = fixed.size + 4 * nbytes + sum(len(b) for b in tail)
+        buf += _HEADER.pack(op, body_len)
+        try:
+            buf += fixed.pack(*_split_times(cast("tuple[int, ...]", rec[:nints]), times))
+        except struct.error as e:
+            raise RecordError(f"{type(rec).__name__} record has a field out of range: {rec[:nints]} ({e})") from None
+        for b in tail:
+            buf += _LEN.pack(len(b))
+            if len(b) >= BIG_FIELD:
+                parts.append(buf)
+                parts.append(b)
+                buf = bytearray()
+            else:
+                buf += b
+    if buf:
+        parts.append(buf)
+    return parts
+
+
 def decode(buf: bytes | memoryview) -> Iterator[Record]:
     """Decode records encoded by :func:`encode`; raise RecordError on bad input."""
     mv = memoryview(buf)

@@ -190,3 +190,26 @@ def open_fuse_inode(mount_fd: int, nodeid: int, generation: int = 0,
     handle = struct.pack("=III", (nodeid >> 32) & 0xFFFFFFFF, nodeid & 0xFFFFFFFF,
                          generation & 0xFFFFFFFF)
     return open_by_handle(mount_fd, FILEID_INO64_GEN, handle, flags)
+
+
+# glibc's mallopt(3) parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+KEEP_HEAP_BYTES = 32 << 20
+HEAP_BELOW_BYTES = 4 << 20
+
+
+def keep_heap(trim: int = KEEP_HEAP_BYTES, mmap_below: int = HEAP_BELOW_BYTES) -> bool:
+    """Let malloc keep up to ``trim`` bytes of freed memory at the top of the heap, and
+    serve blocks below ``mmap_below`` from the heap (mallopt M_TRIM_THRESHOLD,
+    M_MMAP_THRESHOLD).  The daemon holds every WRITE's data (up to 1 MiB, a new bytes
+    object from pyfuse3) until the streamer has logged it: with glibc's defaults the heap
+    shrinks and grows again under that FIFO, and the fresh pages cost a page fault each
+    (about 110,000 per GiB written, docs/performance-analysis.md).  Peak memory is the
+    same; only what was freed is not given back at once.  Returns False where mallopt is
+    not glibc's (nothing changes)."""
+    try:
+        mallopt = _libc.mallopt
+    except AttributeError:
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, trim)) and bool(mallopt(_M_MMAP_THRESHOLD, mmap_below))

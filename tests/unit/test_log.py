@@ -562,7 +562,7 @@ def test_verify_checks_marker_counts(d):
 def test_format_too_new(d):
     fill(d, 2)
     data = bytearray(seg(d).read_bytes())
-    struct.pack_into("<H", data, 6, 2)
+    struct.pack_into("<H", data, 6, logmod.LOG_FORMAT + 1)
     seg(d).write_bytes(bytes(data))
     with pytest.raises(FormatTooNew):
         OrderedLog(d).open()

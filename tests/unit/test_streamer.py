@@ -17,7 +17,7 @@ from fusejournal import log as log_mod
 from fusejournal.acquisition import Checkpointer
 from fusejournal.halt import Halt
 from fusejournal.log import Marker, OrderedLog, fsck, read_log
-from fusejournal.records import Mkdir, Write
+from fusejournal.records import Mkdir, Write, encode
 from fusejournal.streamer import Streamer
 from fusejournal.tempstore import TempStore
 
@@ -50,7 +50,7 @@ def test_the_marker_closes_every_entry_streamed_since_the_previous_one(tmp_path:
     olog = opened(tmp_path / "log", chunk_bytes=4000)
     first = writes(10)
     olog.append(first[:2], marker(1))
-    assert olog.append_unmarked(first[2:6]) == (4, sum(len(log_mod.encode([r])) for r in first[2:6]))
+    assert olog.append_unmarked(first[2:6]) == (4, sum(len(encode([r])) for r in first[2:6]))
     olog.sync()
     olog.append_unmarked(first[6:8])
     assert olog.last_checkpoint == 1 and len(olog.checkpoints(0)) == 1   # not readable yet
@@ -132,19 +132,19 @@ def test_a_failed_streamed_append_cuts_back_only_itself(tmp_path: Path, monkeypa
     olog.append(writes(1), marker(1))
     olog.append_unmarked(writes(3, 1))
     size = os.path.getsize(olog.segments()[-1][1])
-    real = log_mod._write_entry
+    real = log_mod._write_packed
     calls = []
 
-    def full(fd, typ, cp, payload):
+    def full(fd, cp, packed):
         calls.append(1)
         if len(calls) == 2:                       # the second chunk does not fit
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, typ, cp, payload)
-    monkeypatch.setattr(log_mod, "_write_entry", full)
+        return real(fd, cp, packed)
+    monkeypatch.setattr(log_mod, "_write_packed", full)
     with pytest.raises(OSError):
         olog.append_unmarked(writes(6, 4))
     assert os.path.getsize(olog.segments()[-1][1]) == size and olog.unmarked[0] == 3
-    monkeypatch.setattr(log_mod, "_write_entry", real)
+    monkeypatch.setattr(log_mod, "_write_packed", real)
     info = olog.append(writes(1, 10), marker(2))
     assert list(olog.records(info)) == writes(3, 1) + writes(1, 10)
 
