@@ -4,7 +4,8 @@
 daemon's environment makes :func:`fault` kill the process with SIGKILL at that
 point, exactly as a crash would.  ``NAME:N:pause`` instead blocks the calling
 thread while the file named by ``FUSEJOURNAL_FAULT_PAUSE`` exists (to hold the
-updater still while a test damages the log).  ``NAME:N:error`` raises
+updater still while a test damages the log); when it starts to, it creates that
+name + ``.reached`` (so a test times the pause from when it began).  ``NAME:N:error`` raises
 OSError(EIO) there, the N-th time only (a step failing after a change reached
 the original).  Unset (always, in production) it costs one comparison.  The
 points are listed in docs/reliability.md.
@@ -48,9 +49,19 @@ def _pausing() -> bool:
     return bool(flag) and os.path.exists(flag)
 
 
+def _paused_here() -> None:
+    flag = os.environ.get("FUSEJOURNAL_FAULT_PAUSE", "")
+    if flag:
+        try:
+            os.close(os.open(flag + ".reached", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        except OSError:
+            pass
+
+
 def fault(name: str) -> None:
     action = _reached(name)
     if action == "pause":
+        _paused_here()
         while _pausing():
             time.sleep(0.01)
     elif action == "error":
@@ -70,6 +81,7 @@ async def hold(name: str) -> None:
     """Like :func:`fault`, but ``pause`` awaits instead of blocking the thread."""
     action = _reached(name)
     if action == "pause":
+        _paused_here()
         while _pausing():
             await trio.sleep(0.01)
     elif action == "error":

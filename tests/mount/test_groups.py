@@ -278,6 +278,10 @@ def slow_member_checkpoint(g: Group, fault: str, hold_s: float = 0.5) -> dict:
             time.sleep(0.01)
         t = threading.Thread(target=lambda: result.setdefault("id", g.checkpoint("a", "slow b")))
         t.start()
+        reached = flag.with_name(flag.name + ".reached")     # (faults.py: b is paused now)
+        deadline = time.monotonic() + 30
+        while not reached.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
         time.sleep(hold_s)
         flag.unlink()
         t.join(30)
