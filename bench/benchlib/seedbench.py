@@ -288,16 +288,20 @@ class LoopFs:
     unmounts it, detaches the loop device and deletes the image."""
 
     def __init__(self, image: Path, mnt: Path, size: str, compress: str) -> None:
-        self.image, self.mnt, self.dev = image, mnt, ""
-        run("truncate", "-s", size, os.fspath(image))
-        run("mkfs.btrfs", "-q", "-f", os.fspath(image))
-        self.dev = run("losetup", "-f", "--show", os.fspath(image))
-        mnt.mkdir(parents=True, exist_ok=True)
-        run("mount", "-o", f"compress-force={compress}", self.dev, os.fspath(mnt))
-        self.mounted = True
+        self.image, self.mnt, self.dev, self.mounted = image, mnt, "", False
+        try:
+            run("truncate", "-s", size, os.fspath(image))
+            run("mkfs.btrfs", "-q", "-f", os.fspath(image))
+            self.dev = run("losetup", "-f", "--show", os.fspath(image))
+            mnt.mkdir(parents=True, exist_ok=True)
+            run("mount", "-o", f"compress-force={compress}", self.dev, os.fspath(mnt))
+            self.mounted = True
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        if getattr(self, "mounted", False):
+        if self.mounted:
             subprocess.run(["umount", os.fspath(self.mnt)], check=False)
             self.mounted = False
         if self.dev:
