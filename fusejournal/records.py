@@ -251,20 +251,26 @@ def encode(records: Iterable[Record]) -> bytes:
     parts: list[bytes] = []
     append = parts.append
     for rec in records:
-        op = _OPCODE[type(rec)]
-        _, fixed, nbytes, times = _SPEC[op]
-        nints = len(rec) - nbytes
-        tail = cast("tuple[bytes, ...]", rec[nints:])
-        body_len = fixed.size + 4 * nbytes + sum(len(b) for b in tail)
-        append(_HEADER.pack(op, body_len))
-        try:
-            append(fixed.pack(*_split_times(cast("tuple[int, ...]", rec[:nints]), times)))
-        except struct.error as e:
-            raise RecordError(f"{type(rec).__name__} record has a field out of range: {rec[:nints]} ({e})") from None
+        head, tail = _head(rec)
+        append(head)
         for b in tail:
             append(_LEN.pack(len(b)))
             append(b)
     return b"".join(parts)
+
+
+def _head(rec: Record) -> tuple[bytes, tuple[bytes, ...]]:
+    """A record's header and fixed fields, encoded, and its bytes fields."""
+    op = _OPCODE[type(rec)]
+    _, fixed, nbytes, times = _SPEC[op]
+    nints = len(rec) - nbytes
+    tail = cast("tuple[bytes, ...]", rec[nints:])
+    body_len = fixed.size + 4 * nbytes + sum(len(b) for b in tail)
+    try:
+        return (_HEADER.pack(op, body_len)
+                + fixed.pack(*_split_times(cast("tuple[int, ...]", rec[:nints]), times))), tail
+    except struct.error as e:
+        raise RecordError(f"{type(rec).__name__} record has a field out of range: {rec[:nints]} ({e})") from None
 
 
 #: a bytes field at least this long is its own part in :func:`encode_parts` (not copied)
@@ -282,16 +288,8 @@ def encode_parts(records: Iterable[Record]) -> list[bytes | bytearray]:
     parts: list[bytes | bytearray] = []
     buf = bytearray()
     for rec in records:
-        op = _OPCODE[type(rec)]
-        _, fixed, nbytes, times = _SPEC[op]
-        nints = len(rec) - nbytes
-        tail = cast("tuple[bytes, ...]", rec[nints:])
-        body_len = fixed.size + 4 * nbytes + sum(len(b) for b in tail)
-        buf += _HEADER.pack(op, body_len)
-        try:
-            buf += fixed.pack(*_split_times(cast("tuple[int, ...]", rec[:nints]), times))
-        except struct.error as e:
-            raise RecordError(f"{type(rec).__name__} record has a field out of range: {rec[:nints]} ({e})") from None
+        head, tail = _head(rec)
+        buf += head
         for b in tail:
             buf += _LEN.pack(len(b))
             if len(b) >= BIG_FIELD:

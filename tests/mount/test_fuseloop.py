@@ -31,6 +31,14 @@ def _many_requests(mp: Path, n: int = 300) -> None:
         os.stat(mp / f"f{i}")
 
 
+def _ended(pid: int, timeout: float = 30) -> bool:
+    """The process ``pid`` ended within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not alive(pid)
+
+
 def test_the_replacement_serves_the_session(dirs: Mounted) -> None:
     dirs.mount()
     before = dirs.status()
@@ -102,10 +110,7 @@ def test_unmounted_from_outside_with_every_task_parked(dirs: Mounted) -> None:
     pid = dirs.pid
     assert pid is not None
     dirs.umount()
-    deadline = time.monotonic() + 30
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not alive(pid)
+    assert _ended(pid)
     assert not is_mounted(dirs.mountpoint)
 
 
@@ -116,10 +121,7 @@ def test_sigterm_ends_the_session_with_every_task_parked(dirs: Mounted, loop: st
     pid = dirs.pid
     assert pid is not None
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not alive(pid), "the daemon did not end on SIGTERM"
+    assert _ended(pid), "the daemon did not end on SIGTERM"
     assert not is_mounted(dirs.mountpoint)
     dirs.pid = None
     assert (dirs.source / "f299").read_bytes() == b"x"
