@@ -39,12 +39,12 @@ What the replacement does not keep: pyfuse3 counts its waiting tasks
 when none is waiting and to end extra idle ones.  The count stays 0, so the
 loop starts a new worker after each request until it has ``max_tasks`` and
 ends none; they park here.  Each worker keeps libfuse's receive buffer
-(``max_write`` plus a page: 1 MiB) once it has read a request, so the session
-passes ``max_tasks`` = :data:`MAX_TASKS` (16) instead of pyfuse3's 99: with 99,
-the daemon's peak RSS through 1 GiB of 1 MiB writes went from 90 to 143–148
-MiB; with 16, 79–82 MiB.  Up to 16 requests may be in flight at once (their
-handlers blocked: fsync and uncached reads in worker threads, the halt's gate,
-back-pressure); a 17th waits in the kernel's queue until one of them returns.
+(``max_write`` plus a page: 1 MiB) once it has read a request, so :func:`standby`
+wakes the task parked last (:class:`_Parked`): the few that take turns are the
+only ones whose buffers are ever written to.  (Woken in FIFO order, the
+workers took turns through all 99, and a 10 GiB burst of 1 MiB writes touched
+every buffer: 175 MiB of RSS.)  Up to 99 requests may be in flight at once, as
+before.
 
 Cancellation: a parked or waiting task that is cancelled raises Cancelled (as
 the lock and ``wait_readable`` did); a waiter that leaves by an exception
@@ -73,9 +73,36 @@ import trio
 log = logging.getLogger("fusejournal")
 
 _STOCK_NAME = "_wait_fuse_readable"
-#: worker tasks with the replacement (pyfuse3's default, 99, with its own loop)
-MAX_TASKS = 16
-_STOCK_MAX_TASKS = 99
+
+
+class _Parked:
+    """Parked worker tasks, woken last parked first: the few tasks that take turns
+    keep the only libfuse receive buffers that are ever written to (1 MiB each), the
+    others' stay untouched (a FIFO, trio's ParkingLot, cycles through all of them:
+    a 10 GiB burst of 1 MiB writes then touched every one, 175 MiB of RSS)."""
+
+    def __init__(self) -> None:
+        self._tasks: list[trio.lowlevel.Task] = []
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def park(self) -> None:
+        task = trio.lowlevel.current_task()
+        self._tasks.append(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._tasks.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def unpark(self) -> None:
+        if self._tasks:
+            trio.lowlevel.reschedule(self._tasks.pop())
+
+    def unpark_all(self) -> None:
+        while self._tasks:
+            trio.lowlevel.reschedule(self._tasks.pop())
 
 
 class _Loop:
@@ -85,7 +112,7 @@ class _Loop:
         self.fd = fd
         self.busy = False            # a task is waiting on the fd
         self.exited = False          # the session is ending
-        self.lot = trio.lowlevel.ParkingLot()
+        self.lot = _Parked()
         self.poller = select.poll()
         self.poller.register(fd, select.POLLIN)
         self.waits = 0               # waits served (tests: the replacement is in use)
@@ -233,11 +260,6 @@ def uninstall() -> None:
         setattr(pyfuse3, _STOCK_NAME, _stock)
     _loop = None
     _stock = None
-
-
-def max_tasks() -> int:
-    """``max_tasks`` for ``pyfuse3.main``: with the replacement, :data:`MAX_TASKS`."""
-    return MAX_TASKS if _loop is not None else _STOCK_MAX_TASKS
 
 
 def installed() -> bool:

@@ -77,10 +77,7 @@ async def serve_session(ops: pyfuse3.Operations, mountpoint: Path, opts: set[str
                 nursery.start_soon(task)
             terminated: list[int] = []
             nursery.start_soon(_terminate_on_signal, terminated)
-            # the replacement's parked tasks never end (fuseloop.py), and each holds
-            # libfuse's receive buffer (max_write + a page, 1 MiB) once it has read a
-            # request: fuseloop.MAX_TASKS bounds that memory, and the requests in flight
-            await pyfuse3.main(max_tasks=fuseloop.max_tasks())
+            await pyfuse3.main()
             # main returns when the mount went away (unmounted from outside) or after
             # a signal's terminate (still mounted: unmounted by close below)
             unmounted = not terminated
