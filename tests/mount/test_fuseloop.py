@@ -130,12 +130,16 @@ def test_sigterm_ends_the_session_with_every_task_parked(dirs: Mounted, loop: st
     assert (dirs.source / "f299").read_bytes() == b"x"
 
 
-def _small_writes(mp: Path, n: int = 2000) -> None:
-    """Synchronous 4 KiB writes: each a GETXATTR and a WRITE, sent right after the reply."""
+def _small_writes(mp: Path, n: int = 2000, think: float = 0.0) -> None:
+    """Synchronous 4 KiB writes (each a GETXATTR and a WRITE), ``think`` seconds of
+    this process's CPU between them."""
     fd = os.open(mp / "w.dat", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         for i in range(n):
             os.pwrite(fd, b"w" * 4096, i * 4096)
+            until = time.perf_counter() + think
+            while time.perf_counter() < until:
+                pass
     finally:
         os.close(fd)
 
@@ -144,7 +148,9 @@ def test_close_requests_are_found_while_spinning(dirs: Mounted) -> None:
     dirs.mount()
     before = dirs.status()
     assert before["fuse_loop_spin_limit_us"] == 50
-    _small_writes(dirs.mountpoint)
+    # the next request comes 20 µs after each reply: later than the waiter's first
+    # look, within its spin window
+    _small_writes(dirs.mountpoint, think=20e-6)
     st = dirs.status()
     assert st["fuse_loop_spin_hits"] - before["fuse_loop_spin_hits"] > 0
     # most of those requests were read without a pass of trio's scheduler (step 4)
