@@ -339,7 +339,12 @@ def _group_or(positional: str, group_fn: str) -> Callable[[Command], Command]:
 @_group_or("source", "mount_group")
 
 def cmd_mount(a: argparse.Namespace) -> int:
+    from .fuseloop import spin_limit_ns
     from .mount import MountConfig, run_daemon, spawn
+    try:
+        spin_limit_ns(os.environ.get("FUSEJOURNAL_SPIN_US"))
+    except ValueError as e:
+        raise UserError(str(e), EXIT_USAGE) from None
     source = Path(os.path.abspath(a.source))
     mountpoint = Path(os.path.abspath(a.mountpoint or a.source))
     jdef, sdef = layout.default_dirs(source)

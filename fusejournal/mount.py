@@ -421,6 +421,8 @@ class Daemon:
             "fuse_loop": "fusejournal" if fuseloop.installed() else "pyfuse3",
             "fuse_loop_waits": fuseloop.waits(),
             "fuse_loop_standbys": fuseloop.standbys(),
+            **{f"fuse_loop_spin_{k}": v for k, v in fuseloop.spin_stats().items()},
+            "fuse_loop_direct_reads": fuseloop.direct_reads(),
             "log_damage": str(self.olog.damage) if getattr(self.olog, "damage", None) else None,
             **(self.member.status() if self.member is not None else {}),
         }
