@@ -173,12 +173,13 @@ def spin_limit_ns(value: str | None) -> int:
     10,000; ValueError with a one-line reason otherwise (None: the default, 50)."""
     if value is None:
         return 50_000
+    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
     try:
         us = float(value)
     except ValueError:
-        raise ValueError(f"FUSEJOURNAL_SPIN_US={value!r} is not a number of microseconds") from None
+        raise ValueError(f"FUSEJOURNAL_SPIN_US={shown} is not a number of microseconds") from None
     if not 0 <= us <= 10_000:
-        raise ValueError(f"FUSEJOURNAL_SPIN_US={value!r} is not between 0 and 10000 microseconds")
+        raise ValueError(f"FUSEJOURNAL_SPIN_US={shown} is not between 0 and 10000 microseconds")
     return int(us * 1000)
 
 

@@ -66,3 +66,9 @@ def test_a_bad_limit_is_one_clear_line(value: str) -> None:
         spin_limit_ns(value)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("FUSEJOURNAL_SPIN_US=")
+
+
+def test_a_huge_bad_limit_is_still_a_short_line() -> None:
+    with pytest.raises(ValueError) as e:
+        spin_limit_ns("9" * 1_000_000)
+    assert len(str(e.value)) < 200 and "..." in str(e.value)
