@@ -88,6 +88,10 @@ def _stop_coordinator(group: Group, timeout: float = 30.0) -> None:
 def mount_group(a: argparse.Namespace) -> int:
     from .daemonize import spawn
     seeding: list[str] = []             # members whose shadow is seeded behind the mount
+    if getattr(a, "reseed", False):
+        # each member would recopy its own shadow outside the group's checkpoints
+        raise UserError("mount --group does not take --reseed: the members of a group are seeded "
+                        "together at their first mount; nothing was mounted", EXIT_USAGE)
     group = _load(a.group)
     try:
         ensure_run_dir(group)
@@ -117,6 +121,8 @@ def mount_group(a: argparse.Namespace) -> int:
                 argv += ["-o", o]
             if a.debug:
                 argv.append("--debug")
+            if getattr(a, "writeback_cache", False):
+                argv.append("--writeback-cache")
             def tell(text: str, name: str = m.name) -> None:
                 print(f"member {name}: {text}", file=sys.stderr)
             info = spawn(argv, on_message=tell)

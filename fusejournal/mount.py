@@ -418,6 +418,7 @@ class Daemon:
             "first_complete_checkpoint": self._first_complete(),
             **self.streamer.status(),
             "updater_pid": self.update_task.pid,
+            "writeback_cache": self.cfg.writeback,
             "fuse_loop": "fusejournal" if fuseloop.installed() else "pyfuse3",
             "fuse_loop_waits": fuseloop.waits(),
             "fuse_loop_standbys": fuseloop.standbys(),

@@ -48,8 +48,8 @@ class Group:
         watch_daemon_logs(self.journal / "coordinator.log",
                           *(self.journal / "members" / name / "journal" / "daemon.log" for name in sources))
 
-    def mount(self, env: dict | None = None) -> subprocess.CompletedProcess:
-        r = fj("mount", "--group", self.file, env={**os.environ, **env} if env else None)
+    def mount(self, *more: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        r = fj("mount", "--group", self.file, *more, env={**os.environ, **env} if env else None)
         self.remember_pids()
         return r
 
@@ -714,6 +714,34 @@ def test_a_bad_group_file_mounts_nothing(group: Group) -> None:
     assert r.returncode == 2 and "duplicate member name 'a'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not g.journal.exists() and not is_mounted(g.sources["a"])
+
+
+def test_reseed_is_refused_for_a_group_in_one_line(group: Group) -> None:
+    (group.sources["a"] / "keep").write_text("data")
+    r = fj("mount", "--group", group.file, "--reseed", check=False)
+    assert r.returncode == 2 and "--reseed" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not group.journal.exists() and not is_mounted(group.sources["a"])
+    assert (group.sources["a"] / "keep").read_text() == "data"
+
+
+def test_the_writeback_cache_reaches_every_member(group: Group) -> None:
+    group.mount("--writeback-cache")
+    assert all(group.status(n)["writeback_cache"] for n in group.sources)
+    a, b = group.sources["a"], group.sources["b"]
+    # small write(2)s the kernel holds as dirty pages; the group cut's barrier
+    # must bring them into the checkpoint of every member
+    with open(a / "ledger", "wb") as fa, open(b / "ledger", "wb") as fb:
+        for i in range(200):
+            fa.write(b"debit %05d\n" % i)
+            fb.write(b"credit %05d\n" % i)
+        fa.flush()
+        fb.flush()
+        gid = int(fj("checkpoint", "--group", group.file, "--label", "wb").stdout)
+    group.wait(gid)
+    for name in ("a", "b"):
+        assert (group.tree(name) / "ledger").read_bytes() == (group.sources[name] / "ledger").read_bytes()
+    assert (group.tree("a") / "ledger").read_bytes().count(b"debit") == 200
 
 
 def test_a_member_that_cannot_mount_unmounts_the_others(group: Group) -> None:
