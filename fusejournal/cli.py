@@ -339,12 +339,8 @@ def _group_or(positional: str, group_fn: str) -> Callable[[Command], Command]:
 @_group_or("source", "mount_group")
 
 def cmd_mount(a: argparse.Namespace) -> int:
-    from .fuseloop import spin_limit_ns
     from .mount import MountConfig, run_daemon, spawn
-    try:
-        spin_limit_ns(os.environ.get("FUSEJOURNAL_SPIN_US"))
-    except ValueError as e:
-        raise UserError(str(e), EXIT_USAGE) from None
+    _check_spin_env()
     source = Path(os.path.abspath(a.source))
     mountpoint = Path(os.path.abspath(a.mountpoint or a.source))
     jdef, sdef = layout.default_dirs(source)
@@ -403,7 +399,17 @@ def cmd_mount(a: argparse.Namespace) -> int:
     return 0
 
 
+def _check_spin_env() -> None:
+    """Refuse a bad ``FUSEJOURNAL_SPIN_US`` (fusejournal/fuseloop.py) before anything is mounted."""
+    from .fuseloop import spin_limit_ns
+    try:
+        spin_limit_ns(os.environ.get("FUSEJOURNAL_SPIN_US"))
+    except ValueError as e:
+        raise UserError(str(e), EXIT_USAGE) from None
+
+
 def cmd_browse(a: argparse.Namespace) -> int:
+    _check_spin_env()
     if a.group and not a.member:
         from .browsecli import browse_group
         return browse_group(a)

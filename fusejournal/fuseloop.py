@@ -66,11 +66,12 @@ thread calls ``sched_yield`` between polls, so it only takes a CPU that nothing
 else waits for (on two cores, the application and the log's thread had been
 kept waiting by it: a client that computed 20 µs between its writes found the
 daemon spinning its whole window 250–380 times in 2,000 writes, and then
-almost never).  Nothing else in
-trio waits for it: the spin does not begin, and stops, as soon as trio has
-other work (:func:`_other_work`: a runnable task, a worker thread's result
-queued, a deadline passed).  ``poll`` releases the GIL, so the log's and the
-updater's threads run meanwhile.
+almost never).  Nothing else in trio waits for it: the spin does not begin,
+and stops, as soon as trio has other work (:func:`_other_work`: a runnable
+task, a worker thread's result queued, a deadline passed).  ``poll`` releases
+the GIL, so the log's and the updater's threads run meanwhile.  ``mount`` and
+``browse`` refuse a bad limit; :func:`install` falls back to the default
+with a warning for any other caller.
 
 What the replacement does not keep: pyfuse3 counts its waiting tasks
 (``active_readers``, not reachable from Python) to start a new worker task
@@ -223,15 +224,12 @@ async def _wait_readable() -> bool:
         if not events:
             await trio.lowlevel.wait_readable(loop.fd)   # 3.
             events = _poll_events(loop)
+            loop.yielded_ns = time.perf_counter_ns()
         elif time.perf_counter_ns() - loop.yielded_ns < YIELD_NS:
             loop.skips += 1                              # 4.
-            loop.busy = False
-            if events & _ERROR:
-                loop.end()
-            return True
         else:
             await trio.lowlevel.checkpoint()
-        loop.yielded_ns = time.perf_counter_ns()
+            loop.yielded_ns = time.perf_counter_ns()
     except trio.ClosedResourceError:                     # 6.
         loop.busy = False
         loop.end()

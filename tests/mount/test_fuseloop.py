@@ -181,3 +181,12 @@ def test_a_bad_spin_limit_is_refused_in_one_line(dirs: Mounted, value: str) -> N
     assert len(lines) == 1 and "FUSEJOURNAL_SPIN_US" in lines[0] and len(lines[0]) < 200, r.stderr[:300]
     assert not is_mounted(dirs.mountpoint)
     assert not dirs.journal.exists()
+
+
+def test_browse_refuses_a_bad_spin_limit_too(dirs: Mounted, tmp_path: Path) -> None:
+    dirs.mount()
+    bp = tmp_path / "bp"
+    bp.mkdir()
+    r = fj("browse", dirs.mountpoint, bp, check=False, env={**os.environ, "FUSEJOURNAL_SPIN_US": "soon"})
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "FUSEJOURNAL_SPIN_US" in r.stderr
+    assert not is_mounted(bp)
