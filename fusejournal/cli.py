@@ -96,6 +96,9 @@ def _getxattr(path: Path, name: bytes) -> bytes | None:
     try:
         return os.getxattr(path, name)
     except OSError as e:
+        if e.errno == errno.EPERM and _is_fusejournal_mount(path):
+            # a journaling mount answers its control attributes to root and the owner only
+            raise _denied_control(path) from None
         if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.EPERM,
                        errno.EACCES, errno.ENOTDIR):
             return None
@@ -121,6 +124,15 @@ def _denied(path: os.PathLike[str] | str) -> UserError:
         who = ""
     return UserError(f"permission denied: {os.fsdecode(path)}{who}: run this as its owner or root",
                      EXIT_UNUSABLE)
+
+
+def _denied_control(mountpoint: os.PathLike[str] | str) -> UserError:
+    try:
+        who = f" (owned by uid {os.stat(mountpoint).st_uid})"
+    except OSError:
+        who = ""
+    return UserError(f"permission denied: {os.fsdecode(mountpoint)} answers its journal's state only to "
+                     f"root and the owner of the mount root{who}", EXIT_UNUSABLE)
 
 
 def _exists(path: Path) -> bool:

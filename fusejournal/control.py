@@ -18,7 +18,9 @@ mount root → EPERM (the name is reserved; it is never stored on a file or a
 subdirectory; reading one there → ENODATA).  On the root: setting any other
 ``user.fusejournal.*`` name, removing one, or a label that is
 empty, longer than 200 bytes, not UTF-8 or has control characters → EINVAL;
-a caller that is neither root nor the owner of the mount root → EPERM; a
+a caller that is neither root nor the owner of the mount root → EPERM, for
+reads as well (the journaling mount's getxattr checks the caller before it
+calls :meth:`Control.getxattr`); a
 checkpoint that fails → the errno of the failure (ENOSPC, EIO ...), or EBUSY
 when the halt could not close in time.  Unknown names read → ENODATA.  These
 names are never listed, never stored in the original tree nor the shadow.

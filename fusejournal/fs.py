@@ -618,13 +618,19 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def _getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name.startswith(XATTR_PREFIX):
-            if inode == ROOT and name == XATTR_PID:
+            if inode != ROOT:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)    # reserved: never read from the original
+            # the control attributes tell the journal's path, the labels and the state:
+            # root's and the owner's, like the journal itself (promise 5), also on an
+            # allow_other mount, where the application's other users reach the root
+            self._check_owner(ctx)
+            if name == XATTR_PID:
                 return str(os.getpid()).encode()
-            if inode == ROOT and name == XATTR_REQUESTS:
-                return self._requests_json(ctx)
-            if inode == ROOT and self.control is not None:
+            if name == XATTR_REQUESTS:
+                return json.dumps(dict(sorted(self.requests.items()))).encode()
+            if self.control is not None:
                 return self.control.getxattr(name)
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)    # reserved: never read from the original
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node = self._inode(inode)
         if node.is_symlink:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -641,12 +647,10 @@ class Operations(pyfuse3.Operations):
                 raise
         return os.getxattr(node.proc, name)
 
-    def _requests_json(self, ctx: pyfuse3.RequestContext) -> bytes:
-        """The requests served so far, per handler (this getxattr included), as JSON;
-        for root and the mount root's owner only."""
+    def _check_owner(self, ctx: pyfuse3.RequestContext) -> None:
+        """EPERM unless the caller is root or the owner of the mount root."""
         if ctx.uid != 0 and ctx.uid != os.fstat(self.inodes[ROOT].fd).st_uid:
             raise pyfuse3.FUSEError(errno.EPERM)
-        return json.dumps(dict(sorted(self.requests.items()))).encode()
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

@@ -520,3 +520,94 @@ def test_shadow_in_use_is_not_reseeded_by_another_journal(world: Mounted) -> Non
         assert (world.tree / "b").read_text() == "b"
     finally:
         world.umount()
+
+
+# ------------------------------------------------------------------ the control attributes
+
+#: reads every control attribute of the mount root as the other user; "ok" or the errno name
+CONTROL_READS = r"""
+import errno, json, os, sys
+mp = sys.argv[1]
+out = {}
+for name in ("checkpoint", "shadow_checkpoint", "status", "journal", "pid", "requests", "nonsense"):
+    try:
+        os.getxattr(mp, "user.fusejournal." + name)
+        out[name] = "ok"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+try:
+    os.setxattr(mp, "user.fusejournal.update_permission", b"theirs")
+    out["update_permission"] = "ok"
+except OSError as e:
+    out["update_permission"] = errno.errorcode.get(e.errno, str(e.errno))
+out["listed"] = [n for n in os.listxattr(mp) if n.startswith("user.fusejournal.")]
+out["listing"] = sorted(os.listdir(mp))          # the mount itself is theirs to use (allow_other)
+print(json.dumps(out))
+"""
+
+CONTROL_NAMES = ["checkpoint", "shadow_checkpoint", "status", "journal", "pid", "requests", "nonsense"]
+
+
+def _fj_as_nobody(*args: object) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.fspath(Path(__file__).resolve().parents[2])}
+    return subprocess.run([*SETPRIV, sys.executable, "-m", "fusejournal.cli", *map(os.fspath, args)],
+                          capture_output=True, text=True, timeout=60, env=env, cwd="/")
+
+
+def test_other_user_cannot_read_the_control_attributes(world: Mounted) -> None:
+    """Root's journaling mount is ``allow_other`` (the application may run as another
+    user), so other users reach its root; the control attributes (the journal's path, the
+    labels in the status, the checkpoint ids, the daemon's pid) are still root's and the
+    owner's only, as the journal itself is (promise 5).  Failed before: every read was ok."""
+    (world.source / "app.db").write_bytes(b"rows")
+    os.chmod(world.source / "app.db", 0o644)
+    world.mount()
+    try:
+        n = world.checkpoint("secret label")
+        world.wait(n)
+        got = as_nobody(CONTROL_READS, world.mountpoint)
+        assert got.pop("listing") == ["app.db"]
+        assert got.pop("listed") == []
+        assert got.pop("update_permission") in ("EACCES", "EPERM")   # the kernel checks write access first
+        assert got == {name: "EPERM" for name in CONTROL_NAMES}, got
+        # the CLI says so in one line, for each command that reads a mount's state
+        for cmd in (["status", world.mountpoint], ["wait", world.mountpoint, "--timeout", "5"],
+                    ["checkpoint", world.mountpoint, "--label", "theirs"], ["log", world.mountpoint],
+                    ["umount", world.mountpoint]):
+            r = _fj_as_nobody(*cmd)
+            if r.returncode != 0 and "No module named" in r.stderr:
+                pytest.skip(f"the interpreter is not usable by another user: {r.stderr.strip()}")
+            assert r.returncode == 3, (cmd, r.returncode, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1, (cmd, r.stderr)
+            assert "permission denied" in r.stderr and "owner of the mount root" in r.stderr, r.stderr
+            assert "secret label" not in r.stdout + r.stderr
+        # root still reads all of them, nothing was taken, and the mount is still up
+        assert world.status()["last_checkpoint"] == n
+        assert int(os.getxattr(world.mountpoint, b"user.fusejournal.pid")) == world.pid
+        assert world.checkpoint() == n + 1
+    finally:
+        world.umount()
+
+
+def test_the_owner_of_the_mount_root_reads_and_checkpoints(world: Mounted) -> None:
+    """The owner of the source's root (here uid 65534) is the mount's owner: it reads the
+    control attributes and takes checkpoints, through the CLI and setfattr alike.  (The
+    journal and the shadow stay private to the daemon's user, root: ``wait`` and ``status``,
+    which read the journal, are root's.)"""
+    os.chown(world.source, NOBODY, NOBODY)
+    world.mount()
+    try:
+        got = as_nobody(CONTROL_READS, world.mountpoint)
+        assert got.pop("update_permission") == "ok"
+        assert got.pop("nonsense") == "ENODATA"
+        assert got.pop("listed") == [] and got.pop("listing") == []
+        assert got == {name: "ok" for name in CONTROL_NAMES if name != "nonsense"}, got
+        r = _fj_as_nobody("checkpoint", world.mountpoint, "--label", "owner's")
+        if r.returncode != 0 and "No module named" in r.stderr:
+            pytest.skip(f"the interpreter is not usable by another user: {r.stderr.strip()}")
+        assert r.returncode == 0 and r.stdout.strip() == "2", r.stderr
+        assert as_nobody(CONTROL_READS, world.mountpoint)["update_permission"] == "ok"   # the 3rd
+        world.wait(3)
+        assert world.status()["last_checkpoint"] == 3
+    finally:
+        world.umount()
