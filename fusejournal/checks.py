@@ -265,3 +265,18 @@ def fsname_for(source: Path, prefix: str) -> str:
     # libfuse takes options as ASCII: show other bytes (non-UTF-8 or not) as \xNN
     s = os.fsencode(source).decode("ascii", "backslashreplace").replace(",", "_").replace(" ", "_")
     return f"{prefix}:{s}"
+
+
+def env_microseconds(var: str, value: str | None, default_us: int, max_us: int) -> int:
+    """An environment variable's number of microseconds, in nanoseconds (None: the
+    default); ValueError with a one-line reason for anything but 0 to ``max_us``."""
+    if value is None:
+        return default_us * 1000
+    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+    try:
+        us = float(value)
+    except ValueError:
+        raise ValueError(f"{var}={shown} is not a number of microseconds") from None
+    if not 0 <= us <= max_us:
+        raise ValueError(f"{var}={shown} is not between 0 and {max_us} microseconds")
+    return int(us * 1000)

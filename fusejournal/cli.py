@@ -352,7 +352,7 @@ def _group_or(positional: str, group_fn: str) -> Callable[[Command], Command]:
 
 def cmd_mount(a: argparse.Namespace) -> int:
     from .mount import MountConfig, run_daemon, spawn
-    _check_spin_env()
+    _check_spin_env(fsync=True)
     source = Path(os.path.abspath(a.source))
     mountpoint = Path(os.path.abspath(a.mountpoint or a.source))
     jdef, sdef = layout.default_dirs(source)
@@ -411,11 +411,16 @@ def cmd_mount(a: argparse.Namespace) -> int:
     return 0
 
 
-def _check_spin_env() -> None:
-    """Refuse a bad ``FUSEJOURNAL_SPIN_US`` (fusejournal/fuseloop.py) before anything is mounted."""
+def _check_spin_env(*, fsync: bool = False) -> None:
+    """Refuse a bad ``FUSEJOURNAL_SPIN_US`` (fusejournal/fuseloop.py) and, for a journaling
+    mount, ``FUSEJOURNAL_FSYNC_INLINE_US`` (fusejournal/syncpolicy.py) before anything is
+    mounted."""
     from .fuseloop import spin_limit_ns
+    from .syncpolicy import inline_limit_ns
     try:
         spin_limit_ns(os.environ.get("FUSEJOURNAL_SPIN_US"))
+        if fsync:
+            inline_limit_ns(os.environ.get("FUSEJOURNAL_FSYNC_INLINE_US"))
     except ValueError as e:
         raise UserError(str(e), EXIT_USAGE) from None
 

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
@@ -53,6 +54,7 @@ from .faults import fault
 from .halt import Halt
 from .inodes import Inode, InodeTable, raise_fd_limit
 from .layout import XATTR_PID, XATTR_PREFIX
+from .syncpolicy import SyncPolicy, inline_limit_ns
 from .sysc import RENAME_EXCHANGE, fchown_path_fd, renameat2, utimens_path_fd
 from .tempstore import TempStore
 
@@ -106,6 +108,13 @@ def _handler(fn: Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _T]]
 
 
 _CAP_FSETID = 1 << 4
+
+
+def _timed(sync: Callable[[int], None], fd: int) -> int:
+    """Run ``sync(fd)`` (on a worker thread); how long it took, in nanoseconds."""
+    t0 = time.monotonic_ns()
+    sync(fd)
+    return time.monotonic_ns() - t0
 
 
 def _caller_creds(pid: int) -> tuple[int, frozenset[int], bool] | None:
@@ -212,6 +221,7 @@ class Operations(pyfuse3.Operations):
         self._writable: dict[int, int] = {}
         self.barrier_tids: set[int] = set()
         self._barrier_fhs: set[int] = set()
+        self.syncs = SyncPolicy(inline_limit_ns(None))   # the mount's from FUSEJOURNAL_FSYNC_INLINE_US
 
     # ---------------------------------------------------------------- helpers
 
@@ -603,8 +613,25 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         if fh in self._barrier_fhs:
             return None      # the kernel has waited for the inode's writeback: that was the point
-        fd = self.files[fh].fd
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        h = self.files[fh]
+        sync = os.fdatasync if datasync else os.fsync
+        # inline when known to be short, else on a worker thread (fusejournal/syncpolicy.py);
+        # what is written during a worker's sync counts toward the next one
+        node = h.inode
+        unsynced, node.unsynced = node.unsynced, 0
+        inline = self.syncs.inline(unsynced)
+        try:
+            if inline:
+                t0 = time.monotonic_ns()
+                fault("fsync_inline")          # a test's slow disk
+                sync(h.fd)
+                took = time.monotonic_ns() - t0
+            else:
+                took = await trio.to_thread.run_sync(_timed, sync, h.fd)
+        except BaseException:
+            node.unsynced += unsynced          # not synced: still owed to the next sync
+            raise
+        self.syncs.done(unsynced, took, inline)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         # The kernel asks for security.capability before every write(2) (docs/design.md,
@@ -740,12 +767,15 @@ class Operations(pyfuse3.Operations):
             h = self.files[fh]
             store = self.store
             if store is None:
-                return os.pwrite(h.fd, buf, off)
+                n = os.pwrite(h.fd, buf, off)
+                h.inode.unsynced += n
+                return n
             store.check_space(len(buf))
             act = self.activity
             if act is not None and h.inode.ino not in act.touched:
                 act.touch(h.inode.ino, h.fd, False)
             n = os.pwrite(h.fd, buf, off)
+            h.inode.unsynced += n          # for the next FSYNC (fusejournal/syncpolicy.py)
             try:
                 st = os.fstat(h.fd)
                 if st.st_nlink:      # writes to unlinked files can never be seen again

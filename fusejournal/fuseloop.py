@@ -110,6 +110,8 @@ from typing import Any
 import pyfuse3
 import trio
 
+from .checks import env_microseconds
+
 log = logging.getLogger("fusejournal")
 
 _STOCK_NAME = "_wait_fuse_readable"
@@ -172,16 +174,7 @@ class _Spin:
 def spin_limit_ns(value: str | None) -> int:
     """``FUSEJOURNAL_SPIN_US`` in nanoseconds: a number of microseconds from 0 to
     10,000; ValueError with a one-line reason otherwise (None: the default, 50)."""
-    if value is None:
-        return 50_000
-    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
-    try:
-        us = float(value)
-    except ValueError:
-        raise ValueError(f"FUSEJOURNAL_SPIN_US={shown} is not a number of microseconds") from None
-    if not 0 <= us <= 10_000:
-        raise ValueError(f"FUSEJOURNAL_SPIN_US={shown} is not between 0 and 10000 microseconds")
-    return int(us * 1000)
+    return env_microseconds("FUSEJOURNAL_SPIN_US", value, 50, 10_000)
 
 
 class _Loop:

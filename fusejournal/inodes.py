@@ -49,6 +49,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from .syncpolicy import UNKNOWN
 from .sysc import name_to_handle, open_by_handle
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class Inode:
     """One object the kernel knows: identity, lookup count, and how to reopen it."""
 
     __slots__ = ("table", "fino", "ino", "lookups", "is_dir", "is_symlink",
-                 "parent", "name", "more_names", "handle", "files")
+                 "parent", "name", "more_names", "handle", "files", "unsynced")
 
     def __init__(self, table: InodeTable, fino: int, st: os.stat_result,
                  parent: int | None, name: bytes | None) -> None:
@@ -105,6 +106,9 @@ class Inode:
         self.more_names: list[tuple[int, bytes]] | None = None   # other names (hard links)
         self.handle: bytes | None = None     # handle type (i32) + file handle: one object
         self.files: list[int] | None = None    # fds of open files of this object (FileHandle)
+        # bytes written through the mount since its last FSYNC; unknown until the
+        # first (fusejournal/syncpolicy.py: the original may hold older dirty pages)
+        self.unsynced = UNKNOWN
 
     @property
     def fd(self) -> int:

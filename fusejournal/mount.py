@@ -65,6 +65,7 @@ from .seeding import ReplayError, SeedingTask
 from .session import serve_session
 from .shadow import SEEDED, Shadow, ShadowError
 from .streamer import Streamer
+from .syncpolicy import DEFAULT_LIMIT_US, SyncPolicy, inline_limit_ns
 from .tempstore import TempStore
 from .updatetask import UpdateTask, wait_for_previous_updater
 
@@ -257,6 +258,10 @@ class Daemon:
                               activity=self.activity, writeback=cfg.writeback,
                               resync_flag=self.resync_flag)
         self.stack.callback(self.ops.close_all)
+        try:
+            self.ops.syncs = SyncPolicy(inline_limit_ns(os.environ.get("FUSEJOURNAL_FSYNC_INLINE_US")))
+        except ValueError as e:          # `mount` refuses it; another caller gets the default
+            log.warning("%s: the default (%d µs) is used", e, DEFAULT_LIMIT_US)
         self.ops.backpressure = self.streamer       # writes wait while the streamer catches up
         if self.member is not None:
             self.member.attach(self.checkpointer, self.control)
@@ -424,6 +429,7 @@ class Daemon:
             "fuse_loop_standbys": fuseloop.standbys(),
             **{f"fuse_loop_spin_{k}": v for k, v in fuseloop.spin_stats().items()},
             "fuse_loop_direct_reads": fuseloop.direct_reads(),
+            **self.ops.syncs.status(),
             "log_damage": str(self.olog.damage) if getattr(self.olog, "damage", None) else None,
             **(self.member.status() if self.member is not None else {}),
         }

@@ -1,0 +1,92 @@
+"""Where an FSYNC's ``fdatasync`` runs: on the FUSE loop's own thread, or on a worker.
+
+A FUSE FSYNC must reach the original's disk before the reply (promise 4: an
+application's ``fsync`` means what it means on ext4).  On a worker thread
+(``trio.to_thread.run_sync``) the FUSE loop serves other requests meanwhile,
+but the sync pays two hand-offs between threads: waking the worker, and the
+worker handing its result back to the loop (each a futex wake of an idle CPU
+and a GIL transfer).  On the 2-vCPU test machine those cost about 0.2 ms per
+FSYNC, as much as the ``fdatasync`` itself (0.19 ms): pgbench, whose every
+commit is a WAL ``pwrite`` and an ``fdatasync``, ran at 1,713–1,792 tps with
+the worker against 2,413–2,605 inline (docs/performance-analysis.md).  Inline,
+every other request waits for the sync — fine for a 0.2 ms sync, not for a
+slow disk's 10 ms or for a file with a gigabyte of dirty pages.  So a sync
+runs inline only when it is known to be short:
+
+1. The object has at most :data:`INLINE_BYTES` written through the mount
+   since its last sync.  The write handler counts them per object
+   (``Inode.unsynced``); an object the daemon has not yet synced counts as
+   unknown (the original may hold dirty pages from before the mount), so its
+   first sync goes to a worker.
+2. The running average of recent syncs' durations (both ways, each the
+   system call alone, weighted 1/8 per sync, only syncs that qualify by 1) is
+   within the limit (``FUSEJOURNAL_FSYNC_INLINE_US``, default 500 µs; 0:
+   never inline).  It starts at twice the limit, so a mount syncs on workers
+   until about seven fast syncs were seen; from an average of 0.4 × the
+   limit, one sync over 5.2 × the limit puts it over at once.  A disk that
+   slows down (a flush to a spinning disk, a journal commit behind a large
+   write-back) moves the syncs to workers after the first slow one; one that
+   speeds up again brings them back, measured on the workers.
+
+A slow sync that was chosen inline still stalls every request for its
+length, once: the cost of the bet, which :attr:`SyncPolicy.slow_inline`
+counts (status ``fsync_slow_inline``).  Nothing here awaits or takes a lock:
+the handler calls :meth:`SyncPolicy.inline` before and :meth:`SyncPolicy.done`
+after, on the loop's thread.  A sync that fails (or is cancelled while on its
+worker) is not counted; the handler puts its bytes back on the object, still
+owed to the next sync.
+"""
+
+from __future__ import annotations
+
+from .checks import env_microseconds
+
+#: at most this many bytes written since the object's last sync for an inline sync
+#: (0.6 ms at 400 MB/s; a database's commit writes a few pages)
+INLINE_BYTES = 256 * 1024
+
+#: an object whose dirty bytes the daemon does not know (not synced since it was known)
+UNKNOWN = 1 << 62
+
+DEFAULT_LIMIT_US = 500
+MAX_LIMIT_US = 100_000
+
+
+def inline_limit_ns(value: str | None) -> int:
+    """``FUSEJOURNAL_FSYNC_INLINE_US`` in nanoseconds (None: the default, 500 µs);
+    ValueError with a one-line reason for anything but 0–100,000 microseconds."""
+    return env_microseconds("FUSEJOURNAL_FSYNC_INLINE_US", value, DEFAULT_LIMIT_US, MAX_LIMIT_US)
+
+
+class SyncPolicy:
+    """Chooses inline or worker for each FSYNC, and counts both (module docstring)."""
+
+    def __init__(self, limit_ns: int) -> None:
+        self.limit_ns = limit_ns
+        self.average_ns = 2 * limit_ns     # no evidence yet: workers first (step 2)
+        self.inline_syncs = 0
+        self.worker_syncs = 0
+        self.slow_inline = 0               # inline syncs that took longer than the limit
+
+    def inline(self, unsynced: int) -> bool:
+        """Whether a sync of an object with ``unsynced`` bytes written since its last
+        sync runs on the loop's thread (steps 1 and 2)."""
+        return unsynced <= INLINE_BYTES and self.average_ns <= self.limit_ns and self.limit_ns > 0
+
+    def done(self, unsynced: int, duration_ns: int, inline: bool) -> None:
+        """A sync of an object with ``unsynced`` bytes took ``duration_ns`` (its system
+        call alone), inline or on a worker."""
+        if inline:
+            self.inline_syncs += 1
+            if duration_ns > self.limit_ns:
+                self.slow_inline += 1
+        else:
+            self.worker_syncs += 1
+        if unsynced <= INLINE_BYTES:       # a large sync's length says nothing about small ones
+            self.average_ns += (duration_ns - self.average_ns) // 8
+
+    def status(self) -> dict[str, int]:
+        return {"fsync_inline": self.inline_syncs, "fsync_worker": self.worker_syncs,
+                "fsync_slow_inline": self.slow_inline,
+                "fsync_inline_limit_us": self.limit_ns // 1000,
+                "fsync_average_us": self.average_ns // 1000}
