@@ -221,7 +221,9 @@ class Operations(pyfuse3.Operations):
         self._writable: dict[int, int] = {}
         self.barrier_tids: set[int] = set()
         self._barrier_fhs: set[int] = set()
-        self.syncs = SyncPolicy(inline_limit_ns(None))   # the mount's from FUSEJOURNAL_FSYNC_INLINE_US
+        # the mount's from FUSEJOURNAL_FSYNC_INLINE_US; files and directories each their own
+        self.syncs = SyncPolicy(inline_limit_ns(None))
+        self.dir_syncs = SyncPolicy(inline_limit_ns(None), "fsyncdir")
 
     # ---------------------------------------------------------------- helpers
 
@@ -536,7 +538,9 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         h = self.dir_handles[fh]
-        await trio.to_thread.run_sync(os.fsync, h.fd)
+        # a directory's sync commits the filesystem's pending metadata: nothing is counted
+        # per directory, its own running average decides
+        await self._sync(self.dir_syncs, os.fsync, h.fd, 0)
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -614,24 +618,27 @@ class Operations(pyfuse3.Operations):
         if fh in self._barrier_fhs:
             return None      # the kernel has waited for the inode's writeback: that was the point
         h = self.files[fh]
-        sync = os.fdatasync if datasync else os.fsync
-        # inline when known to be short, else on a worker thread (fusejournal/syncpolicy.py);
         # what is written during a worker's sync counts toward the next one
         node = h.inode
         unsynced, node.unsynced = node.unsynced, 0
-        inline = self.syncs.inline(unsynced)
         try:
-            if inline:
-                t0 = time.monotonic_ns()
-                fault("fsync_inline")          # a test's slow disk
-                sync(h.fd)
-                took = time.monotonic_ns() - t0
-            else:
-                took = await trio.to_thread.run_sync(_timed, sync, h.fd)
+            await self._sync(self.syncs, os.fdatasync if datasync else os.fsync, h.fd, unsynced)
         except BaseException:
             node.unsynced += unsynced          # not synced: still owed to the next sync
             raise
-        self.syncs.done(unsynced, took, inline)
+
+    async def _sync(self, policy: SyncPolicy, sync: Callable[[int], None], fd: int, unsynced: int) -> None:
+        """``sync(fd)`` inline when ``policy`` knows it to be short, else on a worker thread
+        (fusejournal/syncpolicy.py)."""
+        inline = policy.inline(unsynced)
+        if inline:
+            t0 = time.monotonic_ns()
+            fault("fsync_inline")              # a test's slow disk
+            sync(fd)
+            took = time.monotonic_ns() - t0
+        else:
+            took = await trio.to_thread.run_sync(_timed, sync, fd)
+        policy.done(unsynced, took, inline)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         # The kernel asks for security.capability before every write(2) (docs/design.md,
@@ -960,6 +967,8 @@ class Operations(pyfuse3.Operations):
 
         fino, node, st, fd = await self._new_entry(parent_inode, name, ctx, mode, make,
                                                   R.mknod_record, undo=undo, what="create")
+        if made_new:
+            node.unsynced = 0        # a new file: only what is written through the mount is dirty
         fh = self._new_fh()
         self.files[fh] = FileHandle(fd, node)
         if flags & os.O_ACCMODE != os.O_RDONLY:

@@ -259,9 +259,11 @@ class Daemon:
                               resync_flag=self.resync_flag)
         self.stack.callback(self.ops.close_all)
         try:
-            self.ops.syncs = SyncPolicy(inline_limit_ns(os.environ.get("FUSEJOURNAL_FSYNC_INLINE_US")))
+            limit = inline_limit_ns(os.environ.get("FUSEJOURNAL_FSYNC_INLINE_US"))
         except ValueError as e:          # `mount` refuses it; another caller gets the default
             log.warning("%s: the default (%d µs) is used", e, DEFAULT_LIMIT_US)
+            limit = inline_limit_ns(None)
+        self.ops.syncs, self.ops.dir_syncs = SyncPolicy(limit), SyncPolicy(limit, "fsyncdir")
         self.ops.backpressure = self.streamer       # writes wait while the streamer catches up
         if self.member is not None:
             self.member.attach(self.checkpointer, self.control)
@@ -430,6 +432,7 @@ class Daemon:
             **{f"fuse_loop_spin_{k}": v for k, v in fuseloop.spin_stats().items()},
             "fuse_loop_direct_reads": fuseloop.direct_reads(),
             **self.ops.syncs.status(),
+            **self.ops.dir_syncs.status(),
             "log_damage": str(self.olog.damage) if getattr(self.olog, "damage", None) else None,
             **(self.member.status() if self.member is not None else {}),
         }

@@ -17,7 +17,8 @@ runs inline only when it is known to be short:
    since its last sync.  The write handler counts them per object
    (``Inode.unsynced``); an object the daemon has not yet synced counts as
    unknown (the original may hold dirty pages from before the mount), so its
-   first sync goes to a worker.
+   first sync goes to a worker, unless the mount created it (a rollback
+   journal, made and synced by every SQLite transaction).
 2. The running average of recent syncs' durations (both ways, each the
    system call alone, weighted 1/8 per sync, only syncs that qualify by 1) is
    within the limit (``FUSEJOURNAL_FSYNC_INLINE_US``, default 500 µs; 0:
@@ -30,7 +31,10 @@ runs inline only when it is known to be short:
 
 A slow sync that was chosen inline still stalls every request for its
 length, once: the cost of the bet, which :attr:`SyncPolicy.slow_inline`
-counts (status ``fsync_slow_inline``).  Nothing here awaits or takes a lock:
+counts (status ``fsync_slow_inline``).  Directories' syncs (FSYNCDIR) have a
+policy of their own, status ``fsyncdir_*``: nothing is counted per directory
+(a directory's sync commits whatever metadata the filesystem has pending),
+so only step 2 decides.  Nothing here awaits or takes a lock:
 the handler calls :meth:`SyncPolicy.inline` before and :meth:`SyncPolicy.done`
 after, on the loop's thread.  A sync that fails (or is cancelled while on its
 worker) is not counted; the handler puts its bytes back on the object, still
@@ -61,8 +65,9 @@ def inline_limit_ns(value: str | None) -> int:
 class SyncPolicy:
     """Chooses inline or worker for each FSYNC, and counts both (module docstring)."""
 
-    def __init__(self, limit_ns: int) -> None:
+    def __init__(self, limit_ns: int, name: str = "fsync") -> None:
         self.limit_ns = limit_ns
+        self.name = name                   # the status keys' prefix
         self.average_ns = 2 * limit_ns     # no evidence yet: workers first (step 2)
         self.inline_syncs = 0
         self.worker_syncs = 0
@@ -86,7 +91,8 @@ class SyncPolicy:
             self.average_ns += (duration_ns - self.average_ns) // 8
 
     def status(self) -> dict[str, int]:
-        return {"fsync_inline": self.inline_syncs, "fsync_worker": self.worker_syncs,
-                "fsync_slow_inline": self.slow_inline,
-                "fsync_inline_limit_us": self.limit_ns // 1000,
-                "fsync_average_us": self.average_ns // 1000}
+        n = self.name
+        return {f"{n}_inline": self.inline_syncs, f"{n}_worker": self.worker_syncs,
+                f"{n}_slow_inline": self.slow_inline,
+                f"{n}_inline_limit_us": self.limit_ns // 1000,
+                f"{n}_average_us": self.average_ns // 1000}
