@@ -352,7 +352,7 @@ def _group_or(positional: str, group_fn: str) -> Callable[[Command], Command]:
 
 def cmd_mount(a: argparse.Namespace) -> int:
     from .mount import MountConfig, run_daemon, spawn
-    _check_spin_env(fsync=True)
+    _check_env_limits(fsync=True)
     source = Path(os.path.abspath(a.source))
     mountpoint = Path(os.path.abspath(a.mountpoint or a.source))
     jdef, sdef = layout.default_dirs(source)
@@ -411,7 +411,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
     return 0
 
 
-def _check_spin_env(*, fsync: bool = False) -> None:
+def _check_env_limits(*, fsync: bool = False) -> None:
     """Refuse a bad ``FUSEJOURNAL_SPIN_US`` (fusejournal/fuseloop.py) and, for a journaling
     mount, ``FUSEJOURNAL_FSYNC_INLINE_US`` (fusejournal/syncpolicy.py) before anything is
     mounted."""
@@ -426,7 +426,7 @@ def _check_spin_env(*, fsync: bool = False) -> None:
 
 
 def cmd_browse(a: argparse.Namespace) -> int:
-    _check_spin_env()
+    _check_env_limits()
     if a.group and not a.member:
         from .browsecli import browse_group
         return browse_group(a)

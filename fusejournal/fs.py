@@ -188,7 +188,8 @@ class Operations(pyfuse3.Operations):
                  halt: Halt | None = None, control: ControlAttributes | None = None,
                  activity: WriteIntents | None = None,
                  read_only: bool = False, timeout: float = 300.0, writeback: bool = False,
-                 resync_flag: ResyncMarks | None = None, fd_cache: int | None = None) -> None:
+                 resync_flag: ResyncMarks | None = None, fd_cache: int | None = None,
+                 fsync_limit_ns: int | None = None) -> None:
         super().__init__()
         self.read_only = read_only
         # With the kernel's writeback cache, small writes are merged into large
@@ -221,9 +222,10 @@ class Operations(pyfuse3.Operations):
         self._writable: dict[int, int] = {}
         self.barrier_tids: set[int] = set()
         self._barrier_fhs: set[int] = set()
-        # the mount's from FUSEJOURNAL_FSYNC_INLINE_US; files and directories each their own
-        self.syncs = SyncPolicy(inline_limit_ns(None))
-        self.dir_syncs = SyncPolicy(inline_limit_ns(None), "fsyncdir")
+        # the mount passes FUSEJOURNAL_FSYNC_INLINE_US's; files and directories each their own
+        limit = inline_limit_ns(None) if fsync_limit_ns is None else fsync_limit_ns
+        self.syncs = SyncPolicy(limit)
+        self.dir_syncs = SyncPolicy(limit, "fsyncdir")
 
     # ---------------------------------------------------------------- helpers
 

@@ -65,7 +65,7 @@ from .seeding import ReplayError, SeedingTask
 from .session import serve_session
 from .shadow import SEEDED, Shadow, ShadowError
 from .streamer import Streamer
-from .syncpolicy import DEFAULT_LIMIT_US, SyncPolicy, inline_limit_ns
+from .syncpolicy import DEFAULT_LIMIT_US, inline_limit_ns
 from .tempstore import TempStore
 from .updatetask import UpdateTask, wait_for_previous_updater
 
@@ -254,16 +254,15 @@ class Daemon:
                                                           else self.shadow_applied),
                                checkpoint=self.checkpoint if self.seeding is not None else None,
                                status=self.status, journal_path=os.fspath(os.path.abspath(cfg.journal)))
-        self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control,
-                              activity=self.activity, writeback=cfg.writeback,
-                              resync_flag=self.resync_flag)
-        self.stack.callback(self.ops.close_all)
         try:
-            limit = inline_limit_ns(os.environ.get("FUSEJOURNAL_FSYNC_INLINE_US"))
+            fsync_limit = inline_limit_ns(os.environ.get("FUSEJOURNAL_FSYNC_INLINE_US"))
         except ValueError as e:          # `mount` refuses it; another caller gets the default
             log.warning("%s: the default (%d µs) is used", e, DEFAULT_LIMIT_US)
-            limit = inline_limit_ns(None)
-        self.ops.syncs, self.ops.dir_syncs = SyncPolicy(limit), SyncPolicy(limit, "fsyncdir")
+            fsync_limit = inline_limit_ns(None)
+        self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control,
+                              activity=self.activity, writeback=cfg.writeback,
+                              resync_flag=self.resync_flag, fsync_limit_ns=fsync_limit)
+        self.stack.callback(self.ops.close_all)
         self.ops.backpressure = self.streamer       # writes wait while the streamer catches up
         if self.member is not None:
             self.member.attach(self.checkpointer, self.control)
