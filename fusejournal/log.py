@@ -38,6 +38,7 @@ import concurrent.futures
 import dataclasses
 import errno
 import json
+import logging
 import os
 import re
 import struct
@@ -74,9 +75,12 @@ _MAX_PAYLOAD = 0xFFFFFFFF
 _READ_CHUNK = 1 << 20
 _NAME_RE = re.compile(r"([0-9]{16,})" + re.escape(SEGMENT_SUFFIX), re.ASCII)
 #: written at each clean close: the last confirmed checkpoint then.  The log only
-#: grows (prune keeps the last segment), so a later scan that ends before it means
+#: grows (prune always keeps a last segment, whose header records where the ids
+#: continue when it holds no checkpoint: OrderedLog._roll), so a later scan that ends before it means
 #: confirmed checkpoints were cut off (a truncated or removed segment).
 END_FILE = layout.LOG_END
+
+logger = logging.getLogger("fusejournal")
 
 
 def _span(a: int, b: int) -> str:
@@ -1141,11 +1145,18 @@ class OrderedLog:
     def prune(self, up_to: int) -> list[Path]:
         """Delete whole segments whose every checkpoint is <= ``up_to``.
 
-        Never the last segment (it records where the checkpoint ids continue)
-        and nothing from a damaged segment on.  Returns the removed paths,
-        after fsyncing the directory.
+        The last segment records where the checkpoint ids continue, so it is
+        never deleted as it is: once it has reached the segment limit and
+        every checkpoint in it is <= ``up_to``, it is rolled first
+        (:meth:`_roll`: an empty segment begins) and then deleted with the
+        others.  So checkpoints the shadow holds keep less than about one
+        segment limit of the journal's disk, and a checkpoint larger than the
+        limit is freed as soon as it is applied, not after the next one.
+        Nothing from a damaged segment on.  Returns the removed paths, after
+        fsyncing the directory.
         """
         with self._wlock:
+            self._roll(up_to)
             with self._lock:
                 segments, infos = list(self._segments), list(self._infos)
             highest: dict[int, int] = {}
@@ -1168,6 +1179,56 @@ class OrderedLog:
                 if removed:
                     fsync_dir(self.directory)
             return removed
+
+    def _roll(self, up_to: int) -> bool:
+        """Begin an empty segment after a full last segment the shadow holds all of.
+
+        Only if the log is open and undamaged, the last segment has reached the
+        segment limit, its every checkpoint is <= ``up_to``, and nothing was
+        streamed after its last marker (those entries belong to the next
+        checkpoint and stay where they are).  Under ``_wlock`` (no append runs).
+
+        1. Create the next segment file (``O_EXCL``) holding only its header,
+           whose base is the next checkpoint id: from now on it alone records
+           where the ids continue.
+        2. ``fdatasync`` it, then ``fsync`` the log directory.  Only then may the
+           old segment go (the caller deletes it).  A crash before that leaves
+           the old segment intact and after it either a torn header (the next
+           open removes it: ``_scan_log``) or a valid empty segment: both read
+           back as the same log.
+        3. Appends go to the new segment.
+
+        Failure (ENOSPC on a full journal, EIO): the new file is removed again
+        (:meth:`_rollback`), the log is as it was, a warning is logged and
+        False returned; the next prune tries again.
+        """
+        if self._state != "open" or self.damage is not None or self._wfd is None:
+            return False
+        if (self._open_start is not None or self._size < self.segment_limit
+                or self._size <= _FILE_HEADER.size or self._last > up_to):
+            return False
+        index = self._segments[-1] + 1
+        path = self.directory / format_segment_name(index)
+        fd = -1
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            _write_all(fd, _file_header(index, self._last + 1))
+            fault("log.roll_written")
+            os.fdatasync(fd)
+            fsync_dir(self.directory)
+            fault("log.roll_synced")
+        except BaseException as e:
+            if fd >= 0:
+                self._rollback(fd, True, path, 0)
+            if not isinstance(e, OSError):
+                raise
+            logger.warning("the ordered log could not begin segment %s after the applied "
+                           "checkpoints (%s); segment %s stays until the next try",
+                           path.name, e.strerror or e, format_segment_name(index - 1))
+            return False
+        self._adopt(True, index, fd)
+        self._dir_dirty = False
+        return True
 
     def close(self) -> None:
         """Close the writer's fd.  Every returned append is already durable.

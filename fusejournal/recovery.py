@@ -284,8 +284,13 @@ def recover(intents: list[Intent], *, activity: ActivityLog, reporter: Reporter,
     # (the last *applied* one: in a consistency group, later ones may be uncommitted)
     cps = olog.checkpoints(applied - 1) if applied else []
     cps = [c for c in cps if c.marker.checkpoint == applied]
+    since_ns: int | None
     if cps:
         since_ns = cps[-1].marker.time_ns
+    elif applied:
+        # its segment was deleted (the log rolled: OrderedLog._roll): applied.json keeps the
+        # marker's time; without it (written by an older fusejournal) compare every directory
+        since_ns = shadow.applied_checkpoint_time_ns
     else:
         since_ns = os.stat(shadow.applied_path).st_mtime_ns   # the seed (checkpoint 0)
     n = 0

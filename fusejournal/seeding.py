@@ -887,7 +887,7 @@ class SeedingTask:
             if self.group_checkpoint is not None:    # a group member (groupseed.py)
                 doc["group_checkpoint"] = self.group_checkpoint
             sh.write_state(SEEDED, doc)
-            sh.set_applied(checkpoint)
+            sh.set_applied(checkpoint, marker_time_ns)
             sh.remove_state(SEEDING)
         try:
             await trio.to_thread.run_sync(write)

@@ -327,19 +327,36 @@ class Shadow:
             raise ShadowError(f"{self.applied_path} is corrupt: {doc!r}")
         return n
 
-    def set_applied(self, n: int) -> None:
+    @property
+    def applied_checkpoint_time_ns(self) -> int | None:
+        """When the checkpoint tree/ stands at was taken, if applied.json says
+        (:meth:`set_applied`), else None (ShadowError if unreadable)."""
+        try:
+            doc = json.loads(self._read_json(layout.SHADOW_APPLIED))
+        except (OSError, ValueError) as e:
+            raise ShadowError(f"{self.applied_path} is unreadable: {e}") from None
+        t = doc.get("checkpoint_time_ns") if isinstance(doc, dict) else None
+        return t if type(t) is int and t > 0 else None
+
+    def set_applied(self, n: int, checkpoint_time_ns: int | None = None) -> None:
         """Durably record that tree/ stands at checkpoint ``n``.
 
         First syncfs() the shadow's filesystem (so every change made to tree/
         and inodes/ so far is on disk), then replace applied.json atomically
         (temp file, fsync, rename, fsync of the directory).
+        ``checkpoint_time_ns``: when checkpoint ``n`` was taken (its marker's
+        time), kept for recovery after the log segment holding it was pruned
+        (:attr:`applied_checkpoint_time_ns`).
         """
         if type(n) is not int or n < 0:
             raise ValueError(f"bad checkpoint id {n!r}")
+        doc: dict[str, int] = {"applied": n, "time_ns": time.time_ns()}
+        if checkpoint_time_ns is not None:
+            doc["checkpoint_time_ns"] = checkpoint_time_ns
         dfd = self.open_root()
         try:
             sysc.syncfs(dfd)
-            data = json.dumps({"applied": n, "time_ns": time.time_ns()}).encode() + b"\n"
+            data = json.dumps(doc).encode() + b"\n"
             durable_replace(layout.SHADOW_APPLIED, data, dir_fd=dfd)
         finally:
             os.close(dfd)

@@ -789,7 +789,7 @@ class Updater:
                 apply_records(shadow, n, self.olog.records(info), start, self.history)
                 self.history.finish(n, getattr(info.marker, "time_ns", 0), getattr(info.marker, "label", ""))
                 fault("updater.before_applied")
-                shadow.set_applied(n)
+                shadow.set_applied(n, getattr(info.marker, "time_ns", None))
                 clear_cursor(shadow)
                 with self.browse_gate.pinning(wait=False) as free:
                     if free:                # (a restore reading history pins it: prune after it)

@@ -740,9 +740,9 @@ def test_prune(d):
     assert log.checkpoints() == [c for c in infos if c.start.segment > 2]
     assert log.prune(cut) == []
     assert log.prune(last_of[3] - 1) == []  # segment 3 still holds a later checkpoint
-    removed = log.prune(10**9)
+    removed = log.prune(19)
     assert [p.name for p in removed] == [format_segment_name(s[0]) for s in segs[2:-1]]
-    assert [s[0] for s in log.segments()] == [segs[-1][0]]  # never the last segment
+    assert [s[0] for s in log.segments()] == [segs[-1][0]]  # it holds checkpoint 20: kept
     assert log.last_checkpoint == 20
     log.append([], mk(21))
     log.close()
@@ -767,6 +767,115 @@ def test_prune_keeps_checkpoint_numbering_with_an_empty_last_segment(d):
     assert log.last_checkpoint == 3 and log.checkpoints() == []  # from the segment header
     assert log.append(small_batch(4), mk(4)) == i4
     log.close()
+
+
+# ---------------------------------------------------------------- rolling the last segment
+
+def test_an_applied_full_last_segment_is_rolled_and_pruned(d):
+    """Once the shadow holds every checkpoint of a last segment over the limit, prune
+    begins an empty segment (its header alone keeps the ids going) and deletes the old
+    one: the checkpoint does not wait for the next one to be freed."""
+    infos = fill(d, 6, segment_limit=500)
+    log = opened(d, segment_limit=500)
+    last = log.segments()[-1][0]
+    assert log.segments()[-1][2] >= 500
+    assert log.prune(5) == [seg(d, i) for i in range(1, last)]     # cp 6 not applied: no roll
+    assert [s[0] for s in log.segments()] == [last]
+    assert log.prune(6) == [seg(d, last)]
+    assert [(s[0], s[2]) for s in log.segments()] == [(last + 1, FHDR)]
+    assert log.last_checkpoint == 6 and log.checkpoints() == []
+    assert log.prune(10**9) == []                                  # an empty segment: nothing to roll
+    i7 = log.append(small_batch(7), mk(7))
+    assert i7.start == Position(last + 1, FHDR)
+    log.close()
+    log = opened(d, segment_limit=500)                             # END_FILE agrees (6 < 7)
+    assert log.last_checkpoint == 7 and log.checkpoints() == [i7]
+    assert list(log.records(i7)) == small_batch(7)
+    log.close()
+    rep = fsck(d)
+    assert rep.clean and rep.last_checkpoint == 7
+    assert infos[-1].marker.checkpoint == 6
+
+
+def test_no_roll_below_the_limit_or_with_streamed_entries(d):
+    fill(d, 3, segment_limit=1 << 20)
+    log = opened(d, segment_limit=1 << 20)
+    assert log.prune(10**9) == []                                  # under the limit: kept
+    log.close()
+    log = opened(d, segment_limit=100)                             # now over it
+    log.append_unmarked(small_batch(4))                            # begins segment 2
+    assert log.prune(10**9) == [seg(d, 1)]
+    assert log.segments()[-1][0] == 2 and log.segments()[-1][2] > 100
+    assert log.prune(10**9) == []        # entries of checkpoint 4 follow the last marker: kept
+    i4 = log.append([], mk(4))
+    assert list(log.records(i4)) == small_batch(4)
+    assert log.prune(3) == []                                      # checkpoint 4 not applied
+    assert log.prune(4) == [seg(d, 2)]
+    assert [(s[0], s[2]) for s in log.segments()] == [(3, FHDR)]
+    log.close()
+
+
+@pytest.mark.parametrize("where", ["open", "write", "fdatasync", "fsync-dir"])
+def test_a_roll_that_fails_leaves_the_log_as_it_was(d, monkeypatch, caplog, where):
+    """A full journal (ENOSPC) or EIO while beginning the new segment: no stray file,
+    the old segment kept, a warning; the next prune rolls."""
+    infos = fill(d, 3, segment_limit=100)
+    log = opened(d, segment_limit=100)
+    assert log.prune(2) == [seg(d, 1), seg(d, 2)]
+    before = snapshot(d)
+
+    def enospc(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = os.open
+    if where == "open":
+        monkeypatch.setattr(os, "open", lambda p, *a, **k: enospc() if str(p).endswith("4.fjlog")
+                            else real_open(p, *a, **k))
+    elif where == "write":
+        monkeypatch.setattr(os, "write", enospc)
+    elif where == "fdatasync":
+        monkeypatch.setattr(os, "fdatasync", enospc)
+    else:
+        monkeypatch.setattr(os, "fsync", enospc)
+    with caplog.at_level("WARNING", logger="fusejournal"):
+        assert log.prune(3) == []
+    assert "could not begin segment 0000000000000004.fjlog" in caplog.text
+    assert "No space left on device" in caplog.text
+    monkeypatch.undo()
+    assert snapshot(d) == before and log.checkpoints() == infos[2:]
+    assert log.prune(3) == [seg(d, 3)]
+    i4 = log.append(small_batch(4), mk(4))
+    assert i4.start == Position(4, FHDR)
+    log.close()
+
+
+@pytest.mark.parametrize("cut", list(range(0, FHDR + 1)))
+def test_a_crash_during_the_roll_reads_back_the_same_log(d, cut):
+    """Killed after the new segment's file was made, at any length of its header, and
+    before the old one was deleted: the next open keeps the old segment and either
+    removes the torn new one or keeps it empty; the ids go on either way."""
+    infos = fill(d, 3, segment_limit=100)
+    old = seg(d, 3).read_bytes()
+    log = opened(d, segment_limit=100)
+    log.prune(3)
+    log.close()
+    header = seg(d, 4).read_bytes()
+    assert len(header) == FHDR and not seg(d, 3).exists()
+    as_if_crashed(d)
+    seg(d, 3).write_bytes(old)                     # the old segment not yet deleted
+    seg(d, 4).write_bytes(header[:cut])
+    log = OrderedLog(d, segment_limit=100)
+    warnings = log.open()
+    assert log.damage is None and log.last_checkpoint == 3
+    assert log.checkpoints() == infos[2:]
+    assert len(warnings) == (cut < FHDR)
+    assert seg(d, 4).exists() == (cut == FHDR)
+    assert log.prune(3) == [seg(d, 3)]             # rolled again, or the empty one kept
+    assert [(s[0], s[2]) for s in log.segments()] == [(4, FHDR)]
+    i4 = log.append(small_batch(4), mk(4))
+    assert i4.start == Position(4, FHDR)
+    log.close()
+    assert fsck(d).clean
 
 
 # ---------------------------------------------------------------- threads, hypothesis

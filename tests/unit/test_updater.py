@@ -203,7 +203,7 @@ class Recorder:
 
 class Info:
     def __init__(self, n: int) -> None:
-        self.marker = SimpleNamespace(checkpoint=n)
+        self.marker = SimpleNamespace(checkpoint=n, time_ns=1_700_000_000_000_000_000 + n)
 
 
 class CorruptLog(Exception):
@@ -416,6 +416,9 @@ def test_shadow_applied_state(tmp_path):
         sh.applied
     sh.set_applied(7)
     assert sh.exists() and sh.applied == 7
+    assert sh.applied_checkpoint_time_ns is None        # not given: unknown, never the write time
+    sh.set_applied(8, 1_700_000_000_123_456_789)
+    assert sh.applied == 8 and sh.applied_checkpoint_time_ns == 1_700_000_000_123_456_789
     sh.applied_path.write_text("{not json")
     with pytest.raises(ShadowError):
         sh.applied
@@ -871,6 +874,16 @@ def test_shadow_changed_by_hand_stops_the_updater(env):
 def test_nothing_to_do(env):
     assert env.updater.run_once() == 0
     env.sync()                                        # an empty batch
+
+
+def test_applied_json_keeps_the_checkpoint_time(env):
+    """Recovery needs when the applied checkpoint was taken after the log rolled past
+    its marker (recovery.py): the updater writes the marker's time with it."""
+    env.rec.create(b"f", 0o644, b"x")
+    env.sync()
+    env.sync()
+    assert env.shadow.applied == 2
+    assert env.shadow.applied_checkpoint_time_ns == Info(2).marker.time_ns
 
 
 # ------------------------------------------------------------------ resume after a kill
