@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fusejournal import layout
+from fusejournal.log import _FILE_HEADER
 
 from conftest import FJ, Mounted, fj, is_mounted, needs_fuse
 
@@ -309,8 +310,9 @@ def test_log_fsck_status_as_another_user(area: Path) -> None:
 
 # ------------------------------------------------------------------ damaged logs
 
-def _journal_with_checkpoints(area: Path, n: int = 4) -> Mounted:
-    m = Mounted(area / "src", area / "mnt", area / "j", area / "s", extra=["--segment-limit", "1k"])
+def _journal_with_checkpoints(area: Path, n: int = 4, segment_limit: str = "1k") -> Mounted:
+    m = Mounted(area / "src", area / "mnt", area / "j", area / "s",
+                extra=["--segment-limit", segment_limit])
     try:
         m.mount()
         for i in range(n):
@@ -327,14 +329,23 @@ def _segments(m: Mounted) -> list[Path]:
     return sorted((m.journal / layout.LOG_DIR).glob("*.fjlog"))
 
 
-@pytest.mark.parametrize("how", ["truncate-last-mid", "truncate-last-to-header", "remove-last"])
+@pytest.mark.parametrize("how", ["truncate-last-mid", "truncate-last-to-header", "remove-last",
+                                 "truncate-rolled-header", "remove-rolled"])
 def test_cut_off_confirmed_checkpoints_are_reported(area: Path, how: str) -> None:
-    m = _journal_with_checkpoints(area)
-    last = _segments(m)[-1]
+    """Confirmed checkpoints cut off the log while unmounted: in the one segment that holds
+    them (a large segment limit), or, once the shadow applied them and the log rolled (1 KiB
+    segments: only an empty last segment is left, whose header keeps the ids going), that
+    segment's header torn or the segment removed."""
+    rolled = how.endswith("rolled") or how.endswith("rolled-header")
+    m = _journal_with_checkpoints(area, segment_limit="1k" if rolled else "1M")
+    [last] = _segments(m)
+    assert (last.stat().st_size == _FILE_HEADER.size) == rolled
     if how == "truncate-last-mid":
         os.truncate(last, last.stat().st_size - 40)
     elif how == "truncate-last-to-header":
-        os.truncate(last, 32)
+        os.truncate(last, _FILE_HEADER.size)
+    elif how == "truncate-rolled-header":
+        os.truncate(last, _FILE_HEADER.size // 2)
     else:
         last.unlink()
     r = fj("log", m.journal, check=False)
