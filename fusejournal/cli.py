@@ -193,9 +193,14 @@ Command = Callable[[argparse.Namespace], int]
 
 
 class Target:
-    """What a MOUNTPOINT|JOURNAL argument names."""
+    """What a MOUNTPOINT|JOURNAL argument names.
 
-    def __init__(self, arg: str) -> None:
+    ``live_ok``: a mount whose journal this user may not read (the owner of the
+    mount root, not the daemon's user: promise 5 keeps the journal private) is
+    still a target, answered from its control attributes alone (``live_only``;
+    :attr:`meta` and :meth:`offline_status` then refuse); for ``status`` and ``wait``."""
+
+    def __init__(self, arg: str, live_ok: bool = False) -> None:
         from .journal import read_daemon_info, read_meta
         path = Path(arg)
         self.mountpoint: Path | None = None
@@ -219,10 +224,16 @@ class Target:
                 self.journal = jdef
             else:
                 raise UserError(f"{arg} is neither a fusejournal mount nor a journal directory", EXIT_USAGE)
+        if live_ok and self.mountpoint is not None and not os.access(self.journal, os.R_OK | os.X_OK):
+            live = self.live_status()
+            if live is not None and live.get("shadow"):
+                self._meta: JournalMeta | None = None
+                self.shadow = Path(str(live["shadow"]))
+                return
         meta = read_meta(self.journal)
         if meta is None:
             raise UserError(f"{self.journal} is not a fusejournal journal", EXIT_USAGE)
-        self.meta = meta
+        self._meta = meta
         self.shadow = Path(meta["shadow"])
         if self.mountpoint is None:
             info = read_daemon_info(self.journal)
@@ -232,6 +243,17 @@ class Target:
                 mp = Path(mountpoint)
                 if _getxattr(mp, layout.XATTR_JOURNAL) is not None:
                     self.mountpoint = mp
+
+    @property
+    def live_only(self) -> bool:
+        """Answered from the mount's control attributes alone (``live_ok``)."""
+        return self._meta is None
+
+    @property
+    def meta(self) -> JournalMeta:
+        if self._meta is None:         # live_only: the journal is not this user's to read
+            raise _denied(self.journal)
+        return self._meta
 
     def live_status(self) -> Status | None:
         if self.mountpoint is None:
@@ -487,7 +509,7 @@ def cmd_checkpoint(a: argparse.Namespace) -> int:
 
 @_group_or("target", "wait_group")
 def cmd_wait(a: argparse.Namespace) -> int:
-    t = Target(a.target)
+    t = Target(a.target, live_ok=True)
     target = a.checkpoint
     if target is None:
         st = t.status()
@@ -538,6 +560,8 @@ def cmd_wait(a: argparse.Namespace) -> int:
                 raise UserError(f"checkpoint {target} does not exist (last is {live['last_checkpoint']})",
                                 EXIT_USAGE)
         else:
+            if t.live_only:             # and the daemon is gone since
+                raise _denied(t.journal)
             try:
                 applied = shadow.applied
             except ShadowError as e:
@@ -565,7 +589,7 @@ def cmd_wait(a: argparse.Namespace) -> int:
 
 @_group_or("target", "status_group")
 def cmd_status(a: argparse.Namespace) -> int:
-    t = Target(a.target)
+    t = Target(a.target, live_ok=True)
     st = t.status()
     if a.json:
         print(json.dumps(st, indent=1, sort_keys=True))

@@ -591,9 +591,11 @@ def test_other_user_cannot_read_the_control_attributes(world: Mounted) -> None:
 
 def test_the_owner_of_the_mount_root_reads_and_checkpoints(world: Mounted) -> None:
     """The owner of the source's root (here uid 65534) is the mount's owner: it reads the
-    control attributes and takes checkpoints, through the CLI and setfattr alike.  (The
-    journal and the shadow stay private to the daemon's user, root: ``wait`` and ``status``,
-    which read the journal, are root's.)"""
+    control attributes and takes checkpoints, through the CLI and setfattr alike, and
+    ``status`` and ``wait`` answer it from those attributes (a backup hook run as the
+    application's user: checkpoint, then wait).  The journal and the shadow stay private
+    to the daemon's user, root: ``log``, which reads the journal, says so in one line.
+    (status and wait failed before: they read the journal's meta.json.)"""
     os.chown(world.source, NOBODY, NOBODY)
     world.mount()
     try:
@@ -606,6 +608,18 @@ def test_the_owner_of_the_mount_root_reads_and_checkpoints(world: Mounted) -> No
         if r.returncode != 0 and "No module named" in r.stderr:
             pytest.skip(f"the interpreter is not usable by another user: {r.stderr.strip()}")
         assert r.returncode == 0 and r.stdout.strip() == "2", r.stderr
+        r = _fj_as_nobody("wait", world.mountpoint, "--timeout", "30")
+        assert r.returncode == 0, r.stderr
+        r = _fj_as_nobody("status", "--json", world.mountpoint)
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        assert st["last_checkpoint"] == 2 and st["shadow_checkpoint"] == 2
+        assert st["journal"] == os.fspath(world.journal)
+        r = _fj_as_nobody("status", world.mountpoint)
+        assert r.returncode == 0 and "last_checkpoint: 2" in r.stdout, r.stderr
+        r = _fj_as_nobody("log", world.mountpoint)
+        assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "permission denied" in r.stderr, r.stderr
         assert as_nobody(CONTROL_READS, world.mountpoint)["update_permission"] == "ok"   # the 3rd
         world.wait(3)
         assert world.status()["last_checkpoint"] == 3
