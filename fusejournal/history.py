@@ -74,13 +74,13 @@ import shutil
 import stat
 import struct
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 from . import layout
+from .checksum import crc32
 from .compression import CompressionError, compress, decompress
 from .faults import armed, fault
 from .records import (
@@ -283,8 +283,8 @@ FRAME_END = 2
 
 
 def frame(kind: int, payload: bytes) -> bytes:
-    head = struct.pack("<4sB3xQI", FRAME_MAGIC, kind, len(payload), zlib.crc32(payload))
-    return head + struct.pack("<I", zlib.crc32(head)) + payload
+    head = struct.pack("<4sB3xQI", FRAME_MAGIC, kind, len(payload), crc32(payload))
+    return head + struct.pack("<I", crc32(head)) + payload
 
 
 @dataclass
@@ -302,12 +302,12 @@ def read_frames(data: bytes) -> tuple[list[Frame], int, str | None]:
         if len(data) - pos < _FRAME.size:
             return out, pos, f"a torn frame header at {pos}"
         magic, kind, n, pcrc, hcrc = _FRAME.unpack_from(data, pos)
-        if magic != FRAME_MAGIC or zlib.crc32(data[pos:pos + _FRAME.size - 4]) != hcrc:
+        if magic != FRAME_MAGIC or crc32(data[pos:pos + _FRAME.size - 4]) != hcrc:
             return out, pos, f"a damaged frame header at {pos}"
         if pos + _FRAME.size + n > len(data):
             return out, pos, f"a torn frame at {pos}"
         payload = data[pos + _FRAME.size:pos + _FRAME.size + n]
-        if zlib.crc32(payload) != pcrc:
+        if crc32(payload) != pcrc:
             return out, pos, f"a frame at {pos} fails its checksum"
         out.append(Frame(kind, pos + _FRAME.size, payload))
         pos += _FRAME.size + n
@@ -332,7 +332,7 @@ def scan_frames(fd: int) -> Iterator[Frame]:
             buf, bpos = buf[i:] + more, pos
             continue
         magic, kind, n, pcrc, hcrc = _FRAME.unpack_from(buf, i)
-        if magic != FRAME_MAGIC or zlib.crc32(buf[i:i + _FRAME.size - 4]) != hcrc:
+        if magic != FRAME_MAGIC or crc32(buf[i:i + _FRAME.size - 4]) != hcrc:
             raise HistoryError(f"a damaged frame header at {pos}")
         start = pos + _FRAME.size
         if len(buf) - i >= _FRAME.size + n:
@@ -342,7 +342,7 @@ def scan_frames(fd: int) -> Iterator[Frame]:
             buf, bpos = b"", start + n
         if len(payload) != n:
             raise HistoryError(f"a torn frame at {pos}")
-        if zlib.crc32(payload) != pcrc:
+        if crc32(payload) != pcrc:
             raise HistoryError(f"a frame at {pos} fails its checksum")
         yield Frame(kind, start, payload)
         pos = start + n
@@ -355,10 +355,10 @@ def read_frame_at(fd: int, offset: int, length: int) -> bytes:
     if len(head) != _FRAME.size + length:
         raise HistoryError(f"the frame at {offset - _FRAME.size} is cut short")
     magic, _kind, n, pcrc, hcrc = _FRAME.unpack_from(head, 0)
-    if magic != FRAME_MAGIC or zlib.crc32(head[:_FRAME.size - 4]) != hcrc or n != length:
+    if magic != FRAME_MAGIC or crc32(head[:_FRAME.size - 4]) != hcrc or n != length:
         raise HistoryError(f"a damaged frame header at {offset - _FRAME.size}")
     payload = head[_FRAME.size:]
-    if zlib.crc32(payload) != pcrc:
+    if crc32(payload) != pcrc:
         raise HistoryError(f"the frame at {offset - _FRAME.size} fails its checksum")
     return payload
 
@@ -520,10 +520,10 @@ def read_meta(history_fd: int, n: int) -> dict[str, object] | None:
         if len(head) < _FRAME.size:
             return None
         magic, kind, length, pcrc, hcrc = _FRAME.unpack(head)
-        if magic != FRAME_MAGIC or kind != FRAME_META or zlib.crc32(head[:-4]) != hcrc or length > 1 << 20:
+        if magic != FRAME_MAGIC or kind != FRAME_META or crc32(head[:-4]) != hcrc or length > 1 << 20:
             return None
         payload = os.pread(fd, length, _FRAME.size)
-        if zlib.crc32(payload) != pcrc:
+        if crc32(payload) != pcrc:
             return None
         doc = json.loads(payload)
         return doc if isinstance(doc, dict) else None

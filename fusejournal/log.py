@@ -43,12 +43,12 @@ import os
 import re
 import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import compression, layout
+from .checksum import crc32
 from .faults import fault
 from .records import Record, RecordError, decode, encode_parts, record_size
 from .sysc import fsync_dir, pread_full
@@ -231,7 +231,7 @@ class FormatTooNew(LogError):
 
 def _file_header(index: int, base: int) -> bytes:
     head = _FILE_HEADER.pack(FILE_MAGIC, LOG_FORMAT, index, base, 0)[:-4]
-    return head + struct.pack("<I", zlib.crc32(head))
+    return head + struct.pack("<I", crc32(head))
 
 
 # lz4 levels of the log's BATCH frames (OrderedLog._level): the fast mode for
@@ -253,11 +253,11 @@ def _header(typ: int, flags: int, length: int, checkpoint: int, crc: int) -> byt
     if length > _MAX_PAYLOAD:
         raise ValueError(f"log entry payload of {length} bytes is too large")
     head = _ENTRY_HEADER.pack(ENTRY_MAGIC, typ, flags, length, checkpoint, crc, 0)[:-4]
-    return head + struct.pack("<I", zlib.crc32(head))
+    return head + struct.pack("<I", crc32(head))
 
 
 def _entry_header(typ: int, checkpoint: int, payload: bytes) -> bytes:
-    return _header(typ, 0, len(payload), checkpoint, zlib.crc32(payload))
+    return _header(typ, 0, len(payload), checkpoint, crc32(payload))
 
 
 def _marker_json(m: Marker) -> bytes:
@@ -319,7 +319,7 @@ def _crc_range(fd: int, off: int, length: int) -> int | None:
         b = os.pread(fd, min(length, _READ_CHUNK), off)
         if not b:
             return None
-        crc = zlib.crc32(b, crc)
+        crc = crc32(b, crc)
         off += len(b)
         length -= len(b)
     return crc
@@ -335,7 +335,7 @@ def _read_entry(fd: int, off: int, limit: int, *, check_payload: bool = True) ->
     magic, typ, flags, length, cp, pcrc, hcrc = _ENTRY_HEADER.unpack(raw)
     if magic != ENTRY_MAGIC:
         raise _Bad("bad entry magic")
-    if zlib.crc32(raw[:-4]) != hcrc:
+    if crc32(raw[:-4]) != hcrc:
         raise _Bad("entry header checksum mismatch")
     if typ not in (BATCH, MARKER) or flags & ~(STORED if typ == BATCH else 0):
         raise _Bad(f"unknown entry type {typ} (flags {flags})")
@@ -409,7 +409,7 @@ def _scan_segment(fd: int, index: int, path: Path, expected: int | None) -> _Seg
     reason = None
     if magic != FILE_MAGIC:
         reason = "bad segment magic"
-    elif zlib.crc32(raw[:-4]) != crc:
+    elif crc32(raw[:-4]) != crc:
         reason = "segment header checksum mismatch"
     elif version not in READ_FORMATS:
         reason = f"bad format version {version}"
@@ -561,7 +561,7 @@ def _iter_batches(path: Path, info: CheckpointInfo) -> Iterator[tuple[int, bytes
                 payload = pread_full(fd, e.length, e.payload)
                 if len(payload) != e.length:
                     raise _Bad("segment shorter than the checkpoint")
-                if zlib.crc32(payload) != e.crc:
+                if crc32(payload) != e.crc:
                     raise _Bad("payload checksum mismatch")
                 if e.type == MARKER:
                     if e.end != end:
@@ -685,13 +685,13 @@ def _looks_incompressible(parts: list[bytes | bytearray], size: int) -> bool:
 def _stored(parts: list[bytes | bytearray], size: int) -> _Packed:
     crc = 0
     for p in parts:
-        crc = zlib.crc32(p, crc)
+        crc = crc32(p, crc)
     return _Packed(parts, STORED, size, crc)
 
 
 def _pack(parts: list[bytes | bytearray], size: int, level: int, may_store: bool) -> _Packed:
     """The payload of the BATCH entry of one chunk (encoded records in ``parts``, ``size``
-    bytes), made in a worker thread (lz4 and zlib.crc32 release the GIL).
+    bytes), made in a worker thread (lz4 and the CRC-32 release the GIL).
 
     1. With ``may_store`` (the segment has format 2), a chunk of at least
        ``2 * PROBES * PROBE_BYTES`` whose samples do not compress
@@ -708,7 +708,7 @@ def _pack(parts: list[bytes | bytearray], size: int, level: int, may_store: bool
     payload = compression.compress(data, level=level, checksum=False)
     if may_store and len(payload) >= size:
         return _stored([data], size)
-    return _Packed([payload], 0, len(payload), zlib.crc32(payload))
+    return _Packed([payload], 0, len(payload), crc32(payload))
 
 
 def _write_packed(fd: int, checkpoint: int, p: _Packed) -> int:
@@ -978,7 +978,7 @@ class OrderedLog:
            (:func:`encode_parts`: large data is not copied; Python, under the GIL)
            while up to ``COMPRESS_AHEAD`` earlier chunks are being packed by the log's
            own worker threads (:func:`_pack`: probed, compressed or STORED, CRC-32;
-           lz4 and zlib release the GIL, so they use the other core).  STORED
+           lz4 and the CRC-32 release the GIL, so they use the other core).  STORED
            entries only if ``may_store`` (the segment has format 2).
         2. The oldest chunk's entry is written as soon as it is ready, in order:
            the entries land exactly as one thread would write them.
