@@ -628,6 +628,11 @@ def cmd_log(a: argparse.Namespace) -> int:
                          default=str, indent=1))
     else:
         print(f"{'id':>6}  {'time (UTC)':20}  {'operations':>10}  {'raw bytes':>12}  {'stored bytes':>12}  label")
+        gone = (markers[0].checkpoint if markers else last + 1) - 1
+        if gone and not problems:
+            # their segments were deleted once the shadow held them (pruned, or rolled: log.py)
+            what = "checkpoint 1" if gone == 1 else f"checkpoints 1..{gone}"
+            print(f"{'':>6}  {what}: pruned from the log (the shadow holds them)")
         for m in markers:
             when = datetime.fromtimestamp(m.time_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
             note = ("  (first complete checkpoint: the seed is done)" if m.checkpoint == first else

@@ -174,6 +174,9 @@ class TempStore:
         filesystem must keep room for every pending record (in the worst case
         it is stored uncompressed) plus this one plus :data:`RESERVE`.
         statvfs is asked at most every 50 ms or 8 MiB, and again before refusing.
+        Between two asks, the free space is estimated down by every byte that
+        arrived and every byte the streamer took (:meth:`take_front`: it is
+        written to the log while its spill copy stays allocated), never up.
         """
         if self.spill_dir is None:
             return
@@ -294,6 +297,10 @@ class TempStore:
         self._mem_bytes -= mem
         self.operations -= ops
         self.raw_bytes -= size
+        # it leaves the pending bytes that check_space counts but goes to the log: the
+        # estimate of the free space must see it spent (with a fast streamer, several MiB
+        # within one statvfs interval ate the reserve: the next checkpoint then hit ENOSPC)
+        self._since_statvfs += size
         return batch
 
     def restore(self, batch: Batch) -> None:

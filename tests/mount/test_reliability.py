@@ -382,6 +382,8 @@ def test_full_journal_refuses_writes_before_the_original(dirs: Mounted, small_jo
         time.sleep(0.02)
     assert os.listdir(log_dir) == ["0000000000000002.fjlog"]
     assert (log_dir / "0000000000000002.fjlog").stat().st_size == _FILE_HEADER.size  # header only
+    out = fj("log", dirs.journal).stdout                         # says where checkpoint 1 went
+    assert "checkpoint 1: pruned from the log (the shadow holds them)" in out, out
     with open(mp / "more", "wb") as f:                            # the log was pruned: room again
         f.write(chunk)
     # a checkpoint that cannot be written fails with ENOSPC and keeps its operations
