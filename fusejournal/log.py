@@ -918,20 +918,27 @@ class OrderedLog:
         new = self._open_start is None and (
             self._wfd is None or (self._size >= self.segment_limit and self._size > _FILE_HEADER.size))
         if new:
-            index = self._segments[-1] + 1 if self._segments else 1
-            path = self.directory / format_segment_name(index)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                _write_all(fd, _file_header(index, cp))
-            except BaseException:
-                self._rollback(fd, True, path, 0)
-                raise
+            index, fd, path = self._create_segment(cp)
         else:
             assert self._wfd is not None
             index, fd = self._segments[-1], self._wfd
             path = self.directory / format_segment_name(index)
             os.lseek(fd, self._size, os.SEEK_SET)
         return new, index, fd, path
+
+    def _create_segment(self, base: int) -> tuple[int, int, Path]:
+        """Create the segment after the last one, holding only its header (``base``: the
+        id of its first checkpoint): (index, fd, path).  On failure nothing is left of it
+        (:meth:`_rollback`) and the exception propagates."""
+        index = self._segments[-1] + 1 if self._segments else 1
+        path = self.directory / format_segment_name(index)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, _file_header(index, base))
+        except BaseException:
+            self._rollback(fd, True, path, 0)
+            raise
+        return index, fd, path
 
     def _adopt(self, new: bool, index: int, fd: int) -> None:
         """A new segment written to successfully becomes the one appended to."""
@@ -1207,24 +1214,22 @@ class OrderedLog:
         if (self._open_start is not None or self._size < self.segment_limit
                 or self._size <= _FILE_HEADER.size or self._last > up_to):
             return False
-        index = self._segments[-1] + 1
-        path = self.directory / format_segment_name(index)
         fd = -1
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            _write_all(fd, _file_header(index, self._last + 1))
+            index, fd, path = self._create_segment(self._last + 1)
             fault("log.roll_written")
             os.fdatasync(fd)
             fsync_dir(self.directory)
             fault("log.roll_synced")
         except BaseException as e:
-            if fd >= 0:
+            if fd >= 0:             # created: remove it again (a failed create left nothing)
                 self._rollback(fd, True, path, 0)
             if not isinstance(e, OSError):
                 raise
             logger.warning("the ordered log could not begin segment %s after the applied "
                            "checkpoints (%s); segment %s stays until the next try",
-                           path.name, e.strerror or e, format_segment_name(index - 1))
+                           format_segment_name(self._segments[-1] + 1), e.strerror or e,
+                           format_segment_name(self._segments[-1]))
             return False
         self._adopt(True, index, fd)
         self._dir_dirty = False
