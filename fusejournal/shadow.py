@@ -310,9 +310,9 @@ class Shadow:
         """True once the shadow has been seeded (applied.json present)."""
         return os.path.lexists(self.applied_path)
 
-    @property
-    def applied(self) -> int:
-        """The checkpoint id tree/ stands at (ShadowError if unknown)."""
+    def _applied_doc(self) -> dict:
+        """applied.json's document, its checkpoint id checked (ShadowError if
+        missing, unreadable or corrupt)."""
         try:
             doc = json.loads(self._read_json(layout.SHADOW_APPLIED))
         except FileNotFoundError:
@@ -325,17 +325,18 @@ class Shadow:
         n = doc.get("applied") if isinstance(doc, dict) else None
         if type(n) is not int or n < 0:
             raise ShadowError(f"{self.applied_path} is corrupt: {doc!r}")
-        return n
+        return doc
+
+    @property
+    def applied(self) -> int:
+        """The checkpoint id tree/ stands at (ShadowError if unknown)."""
+        return self._applied_doc()["applied"]
 
     @property
     def applied_checkpoint_time_ns(self) -> int | None:
         """When the checkpoint tree/ stands at was taken, if applied.json says
-        (:meth:`set_applied`), else None (ShadowError if unreadable)."""
-        try:
-            doc = json.loads(self._read_json(layout.SHADOW_APPLIED))
-        except (OSError, ValueError) as e:
-            raise ShadowError(f"{self.applied_path} is unreadable: {e}") from None
-        t = doc.get("checkpoint_time_ns") if isinstance(doc, dict) else None
+        (:meth:`set_applied`), else None (ShadowError if unknown)."""
+        t = self._applied_doc().get("checkpoint_time_ns")
         return t if type(t) is int and t > 0 else None
 
     def set_applied(self, n: int, checkpoint_time_ns: int | None = None) -> None:
