@@ -310,11 +310,11 @@ class Shadow:
         """True once the shadow has been seeded (applied.json present)."""
         return os.path.lexists(self.applied_path)
 
-    def _applied_doc(self) -> dict:
-        """applied.json's document, its checkpoint id checked (ShadowError if
+    def _applied_doc(self) -> tuple[int, dict[str, object]]:
+        """applied.json: its checkpoint id and the whole document (ShadowError if
         missing, unreadable or corrupt)."""
         try:
-            doc = json.loads(self._read_json(layout.SHADOW_APPLIED))
+            doc: object = json.loads(self._read_json(layout.SHADOW_APPLIED))
         except FileNotFoundError:
             if os.path.lexists(self.root / SEEDING):
                 raise ShadowError(f"the shadow {self.root} is being seeded: it holds no complete "
@@ -323,21 +323,21 @@ class Shadow:
         except (OSError, ValueError) as e:
             raise ShadowError(f"{self.applied_path} is unreadable: {e}") from None
         n = doc.get("applied") if isinstance(doc, dict) else None
-        if type(n) is not int or n < 0:
+        if not isinstance(doc, dict) or not isinstance(n, int) or type(n) is not int or n < 0:
             raise ShadowError(f"{self.applied_path} is corrupt: {doc!r}")
-        return doc
+        return n, doc
 
     @property
     def applied(self) -> int:
         """The checkpoint id tree/ stands at (ShadowError if unknown)."""
-        return self._applied_doc()["applied"]
+        return self._applied_doc()[0]
 
     @property
     def applied_checkpoint_time_ns(self) -> int | None:
         """When the checkpoint tree/ stands at was taken, if applied.json says
         (:meth:`set_applied`), else None (ShadowError if unknown)."""
-        t = self._applied_doc().get("checkpoint_time_ns")
-        return t if type(t) is int and t > 0 else None
+        t = self._applied_doc()[1].get("checkpoint_time_ns")
+        return t if isinstance(t, int) and type(t) is int and t > 0 else None
 
     def set_applied(self, n: int, checkpoint_time_ns: int | None = None) -> None:
         """Durably record that tree/ stands at checkpoint ``n``.
