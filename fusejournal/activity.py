@@ -19,12 +19,18 @@ Block replication solves this with an activity log, and so does fusejournal:
 
 Cost: one ``fdatasync`` of a small file per pre-existing object per period
 (the first write to each file after each checkpoint, the first change in each
-directory), on the calling request.  Opening by handle needs
-CAP_DAC_READ_SEARCH, so the activity log is only kept when the daemon runs as
-root; otherwise a crash means re-seeding (documented).
+directory), on the calling request.
 
-Without CAP_DAC_READ_SEARCH (a daemon not run as root) the activity log is kept
-only while the shadow is seeded online (seeding.py), **by fd**: the first touch of
+Opening by handle needs CAP_DAC_READ_SEARCH.  A daemon without it (not run as
+root) keeps the activity log **by inode number** (``sysc.INO_ONLY``: the same
+entry, no handle, the same ``fdatasync``).  After a crash, the next mount finds
+those inode numbers by one metadata walk of the original before it mounts
+(:func:`hold_by_walk`, exact because nothing changes the original while it is
+not mounted) and resyncs them as root's recovery does.  (Before 2026-12-02 such
+a daemon kept no log outside the seed, and a crash left the shadow different
+for files changed since the last checkpoint.)
+
+While the shadow is seeded online (seeding.py), such a daemon keeps it **by fd**: the first touch of
 an object in the seed dups the daemon's ``O_PATH`` fd of it and holds it until the
 seed completes; its intent names that fd (``sysc.FD_HANDLE``: fd, st_dev, st_ino),
 so the seed's rounds reopen the very object through it (``sysc.open_by_handle``),
@@ -131,10 +137,12 @@ def fd_budget() -> int:
 
 
 class ActivityLog:
-    def __init__(self, directory: Path, *, enabled: bool = True, by_fd: bool = False) -> None:
+    def __init__(self, directory: Path, *, enabled: bool = True, by_fd: bool = False,
+                 by_ino: bool = False) -> None:
         self.dir = Path(directory)
         self.enabled = enabled
-        self.by_fd = by_fd                 # no handles: hold each object's fd (see the docstring)
+        self.by_fd = by_fd                 # no handles, seeding: hold each object's fd (docstring)
+        self.by_ino = by_ino and not by_fd  # no handles: the inode number only (docstring)
         self.held: dict[int, int] = {}     # by fd: object inode number -> held O_PATH fd
         self.budget = fd_budget()          # held fds at most (by fd, or found by a walk)
         self.over_budget = 0
@@ -175,7 +183,12 @@ class ActivityLog:
         if ino in self._created:
             return
         try:
-            htype, handle = self._hold(ino, fd) if self.by_fd else name_to_handle(fd)
+            if self.by_fd:
+                htype, handle = self._hold(ino, fd)
+            elif self.by_ino:
+                htype, handle = INO_ONLY, b""        # found again by a walk (hold_by_walk)
+            else:
+                htype, handle = name_to_handle(fd)
             data = encode_intent(Intent(ino, is_dir, htype, handle))
             new = self._fd < 0
             if new:
@@ -226,16 +239,26 @@ class ActivityLog:
         for fd in held.values():
             os.close(fd)
 
-    def stop_tracking(self) -> None:
-        """By fd, once the seed is complete: keep no activity log any more (a daemon without
-        handles keeps it only for the seed); every held fd closed, every period removed
-        (changes made since the final halt are in the log's records)."""
-        self.enabled = False
-        self.close()
-        for p in self.periods_on_disk():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / format_period_name(p))
-        fsync_dir(self.dir)
+    def seed_done(self, *, remove_periods: bool = False) -> None:
+        """By fd, once the seed is complete: go on by inode number (the seed's held fds are
+        closed).  The current period's intents stay: they name, by inode number as well,
+        objects changed since the seed's final halt, which a crash would need.
+        ``remove_periods``: the seed completed before the mount (nothing changed since it
+        began), so every period on disk is dropped."""
+        if not self.by_fd:
+            return
+        self.by_fd = False
+        self.by_ino = True
+        self.release()
+        if remove_periods:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            for p in self.periods_on_disk():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.dir / format_period_name(p))
+            fsync_dir(self.dir)
+            self.touched = set()
 
     def created(self, ino: int) -> None:
         if self.enabled:

@@ -186,22 +186,17 @@ class Daemon:
             self.member = GroupMember(*group_member)
             self.stack.callback(self.member.close)
             self.updater.committed = self.member.committed
-        # without handles the activity log is kept only while seeding, by fd (activity.py)
+        # without handles the activity log is kept by fd while seeding, else by inode number
+        # (activity.py)
         self.activity = ActivityLog(self.journal.path / ACTIVITY_DIR,
-                                    enabled=self.handles or self.seed_mode is not None,
-                                    by_fd=not self.handles)
-        intents = self.activity.open() if self.activity.enabled else []
-        crashed = read_daemon_info(self.journal.path) is not None
+                                    by_fd=not self.handles and self.seed_mode is not None,
+                                    by_ino=not self.handles)
+        intents = self.activity.open()
+        last_run = read_daemon_info(self.journal.path)
+        crashed = last_run is not None
         self.had_pending = (self.journal.path / PENDING).exists()
         self.resync_flag = ResyncFlag(self.journal.path / layout.NEEDS_RESYNC)
         flagged = self.resync_flag.load()
-        if self.resync_flag.present and not crashed and not self.activity.enabled:
-            msg = (f"{self.resync_flag.count or 'some'} object(s) changed in the original could not "
-                   f"be journaled (see {layout.NEEDS_RESYNC} in the journal, {layout.DAEMON_LOG}) and without "
-                   f"an activity log (not root) they cannot be resynced: re-seed the shadow "
-                   f"(mount --reseed) to be sure")
-            log.warning(msg)
-            self.reporter.message("warning: " + msg)
         if self.seed_mode is not None:
             # every change since the seed began is in the activity periods it keeps: nothing
             # to recover (the shadow claims no checkpoint); flagged objects are dirty too
@@ -220,8 +215,9 @@ class Daemon:
                 dirty, cfg, self.reporter, self._seed_made)
             if self.seeding is not None and earlier:
                 self.seeding.last_period = self.activity.period - 1
-            if self.seeding is None and not self.handles:
-                self.activity.stop_tracking()    # seeded before the mount: no log by fd needed
+            if self.seeding is None:
+                # seeded before the mount: no log by fd needed, nothing changed since it began
+                self.activity.seed_done(remove_periods=True)
             # seeded before the mount (prepare_online_seed returned None): the shadow stands at
             # the log's last checkpoint already; otherwise at none until the first complete one
             self.update_task.applied = 0 if self.seeding is not None else self.shadow.applied
@@ -233,7 +229,9 @@ class Daemon:
                 intents + [i for i in flagged if i.handle_type != NO_HANDLE], activity=self.activity,
                 reporter=self.reporter, olog=self.olog, updater=self.updater, shadow=self.shadow,
                 source_fd=source_fd, store=self.store, resync_flag=self.resync_flag,
-                applied=applied)
+                applied=applied, handles=self.handles,
+                # a daemon without handles kept no activity log before it said so here
+                kept=self.handles or last_run is None or "activity" in last_run)
         else:
             pending = 0
             for rec in self.journal.load_pending():
@@ -285,11 +283,7 @@ class Daemon:
         self.resync_flag.recovered = True            # flagged objects were reconciled
         if self.member is not None:
             self.member.seed = None
-        if not self.handles:                 # by fd: the log was kept for the seed only
-            try:
-                self.activity.stop_tracking()
-            except OSError as e:
-                log.warning("seed: could not remove the activity log kept for it: %s", e)
+        self.activity.seed_done()            # by fd: go on by inode number
 
     @property
     def shadow_applied(self) -> int | None:
@@ -337,11 +331,8 @@ class Daemon:
             else:
                 taken.period = 0                 # keep the intents: the seed's dirty set
             cp.confirm(taken, info)
-            if s.done and not self.handles:      # by fd: the log was kept for the seed only
-                try:
-                    self.activity.stop_tracking()
-                except OSError as e:
-                    log.warning("seed: could not remove the activity log kept for it: %s", e)
+            if s.done:
+                self.activity.seed_done()        # by fd: go on by inode number
             return info.marker
 
     async def _plain_checkpoint(self, label: str) -> Marker:
@@ -455,7 +446,9 @@ class Daemon:
             mounted = True
             self.journal.write_daemon_info({"pid": os.getpid(),
                                             "mountpoint": os.fspath(os.path.abspath(cfg.mountpoint)),
-                                            "source": os.fspath(cfg.source)})
+                                            "source": os.fspath(cfg.source),
+                                            # what a recovery after a crash finds its objects by
+                                            "activity": "handles" if self.handles else "inode numbers"})
             self.reporter.ready({"mountpoint": os.fspath(cfg.mountpoint), "journal": os.fspath(cfg.journal),
                                  "shadow": os.fspath(self.shadow.root), "pid": os.getpid(),
                                  "last_checkpoint": self.olog.last_checkpoint,

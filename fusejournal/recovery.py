@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import stat
 from collections.abc import Callable
@@ -258,10 +259,18 @@ def prepare_online_seed(mode: str, shadow: Shadow, source_fd: int, activity: Act
 
 def recover(intents: list[Intent], *, activity: ActivityLog, reporter: Reporter, olog: OrderedLog,
             updater: Updater, shadow: Shadow, source_fd: int, store: TempStore,
-            resync_flag: ResyncFlag, applied: int) -> int:
+            resync_flag: ResyncFlag, applied: int, handles: bool = True, kept: bool = True) -> int:
     """The last daemon did not stop cleanly: what its temporary store held is
     lost, so resync exactly the objects its activity log names.  Returns the
-    checkpoint the shadow stands at (``applied`` if nothing was applied)."""
+    checkpoint the shadow stands at (``applied`` if nothing was applied).
+
+    ``handles``: this daemon can open objects by handle (CAP_DAC_READ_SEARCH).  If
+    not, the objects are first found by inode number in one metadata walk of the
+    original (:func:`~fusejournal.activity.hold_by_walk`; exact: nothing changes the
+    original while it is not mounted) and held open for the resync, then closed.
+    ``kept``: the last daemon kept an activity log (one without handles from before
+    2026-12-02 kept none: then a warning, and nothing is resynced)."""
+    from .activity import hold_by_walk
     from .resync import resync_iter
     # records streamed into the log after the last marker (kept by a clean close the
     # run before): superseded like the pending ones, by the resync below
@@ -269,7 +278,7 @@ def recover(intents: list[Intent], *, activity: ActivityLog, reporter: Reporter,
     if dropped:
         log.info("recovery: %d streamed operation(s) after the last marker dropped (resynced "
                  "instead)", dropped)
-    if not activity.enabled:
+    if not activity.enabled or not kept:
         msg = ("the last daemon did not stop cleanly and kept no activity log (it did not run "
                "as root): files changed since the last checkpoint may differ in the shadow; "
                "re-seed it (new journal and shadow) to be sure")
@@ -278,27 +287,55 @@ def recover(intents: list[Intent], *, activity: ActivityLog, reporter: Reporter,
         return applied
     reporter.message(f"recovering after an unclean stop: applying checkpoints up to "
                      f"{olog.last_checkpoint}, then resyncing {len(intents)} object(s)")
-    applied = updater.run_once()     # the shadow at the last confirmed checkpoint
-    # when the last confirmed checkpoint was taken: directories changed before it
-    # (ctime) are known to the shadow already, so resync need not read them
-    # (the last *applied* one: in a consistency group, later ones may be uncommitted)
-    cps = olog.checkpoints(applied - 1) if applied else []
-    cps = [c for c in cps if c.marker.checkpoint == applied]
-    since_ns: int | None
-    if cps:
-        since_ns = cps[-1].marker.time_ns
-    elif applied:
-        # its segment was deleted (the log rolled: OrderedLog._roll): applied.json keeps the
-        # marker's time; without it (written by an older fusejournal) compare every directory
-        since_ns = shadow.applied_checkpoint_time_ns
-    else:
-        since_ns = os.stat(shadow.applied_path).st_mtime_ns   # the seed (checkpoint 0)
-    n = 0
-    for rec in resync_iter(source_fd, shadow, intents, since_ns=since_ns):
-        store.append(rec)                        # spills beyond the memory limit
-        n += 1
+    found_all = vanished_dir = False
+    budget = activity.budget
+    try:
+        if not handles:
+            # one held fd per object; before the mount nothing else holds many
+            named = len({(i.ino, i.is_dir) for i in intents})
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            activity.budget = max(budget, min(named, soft - 256))
+            named_dirs = {i.ino for i in intents if i.is_dir}
+            intents = hold_by_walk(activity, source_fd, intents)
+            # a directory the walk did not find is gone, maybe replaced: by handle, the
+            # resync learns that from ESTALE; here, it compares every directory it reaches
+            vanished_dir = len(named_dirs) > sum(1 for i in intents if i.is_dir)
+            if activity.over_budget:
+                raise UserError(f"recovering after an unclean stop needs {named} objects held "
+                                f"open, more than the open-file limit allows ({soft}): raise it "
+                                f"(ulimit -n) and mount again")
+            log.info("recovery: %d object(s) named by the activity log, %d found in the "
+                     "original by a walk (the others are gone: their directories' intents "
+                     "remove them)", named, len(intents))
+            found_all = True
+        applied = updater.run_once()     # the shadow at the last confirmed checkpoint
+        # when the last confirmed checkpoint was taken: directories changed before it
+        # (ctime) are known to the shadow already, so resync need not read them
+        # (the last *applied* one: in a consistency group, later ones may be uncommitted)
+        cps = olog.checkpoints(applied - 1) if applied else []
+        cps = [c for c in cps if c.marker.checkpoint == applied]
+        since_ns: int | None
+        if cps:
+            since_ns = cps[-1].marker.time_ns
+        elif applied:
+            # its segment was deleted (the log rolled: OrderedLog._roll): applied.json keeps the
+            # marker's time; without it (written by an older fusejournal) compare every directory
+            since_ns = shadow.applied_checkpoint_time_ns
+        else:
+            since_ns = os.stat(shadow.applied_path).st_mtime_ns   # the seed (checkpoint 0)
+        if vanished_dir:
+            since_ns = None
+        n = 0
+        for rec in resync_iter(source_fd, shadow, intents, since_ns=since_ns):
+            store.append(rec)                        # spills beyond the memory limit
+            n += 1
+    finally:
+        if not handles:
+            activity.budget = budget
+            activity.release()                   # the walk's fds
     log.info("recovery: %d intent(s) resynced into %d record(s); saved pending operations, "
              "if any, are superseded", len(intents), n)
-    if not any(i.handle_type == NO_HANDLE for i in resync_flag.loaded):
+    # (found by a walk, an object flagged without a handle is resynced too)
+    if found_all or not any(i.handle_type == NO_HANDLE for i in resync_flag.loaded):
         resync_flag.recovered = True          # cleared once the next checkpoint is durable
     return applied

@@ -1,7 +1,9 @@
-"""The activity log by fd (a daemon without CAP_DAC_READ_SEARCH, while seeding): the
-intent names a held fd that follows its object through renames; a closed or reused fd
-number is refused (never taken for "gone"); beyond the budget the intent names the inode
-number only and cannot be opened; a walk finds an earlier run's objects by inode number."""
+"""The activity log without handles (a daemon without CAP_DAC_READ_SEARCH).  By fd, while
+seeding: the intent names a held fd that follows its object through renames; a closed or
+reused fd number is refused (never taken for "gone"); beyond the budget the intent names
+the inode number only and cannot be opened; a walk finds an earlier run's objects by inode
+number.  By inode number, after the seed: every first touch per period still makes an
+intent durable."""
 
 from __future__ import annotations
 
@@ -103,17 +105,73 @@ def test_the_walk_finds_an_earlier_runs_objects_by_inode_number(tmp_path: Path) 
         again.close()
 
 
-def test_stop_tracking_removes_the_log_and_closes_the_fds(tmp_path: Path) -> None:
-    log = ActivityLog(tmp_path / "act", by_fd=True)
-    log.open()
-    (tmp_path / "f").write_bytes(b"x")
-    fd = _opath(tmp_path / "f")
-    log.touch(os.fstat(fd).st_ino, fd, False)
+def _touch(log: ActivityLog, p: Path, is_dir: bool = False) -> int:
+    fd = _opath(p)
+    ino = os.fstat(fd).st_ino
+    log.touch(ino, fd, is_dir)
     os.close(fd)
+    return ino
+
+
+def _periods(tmp_path: Path) -> list[str]:
+    return sorted(p for p in os.listdir(tmp_path / "act") if p.endswith(".act"))
+
+
+def test_after_the_seed_the_log_goes_on_by_inode_number(tmp_path: Path) -> None:
+    """The seed completes while mounted: the held fds close, the current period's intents
+    stay (they name objects changed since the final halt), and later touches are still
+    made durable, by inode number (a crash needs them: recovery.recover walks for them)."""
+    for n in "fgh":
+        (tmp_path / n).write_bytes(b"x")
+    log = ActivityLog(tmp_path / "act", by_fd=True, by_ino=True)
+    log.open()
+    f = _touch(log, tmp_path / "f")
     assert len(log.held) == 1
-    log.stop_tracking()
-    assert not log.enabled and not log.held
-    assert not [p for p in os.listdir(tmp_path / "act") if p.endswith(".act")]
+    log.seed_done()
+    assert log.enabled and not log.by_fd and log.by_ino and not log.held
+    g = _touch(log, tmp_path / "g")
+    log.new_period()
+    h = _touch(log, tmp_path / "h")
+    assert _periods(tmp_path) == ["0000000000000001.act", "0000000000000002.act"]
+    first = decode_intents((tmp_path / "act" / "0000000000000001.act").read_bytes())
+    assert [(i.ino, i.handle_type) for i in first] == [(f, sysc.FD_HANDLE), (g, sysc.INO_ONLY)]
+    [second] = decode_intents((tmp_path / "act" / "0000000000000002.act").read_bytes())
+    assert (second.ino, second.handle_type, second.handle) == (h, sysc.INO_ONLY, b"")
+    # what a crash leaves is found again by a walk, whichever form the intent has
+    again = ActivityLog(tmp_path / "act", by_ino=True)
+    earlier = again.open()
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        held = hold_by_walk(again, root, earlier)
+        assert sorted(i.ino for i in held) == sorted([f, g, h])
+    finally:
+        os.close(root)
+        again.close()
+        log.close()
+
+
+def test_seeded_before_the_mount_drops_every_period(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    log = ActivityLog(tmp_path / "act", by_fd=True, by_ino=True)
+    log.open()
+    _touch(log, tmp_path / "f")
+    log.seed_done(remove_periods=True)
+    assert log.enabled and log.by_ino and not log.held and _periods(tmp_path) == []
+    _touch(log, tmp_path / "f")                # touched again: a new intent, not "seen"
+    [i] = decode_intents((tmp_path / "act" / "0000000000000001.act").read_bytes())
+    assert i.handle_type == sysc.INO_ONLY
+    log.close()
+
+
+def test_with_handles_seed_done_changes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    log = ActivityLog(tmp_path / "act")
+    log.open()
+    log.seed_done(remove_periods=True)
+    _touch(log, tmp_path / "f")
+    [i] = decode_intents((tmp_path / "act" / "0000000000000001.act").read_bytes())
+    assert i.handle_type >= 0 and not log.by_ino
+    log.close()
 
 
 def test_out_of_fds_the_operation_goes_on_and_the_intent_names_the_inode_only(tmp_path: Path) -> None:
