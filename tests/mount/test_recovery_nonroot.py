@@ -201,3 +201,33 @@ def test_an_unrecordable_change_is_resynced_by_the_next_mount(dirs: Mounted) -> 
     assert dirs.status()["needs_resync"] == 0
     assert not (dirs.journal / "needs_resync").exists()
     dirs.umount()
+
+
+@pytest.mark.daemon_errors      # the refused recovery is logged
+def test_more_objects_than_the_open_file_limit_fails_in_one_line_then_recovers(dirs: Mounted) -> None:
+    """The recovery holds every named object open: under a hard limit of 512 fds, 600
+    changed files cannot be, and the mount says so in one line, touching nothing; with the
+    usual limit the same journal then recovers exactly."""
+    from conftest import FJ
+    from test_online_seed_nonroot import NOCAP
+    for i in range(600):
+        (dirs.source / f"f{i:03d}").write_bytes(b"x" * 64)
+    mount_nocap(dirs, wait0=False)
+    for i in range(600):
+        rewrite_keeping_mtime(dirs.mountpoint / f"f{i:03d}", b"%03d" % i * 21 + b"y")
+    crash(dirs)
+    expected = snapshot(dirs.source)
+    before = snapshot(dirs.tree)
+    r = subprocess.run(["prlimit", "--nofile=512:512", *NOCAP, *FJ, "mount", dirs.source,
+                        dirs.mountpoint, "--journal", dirs.journal, "--shadow", dirs.shadow],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    last = err.splitlines()[-1]               # after the progress line "recovering after ..."
+    assert last.startswith("fusejournal: ") and "600 objects" in last and "ulimit -n" in last, err
+    assert_same(before, snapshot(dirs.tree))             # nothing touched
+    mount_nocap(dirs, wait0=False)
+    n = dirs.checkpoint("after the crash")
+    dirs.wait(n)
+    assert_same(expected, snapshot(dirs.tree))
+    dirs.umount()
