@@ -53,7 +53,7 @@ def _reply(token: _Token, name: bytes, attr: object, next_id: int) -> bool:
 
 
 async def _listing(ops: fs.Operations, ino: int, ctx: object) -> int:
-    fh = await ops.opendir(ino, ctx)   # type: ignore[arg-type]
+    fh = fs.dir_fh(await ops.opendir(ino, ctx))   # type: ignore[arg-type]
     token = _Token()
     start = 0
     while True:

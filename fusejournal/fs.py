@@ -74,6 +74,26 @@ _CAPS = b"security.capability"
 # FUSE requests served, per handler, on the mount root (root or the owner only):
 # docs/performance-analysis.md, "Requests per operation"
 XATTR_REQUESTS = XATTR_PREFIX + b"requests"
+#: pyfuse3 built with vendor/pyfuse3's patch (scripts/setup-venv.sh): FileInfo can ask the
+#: kernel for FOPEN_NOFLUSH (no FLUSH at every close: flush does nothing here) and, from
+#: opendir, FOPEN_CACHE_DIR (repeated listings from the kernel's cache, which every entry
+#: change through the mount invalidates).  Without it, those requests are sent as before.
+PATCHED_PYFUSE3 = hasattr(pyfuse3.FileInfo(), "noflush")
+
+
+def dir_fh(opened: Any) -> int:
+    """The handle in what :meth:`Operations.opendir` returned (a FileInfo where pyfuse3
+    is patched and the listing may be cached, else the handle itself)."""
+    return int(opened.fh) if isinstance(opened, pyfuse3.FileInfo) else int(opened)
+
+
+def _file_info(fh: int, keep_cache: bool) -> pyfuse3.FileInfo:
+    fi = pyfuse3.FileInfo(fh=fh)
+    fi.keep_cache = keep_cache
+    if PATCHED_PYFUSE3:
+        patched: Any = fi                 # (noflush is not in the released stubs)
+        patched.noflush = True
+    return fi
 
 
 _P = ParamSpec("_P")
@@ -478,10 +498,18 @@ class Operations(pyfuse3.Operations):
                 self._no_caps.discard(fino)
 
     @_handler
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> Any:
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self._inode(inode).fd)
         fh = self._new_fh()
         self.dir_handles[fh] = DirHandle(fd, inode)
+        if PATCHED_PYFUSE3 and not self.read_only:
+            # every change to the original's entries comes through this mount, and each one
+            # invalidates the kernel's cached listing (fuse_dir_changed); the browse mount's
+            # shadow changes underneath it, so it never caches
+            fi: Any = pyfuse3.FileInfo(fh=fh)    # (Any: not in the released stubs)
+            fi.keep_cache = True
+            fi.cache_readdir = True
+            return fi
         return fh
 
     def _dot_entry(self, h: DirHandle, name: bytes) -> tuple[os.stat_result, int]:
@@ -578,9 +606,7 @@ class Operations(pyfuse3.Operations):
         self.files[fh] = FileHandle(fd, node)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             self._writable[fh] = inode
-        fi = pyfuse3.FileInfo(fh=fh)
-        fi.keep_cache = not self.read_only
-        return fi
+        return _file_info(fh, keep_cache=not self.read_only)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -975,7 +1001,7 @@ class Operations(pyfuse3.Operations):
         self.files[fh] = FileHandle(fd, node)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             self._writable[fh] = fino
-        return pyfuse3.FileInfo(fh=fh), self._attr(st, fino)
+        return _file_info(fh, keep_cache=True), self._attr(st, fino)
 
     @_handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,

@@ -259,7 +259,11 @@ async def test_readdir_remembers_without_opening(small: Operations) -> None:
     o = small
     for i in range(200):
         (o.src / f"n{i}").write_bytes(b"")
-    fh = await o.opendir(ROOT, CTX)
+    from fusejournal.fs import PATCHED_PYFUSE3, dir_fh
+    opened = await o.opendir(ROOT, CTX)
+    if PATCHED_PYFUSE3:                               # FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE
+        assert opened.cache_readdir and opened.keep_cache
+    fh = dir_fh(opened)
     got = []
 
     class Token:
@@ -272,7 +276,7 @@ async def test_readdir_remembers_without_opening(small: Operations) -> None:
     assert got[0][1] == got[1][1] == ROOT            # the mount root is its own parent
     assert o.inodes.cached_fds == 0                  # identity only, no fd per entry
     sub = (await o.mkdir(ROOT, b"sub", 0o755, CTX)).st_ino
-    fh = await o.opendir(sub, CTX)
+    fh = dir_fh(await o.opendir(sub, CTX))
     got.clear()
     with mock.patch.object(pyfuse3, "readdir_reply", lambda tok, name, attr, nid: got.append((name, attr.st_ino)) or True):
         await o.readdir(fh, 0, Token())

@@ -249,3 +249,73 @@ def test_requests_per_write_and_stat(m: Mounted) -> None:
     for _ in range(10):
         os.stat(f)
     assert sent(before, requests(m), "getattr") == 0
+
+
+# ------------------------------------------------- FOPEN_NOFLUSH and FOPEN_CACHE_DIR
+
+def test_close_sends_no_flush_and_a_listing_is_read_once(m: Mounted) -> None:
+    """With pyfuse3 built with vendor/pyfuse3's patch (scripts/setup-venv.sh, which CI
+    runs): a ``close`` sends no FLUSH (FOPEN_NOFLUSH; the writeback cache's close still
+    flushes, which the kernel decides), and a directory listed again sends no READDIR
+    (FOPEN_CACHE_DIR).  With pyfuse3 as released, both are sent as before."""
+    from fusejournal.fs import PATCHED_PYFUSE3
+    d = m.mountpoint / "d"
+    d.mkdir()
+    for i in range(50):
+        (d / f"f{i:02d}").write_bytes(b"x")
+    sorted(os.listdir(d))                       # the first listing fills the cache
+    before = requests(m)
+    fd = os.open(d / "f00", os.O_RDONLY)
+    os.close(fd)
+    for _ in range(5):
+        assert sorted(os.listdir(d)) == [f"f{i:02d}" for i in range(50)]
+    after = requests(m)
+    patched = PATCHED_PYFUSE3
+    assert sent(before, after, "flush") == (1 if m.mode == "writeback" or not patched else 0)
+    assert sent(before, after, "opendir") == 5            # each listing still opens it
+    assert sent(before, after, "readdir") == (0 if patched else 10)   # entries, then the end
+
+
+def test_cached_listings_follow_every_entry_change(m: Mounted) -> None:
+    """Every kind of entry change through the mount — by this process and by another
+    user — shows in the very next listing, as on the backing filesystem, though listings
+    may be served from the kernel's cache (promise 4)."""
+    d = m.mountpoint / "d"
+    d.mkdir(mode=0o777)
+    os.chmod(d, 0o777)
+    other = m.mountpoint / "other"
+    other.mkdir(mode=0o777)
+    os.chmod(other, 0o777)
+
+    def check() -> None:
+        for p, q in ((d, m.source / "d"), (other, m.source / "other")):
+            assert sorted(os.listdir(p)) == sorted(os.listdir(q))
+            # each name's type, as a listing reports it
+            got = {e.name: (e.is_dir(follow_symlinks=False), e.is_symlink()) for e in os.scandir(p)}
+            want = {e.name: (e.is_dir(follow_symlinks=False), e.is_symlink()) for e in os.scandir(q)}
+            assert got == want
+
+    check()
+    steps = [
+        lambda: (d / "a").write_bytes(b"a"),
+        lambda: os.mkdir(d / "sub"),
+        lambda: os.symlink("a", d / "ln"),
+        lambda: os.link(d / "a", d / "hard"),
+        lambda: os.mknod(d / "fifo", 0o644 | stat.S_IFIFO),
+        lambda: os.rename(d / "a", d / "b"),
+        lambda: os.rename(d / "b", other / "moved"),          # out of one, into the other
+        lambda: os.rename(other / "moved", d / "hard"),       # over an existing name
+        lambda: os.rmdir(d / "sub"),
+        lambda: os.rename(d / "ln", d / "sub"),               # a symlink where a dir was
+        lambda: os.unlink(d / "fifo"),
+        lambda: run("import os, sys; open(os.path.join(sys.argv[1], 'by_nobody'), 'w').close()", d),
+        lambda: run("import os, sys; os.rename(os.path.join(sys.argv[1], 'by_nobody'),"
+                    " os.path.join(sys.argv[2], 'from_nobody'))", d, other),
+        lambda: run("import os, sys; os.mkdir(os.path.join(sys.argv[1], 'dir_nobody'))", d),
+        lambda: run("import os, sys; os.rmdir(os.path.join(sys.argv[1], 'dir_nobody'))", d),
+        lambda: os.unlink(other / "from_nobody"),
+    ]
+    for step in steps:
+        step()
+        check()
+    checkpoint_and_compare(m)

@@ -208,8 +208,9 @@ def test_more_objects_than_the_open_file_limit_fails_in_one_line_then_recovers(d
     """The recovery holds every named object open: under a hard limit of 512 fds, 600
     changed files cannot be, and the mount says so in one line, touching nothing; with the
     usual limit the same journal then recovers exactly."""
-    from conftest import FJ
     from test_online_seed_nonroot import NOCAP
+
+    from conftest import FJ
     for i in range(600):
         (dirs.source / f"f{i:03d}").write_bytes(b"x" * 64)
     mount_nocap(dirs, wait0=False)
