@@ -226,7 +226,9 @@ class Daemon:
         elif crashed or (self.resync_flag.present and self.activity.enabled):
             # changes the last run could not record: recover as after a crash, with those objects
             self.update_task.applied = recover(
-                intents + [i for i in flagged if i.handle_type != NO_HANDLE], activity=self.activity,
+                # (without handles every flagged object is found by inode number, handle or not)
+                intents + [i for i in flagged if i.handle_type != NO_HANDLE or not self.handles],
+                activity=self.activity,
                 reporter=self.reporter, olog=self.olog, updater=self.updater, shadow=self.shadow,
                 source_fd=source_fd, store=self.store, resync_flag=self.resync_flag,
                 applied=applied, handles=self.handles,

@@ -182,9 +182,12 @@ def test_a_group_member_without_handles_killed_recovers_exactly(tmp_path: Path) 
 
 
 @pytest.mark.daemon_errors      # an injected fault: the needs-resync error
-def test_an_unrecordable_change_is_resynced_by_the_next_mount(dirs: Mounted) -> None:
+@pytest.mark.parametrize("handle", ["kept", "none"])
+def test_an_unrecordable_change_is_resynced_by_the_next_mount(dirs: Mounted, handle: str) -> None:
     """test_failure_paths' needs-resync case without handles: the flagged directory is found
-    by a walk at the next mount (a clean unmount in between, no crash) and resynced."""
+    by a walk at the next mount (a clean unmount in between, no crash) and resynced.
+    ``none``: the entry as written where the filesystem gives no handle (type -1), which
+    the walk finds by inode number all the same."""
     s = dirs.source
     (s / "keep").mkdir()
     (s / "keep" / "victim").write_bytes(b"to be removed")
@@ -194,6 +197,14 @@ def test_an_unrecordable_change_is_resynced_by_the_next_mount(dirs: Mounted) -> 
     dirs.wait(dirs.checkpoint("diverged"))
     assert (dirs.tree / "keep" / "victim").exists()   # the known divergence
     dirs.umount()
+    if handle == "none":
+        from fusejournal.activity import Intent, decode_intents, encode_intent
+        from fusejournal.resyncflag import NO_HANDLE
+        p = dirs.journal / "needs_resync"
+        flagged = decode_intents(p.read_bytes())
+        assert flagged
+        p.write_bytes(b"".join(encode_intent(Intent(i.ino, i.is_dir, NO_HANDLE, b""))
+                               for i in flagged))
     mount_nocap(dirs, wait0=False)
     assert "found in the original by a walk" in (dirs.journal / "daemon.log").read_text()
     checkpoint_and_compare(dirs)
