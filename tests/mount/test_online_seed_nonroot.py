@@ -61,6 +61,19 @@ def mount_nocap(m: Mounted, *more: str, env: dict[str, str] | None = None, wait0
     assert not can_read_search(m.pid), "the daemon can still open by handle"
 
 
+def crash(m: Mounted) -> None:
+    """kill -9 the daemon (its updater process follows it) and clear the dead mount."""
+    pid = m.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not alive(pid)
+    force_unmount(m.mountpoint)
+    m.pid = None
+
+
 def wait_complete(m: Mounted, timeout: float = 90) -> int:
     return _wait_complete(m, timeout)
 
@@ -193,14 +206,7 @@ def test_kill_mid_seed_then_remount_resumes_and_is_exact(dirs: Mounted, tmp_path
     mount_nocap(dirs, env=env)
     wait_paused(dirs, 60)
     changes_during_the_copy(dirs.mountpoint)
-    pid = dirs.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    force_unmount(dirs.mountpoint)
-    dirs.pid = None
+    crash(dirs)
     flag.unlink()
     state = json.loads((dirs.shadow / "seeding.json").read_text())
     assert state["phase"] == "copy" and not (dirs.shadow / "applied.json").exists()

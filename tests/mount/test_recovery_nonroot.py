@@ -24,25 +24,12 @@ from pathlib import Path
 
 import pytest
 from test_online_seed import fill
-from test_online_seed_nonroot import ROOT, mount_nocap, rewrite_keeping_mtime
+from test_online_seed_nonroot import ROOT, crash, mount_nocap, rewrite_keeping_mtime
 
-from conftest import FJ, Mounted, alive, checkpoint_and_compare, force_unmount, needs_fuse
+from conftest import FJ, Mounted, checkpoint_and_compare, needs_fuse
 from snapshot import assert_same, snapshot
 
 pytestmark = [needs_fuse, pytest.mark.mount]
-
-
-def crash(m: Mounted) -> None:
-    """kill -9 the daemon (its updater process follows it) and clear the dead mount."""
-    pid = m.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not alive(pid)
-    force_unmount(m.mountpoint)
-    m.pid = None
 
 
 def changes_after_the_checkpoint(mnt: Path) -> None:
