@@ -66,8 +66,13 @@ class BarrierTimeout(HaltTimeout):
     """The barrier before the halt did not finish in time (the setxattr gets EBUSY)."""
 
 
+#: how many times the barrier by path looks a renamed file up again before it fails
+BY_PATH_TRIES = 8
+
+
 def sync_through_mount(mountpoint: bytes, targets: Iterable[tuple[int, bytes | None]],
-                       barrier_tids: set[int], source_path: bytes | None = None) -> int:
+                       barrier_tids: set[int], source_path: bytes | None = None,
+                       resolve: Callable[[int], bytes | None] | None = None) -> int:
     """The thread side of the barrier: open each target inode through the mount and
     fsync it; return how many were synced.  Runs in a worker thread, never in the
     trio thread (which serves the WRITE requests the fsyncs wait for).
@@ -86,8 +91,12 @@ def sync_through_mount(mountpoint: bytes, targets: Iterable[tuple[int, bytes | N
        node id (:func:`open_fuse_inode`, no path lookup); an inode the kernel has
        forgotten (ESTALE) has no pages to wait for; without CAP_DAC_READ_SEARCH
        (EPERM) open the path under the mountpoint that corresponds to the
-       original's path (relative to ``source_path``) and check it is that inode
-       (a name renamed or removed meanwhile fails the barrier); fsync (a
+       original's path (relative to ``source_path``) and check it is that inode.
+       A name renamed or replaced meanwhile (an atomic save: write a temporary
+       file, close it, rename it over the real name) is looked up again with
+       ``resolve(inode)``, the original's path now, up to :data:`BY_PATH_TRIES`
+       times; None from it (no handle open for writing is left: the release
+       wrote the pages back; or no link) means nothing to wait for.  fsync (a
        writeback error is logged, not raised: the application gets it at its
        own fsync or close); close;
     4. unregister the thread id (also on failure).
@@ -116,7 +125,7 @@ def sync_through_mount(mountpoint: bytes, targets: Iterable[tuple[int, bytes | N
                     if e.errno != errno.EPERM or path is None or source_path is None:
                         raise OSError(e.errno, f"cannot open inode {fino} through the mount: "
                                                f"{e.strerror}") from None
-                    fd = _open_by_path(mountpoint, mdev, fino, path, source_path)
+                    fd = _open_by_path(mountpoint, mdev, fino, path, source_path, resolve)
                     if fd is None:
                         continue
                 try:
@@ -158,27 +167,47 @@ def mount_path(mountpoint: bytes, source_path: bytes, original: bytes) -> bytes 
 
 
 def _open_by_path(mountpoint: bytes, mdev: int, fino: int, original: bytes,
-                  source_path: bytes) -> int | None:
+                  source_path: bytes, resolve: Callable[[int], bytes | None] | None = None
+                  ) -> int | None:
     """Open inode ``fino`` through the mount by the path its original has now
-    (a daemon without CAP_DAC_READ_SEARCH); None if it has no name any more."""
-    path = mount_path(mountpoint, source_path, original)
-    if path is None:
-        log.warning("barrier: inode %d has no name under the mount a daemon without "
-                    "CAP_DAC_READ_SEARCH can open (%r): pages the kernel still holds for it "
-                    "may reach the next checkpoint instead", fino, original)
-        return None
-    try:
-        # (no O_NOFOLLOW: the inode check below refuses whatever a symlink leads to)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot open {os.fsdecode(path)!r} (inode {fino}) through the "
-                               f"mount: {e.strerror}") from None
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != (mdev, fino):
-        os.close(fd)
-        raise OSError(errno.ESTALE, f"{os.fsdecode(path)!r} is no longer inode {fino} "
-                                    f"(renamed during the checkpoint)")
-    return fd
+    (a daemon without CAP_DAC_READ_SEARCH); None if it has no name any more, or
+    (``resolve`` gives None) no handle open for writing any more.
+
+    1. map the original's path to the mount (none: log, return None);
+    2. open it (no O_NOFOLLOW: step 3 refuses whatever a symlink leads to);
+    3. if the name is gone (ENOENT) or names another inode (it was renamed,
+       or another file was renamed over it) and ``resolve`` is given, ask it
+       for the original's path now and go back to 1, at most
+       :data:`BY_PATH_TRIES` times; then raise (ENOENT or ESTALE).
+    """
+    for attempt in range(1, BY_PATH_TRIES + 1):
+        path = mount_path(mountpoint, source_path, original)
+        if path is None:
+            log.warning("barrier: inode %d has no name under the mount a daemon without "
+                        "CAP_DAC_READ_SEARCH can open (%r): pages the kernel still holds for "
+                        "it may reach the next checkpoint instead", fino, original)
+            return None
+        fault("barrier.by_path")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.ENOENT or resolve is None or attempt == BY_PATH_TRIES:
+                raise OSError(e.errno, f"cannot open {os.fsdecode(path)!r} (inode {fino}) "
+                                       f"through the mount: {e.strerror}") from None
+        else:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (mdev, fino):
+                return fd
+            os.close(fd)
+            if resolve is None or attempt == BY_PATH_TRIES:
+                raise OSError(errno.ESTALE, f"{os.fsdecode(path)!r} is no longer inode {fino} "
+                                            f"(renamed during the checkpoint)")
+        now = resolve(fino)
+        if now is None:
+            log.debug("barrier: inode %d has no handle open for writing left", fino)
+            return None
+        original = now
+    raise AssertionError("unreachable")      # (the last attempt returns or raises)
 
 
 class ActivityPeriods(Protocol):

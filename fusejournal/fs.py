@@ -746,6 +746,22 @@ class Operations(pyfuse3.Operations):
             out.append((fino, path))
         return out
 
+    def barrier_path(self, fino: int) -> bytes | None:
+        """The original's path of FUSE inode ``fino`` *now*, for a barrier by path
+        that found the name it was given renamed or replaced (called in the trio
+        thread, from the barrier's thread); None if no handle open for writing is
+        left (the last one's release wrote its pages back) or it has no link."""
+        for fh, f in self._writable.items():
+            if f == fino and fh in self.files:
+                fd = self.files[fh].fd
+                try:
+                    if os.fstat(fd).st_nlink == 0:
+                        return None
+                    return os.readlink(f"/proc/self/fd/{fd}").encode()
+                except OSError:
+                    return None
+        return None
+
     def _barrier_open(self, inode: int) -> pyfuse3.FileInfo:
         """An OPEN from the daemon's own barrier thread: no fd on the original, nothing
         read or written through it; its FSYNC is answered at once (see fsync)."""

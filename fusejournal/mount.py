@@ -362,13 +362,25 @@ class Daemon:
         this causes); abandoned if the checkpoint's bound expires.  Returns the
         number of inodes synced.
         """
-        targets = self.ops.barrier_targets(with_paths=not (self.ops.is_root and self.handles))
+        by_path = not (self.ops.is_root and self.handles)
+        targets = self.ops.barrier_targets(with_paths=by_path)
         if not targets:
             return 0
         source = os.readlink(f"/proc/self/fd/{self.source_fd}").encode()
         mountpoint = os.fsencode(os.path.abspath(self.cfg.mountpoint))
         return await trio.to_thread.run_sync(sync_through_mount, mountpoint, targets,
-                                             self.ops.barrier_tids, source, abandon_on_cancel=True)
+                                             self.ops.barrier_tids, source,
+                                             self._barrier_path if by_path else None,
+                                             abandon_on_cancel=True)
+
+    def _barrier_path(self, fino: int) -> bytes | None:
+        """From the barrier's thread: the original's path of ``fino`` now, asked of
+        the Operations in the trio thread (None once the barrier was abandoned:
+        the checkpoint it served has failed already)."""
+        try:
+            return trio.from_thread.run_sync(self.ops.barrier_path, fino)
+        except (trio.Cancelled, trio.RunFinishedError):
+            return None
 
     def _confirmed(self, info: CheckpointInfo) -> None:
         if self.had_pending:

@@ -336,9 +336,15 @@ async def test_barrier_targets_are_inodes_open_for_writing(ops: Operations) -> N
     assert ops.barrier_targets() == [(attr.st_ino, None)]
     source = os.fsencode(os.readlink(ops.inodes[ROOT].proc))
     assert ops.barrier_targets(with_paths=True) == [(attr.st_ino, source + b"/rw")]
+    # the path now, for a barrier by path that found the name renamed (acquisition.py)
+    await ops.rename(ROOT, b"rw", ROOT, b"moved", 0, ctx(1))
+    assert ops.barrier_path(attr.st_ino) == source + b"/moved"
+    assert ops.barrier_path(gattr.st_ino) is None               # no link left
+    assert ops.barrier_path(ro_attr.st_ino + 10**6) is None     # no handle at all
     for fh in (rw.fh, ro.fh, gone.fh):
         await ops.release(fh)
     assert ops.barrier_targets() == []
+    assert ops.barrier_path(attr.st_ino) is None                # released: written back
 
 
 async def test_barrier_open_and_fsync_touch_nothing(ops: Operations) -> None:
