@@ -79,6 +79,13 @@ XATTR_REQUESTS = XATTR_PREFIX + b"requests"
 #: opendir, FOPEN_CACHE_DIR (repeated listings from the kernel's cache, which every entry
 #: change through the mount invalidates).  Without it, those requests are sent as before.
 PATCHED_PYFUSE3 = hasattr(pyfuse3.FileInfo(), "noflush")
+#: the patch's second version (pyfuse3 3.5.0+fusejournal.2): the kernel may send plain
+#: READDIR requests where attributes do not help (FUSE_CAP_READDIRPLUS_AUTO), which the
+#: journaling mount answers with names, inode numbers and types, no stat and no lookup
+PLAIN_READDIR = hasattr(pyfuse3.ReaddirToken, "plus")
+
+#: the type bits of st_mode for what os.DirEntry reports without a stat (d_type)
+_S_IFLNK, _S_IFREG = stat.S_IFLNK, stat.S_IFREG
 
 
 def dir_fh(opened: Any) -> int:
@@ -197,11 +204,15 @@ class DirHandle:
     fd: int
     inode_id: int
     names: list[bytes] | None = None
+    # name -> (inode number, S_IFREG or S_IFLNK) from the listing's d_ino and d_type, for
+    # plain READDIR requests; made at the first of them for each listing
+    kinds: dict[bytes, tuple[int, int]] | None = None
 
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False   # per instance, see __init__ and docs/design.md
+    readdirplus_auto = False         # per instance: the journaling mount, if PLAIN_READDIR
     backpressure: Backpressure | None = None   # the streamer: writes wait while it catches up
 
     def __init__(self, source_fd: int, *, store: TempStore | None = None,
@@ -216,6 +227,9 @@ class Operations(pyfuse3.Operations):
         # WRITE requests and attributes stay cached; a checkpoint then has to
         # flush the dirty pages before the halt (mount.Daemon.flush_mount).
         self.enable_writeback_cache = writeback and not read_only
+        # READDIRPLUS only for a listing's first chunk and after lookups in the directory
+        # (the kernel decides, fuse_use_readdirplus); plain READDIR otherwise
+        self.readdirplus_auto = PLAIN_READDIR and not read_only
         self.store = store
         self.halt = halt or Halt()
         self.control = control
@@ -534,6 +548,9 @@ class Operations(pyfuse3.Operations):
         if h.names is None or start_id == 0:
             # one listing per open directory stream, served in chunks by index
             h.names = [b".", b".."] + [os.fsencode(n) for n in os.listdir(h.fd)]
+            h.kinds = None
+        if not getattr(token, "plus", True):
+            return self._readdir_plain(h, start_id, token)
         names = h.names
         reply = pyfuse3.readdir_reply
         for i in range(start_id, min(2, len(names))):
@@ -559,6 +576,51 @@ class Operations(pyfuse3.Operations):
                 return
             # each entry returned is one lookup; the identity is remembered, no fd opened
             listed(fino, st, parent, name)
+
+    def _readdir_plain(self, h: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """A plain READDIR (readdirplus_auto): each entry's name, inode number and type,
+        as the kernel needs them for getdents, and no lookup taken.  Regular files and
+        symlinks come from the listing's own d_ino and d_type (one ``scandir`` per
+        listing); directories, other types and names made since are stat'ed, as
+        READDIRPLUS does: a directory on another filesystem (a mount point) is left
+        out, and the inode of the root is mapped as everywhere."""
+        self.requests["readdir_plain"] += 1      # (also counted as "readdir")
+        names = h.names
+        assert names is not None
+        if h.kinds is None:
+            kinds: dict[bytes, tuple[int, int]] = {}
+            with os.scandir(h.fd) as it:
+                for e in it:
+                    if e.is_symlink():
+                        kinds[os.fsencode(e.name)] = (e.inode(), _S_IFLNK)
+                    elif e.is_file(follow_symlinks=False):
+                        kinds[os.fsencode(e.name)] = (e.inode(), _S_IFREG)
+            h.kinds = kinds
+        reply, kinds, attrs = pyfuse3.readdir_reply, h.kinds, pyfuse3.EntryAttributes
+        for i in range(start_id, min(2, len(names))):
+            st, fino = self._dot_entry(h, names[i])
+            if not reply(token, names[i], self._attr(st, fino), i + 1):
+                return
+        dfd, dev, root_ino = h.fd, self.dev, self.root_ino
+        for i in range(max(start_id, 2), len(names)):
+            name = names[i]
+            kind = kinds.get(name)
+            if kind is None:
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue             # removed since the listing
+                if st.st_dev != dev:
+                    continue
+                kind = (st.st_ino, stat.S_IFMT(st.st_mode))
+            fino, mode = kind
+            if fino == root_ino or fino == ROOT:
+                fino = self._fuse_ino(fino)
+            a = attrs()
+            a.st_ino = fino
+            a.st_mode = mode
+            if not reply(token, name, a, i + 1):
+                return
 
     @_handler
     async def releasedir(self, fh: int) -> None:

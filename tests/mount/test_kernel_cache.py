@@ -319,3 +319,47 @@ def test_cached_listings_follow_every_entry_change(m: Mounted) -> None:
         step()
         check()
     checkpoint_and_compare(m)
+
+
+def test_large_listings_by_plain_readdir_equal_the_original(m: Mounted) -> None:
+    """A directory too large for one READDIRPLUS reply, after the kernel dropped its
+    caches: with pyfuse3 carrying the patch's second version, the kernel asks for the
+    rest by plain READDIR (FUSE_CAP_READDIRPLUS_AUTO).  What getdents reports (names,
+    inode numbers, types) and what stat then shows equal the original, before and after
+    entry changes of every kind, by this process and by another user."""
+    from fusejournal.fs import PLAIN_READDIR
+    d = m.mountpoint / "big"
+    d.mkdir(mode=0o777)
+    os.chmod(d, 0o777)
+    for i in range(1500):
+        (d / f"file-with-a-longish-name-{i:05d}").write_bytes(b"")
+    for i in range(0, 1500, 100):
+        os.mkdir(d / f"dir-{i:05d}")
+        os.symlink(f"file-with-a-longish-name-{i:05d}", d / f"link-{i:05d}")
+        os.link(d / f"file-with-a-longish-name-{i:05d}", d / f"hard-{i:05d}")
+    os.mkfifo(d / "fifo")
+
+    def entries(p: Path) -> dict[str, tuple[int, bool, bool, bool]]:
+        return {e.name: (e.inode(), e.is_dir(follow_symlinks=False), e.is_symlink(),
+                         e.is_file(follow_symlinks=False)) for e in os.scandir(p)}
+
+    def check() -> None:
+        with open("/proc/sys/vm/drop_caches", "w") as f:   # the listing comes from the daemon
+            f.write("2")
+        got = entries(d)
+        assert got == entries(m.source / "big")
+        for name in list(got)[::97]:                        # what a later stat shows
+            assert os.stat(d / name, follow_symlinks=False).st_ino == got[name][0]
+
+    before = requests(m)
+    check()
+    if PLAIN_READDIR:
+        assert sent(before, requests(m), "readdir_plain") > 0
+    os.rename(d / "file-with-a-longish-name-00007", d / "renamed")
+    os.unlink(d / "file-with-a-longish-name-00008")
+    os.rmdir(d / "dir-00100")
+    os.symlink("renamed", d / "dir-00100")                  # a symlink where a directory was
+    os.rename(d / "file-with-a-longish-name-00010", d / "file-with-a-longish-name-00011")  # over a name
+    run("import os, sys; os.mkdir(os.path.join(sys.argv[1], 'by_nobody'))", d)
+    check()
+    checkpoint_and_compare(m)
