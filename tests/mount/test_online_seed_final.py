@@ -25,6 +25,7 @@ from conftest import Mounted, alive, checkpoint_and_compare, fj, force_unmount, 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
 MiB = 1 << 20
+SIZE_MiB = 32          # each large file (64 until 2026-12-03: half the CI time, the same cases)
 SLOT = 4096
 MAGIC = b"FJOP"
 
@@ -34,14 +35,15 @@ def wait_complete(m: Mounted, timeout: float = 240) -> int:
 
 
 def build(src: Path) -> None:
-    """A dense 64 MiB file (random data), a sparse 64 MiB one with a hard link, small files."""
+    """A dense SIZE_MiB file (random data), a sparse one as large with a hard link, small
+    files."""
     with open(src / "db", "wb") as f:
-        for _ in range(64):
+        for _ in range(SIZE_MiB):
             f.write(os.urandom(MiB))
     (src / "d").mkdir()
     with open(src / "d" / "sparse", "wb") as f:
         f.write(os.urandom(MiB))
-        f.seek(63 * MiB)
+        f.seek((SIZE_MiB - 1) * MiB)
         f.write(os.urandom(MiB))
     os.link(src / "d" / "sparse", src / "sparse-link")
     for i in range(20):
@@ -80,7 +82,7 @@ class Writers:
             fd = os.open(self.mnt / "db", os.O_WRONLY)
             try:
                 while not self.stop.is_set():
-                    slot = rnd.randrange(64 * MiB // SLOT)
+                    slot = rnd.randrange(SIZE_MiB * MiB // SLOT)
                     os.pwrite(fd, slot_data(len(self.ops) + 1), slot * SLOT)
                     self.ops.append(slot)
                     time.sleep(0.001)
@@ -98,7 +100,7 @@ class Writers:
                 i += 1
                 try:
                     with open(d / "sparse", "r+b") as f:
-                        f.seek(rnd.randrange(64 * MiB))
+                        f.seek(rnd.randrange(SIZE_MiB * MiB))
                         f.write(os.urandom(rnd.randrange(1, 64 << 10)))
                     s = d / f"s{rnd.randrange(20):02d}"
                     k = i % 5
@@ -144,7 +146,7 @@ def cut_of(db: Path, ops: list[int]) -> tuple[int, int]:
 
 def test_large_files_written_up_to_and_during_the_final_checkpoint(dirs: Mounted, tmp_path: Path) -> None:
     """Writers run from the mount until after the first complete checkpoint N: the final
-    halt reads no file data (two 64 MiB files written meanwhile); N, restored from the
+    halt reads no file data (two SIZE_MiB files written meanwhile); N, restored from the
     retained checkpoints, holds a consistent cut of the slot writer; the latest checkpoint
     equals the original."""
     build(dirs.source)
