@@ -83,6 +83,14 @@ PATCHED_PYFUSE3 = hasattr(pyfuse3.FileInfo(), "noflush")
 #: READDIR requests where attributes do not help (FUSE_CAP_READDIRPLUS_AUTO), which the
 #: journaling mount answers with names, inode numbers and types, no stat and no lookup
 PLAIN_READDIR = hasattr(pyfuse3.ReaddirToken, "plus")
+#: the patch's third version (3.5.0+fusejournal.3), built against libfuse >= 3.17
+#: (scripts/setup-venv.sh): the journaling mount asks for FUSE_HANDLE_KILLPRIV_V2, so the
+#: kernel sends no GETXATTR of security.capability before every write(2) and the daemon
+#: clears set-id bits and file capabilities itself (Operations._kill_privs).  Granted only
+#: where libfuse and the kernel both offer it; ``FUSEJOURNAL_KILLPRIV_V2=off`` declines it
+#: (for measurements).
+KILLPRIV_V2 = (hasattr(pyfuse3.Operations, "handle_killpriv_v2")
+               and os.environ.get("FUSEJOURNAL_KILLPRIV_V2", "on") != "off")
 
 #: the type bits of st_mode for what os.DirEntry reports without a stat (d_type)
 _S_IFLNK, _S_IFREG = stat.S_IFLNK, stat.S_IFREG
@@ -213,6 +221,8 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False   # per instance, see __init__ and docs/design.md
     readdirplus_auto = False         # per instance: the journaling mount, if PLAIN_READDIR
+    handle_killpriv_v2 = False       # per instance: the journaling mount, if KILLPRIV_V2
+    handle_killpriv_v2_granted = False   # set by pyfuse3 at INIT (the patch's version 3)
     backpressure: Backpressure | None = None   # the streamer: writes wait while it catches up
 
     def __init__(self, source_fd: int, *, store: TempStore | None = None,
@@ -230,6 +240,9 @@ class Operations(pyfuse3.Operations):
         # READDIRPLUS only for a listing's first chunk and after lookups in the directory
         # (the kernel decides, fuse_use_readdirplus); plain READDIR otherwise
         self.readdirplus_auto = PLAIN_READDIR and not read_only
+        # the set-id bits and file capabilities a write, truncate or chown drops: the
+        # daemon's job if granted at INIT (write then gets the writer's context)
+        self.handle_killpriv_v2 = KILLPRIV_V2 and not read_only
         self.store = store
         self.halt = halt or Halt()
         self.control = control
@@ -652,6 +665,7 @@ class Operations(pyfuse3.Operations):
             self._check_writable()
             async with self.halt.operation():
                 self._touch(node)
+                self._kill_caps(node)             # (FUSE_HANDLE_KILLPRIV_V2 only)
                 fd = self._open_backing(node, flags, os.O_TRUNC)
                 try:
                     # the kernel leaves an O_TRUNC truncation (atomic_o_trunc), and so
@@ -864,10 +878,12 @@ class Operations(pyfuse3.Operations):
             return
         self._record(R.setattr_record(ref[0], mask, st, ref[1]))
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: int, off: int, buf: bytes,
+                    ctx: pyfuse3.RequestContext | None = None) -> int:
         # The hot path: error mapping inlined (no _handler layer), and no
         # in-flight accounting, because nothing below awaits once the gate
         # is passed: the halt cannot begin between the pwrite and the record.
+        # ``ctx`` (the writer) comes only with FUSE_HANDLE_KILLPRIV_V2 granted.
         self.requests["write"] += 1
         bp = self.backpressure
         if bp is not None and bp.congested():
@@ -880,6 +896,8 @@ class Operations(pyfuse3.Operations):
             h = self.files[fh]
             store = self.store
             if store is None:
+                if ctx is not None:
+                    self._kill_privs(h.inode, h.fd, ctx)
                 n = os.pwrite(h.fd, buf, off)
                 h.inode.unsynced += n
                 return n
@@ -887,6 +905,8 @@ class Operations(pyfuse3.Operations):
             act = self.activity
             if act is not None and h.inode.ino not in act.touched:
                 act.touch(h.inode.ino, h.fd, False)
+            if ctx is not None:
+                self._kill_privs(h.inode, h.fd, ctx)
             n = os.pwrite(h.fd, buf, off)
             h.inode.unsynced += n          # for the next FSYNC (fusejournal/syncpolicy.py)
             try:
@@ -916,6 +936,7 @@ class Operations(pyfuse3.Operations):
             mask = 0
             try:
                 if fields.update_size:
+                    self._kill_caps(node)         # (FUSE_HANDLE_KILLPRIV_V2 only)
                     if fh is not None and fh in self.files:
                         os.ftruncate(self.files[fh].fd, attr.st_size)
                     else:
@@ -929,8 +950,14 @@ class Operations(pyfuse3.Operations):
                 if fields.update_uid or fields.update_gid:
                     uid = attr.st_uid if fields.update_uid else -1
                     gid = attr.st_gid if fields.update_gid else -1
+                    self._kill_caps(node)         # (FUSE_HANDLE_KILLPRIV_V2 only)
+                    before = os.fstat(node.fd).st_mode
                     fchown_path_fd(node.fd, uid, gid)
                     mask |= (R.ATTR_UID if fields.update_uid else 0) | (R.ATTR_GID if fields.update_gid else 0)
+                    if os.fstat(node.fd).st_mode != before:
+                        # the set-id bits chown dropped: sent by the kernel as a mode
+                        # without FUSE_HANDLE_KILLPRIV_V2, left to the daemon with it
+                        mask |= R.ATTR_MODE
                 if fields.update_atime or fields.update_mtime:
                     utimens_path_fd(node.fd, attr.st_atime_ns if fields.update_atime else None,
                                     attr.st_mtime_ns if fields.update_mtime else None)
@@ -982,6 +1009,51 @@ class Operations(pyfuse3.Operations):
         elif node is not None:
             os.chmod(node.proc, stat.S_IMODE(mode) & ~drop)
         return R.ATTR_MODE
+
+    def _kill_privs(self, node: Inode, fd: int, ctx: pyfuse3.RequestContext) -> None:
+        """Before a write by ``ctx``'s caller, with FUSE_HANDLE_KILLPRIV_V2 granted: what
+        the kernel's ``file_remove_privs`` did before, and ext4 does for a direct write
+        (the set-id bits as in ``_drop_set_id``, the file capability always), each
+        change recorded before the write's own record.  Before the pwrite, so that a
+        daemon without CAP_FSETID, whose pwrite the backing filesystem strips itself,
+        still records what changed."""
+        mask = self._drop_set_id(os.fstat(fd), fd, ctx)
+        if mask:
+            self._record_attrs(node, mask, os.fstat(fd))
+        self._kill_caps(node, fd)
+
+    def _kill_caps(self, node: Inode, fd: int | None = None) -> None:
+        """With FUSE_HANDLE_KILLPRIV_V2 granted, before a write, truncate or chown of
+        anything but a directory or symlink: remove its ``security.capability`` (the
+        backing filesystem would remove it itself, unrecorded) and record the removal.
+        The answer "none" is remembered per inode, as for the kernel's GETXATTR: every
+        later setxattr comes through this mount and clears it.  Through ``fd`` or the
+        inode's O_PATH fd."""
+        if not self.handle_killpriv_v2_granted or node.is_dir or node.is_symlink:
+            return
+        fino = node.fino
+        if fino in self._no_caps:
+            return
+        target: int | str = fd if fd is not None else node.proc
+        try:
+            os.getxattr(target, _CAPS)
+        except OSError as e:
+            if e.errno != pyfuse3.ENOATTR:
+                raise
+            self._no_caps.add(fino)
+            return
+        try:
+            os.removexattr(target, _CAPS)
+        except PermissionError:
+            # a daemon without CAP_SETFCAP: the write, truncate or chown that follows
+            # drops it on the backing filesystem (for every caller, as on ext4)
+            pass
+        self._no_caps.add(fino)
+        try:
+            if os.fstat(node.fd).st_nlink:
+                self._record(R.Removexattr(node.ino, b"", _CAPS))
+        except Exception as e:
+            self._needs_resync([node], "removexattr security.capability", e)
 
     def _unnamed(self, st: os.stat_result, parent: int, name: bytes) -> None:
         """``name`` in ``parent`` (stat ``st`` from before) is gone: the inode forgets that name."""

@@ -131,7 +131,7 @@ def test_sigterm_ends_the_session_with_every_task_parked(dirs: Mounted, loop: st
 
 
 def _small_writes(mp: Path, n: int = 2000, think: float = 0.0) -> None:
-    """Synchronous 4 KiB writes (each a GETXATTR and a WRITE), ``think`` seconds of
+    """Synchronous 4 KiB writes (each a WRITE, and a GETXATTR where killpriv_v2 was not granted), ``think`` seconds of
     this process's CPU between them."""
     fd = os.open(mp / "w.dat", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
@@ -166,7 +166,7 @@ def test_a_spin_limit_of_zero_never_spins(dirs: Mounted) -> None:
     assert st["fuse_loop"] == "fusejournal"
     assert (st["fuse_loop_spin_limit_us"], st["fuse_loop_spin_window_us"]) == (0, 0)
     assert (st["fuse_loop_spin_hits"], st["fuse_loop_spin_misses"]) == (0, 0)
-    assert st["fuse_loop_waits"] >= 1000
+    assert st["fuse_loop_waits"] >= 500      # a WRITE each (and a GETXATTR without killpriv_v2)
     assert (dirs.source / "w.dat").stat().st_size == 4096 * 500
 
 

@@ -192,3 +192,92 @@ async def test_no_capability_is_answered_from_the_cache_until_an_xattr_changes(o
     await ops.getxattr(f.st_ino, b"user.a", CTX)            # other names are never cached
     await ops.getxattr(f.st_ino, b"user.a", CTX)
     assert calls[2:] == [b"user.a", b"user.a"]
+
+
+# ----------------------------------------- FUSE_HANDLE_KILLPRIV_V2: the daemon's duties
+
+def _rec_kinds(recs: list) -> list[tuple[str, int]]:
+    return [(type(r).__name__, getattr(r, "mask", 0)) for r in recs]
+
+
+async def test_killpriv_v2_write_clears_set_id_bits_before_the_write(ops: Operations, nobody_pid: int) -> None:
+    """Granted FUSE_HANDLE_KILLPRIV_V2, the contract leaves the set-id bits a write drops
+    to the file system (FUSE_WRITE_KILL_SUIDGID); pyfuse3 then passes the writer's
+    context to ``write``.  A writer without CAP_FSETID loses S_ISUID, and S_ISGID with
+    group-exec or outside the file's group; root, and a group member without
+    group-exec, keep them.  The mode is recorded before the write."""
+    ops.handle_killpriv_v2_granted = True
+    for name, pid, uid, want in ((b"u", nobody_pid, 65534, 0o777), (b"r", os.getpid(), 0, 0o6777),
+                                 (b"g", nobody_pid, 65534, 0o2767), (b"o", nobody_pid, 65534, 0o767)):
+        p = ops.src / name.decode()
+        p.write_bytes(b"data")
+        os.chown(p, 0, 65534 if name == b"g" else 0)
+        os.chmod(p, 0o2767 if name in (b"g", b"o") else 0o6777)
+        f = await ops.lookup(ROOT, name, CTX)
+        fi = await ops.open(f.st_ino, os.O_WRONLY, CTX)
+        list(ops.store.take())
+        assert await ops.write(fi.fh, 4, b"more", caller(pid, uid)) == 4
+        await ops.release(fi.fh)
+        assert stat.S_IMODE(os.stat(p).st_mode) == want, name
+        kinds = _rec_kinds(list(ops.store.take()))
+        if want in (0o777, 0o767):
+            assert kinds == [("Setattr", R.ATTR_MODE), ("Write", 0)], kinds
+        else:
+            assert kinds == [("Write", 0)], kinds
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="security.capability needs root")
+async def test_killpriv_v2_write_truncate_and_chown_remove_the_file_capability(ops: Operations) -> None:
+    """Granted FUSE_HANDLE_KILLPRIV_V2, the kernel stops asking for security.capability
+    before writes; a write, a truncate and a chown drop the capability as on ext4,
+    and the daemon removes it itself and records the removal before the change (the
+    backing filesystem would drop it unrecorded, and the shadow would keep it)."""
+    from opshelp import fields
+    ops.handle_killpriv_v2_granted = True
+    caps = bytes.fromhex("0000000201200000000000000000000000000000")   # cap_net_raw+ep
+    for how in ("write", "truncate", "chown"):
+        p = ops.src / how
+        p.write_bytes(b"data")
+        f = await ops.lookup(ROOT, how.encode(), CTX)
+        await ops.setxattr(f.st_ino, b"security.capability", caps, CTX)
+        assert os.getxattr(p, "security.capability")
+        list(ops.store.take())
+        if how == "write":
+            fi = await ops.open(f.st_ino, os.O_WRONLY, CTX)
+            await ops.write(fi.fh, 0, b"x", caller(os.getpid(), 0))
+            await ops.release(fi.fh)
+        elif how == "truncate":
+            await ops.setattr(f.st_ino, pyfuse3.EntryAttributes(st_size=1), fields(update_size=True), None, CTX)
+        else:
+            attr = pyfuse3.EntryAttributes()
+            attr.st_uid = 65534
+            await ops.setattr(f.st_ino, attr, fields(update_uid=True), None, CTX)
+        with pytest.raises(OSError):
+            os.getxattr(p, "security.capability")
+        recs = list(ops.store.take())
+        assert isinstance(recs[0], R.Removexattr) and recs[0].name == b"security.capability", recs
+        # known "none" now: the next write asks nothing
+        if how == "write":
+            fi = await ops.open(f.st_ino, os.O_WRONLY, CTX)
+            await ops.write(fi.fh, 0, b"y", caller(os.getpid(), 0))
+            await ops.release(fi.fh)
+            assert [type(r) for r in ops.store.take()] == [R.Write]
+
+
+async def test_killpriv_v2_chown_records_the_set_id_bits_it_drops(ops: Operations) -> None:
+    """chown drops S_ISUID (and S_ISGID with group-exec) on the backing filesystem; with
+    FUSE_HANDLE_KILLPRIV_V2 the kernel no longer sends that as a mode, so the daemon
+    records the mode the chown left, or the shadow would keep the bits."""
+    from opshelp import fields
+    p = ops.src / "s"
+    p.write_bytes(b"data")
+    os.chmod(p, 0o6755)
+    f = await ops.lookup(ROOT, b"s", CTX)
+    list(ops.store.take())
+    attr = pyfuse3.EntryAttributes()
+    attr.st_uid = 65534
+    await ops.setattr(f.st_ino, attr, fields(update_uid=True), None, CTX)
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o755
+    recs = list(ops.store.take())
+    assert [r.mask for r in recs] == [R.ATTR_UID | R.ATTR_MODE]
+    assert stat.S_IMODE(recs[0].mode) == 0o755
