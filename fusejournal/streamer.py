@@ -50,6 +50,7 @@ import time
 
 import trio
 
+from . import faults
 from .log import OrderedLog
 from .tempstore import TempStore
 
@@ -157,6 +158,7 @@ class Streamer:
 
     async def step(self) -> bool:
         """Steps 2-4 once; True if something was streamed."""
+        await faults.hold("streamer.step")         # (a test's streamer that never gets to run)
         async with self._lock:
             if self._paused or time.monotonic() < self._retry_at:
                 return False
