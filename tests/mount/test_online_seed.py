@@ -366,9 +366,15 @@ def test_kill_while_converging_then_remount_is_exact(dirs: Mounted, tmp_path: Pa
     env, flag = pause_env(tmp_path, 20)
     env["FUSEJOURNAL_FAULT"] = "seed.reconcile"          # kill at the first reconciliation
     dirs.mount("--seed-wait", "0", env=env)
-    for i in range(10):
-        (dirs.mountpoint / "d001" / f"f{i:03d}").write_bytes(b"x" * i)
-        os.rename(dirs.mountpoint / "d002" / f"f{i:03d}", dirs.mountpoint / "d003" / f"moved{i}")
+    try:
+        for i in range(10):
+            (dirs.mountpoint / "d001" / f"f{i:03d}").write_bytes(b"x" * i)
+            os.rename(dirs.mountpoint / "d002" / f"f{i:03d}", dirs.mountpoint / "d003" / f"moved{i}")
+    except OSError as e:
+        # (one fault at a time: nothing holds the copy, and under load it can reach its
+        # first reconciliation, and the kill, before these ten land; what did land is in
+        # the original, and the remount must be exact either way)
+        assert e.errno in (errno.ECONNABORTED, errno.ENOTCONN), e
     pid = dirs.pid
     deadline = time.monotonic() + 60
     while pid and alive(pid) and time.monotonic() < deadline:
