@@ -92,6 +92,15 @@ PLAIN_READDIR = hasattr(pyfuse3.ReaddirToken, "plus")
 KILLPRIV_V2 = (hasattr(pyfuse3.Operations, "handle_killpriv_v2")
                and os.environ.get("FUSEJOURNAL_KILLPRIV_V2", "on") != "off")
 
+#: the patch's fourth version (3.5.0+fusejournal.4): the journaling mount declines libfuse's
+#: default FUSE_CAP_AUTO_INVAL_DATA, with which the kernel drops a file's whole page cache
+#: whenever a GETATTR brings a new mtime (the GETATTR that follows the daemon's own
+#: write); every change to the original goes through the mount, whose writes update the
+#: cache themselves (docs/design.md, "Requests per operation: what the kernel caches").
+#: ``FUSEJOURNAL_AUTO_INVAL_DATA=on`` keeps libfuse's default (for measurements).
+KEEP_PAGES = (hasattr(pyfuse3.Operations, "auto_inval_data")
+              and os.environ.get("FUSEJOURNAL_AUTO_INVAL_DATA", "off") != "on")
+
 #: the type bits of st_mode for what os.DirEntry reports without a stat (d_type)
 _S_IFLNK, _S_IFREG = stat.S_IFLNK, stat.S_IFREG
 
@@ -223,6 +232,8 @@ class Operations(pyfuse3.Operations):
     readdirplus_auto = False         # per instance: the journaling mount, if PLAIN_READDIR
     handle_killpriv_v2 = False       # per instance: the journaling mount, if KILLPRIV_V2
     handle_killpriv_v2_granted = False   # set by pyfuse3 at INIT (the patch's version 3)
+    auto_inval_data = True           # per instance: declined by the journaling mount, if KEEP_PAGES
+    auto_inval_data_granted = True   # set by pyfuse3 at INIT (the patch's version 4)
     backpressure: Backpressure | None = None   # the streamer: writes wait while it catches up
 
     def __init__(self, source_fd: int, *, store: TempStore | None = None,
@@ -243,6 +254,9 @@ class Operations(pyfuse3.Operations):
         # the set-id bits and file capabilities a write, truncate or chown drops: the
         # daemon's job if granted at INIT (write then gets the writer's context)
         self.handle_killpriv_v2 = KILLPRIV_V2 and not read_only
+        # the page cache is not dropped at each new mtime: the browse mount's shadow
+        # changes under it, the journaling mount's files only through it
+        self.auto_inval_data = not (KEEP_PAGES and not read_only)
         self.store = store
         self.halt = halt or Halt()
         self.control = control

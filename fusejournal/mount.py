@@ -433,6 +433,7 @@ class Daemon:
             # the daemon, not the kernel, drops set-id bits and file capabilities
             # (FUSE_HANDLE_KILLPRIV_V2: one request per write(2), docs/design.md)
             "killpriv_v2": self.ops.handle_killpriv_v2_granted,
+            "auto_inval_data": self.ops.auto_inval_data_granted,
             "fuse_loop": "fusejournal" if fuseloop.installed() else "pyfuse3",
             "fuse_loop_waits": fuseloop.waits(),
             "fuse_loop_standbys": fuseloop.standbys(),
