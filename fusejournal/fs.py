@@ -256,7 +256,7 @@ class Operations(pyfuse3.Operations):
         self.handle_killpriv_v2 = KILLPRIV_V2 and not read_only
         # the page cache is not dropped at each new mtime: the browse mount's shadow
         # changes under it, the journaling mount's files only through it
-        self.auto_inval_data = not (KEEP_PAGES and not read_only)
+        self.auto_inval_data = read_only or not KEEP_PAGES
         self.store = store
         self.halt = halt or Halt()
         self.control = control

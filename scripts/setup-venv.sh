@@ -9,9 +9,9 @@
 # FUSE_CAP_HANDLE_KILLPRIV_V2 (one request per write(2), not two), and since version 4 a
 # way to decline FUSE_CAP_AUTO_INVAL_DATA (the page cache kept when a new mtime is seen).
 # Version 3 needs libfuse 3.17: Debian 12 has 3.14, so libfuse 3.17.2's source (from
-# Debian's archive, checked by its SHA-256) is built into .venv/libfuse (meson and ninja from PyPI, no command-line
-# utilities: mounting as a user still uses the system's fusermount3) and pyfuse3 is
-# linked to it.  If libfuse cannot be built, pyfuse3 is linked to the system's libfuse
+# Debian's archive, checked by its SHA-256) is built into .venv/libfuse (meson and ninja
+# from PyPI, no command-line utilities: mounting as a user still uses the system's
+# fusermount3) and pyfuse3 is linked to it.  If libfuse cannot be built, pyfuse3 is linked to the system's libfuse
 # and the kernel keeps asking before each write; if pyfuse3 cannot be built (no compiler,
 # no network for the source), it is installed as released and fusejournal works as
 # before, sending those requests (docs/design.md, "pyfuse3 with fusejournal's patch").

@@ -22,8 +22,8 @@ case "$workers" in
 esac
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-exec_args=(--basetemp="$tmp/t" --durations=15 tests/unit tests/ops tests/mount)
+args=(--basetemp="$tmp/t" --durations=15 tests/unit tests/ops tests/mount)
 if [ "$workers" -gt 0 ]; then
-  exec_args=(-n "$workers" --dist loadfile "${exec_args[@]}")
+  args=(-n "$workers" --dist loadfile "${args[@]}")
 fi
-"${PYTEST[@]}" "${exec_args[@]}"
+"${PYTEST[@]}" "${args[@]}"
