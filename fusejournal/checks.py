@@ -267,6 +267,17 @@ def fsname_for(source: Path, prefix: str) -> str:
     return f"{prefix}:{s}"
 
 
+def env_switch(var: str, value: str | None, default: bool) -> bool:
+    """An environment variable's ``on`` or ``off`` (None: the default); ValueError with a
+    one-line reason for anything else."""
+    if value is None:
+        return default
+    if value in ("on", "off"):
+        return value == "on"
+    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+    raise ValueError(f"{var}={shown} is neither 'on' nor 'off'")
+
+
 def env_microseconds(var: str, value: str | None, default_us: int, max_us: int) -> int:
     """An environment variable's number of microseconds, in nanoseconds (None: the
     default); ValueError with a one-line reason for anything but 0 to ``max_us``."""

@@ -50,6 +50,7 @@ import pyfuse3
 import trio
 
 from . import records as R
+from .checks import env_switch
 from .faults import fault
 from .halt import Halt
 from .inodes import Inode, InodeTable, raise_fd_limit
@@ -79,6 +80,17 @@ XATTR_REQUESTS = XATTR_PREFIX + b"requests"
 #: opendir, FOPEN_CACHE_DIR (repeated listings from the kernel's cache, which every entry
 #: change through the mount invalidates).  Without it, those requests are sent as before.
 PATCHED_PYFUSE3 = hasattr(pyfuse3.FileInfo(), "noflush")
+
+
+def _switch(var: str, default: bool) -> bool:
+    """A measurement switch, ``on`` or ``off``; anything else (which ``fusejournal mount``
+    refuses in one line before it mounts, cli._check_env_limits) is the default."""
+    try:
+        return env_switch(var, os.environ.get(var), default)
+    except ValueError:
+        return default
+
+
 #: the patch's second version (pyfuse3 3.5.0+fusejournal.2): the kernel may send plain
 #: READDIR requests where attributes do not help (FUSE_CAP_READDIRPLUS_AUTO), which the
 #: journaling mount answers with names, inode numbers and types, no stat and no lookup
@@ -90,7 +102,7 @@ PLAIN_READDIR = hasattr(pyfuse3.ReaddirToken, "plus")
 #: where libfuse and the kernel both offer it; ``FUSEJOURNAL_KILLPRIV_V2=off`` declines it
 #: (for measurements).
 KILLPRIV_V2 = (hasattr(pyfuse3.Operations, "handle_killpriv_v2")
-               and os.environ.get("FUSEJOURNAL_KILLPRIV_V2", "on") != "off")
+               and _switch("FUSEJOURNAL_KILLPRIV_V2", True))
 
 #: the patch's fourth version (3.5.0+fusejournal.4): the journaling mount declines libfuse's
 #: default FUSE_CAP_AUTO_INVAL_DATA, with which the kernel drops a file's whole page cache
@@ -99,7 +111,7 @@ KILLPRIV_V2 = (hasattr(pyfuse3.Operations, "handle_killpriv_v2")
 #: cache themselves (docs/design.md, "Requests per operation: what the kernel caches").
 #: ``FUSEJOURNAL_AUTO_INVAL_DATA=on`` keeps libfuse's default (for measurements).
 KEEP_PAGES = (hasattr(pyfuse3.Operations, "auto_inval_data")
-              and os.environ.get("FUSEJOURNAL_AUTO_INVAL_DATA", "off") != "on")
+              and not _switch("FUSEJOURNAL_AUTO_INVAL_DATA", False))
 
 #: the type bits of st_mode for what os.DirEntry reports without a stat (d_type)
 _S_IFLNK, _S_IFREG = stat.S_IFLNK, stat.S_IFREG

@@ -183,6 +183,15 @@ def test_a_bad_spin_limit_is_refused_in_one_line(dirs: Mounted, value: str) -> N
     assert not dirs.journal.exists()
 
 
+@pytest.mark.parametrize("var", ["FUSEJOURNAL_KILLPRIV_V2", "FUSEJOURNAL_AUTO_INVAL_DATA"])
+def test_a_bad_measurement_switch_is_refused_in_one_line(dirs: Mounted, var: str) -> None:
+    r = fj("mount", dirs.source, dirs.mountpoint, "--journal", dirs.journal, "--shadow", dirs.shadow,
+           check=False, env={**os.environ, var: "yes"})
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and var in r.stderr, r.stderr[:300]
+    assert not is_mounted(dirs.mountpoint)
+    assert not dirs.journal.exists()
+
+
 def test_browse_refuses_a_bad_spin_limit_too(dirs: Mounted, tmp_path: Path) -> None:
     dirs.mount()
     bp = tmp_path / "bp"
