@@ -16,7 +16,8 @@ serve_session:
    task, a group member's connection) and a signal watcher beside it in one
    nursery;
 4. SIGTERM/SIGINT/SIGHUP call ``fuseloop.terminate`` (``pyfuse3.terminate``): no new request is read,
-   in-flight handlers finish, main returns;
+   in-flight handlers finish, main returns; SIGUSR1 logs what every task awaits
+   (fusejournal/tasktree.py);
 5. when main returns (unmounted or terminated) the background tasks are
    cancelled, and the session is always closed, unmounting it if it was not
    unmounted from outside.
@@ -54,6 +55,15 @@ async def _terminate_on_signal(terminated: list[int]) -> None:
             return
 
 
+async def _dump_on_signal() -> None:
+    """Log every trio task's await chain at each SIGUSR1 (fusejournal/tasktree.py)."""
+    from .tasktree import task_tree
+    with trio.open_signal_receiver(signal.SIGUSR1) as sigs:
+        async for _ in sigs:
+            log.warning("SIGUSR1: the daemon's tasks and what each awaits:\n%s",
+                        "\n".join(task_tree()))
+
+
 #: what serve_session mounts (for the wiring, which does not import pyfuse3)
 FuseOperations = pyfuse3.Operations
 
@@ -77,6 +87,7 @@ async def serve_session(ops: pyfuse3.Operations, mountpoint: Path, opts: set[str
                 nursery.start_soon(task)
             terminated: list[int] = []
             nursery.start_soon(_terminate_on_signal, terminated)
+            nursery.start_soon(_dump_on_signal)
             await pyfuse3.main()
             # main returns when the mount went away (unmounted from outside) or after
             # a signal's terminate (still mounted: unmounted by close below)

@@ -130,6 +130,39 @@ def test_sigterm_ends_the_session_with_every_task_parked(dirs: Mounted, loop: st
     assert (dirs.source / "f299").read_bytes() == b"x"
 
 
+def test_sigusr1_logs_what_every_task_awaits(dirs: Mounted, tmp_path: Path) -> None:
+    # a handler held at a fault point: the dump shows it, down to the fault's wait
+    flag = tmp_path / "pause"
+    flag.touch()
+    dirs.mount(env={"FUSEJOURNAL_FAULT": "halt.in_operation:1:pause",
+                    "FUSEJOURNAL_FAULT_PAUSE": os.fspath(flag)})
+    th = threading.Thread(target=os.mkdir, args=(dirs.mountpoint / "held",))
+    th.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(os.fspath(flag) + ".reached").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert dirs.pid is not None
+        os.kill(dirs.pid, signal.SIGUSR1)
+        log = dirs.journal / "daemon.log"
+        while "SIGUSR1" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "no task tree in the log"
+            time.sleep(0.02)
+        time.sleep(0.2)                                   # (one write, but let it land)
+        text = log.read_text(errors="replace").split("SIGUSR1", 1)[1]
+        assert "running (this dump)" in text
+        # the held handler's chain: the handler, the halt's gate, the fault's pause
+        held = [line for line in text.splitlines() if "mkdir (fs.py:" in line]
+        assert held and "operation (halt.py:" in held[0] and "hold (faults.py:" in held[0], text[:3000]
+        assert th.is_alive()
+    finally:
+        flag.unlink()
+        th.join(30)
+    assert (dirs.source / "held").is_dir()
+    assert dirs.status()["pid"] == dirs.pid          # the daemon goes on
+
+
 def _small_writes(mp: Path, n: int = 2000, think: float = 0.0) -> None:
     """Synchronous 4 KiB writes (each a WRITE, and a GETXATTR where killpriv_v2 was not granted), ``think`` seconds of
     this process's CPU between them."""
