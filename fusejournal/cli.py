@@ -435,9 +435,10 @@ def cmd_mount(a: argparse.Namespace) -> int:
 
 def _check_env_limits(*, fsync: bool = False) -> None:
     """Refuse a bad ``FUSEJOURNAL_SPIN_US`` (fusejournal/fuseloop.py) and, for a journaling
-    mount, ``FUSEJOURNAL_FSYNC_INLINE_US`` (fusejournal/syncpolicy.py) and the measurement
-    switches ``FUSEJOURNAL_KILLPRIV_V2`` and ``FUSEJOURNAL_AUTO_INVAL_DATA`` (``on`` or
-    ``off``; fusejournal/fs.py) before anything is mounted."""
+    mount, ``FUSEJOURNAL_FSYNC_INLINE_US`` (fusejournal/syncpolicy.py) and the switches
+    ``FUSEJOURNAL_KILLPRIV_V2``, ``FUSEJOURNAL_AUTO_INVAL_DATA`` and
+    ``FUSEJOURNAL_FSYNC_THREADS`` (``on`` or ``off``; fusejournal/fs.py) before anything
+    is mounted."""
     from .checks import env_switch
     from .fuseloop import spin_limit_ns
     from .syncpolicy import inline_limit_ns
@@ -445,7 +446,8 @@ def _check_env_limits(*, fsync: bool = False) -> None:
         spin_limit_ns(os.environ.get("FUSEJOURNAL_SPIN_US"))
         if fsync:
             inline_limit_ns(os.environ.get("FUSEJOURNAL_FSYNC_INLINE_US"))
-            for var in ("FUSEJOURNAL_KILLPRIV_V2", "FUSEJOURNAL_AUTO_INVAL_DATA"):
+            for var in ("FUSEJOURNAL_KILLPRIV_V2", "FUSEJOURNAL_AUTO_INVAL_DATA",
+                        "FUSEJOURNAL_FSYNC_THREADS"):
                 env_switch(var, os.environ.get(var), True)
     except ValueError as e:
         raise UserError(str(e), EXIT_USAGE) from None

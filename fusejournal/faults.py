@@ -7,8 +7,9 @@ thread while the file named by ``FUSEJOURNAL_FAULT_PAUSE`` exists (to hold the
 updater still while a test damages the log); when it starts to, it creates that
 name + ``.reached`` (so a test times the pause from when it began).  ``NAME:N:error`` raises
 OSError(EIO) there, the N-th time only (a step failing after a change reached
-the original).  Unset (always, in production) it costs one comparison.  The
-points are listed in docs/reliability.md.
+the original).  :func:`for_sync_threads` hands ``pause`` and ``error`` to
+pyfuse3's sync threads, which run no Python.  Unset (always, in production)
+it costs one comparison.  The points are listed in docs/reliability.md.
 
 :func:`hold` is the same for a point inside a trio task (a mutating
 operation in flight): ``NAME:N:pause`` holds that one task, asynchronously,
@@ -75,6 +76,17 @@ def fault(name: str) -> None:
 def armed(name: str) -> bool:
     """True if ``name`` is the configured fault point (a cheap test for hot paths)."""
     return _name == name
+
+
+def for_sync_threads(name: str) -> tuple[int, int, bytes] | None:
+    """The arguments of ``pyfuse3.sync_threads_fault`` when ``name`` is the configured
+    point with ``pause`` or ``error`` (the N-th sync queued on pyfuse3's sync threads
+    waits while the pause file exists, or fails with EIO; ``kill`` is not offered there,
+    in C): ``(N, errno or 0, the pause file)``; else None."""
+    if _name != name or _action not in ("pause", "error"):
+        return None
+    flag = os.fsencode(os.environ.get("FUSEJOURNAL_FAULT_PAUSE", ""))
+    return _remaining, errno.EIO if _action == "error" else 0, flag
 
 
 async def hold(name: str) -> None:

@@ -49,6 +49,7 @@ from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 import pyfuse3
 import trio
 
+from . import faults
 from . import records as R
 from .checks import env_switch
 from .faults import fault
@@ -112,6 +113,15 @@ KILLPRIV_V2 = (hasattr(pyfuse3.Operations, "handle_killpriv_v2")
 #: ``FUSEJOURNAL_AUTO_INVAL_DATA=on`` keeps libfuse's default (for measurements).
 KEEP_PAGES = (hasattr(pyfuse3.Operations, "auto_inval_data")
               and not _switch("FUSEJOURNAL_AUTO_INVAL_DATA", False))
+
+#: the patch's fifth version (3.5.0+fusejournal.5): an FSYNC or FSYNCDIR handler may return
+#: the descriptor to sync; pyfuse3's own sync threads (C, no GIL) sync it and reply to the
+#: kernel, while the loop serves other requests (docs/design.md, "Version 5").  The
+#: journaling mount sends there each sync it does not run inline (fusejournal/syncpolicy.py)
+#: instead of trio's worker threads; ``FUSEJOURNAL_FSYNC_THREADS=off`` keeps trio's (for
+#: measurements; and where pyfuse3 is not patched).
+SYNC_THREADS = (hasattr(pyfuse3, "sync_threads_stats")
+                and _switch("FUSEJOURNAL_FSYNC_THREADS", True))
 
 #: the type bits of st_mode for what os.DirEntry reports without a stat (d_type)
 _S_IFLNK, _S_IFREG = stat.S_IFLNK, stat.S_IFREG
@@ -253,7 +263,7 @@ class Operations(pyfuse3.Operations):
                  activity: WriteIntents | None = None,
                  read_only: bool = False, timeout: float = 300.0, writeback: bool = False,
                  resync_flag: ResyncMarks | None = None, fd_cache: int | None = None,
-                 fsync_limit_ns: int | None = None) -> None:
+                 fsync_limit_ns: int | None = None, sync_threads: bool = False) -> None:
         super().__init__()
         self.read_only = read_only
         # With the kernel's writeback cache, small writes are merged into large
@@ -299,6 +309,27 @@ class Operations(pyfuse3.Operations):
         limit = inline_limit_ns(None) if fsync_limit_ns is None else fsync_limit_ns
         self.syncs = SyncPolicy(limit)
         self.dir_syncs = SyncPolicy(limit, "fsyncdir")
+        # FSYNC and FSYNCDIR answered by pyfuse3's sync threads (SYNC_THREADS; a mount's
+        # choice: called directly, without a session, the handlers sync themselves)
+        self.sync_threads = sync_threads and not read_only
+        self._thread_seen = (0, 0)           # the threads' syncs and their ns, folded so far
+        if self.sync_threads:
+            armed = faults.for_sync_threads("fsync_thread")     # a test's slow or failing disk
+            if armed is not None:
+                pyfuse3.sync_threads_fault(*armed)
+
+    def sync_status(self) -> dict[str, object]:
+        """The status fields of FSYNC and FSYNCDIR: the inline-or-worker policies' and,
+        with them on, pyfuse3's sync threads' (``fsync_thread_*``, both kinds together)."""
+        st: dict[str, object] = {"fsync_threads": self.sync_threads,
+                                 **self.syncs.status(), **self.dir_syncs.status()}
+        if self.sync_threads:
+            t = pyfuse3.sync_threads_stats()
+            st.update({f"fsync_thread_{k}": t[k] for k in ("syncs", "failed", "inline_syncs",
+                                                            "threads", "queued", "max_queued")})
+            st["fsync_thread_average_us"] = t["total_ns"] // max(t["syncs"], 1) // 1000
+            st["fsync_thread_max_us"] = t["max_ns"] // 1000
+        return st
 
     # ---------------------------------------------------------------- helpers
 
@@ -667,11 +698,14 @@ class Operations(pyfuse3.Operations):
         os.close(h.fd)
 
     @_handler
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+    async def fsyncdir(self, fh: int, datasync: bool) -> int | None:
         h = self.dir_handles[fh]
         # a directory's sync commits the filesystem's pending metadata: nothing is counted
         # per directory, its own running average decides
+        if self._on_sync_thread(self.dir_syncs, 0):
+            return h.fd                # synced by pyfuse3's sync threads, which reply
         await self._sync(self.dir_syncs, os.fsync, h.fd, 0)
+        return None
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -744,18 +778,42 @@ class Operations(pyfuse3.Operations):
             os.close(h.fd)
 
     @_handler
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    async def fsync(self, fh: int, datasync: bool) -> int | None:
         if fh in self._barrier_fhs:
             return None      # the kernel has waited for the inode's writeback: that was the point
         h = self.files[fh]
-        # what is written during a worker's sync counts toward the next one
         node = h.inode
+        if self._on_sync_thread(self.syncs, node.unsynced):
+            # synced (fdatasync or fsync, as asked) by pyfuse3's sync threads, which reply;
+            # h.fd stays open until then: the kernel sends no RELEASE before the reply.
+            # (What it owed is not put back if that sync fails: the caller has its error.)
+            node.unsynced = 0
+            return h.fd
+        # what is written during a worker's sync counts toward the next one
         unsynced, node.unsynced = node.unsynced, 0
         try:
             await self._sync(self.syncs, os.fdatasync if datasync else os.fsync, h.fd, unsynced)
         except BaseException:
             node.unsynced += unsynced          # not synced: still owed to the next sync
             raise
+        return None
+
+    def _on_sync_thread(self, policy: SyncPolicy, unsynced: int) -> bool:
+        """With pyfuse3's sync threads: whether this sync goes there (counted), that is,
+        when the policy would not run it inline (fusejournal/syncpolicy.py).  The
+        threads' finished syncs feed both policies' averages first."""
+        if not self.sync_threads:
+            return False
+        st = pyfuse3.sync_threads_stats()
+        done, total = st["syncs"] - self._thread_seen[0], st["total_ns"] - self._thread_seen[1]
+        if done:
+            self._thread_seen = (st["syncs"], st["total_ns"])
+            self.syncs.threads_done(done, total)
+            self.dir_syncs.threads_done(done, total)
+        if policy.inline(unsynced):
+            return False
+        policy.threaded += 1
+        return True
 
     async def _sync(self, policy: SyncPolicy, sync: Callable[[int], None], fd: int, unsynced: int) -> None:
         """``sync(fd)`` inline when ``policy`` knows it to be short, else on a worker thread

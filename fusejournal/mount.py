@@ -46,7 +46,7 @@ from .checks import (
 )
 from .daemonize import Reporter, setup_logging, spawn
 from .errors import EXIT_BUG, EXIT_DAMAGED, UserError
-from .fs import Operations
+from .fs import SYNC_THREADS, Operations
 from .halt import Halt
 from .inodes import raise_fd_limit
 from .journal import PENDING, Journal, read_daemon_info
@@ -261,7 +261,8 @@ class Daemon:
             fsync_limit = inline_limit_ns(None)
         self.ops = Operations(source_fd, store=self.store, halt=self.halt, control=self.control,
                               activity=self.activity, writeback=cfg.writeback,
-                              resync_flag=self.resync_flag, fsync_limit_ns=fsync_limit)
+                              resync_flag=self.resync_flag, fsync_limit_ns=fsync_limit,
+                              sync_threads=SYNC_THREADS)
         self.stack.callback(self.ops.close_all)
         self.ops.backpressure = self.streamer       # writes wait while the streamer catches up
         if self.member is not None:
@@ -439,8 +440,7 @@ class Daemon:
             "fuse_loop_standbys": fuseloop.standbys(),
             **{f"fuse_loop_spin_{k}": v for k, v in fuseloop.spin_stats().items()},
             "fuse_loop_direct_reads": fuseloop.direct_reads(),
-            **self.ops.syncs.status(),
-            **self.ops.dir_syncs.status(),
+            **self.ops.sync_status(),
             "log_damage": str(self.olog.damage) if getattr(self.olog, "damage", None) else None,
             **(self.member.status() if self.member is not None else {}),
         }

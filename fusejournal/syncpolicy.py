@@ -1,5 +1,12 @@
 """Where an FSYNC's ``fdatasync`` runs: on the FUSE loop's own thread, or on a worker.
 
+With pyfuse3's patch version 5, "a worker" is one of pyfuse3's own sync
+threads (C, no GIL), which syncs and replies to the kernel itself: one hand-off
+instead of two (``fs.SYNC_THREADS``; docs/design.md, "Version 5").  The
+threads' syncs feed the running average in bulk (:meth:`SyncPolicy.threads_done`).
+``FUSEJOURNAL_FSYNC_THREADS=off`` (or pyfuse3 not patched): trio's worker
+threads, as below.
+
 A FUSE FSYNC must reach the original's disk before the reply (promise 4: an
 application's ``fsync`` means what it means on ext4).  On a worker thread
 (``trio.to_thread.run_sync``) the FUSE loop serves other requests meanwhile,
@@ -72,6 +79,7 @@ class SyncPolicy:
         self.inline_syncs = 0
         self.worker_syncs = 0
         self.slow_inline = 0               # inline syncs that took longer than the limit
+        self.threaded = 0                  # handed to pyfuse3's sync threads
 
     def inline(self, unsynced: int) -> bool:
         """Whether a sync of an object with ``unsynced`` bytes written since its last
@@ -90,9 +98,19 @@ class SyncPolicy:
         if unsynced <= INLINE_BYTES:       # a large sync's length says nothing about small ones
             self.average_ns += (duration_ns - self.average_ns) // 8
 
+    def threads_done(self, syncs: int, total_ns: int) -> None:
+        """pyfuse3's sync threads finished ``syncs`` more syncs (of any size, files and
+        directories), ``total_ns`` in all: each counts as one sync of their mean
+        duration.  Large ones among them raise the average (more syncs stay on the
+        threads a while): the safe side."""
+        if syncs > 0:
+            mean = total_ns // syncs
+            self.average_ns += int((mean - self.average_ns) * (1 - (7 / 8) ** min(syncs, 256)))
+
     def status(self) -> dict[str, int]:
         n = self.name
         return {f"{n}_inline": self.inline_syncs, f"{n}_worker": self.worker_syncs,
+                f"{n}_thread": self.threaded,
                 f"{n}_slow_inline": self.slow_inline,
                 f"{n}_inline_limit_us": self.limit_ns // 1000,
                 f"{n}_average_us": self.average_ns // 1000}

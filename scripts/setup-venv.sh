@@ -6,8 +6,9 @@
 # FLUSH request at every close), FOPEN_CACHE_DIR (repeated listings served from the
 # kernel's cache) and, since the patch's version 2, FUSE_CAP_READDIRPLUS_AUTO with a
 # plain readdir handler (most of a listing without a stat per entry), and since version 3
-# FUSE_CAP_HANDLE_KILLPRIV_V2 (one request per write(2), not two), and since version 4 a
-# way to decline FUSE_CAP_AUTO_INVAL_DATA (the page cache kept when a new mtime is seen).
+# FUSE_CAP_HANDLE_KILLPRIV_V2 (one request per write(2), not two), since version 4 a
+# way to decline FUSE_CAP_AUTO_INVAL_DATA (the page cache kept when a new mtime is seen),
+# and since version 5 sync threads in C that run an FSYNC and reply to the kernel.
 # Version 3 needs libfuse 3.17: Debian 12 has 3.14, so libfuse 3.17.2's source (from
 # Debian's archive, checked by its SHA-256) is built into .venv/libfuse (meson and ninja
 # from PyPI, no command-line utilities: mounting as a user still uses the system's
@@ -27,7 +28,7 @@ fi
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 PATCH="$PWD/vendor/pyfuse3/pyfuse3-$PYFUSE3_VERSION-fusejournal.patch"
-PATCHED_VERSION="$PYFUSE3_VERSION+fusejournal.4"     # (bump with every change of the patch)
+PATCHED_VERSION="$PYFUSE3_VERSION+fusejournal.5"     # (bump with every change of the patch)
 LIBFUSE_VERSION=3.17.2
 LIBFUSE_URL="http://deb.debian.org/debian/pool/main/f/fuse3/fuse3_$LIBFUSE_VERSION.orig.tar.gz"
 LIBFUSE_SHA256=3d932431ad94e86179e5265cddde1d67aa3bb2fb09a5bd35c641f86f2b5ed06f

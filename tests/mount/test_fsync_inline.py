@@ -1,4 +1,6 @@
-"""Where an FSYNC's sync runs (fusejournal/syncpolicy.py), through real mounts.
+"""Where an FSYNC's sync runs (fusejournal/syncpolicy.py), through real mounts, with
+pyfuse3's sync threads declined (``FUSEJOURNAL_FSYNC_THREADS=off``: the choice the
+mount makes where pyfuse3 is not patched):
 
 * small syncs run inline once the mount has seen fast ones; a file with more
   than 256 KiB written since its last sync, and the first sync of a file that
@@ -29,6 +31,8 @@ pytestmark = [needs_fuse, pytest.mark.mount]
 
 #: a limit far above a real sync of a few KiB, even on a busy CI machine
 LIMIT_US = "20000"
+#: the inline-or-worker choice instead of pyfuse3's sync threads (tests/mount/test_fsync_threads.py)
+POLICY = {"FUSEJOURNAL_FSYNC_THREADS": "off"}
 
 
 def _sync_loop(path: Path, n: int, size: int = 4096) -> None:
@@ -49,7 +53,7 @@ def _counts(m: Mounted) -> tuple[int, int, int]:
 
 def test_small_syncs_run_inline_large_and_first_ones_on_workers(dirs: Mounted) -> None:
     (dirs.source / "old").write_bytes(b"from before the mount")
-    dirs.mount(env={"FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US})
+    dirs.mount(env={**POLICY, "FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US})
     s = dirs.status()
     assert s["fsync_inline_limit_us"] == 20000
     assert _counts(dirs) == (0, 0, 0)
@@ -74,7 +78,7 @@ def test_small_syncs_run_inline_large_and_first_ones_on_workers(dirs: Mounted) -
 
 
 def test_directory_syncs_have_their_own_average(dirs: Mounted) -> None:
-    dirs.mount(env={"FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US})
+    dirs.mount(env={**POLICY, "FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US})
     fd = os.open(dirs.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for i in range(30):                 # a file made, then its directory synced (SQLite's way)
@@ -92,7 +96,7 @@ def test_directory_syncs_have_their_own_average(dirs: Mounted) -> None:
 
 
 def test_limit_zero_never_inlines(dirs: Mounted) -> None:
-    dirs.mount(env={"FUSEJOURNAL_FSYNC_INLINE_US": "0"})
+    dirs.mount(env={**POLICY, "FUSEJOURNAL_FSYNC_INLINE_US": "0"})
     _sync_loop(dirs.mountpoint / "f", 30)
     fd = os.open(dirs.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -105,7 +109,7 @@ def test_limit_zero_never_inlines(dirs: Mounted) -> None:
 
 def test_an_inline_sync_that_fails_is_the_callers_error_and_its_bytes_stay_owed(dirs: Mounted) -> None:
     # the first sync that is chosen inline fails with EIO
-    dirs.mount(env={"FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US, "FUSEJOURNAL_FAULT": "fsync_inline:1:error"})
+    dirs.mount(env={**POLICY, "FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US, "FUSEJOURNAL_FAULT": "fsync_inline:1:error"})
     path = dirs.mountpoint / "db"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -139,7 +143,7 @@ def test_a_stalled_inline_sync_sends_the_next_ones_to_workers(dirs: Mounted, tmp
     flag.touch()
     # the 20th inline sync stalls until the flag is removed (the trio thread blocks: the
     # whole mount waits, as it would for a disk that stalls)
-    dirs.mount(env={"FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US, "FUSEJOURNAL_FAULT": "fsync_inline:20:pause",
+    dirs.mount(env={**POLICY, "FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US, "FUSEJOURNAL_FAULT": "fsync_inline:20:pause",
                     "FUSEJOURNAL_FAULT_PAUSE": os.fspath(flag)})
     reached = Path(os.fspath(flag) + ".reached")
     stop = threading.Event()

@@ -216,7 +216,8 @@ def test_a_bad_spin_limit_is_refused_in_one_line(dirs: Mounted, value: str) -> N
     assert not dirs.journal.exists()
 
 
-@pytest.mark.parametrize("var", ["FUSEJOURNAL_KILLPRIV_V2", "FUSEJOURNAL_AUTO_INVAL_DATA"])
+@pytest.mark.parametrize("var", ["FUSEJOURNAL_KILLPRIV_V2", "FUSEJOURNAL_AUTO_INVAL_DATA",
+                                 "FUSEJOURNAL_FSYNC_THREADS"])
 def test_a_bad_measurement_switch_is_refused_in_one_line(dirs: Mounted, var: str) -> None:
     r = fj("mount", dirs.source, dirs.mountpoint, "--journal", dirs.journal, "--shadow", dirs.shadow,
            check=False, env={**os.environ, var: "yes"})

@@ -118,3 +118,20 @@ def test_huge_limit_value_is_cut_in_the_message() -> None:
     with pytest.raises(ValueError) as e:
         inline_limit_ns("9" * 1_000_000)
     assert len(str(e.value)) < 200
+
+
+def test_the_sync_threads_durations_feed_the_average_in_bulk() -> None:
+    # (pyfuse3's sync threads report totals; each sync counts as one of their mean)
+    one_by_one, in_bulk = SyncPolicy(LIMIT), SyncPolicy(LIMIT)
+    for _ in range(7):
+        one_by_one.threads_done(1, FAST)
+    in_bulk.threads_done(7, 7 * FAST)
+    assert abs(one_by_one.average_ns - in_bulk.average_ns) <= 7      # (integer steps)
+    assert in_bulk.inline(4096) and not SyncPolicy(LIMIT).inline(4096)
+    in_bulk.threads_done(0, 0)                        # nothing finished: unchanged
+    assert in_bulk.inline(4096)
+    in_bulk.threads_done(1, 40 * LIMIT)               # one slow one: over at once
+    assert not in_bulk.inline(4096)
+    in_bulk.threads_done(10_000, 10_000 * FAST)       # a long run of fast ones: back
+    assert in_bulk.average_ns == pytest.approx(FAST, rel=0.01)
+    assert in_bulk.status()["fsync_thread"] == 0      # (counted by the handler, not here)
