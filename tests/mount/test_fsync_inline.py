@@ -46,6 +46,17 @@ def _sync_loop(path: Path, n: int, size: int = 4096) -> None:
         os.close(fd)
 
 
+def _dir_syncs(mp: Path, n: int) -> None:
+    """``n`` times: a file ``j<i>`` made in ``mp``, then ``mp`` synced (SQLite's way)."""
+    fd = os.open(mp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(n):
+            (mp / f"j{i}").write_bytes(b"journal")
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _counts(m: Mounted) -> tuple[int, int, int]:
     s = m.status()
     return s["fsync_inline"], s["fsync_worker"], s["fsync_slow_inline"]
@@ -79,13 +90,7 @@ def test_small_syncs_run_inline_large_and_first_ones_on_workers(dirs: Mounted) -
 
 def test_directory_syncs_have_their_own_average(dirs: Mounted) -> None:
     dirs.mount(env={**POLICY, "FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US})
-    fd = os.open(dirs.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for i in range(30):                 # a file made, then its directory synced (SQLite's way)
-            (dirs.mountpoint / f"j{i}").write_bytes(b"journal")
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    _dir_syncs(dirs.mountpoint, 30)
     s = dirs.status()
     assert s["fsyncdir_inline"] + s["fsyncdir_worker"] == 30
     assert 6 <= s["fsyncdir_worker"] <= 12 and s["fsyncdir_slow_inline"] == 0, s

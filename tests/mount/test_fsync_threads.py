@@ -32,20 +32,11 @@ import pytest
 from fusejournal.fs import SYNC_THREADS  # (the daemon runs this checkout)
 
 from conftest import Mounted, alive, is_mounted, needs_fuse
+from test_fsync_inline import _dir_syncs, _sync_loop
 
 pytestmark = [needs_fuse, pytest.mark.mount,
               pytest.mark.skipif(not SYNC_THREADS, reason="needs pyfuse3 with fusejournal's patch, "
                                                           "version 5 (scripts/setup-venv.sh)")]
-
-
-def _sync_loop(path: Path, n: int, size: int = 4096) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        for i in range(n):
-            os.write(fd, bytes([i % 251]) * size)
-            os.fdatasync(fd)
-    finally:
-        os.close(fd)
 
 
 def _held_sync(path: Path, result: list[object]) -> threading.Thread:
@@ -86,7 +77,7 @@ def test_syncs_not_run_inline_go_to_the_sync_threads(dirs: Mounted) -> None:
     _sync_loop(dirs.mountpoint / "wal", 40)
     s = dirs.status()
     # the average is not known yet: the first ones on the threads, whose durations
-    # bring it under the limit; then inline (no other request waiting)
+    # bring it under the limit; then inline
     assert 6 <= s["fsync_thread"] <= 12 and s["fsync_inline"] == 40 - s["fsync_thread"], s
     assert s["fsync_thread_syncs"] == s["fsync_thread"] and s["fsync_worker"] == 0
     threaded = s["fsync_thread"]
@@ -94,13 +85,7 @@ def test_syncs_not_run_inline_go_to_the_sync_threads(dirs: Mounted) -> None:
     _sync_loop(dirs.mountpoint / "old", 3)                   # unknown dirty pages at first
     s = dirs.status()
     assert (s["fsync_thread"], s["fsync_inline"]) == (threaded + 2, 40 - threaded + 2), s
-    fd = os.open(dirs.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for i in range(5):                 # a file made, then its directory synced (SQLite's way)
-            (dirs.mountpoint / f"j{i}").write_bytes(b"journal")
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    _dir_syncs(dirs.mountpoint, 5)
     s = dirs.status()
     assert s["fsyncdir_thread"] + s["fsyncdir_inline"] == 5 and s["fsyncdir_worker"] == 0
     assert s["fsync_thread_syncs"] == threaded + 2 + s["fsyncdir_thread"]
