@@ -9,7 +9,7 @@ one, or the coroutine a generator drives by hand, as fuseloop's ``_drive`` does
 with a handler: its local ``coro``; a compiled coroutine's ``__await__``
 wrapper is followed through ``gc.get_referents``), innermost last, as
 ``function (file:line)``.  session.py logs it at
-WARNING on SIGUSR1 (docs/guide.md, "When the daemon does not answer").
+WARNING on SIGUSR1 (docs/guide.md, "When something goes wrong").
 
 Read-only and synchronous: called from a task of the same trio run, it walks
 objects that no other task can change meanwhile.
