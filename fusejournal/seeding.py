@@ -586,24 +586,29 @@ class SeedingTask:
 
     async def _copy_phase(self) -> None:
         delay = 0.5
+        stuck_at = 0                            # entries copied when the space ran out
         while True:
             if not self.copy_running() and self._copy_thread is None:
                 self._start_walk()
             while self.copy_running():
                 await self._tick()
+                if self.waiting is not None and self.entries > stuck_at:
+                    self.waiting = None         # the retry copies again: there is room
             err = self._copy_error
             if err is None:
+                self.waiting = None
                 break
             if isinstance(err, Stopped):
                 raise err
             if not _space_error(err):
                 raise err
+            # (status says so until a retry copies an entry more, not just while it sleeps)
             self.waiting = f"waiting for space on the shadow's filesystem ({self.shadow.root}): {err}"
+            stuck_at = self.entries
             log.warning("seed: %s", self.waiting)
             await trio.sleep(delay)
             delay = min(delay * 2, 8.0)
             self._start_walk()
-            self.waiting = None
         n = await self._in_thread(sweep_hidden_links, self.shadow)
         if n:
             log.info("seed: %d hidden link(s) of replaced objects removed", n)
