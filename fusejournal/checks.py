@@ -267,6 +267,11 @@ def fsname_for(source: Path, prefix: str) -> str:
     return f"{prefix}:{s}"
 
 
+def _shown(value: str) -> str:
+    """An environment variable's value for a one-line error: quoted, at most 40 characters."""
+    return repr(value[:40]) + ("..." if len(value) > 40 else "")
+
+
 def env_switch(var: str, value: str | None, default: bool) -> bool:
     """An environment variable's ``on`` or ``off`` (None: the default); ValueError with a
     one-line reason for anything else."""
@@ -274,8 +279,7 @@ def env_switch(var: str, value: str | None, default: bool) -> bool:
         return default
     if value in ("on", "off"):
         return value == "on"
-    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
-    raise ValueError(f"{var}={shown} is neither 'on' nor 'off'")
+    raise ValueError(f"{var}={_shown(value)} is neither 'on' nor 'off'")
 
 
 def env_microseconds(var: str, value: str | None, default_us: int, max_us: int) -> int:
@@ -283,7 +287,7 @@ def env_microseconds(var: str, value: str | None, default_us: int, max_us: int) 
     default); ValueError with a one-line reason for anything but 0 to ``max_us``."""
     if value is None:
         return default_us * 1000
-    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+    shown = _shown(value)
     try:
         us = float(value)
     except ValueError:
