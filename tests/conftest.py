@@ -126,6 +126,32 @@ class Mounted:
         force_unmount(self.mountpoint, self.pid)
         self.pid = None
 
+    def diagnose(self, lines: int = 80) -> str:
+        """For a test's failure message when the daemon did not do what it waited for:
+        its status, and the tail of its log after a SIGUSR1 dump of its task tree (what
+        each task awaits)."""
+        out = []
+        try:
+            out.append(f"status: {json.dumps(self.status())}")
+        except OSError as e:
+            out.append(f"status: {e}")
+        log = self.journal / "daemon.log"
+        if self.pid and alive(self.pid):
+            os.kill(self.pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and "running (this dump)" not in _read(log):
+                time.sleep(0.05)
+            time.sleep(0.2)
+        out += _read(log).splitlines()[-lines:]
+        return "\n".join(out)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
 
 def daemon_errors(journal: Path, log: str = "daemon.log") -> list[str]:
     """The ERROR (and CRITICAL) lines of a journal's daemon.log (or another log in it)."""

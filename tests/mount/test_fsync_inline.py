@@ -29,8 +29,11 @@ from conftest import Mounted, fj, is_mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
-#: a limit far above a real sync of a few KiB, even on a busy CI machine
-LIMIT_US = "20000"
+#: the highest limit mount accepts: far above a real sync of a few KiB, even on a CI
+#: machine whose disk is shared by other tests' syncs
+LIMIT_US = "100000"
+#: for the stall: low enough that one sync stalled 0.5 s moves the average over it
+STALL_LIMIT_US = "20000"
 #: the inline-or-worker choice instead of pyfuse3's sync threads (tests/mount/test_fsync_threads.py)
 POLICY = {"FUSEJOURNAL_FSYNC_THREADS": "off"}
 
@@ -66,7 +69,7 @@ def test_small_syncs_run_inline_large_and_first_ones_on_workers(dirs: Mounted) -
     (dirs.source / "old").write_bytes(b"from before the mount")
     dirs.mount(env={**POLICY, "FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US})
     s = dirs.status()
-    assert s["fsync_inline_limit_us"] == 20000
+    assert s["fsync_inline_limit_us"] == 100000
     assert _counts(dirs) == (0, 0, 0)
     _sync_loop(dirs.mountpoint / "wal", 40)
     inline, worker, slow = _counts(dirs)
@@ -148,7 +151,8 @@ def test_a_stalled_inline_sync_sends_the_next_ones_to_workers(dirs: Mounted, tmp
     flag.touch()
     # the 20th inline sync stalls until the flag is removed (the trio thread blocks: the
     # whole mount waits, as it would for a disk that stalls)
-    dirs.mount(env={**POLICY, "FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US, "FUSEJOURNAL_FAULT": "fsync_inline:20:pause",
+    dirs.mount(env={**POLICY, "FUSEJOURNAL_FSYNC_INLINE_US": STALL_LIMIT_US,
+                    "FUSEJOURNAL_FAULT": "fsync_inline:20:pause",
                     "FUSEJOURNAL_FAULT_PAUSE": os.fspath(flag)})
     reached = Path(os.fspath(flag) + ".reached")
     stop = threading.Event()
@@ -182,12 +186,13 @@ def test_a_stalled_inline_sync_sends_the_next_ones_to_workers(dirs: Mounted, tmp
         t.join(60)
     assert not t.is_alive() and not errors, errors
     inline, worker, slow = _counts(dirs)
-    assert (inline, slow) == (20, 1), (inline, worker, slow)
+    # the stalled sync is slow; on a busy machine one of the 19 before it may have been too
+    assert inline == 20 and slow >= 1, (inline, worker, slow)
     _sync_loop(dirs.mountpoint / "log", 1)
-    assert _counts(dirs) == (20, worker + 1, 1)          # after the stall: a worker
+    assert _counts(dirs) == (20, worker + 1, slow)       # after the stall: a worker
     _sync_loop(dirs.mountpoint / "log", 40)
     again = _counts(dirs)
-    assert again[0] > 20 and again[2] == 1, again       # fast syncs brought it back
+    assert again[0] > 20 and again[1] < worker + 41, again   # fast syncs brought it back
     n = dirs.checkpoint()
     dirs.wait(n)
     assert (dirs.tree / "log").read_bytes() == (dirs.source / "log").read_bytes()

@@ -79,15 +79,24 @@ def test_full_shadow_disk_is_waited_out_and_resumed(tmp_path: Path, small_fs: Pa
     mnt.mkdir()
     (src / "old.txt").write_bytes(b"before the mount\n")
     m = Mounted(src, mnt, small_fs / "journal", small_fs / "shadow")
+    # the updater holds before its first batch until the test has filled the disk: where
+    # the space goes before that (the streamer's appends, the temporary store's periods
+    # freed by the checkpoint) depends on timing, the space left for the updater does not
+    pause = tmp_path / "pause"
+    pause.touch()
     try:
-        m.mount()
+        m.mount(env={"FUSEJOURNAL_FAULT": "updater.before_batch:1:pause",
+                     "FUSEJOURNAL_FAULT_PAUSE": os.fspath(pause)})
         # 2.4 MiB of incompressible data, accepted while the journal has room for it (the
         # daemon refuses writes the journal could not hold) ...
         for i in range(6):
             (mnt / f"f{i}.bin").write_bytes(os.urandom(400 * 1024))
-        # ... then something else fills the disk: the log append fits, the shadow copy does not
-        filler = _fill(small_fs, 3 * MiB + MiB // 2)
         n = m.checkpoint("full")
+        _until(lambda: Path(os.fspath(pause) + ".reached").exists(), what="the updater's first batch")
+        # ... then something else fills the disk: the log holds the checkpoint, the
+        # shadow has room for two of the six files
+        filler = _fill(small_fs, MiB)
+        pause.unlink()
         _until(lambda: _status(m)["updater_state"].startswith("waiting for space"), what="waiting for space")
         st = _status(m)
         assert st["updater_error"] is None, st
@@ -134,4 +143,5 @@ def test_full_shadow_disk_is_waited_out_and_resumed(tmp_path: Path, small_fs: Pa
         assert r.returncode == 0, r.stdout + r.stderr
         assert "equals" in r.stdout
     finally:
+        pause.unlink(missing_ok=True)
         m.cleanup()

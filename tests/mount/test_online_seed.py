@@ -379,7 +379,7 @@ def test_kill_while_converging_then_remount_is_exact(dirs: Mounted, tmp_path: Pa
     deadline = time.monotonic() + 60
     while pid and alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert pid and not alive(pid)
+    assert pid and not alive(pid), dirs.diagnose()
     force_unmount(dirs.mountpoint)
     dirs.pid = None
     assert json.loads((dirs.shadow / "seeding.json").read_text())["phase"] == "converge"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import struct
 import threading
 import time
@@ -149,15 +150,27 @@ def test_large_files_written_up_to_and_during_the_final_checkpoint(dirs: Mounted
     halt reads no file data (two SIZE_MiB files written meanwhile); N, restored from the
     retained checkpoints, holds a consistent cut of the slot writer; the latest checkpoint
     equals the original."""
-    build(dirs.source)
-    dirs.mount("--seed-wait", "0", "--keep-last", "5")
-    with Writers(dirs.mountpoint) as w:
-        first = wait_complete(dirs)
-        time.sleep(0.5)                          # and on after it
-    assert not w.errors, w.errors
-    seeded = json.loads((dirs.shadow / "seeded.json").read_text())
-    halt = seeded["final_halt"]
-    assert halt["data_bytes_read"] == 0, halt
+    # The final round's set is what the writers changed since the round before it began.
+    # On a loaded machine (CI's parallel tests) both writers can be descheduled through a
+    # short round and the final halt: then it has no file to defer, which proves nothing
+    # here, and the whole seed is made again (at most 3 times).
+    for attempt in range(3):
+        if attempt:
+            dirs.umount()
+            for p in (dirs.source, dirs.journal, dirs.shadow):
+                shutil.rmtree(p)
+            dirs.source.mkdir()
+        build(dirs.source)
+        dirs.mount("--seed-wait", "0", "--keep-last", "5")
+        with Writers(dirs.mountpoint) as w:
+            first = wait_complete(dirs)
+            time.sleep(0.5)                          # and on after it
+        assert not w.errors, w.errors
+        seeded = json.loads((dirs.shadow / "seeded.json").read_text())
+        halt = seeded["final_halt"]
+        assert halt["data_bytes_read"] == 0, halt
+        if halt["deferred_files"] > 0:
+            break
     assert halt["deferred_files"] >= 1, halt
     last = checkpoint_and_compare(dirs)
     assert last > first
