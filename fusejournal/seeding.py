@@ -914,6 +914,8 @@ class SeedingTask:
     def stop(self) -> None:
         """Ask every worker to stop and wait for them (shutdown; the state on disk resumes)."""
         self._stop = True
+        if not self.done:
+            log.info("seed: stopping (the next mount resumes it)")
         for t in (self._copy_thread, self._count_thread, self._work):
             if t is not None and t.is_alive():
                 t.join()

@@ -146,6 +146,23 @@ class Mounted:
         return "\n".join(out)
 
 
+def wait_in_fuse_request(tid: int, timeout: float = 30) -> None:
+    """Until thread ``tid`` of this process waits for a FUSE request's answer (its wchan
+    is the kernel's ``request_wait_answer``): its request is queued, e.g. behind a
+    daemon a test stopped with SIGSTOP.  (Not a sleep: a loaded machine may be slow to
+    run the thread at all.)"""
+    deadline = time.monotonic() + timeout
+    wchan = ""
+    while wchan != "request_wait_answer":
+        assert time.monotonic() < deadline, f"thread {tid} never waited on a FUSE request ({wchan!r})"
+        time.sleep(0.005)
+        try:
+            with open(f"/proc/self/task/{tid}/wchan") as f:
+                wchan = f.read().strip()
+        except OSError:
+            wchan = "(gone)"
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
@@ -200,6 +217,22 @@ def dirs(tmp_path: Path, request: pytest.FixtureRequest) -> Mounted:
     if errors and request.node.get_closest_marker("daemon_errors") is None:
         pytest.fail("the daemon logged an unexpected error (mark the test daemon_errors if it "
                     "provokes one):\n" + "\n".join(errors[:10]), pytrace=False)
+
+
+@pytest.fixture
+def fast_source(dirs: Mounted):
+    """``dirs`` with its source on a tmpfs (root only), where fsync returns at once: for
+    tests of where a sync runs (fusejournal/syncpolicy.py), whose counts must not follow
+    the speed of a disk other tests share.  Unmounted after the mount over it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", os.fspath(dirs.source)],
+                   check=True)
+    try:
+        yield dirs
+    finally:
+        dirs.cleanup()
+        subprocess.run(["umount", "-l", os.fspath(dirs.source)], check=False)
 
 
 @pytest.fixture

@@ -145,11 +145,6 @@ def assert_shadows(g: Group, snaps: dict[str, dict]) -> None:
         assert_same(snap, snapshot(g.tree(n)))
 
 
-def epoch(g: Group) -> int:
-    with open(g.journal / "run" / "gate", "rb") as f:
-        return f.read(1)[0]
-
-
 @pytest.fixture
 def public() -> Iterator[Path]:
     """A base directory other users may traverse (0711), removed at the end (never across a
@@ -589,7 +584,7 @@ def test_kill_9_of_every_group_process_before_the_commit(group: Group, moment: s
     snaps1 = originals(g)
     change(g, "2")
     pids = pids_of(g)
-    e0 = epoch(g)
+    e0 = g.epoch()
     flag.touch()
     proc = subprocess.Popen([*FJ, "checkpoint", "--group", os.fspath(g.file), "--label", "doomed"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -600,7 +595,7 @@ def test_kill_9_of_every_group_process_before_the_commit(group: Group, moment: s
                 assert time.monotonic() < deadline, [g.status(n) for n in g.sources]
                 time.sleep(0.02)
         else:
-            while epoch(g) == e0:                     # both members' tasks are held past the move
+            while g.epoch() == e0:                     # both members' tasks are held past the move
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             (g.sources["a"] / "after-the-move").write_text("cut inline, then recorded")
@@ -797,8 +792,13 @@ def test_a_member_journal_stays_full_across_group_checkpoints(tmp_path: Path) ->
     watch_daemon_logs(fs / "bj" / "daemon.log")
     filler = fs / "filler"
     a, b = srcs["a"], srcs["b"]
+    # the streamers are held at their first step: b's blob streamed to its log before the
+    # disk is full would leave its checkpoints only a marker, which fits in a page the log
+    # already has (as in test_groups.py's test_a_member_whose_journal_is_full)
+    hold = tmp_path / "hold-streamers"
+    hold.touch()
     try:
-        g.mount()
+        g.mount(env={"FUSEJOURNAL_FAULT": "streamer.step:1:pause", "FUSEJOURNAL_FAULT_PAUSE": str(hold)})
         change(g, "1")
         g.wait(g.checkpoint("a", "first"))
         snaps1 = originals(g)
@@ -828,7 +828,9 @@ def test_a_member_journal_stays_full_across_group_checkpoints(tmp_path: Path) ->
         for n in g.sources:
             assert g.status(n)["last_group_checkpoint"] == 1 and g.status(n)["shadow_checkpoint"] == 1
         assert_shadows(g, snaps1)
+        assert g.status("b")["streamed_unmarked_bytes"] == 0        # (held: the premise)
         filler.unlink()
+        hold.unlink()
         for k in range(3):                      # (a file refused half-way may exist, short: kept)
             (b / f"more{k}").unlink(missing_ok=True)
         gid = g.checkpoint("b", "room again")
@@ -836,6 +838,7 @@ def test_a_member_journal_stays_full_across_group_checkpoints(tmp_path: Path) ->
         g.assert_exact()
         assert (g.tree("b") / "blob").read_bytes() == blob and (g.tree("a") / "row2").exists()
     finally:
+        hold.unlink(missing_ok=True)
         g.cleanup()
         subprocess.run(["umount", "-l", os.fspath(fs)], check=False)
 
@@ -996,12 +999,12 @@ def test_a_member_unmounted_in_the_middle_of_a_group_checkpoint(group: Group) ->
         pid = g.status("b")["pid"]
         g.pids.add(pid)
         change(g, "2")
-        e0 = epoch(g)
+        e0 = g.epoch()
         proc = subprocess.Popen([*FJ, "checkpoint", "--group", os.fspath(g.file), "--label", "interrupted"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 30
-            while epoch(g) == e0:
+            while g.epoch() == e0:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             time.sleep(0.2)                             # (b's task reaches its hold)

@@ -32,9 +32,9 @@ import pytest
 from fusejournal.fs import SYNC_THREADS  # (the daemon runs this checkout)
 
 from conftest import Mounted, alive, is_mounted, needs_fuse
-from test_fsync_inline import _dir_syncs, _sync_loop
+from test_fsync_inline import LIMIT_US, _dir_syncs, _sync_loop
 
-pytestmark = [needs_fuse, pytest.mark.mount,
+pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.usefixtures("fast_source"),   # (test_fsync_inline.py)
               pytest.mark.skipif(not SYNC_THREADS, reason="needs pyfuse3 with fusejournal's patch, "
                                                           "version 5 (scripts/setup-venv.sh)")]
 
@@ -71,7 +71,7 @@ def _wait_for(path: Path, what: str, timeout: float = 30) -> None:
 
 def test_syncs_not_run_inline_go_to_the_sync_threads(dirs: Mounted) -> None:
     (dirs.source / "old").write_bytes(b"from before the mount")
-    dirs.mount(env={"FUSEJOURNAL_FSYNC_INLINE_US": "20000"})
+    dirs.mount(env={"FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US})
     s = dirs.status()
     assert s["fsync_threads"] is True and s["fsync_thread_syncs"] == 0
     _sync_loop(dirs.mountpoint / "wal", 40)
@@ -109,7 +109,7 @@ def test_limit_zero_sends_every_sync_to_the_threads(dirs: Mounted) -> None:
 def test_concurrent_committers_with_syncs_on_both_paths(dirs: Mounted) -> None:
     # four writers, each its own file, while each file's first syncs go to the threads
     # and the later ones run inline: every sync answered once, the data exact
-    dirs.mount(env={"FUSEJOURNAL_FSYNC_INLINE_US": "20000"})
+    dirs.mount(env={"FUSEJOURNAL_FSYNC_INLINE_US": LIMIT_US})
     before = dirs.status()
     errors: list[BaseException] = []
 

@@ -53,6 +53,11 @@ class Group:
         self.remember_pids()
         return r
 
+    def epoch(self) -> int:
+        """The group's epoch now (the gate file's first byte; it moves when a cut begins)."""
+        with open(self.journal / "run" / "gate", "rb") as f:
+            return f.read(1)[0]
+
     def remember_pids(self) -> None:
         for name in self.sources:
             try:
@@ -342,7 +347,11 @@ def _held_in_flight(g: Group) -> tuple[Path, threading.Thread, int]:
     remount_with_fault(g, "b", "halt.in_operation:1:pause")
     fd = os.open(b / "f", os.O_WRONLY)                       # (not gated: no O_TRUNC)
     t, _ = _in_background(lambda: os.close(os.open(b / "held", os.O_CREAT | os.O_WRONLY, 0o644)))
-    time.sleep(0.3)
+    reached = Path(os.fspath(flag) + ".reached")
+    deadline = time.monotonic() + 30
+    while not reached.exists():
+        assert time.monotonic() < deadline and t.is_alive(), "the create was not held"
+        time.sleep(0.01)
     assert t.is_alive()                                     # in flight, not done
     return flag, t, fd
 
@@ -369,8 +378,12 @@ def _in_flight_during_the_cut(g: Group) -> None:
     try:
         # (the setxattr that triggers it holds a's root directory's lock until it returns:
         # a's writes meanwhile go to an open file)
+        e0 = g.epoch()
         cp, cp_out = _in_background(lambda: g.checkpoint("a", "in flight"))
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while g.epoch() == e0:                                  # the cut has begun
+            assert time.monotonic() < deadline and cp.is_alive(), cp_out
+            time.sleep(0.01)
         os.pwrite(fa, b"a goes on", 0)                          # a is not held for b
         later, _ = _in_background(lambda: os.pwrite(fd, b"f1", 0))
         time.sleep(0.3)

@@ -37,7 +37,7 @@ from fusejournal.fs import ROOT, Operations
 from fusejournal.halt import Halt, HaltTimeout
 from fusejournal.tempstore import TempStore
 
-from conftest import Mounted, needs_fuse
+from conftest import Mounted, needs_fuse, wait_in_fuse_request
 
 UPDATE = b"user.fusejournal.update_permission"
 PAGE = 4096
@@ -200,7 +200,10 @@ def test_writeback_in_flight_at_the_trigger_is_in_the_checkpoint(dirs: Mounted, 
             errors: list[BaseException] = []
             result: list[int] = []
 
+            tids: list[int] = []
+
             def take() -> None:
+                tids.append(threading.get_native_id())
                 try:
                     result.append(trigger(dirs, f"inflight-{trial}"))
                 except BaseException as e:      # reported by the test thread
@@ -210,7 +213,9 @@ def test_writeback_in_flight_at_the_trigger_is_in_the_checkpoint(dirs: Mounted, 
                 start_writeback(fd)             # WRITE requests queued, 12 sent at a time
                 t = threading.Thread(target=take)
                 t.start()
-                time.sleep(0.3)                 # the setxattr is queued behind the first 12
+                while not tids:
+                    time.sleep(0.001)
+                wait_in_fuse_request(tids[0])   # the setxattr is queued behind the first 12
             finally:
                 os.kill(dirs.pid, signal.SIGCONT)
             t.join(60)
@@ -249,26 +254,33 @@ def test_write_larger_than_max_write_in_progress_at_the_trigger_is_whole(dirs: M
     errors: list[BaseException] = []
     result: list[int] = []
 
+    tids: dict[str, int] = {}
+
     def write() -> None:
+        tids["write"] = threading.get_native_id()
         try:
             assert os.pwrite(fd, data, 100) == len(data)       # unaligned: starts in page 0
         except BaseException as e:
             errors.append(e)
 
     def take() -> None:
+        tids["take"] = threading.get_native_id()
         try:
             result.append(trigger(dirs, "split"))
         except BaseException as e:
             errors.append(e)
+
+    def started(t: threading.Thread, name: str) -> threading.Thread:
+        t.start()
+        while name not in tids:
+            time.sleep(0.001)
+        wait_in_fuse_request(tids[name])
+        return t
     try:
         os.kill(dirs.pid, signal.SIGSTOP)
         try:
-            w = threading.Thread(target=write)
-            w.start()
-            time.sleep(0.3)                  # the first WRITE request is queued; the writer waits
-            t = threading.Thread(target=take)
-            t.start()
-            time.sleep(0.3)                  # the setxattr is queued behind it
+            w = started(threading.Thread(target=write), "write")  # its first WRITE queued; it waits
+            t = started(threading.Thread(target=take), "take")    # the setxattr queued behind it
         finally:
             os.kill(dirs.pid, signal.SIGCONT)
         w.join(60)

@@ -164,7 +164,10 @@ def test_large_files_written_up_to_and_during_the_final_checkpoint(dirs: Mounted
         dirs.mount("--seed-wait", "0", "--keep-last", "5")
         with Writers(dirs.mountpoint) as w:
             first = wait_complete(dirs)
-            time.sleep(0.5)                          # and on after it
+            n, deadline = len(w.ops), time.monotonic() + 30
+            while len(w.ops) < n + 20 and not w.errors:      # and on after it
+                assert time.monotonic() < deadline, (n, len(w.ops))
+                time.sleep(0.05)
         assert not w.errors, w.errors
         seeded = json.loads((dirs.shadow / "seeded.json").read_text())
         halt = seeded["final_halt"]

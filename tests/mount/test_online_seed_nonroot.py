@@ -289,7 +289,7 @@ def test_a_seed_done_before_the_mount_keeps_the_activity_log_by_inode_number(dir
     from fusejournal.activity import decode_intents
     from fusejournal.sysc import INO_ONLY
     fill(dirs.source, 2, 5)
-    mount_nocap(dirs, wait0=False)
+    mount_nocap(dirs, "--seed-wait", "60", wait0=False)   # (not the default 1 s: under load)
     st = dirs.status()
     assert st["seeding"] is None and st["shadow_checkpoint"] == 0, st
     (dirs.mountpoint / "d000" / "f000").write_bytes(b"changed")

@@ -50,7 +50,11 @@ def test_halt_timeout_fails_with_ebusy_and_loses_nothing(dirs: Mounted, tmp_path
 
     held_th = run(lambda: os.mkdir(mp / "sub" / "held"), held)   # the first mutating operation
     try:
-        time.sleep(0.2)
+        reached = Path(os.fspath(pause) + ".reached")
+        deadline = time.monotonic() + 30
+        while not reached.exists():              # the mkdir is in flight, held
+            assert time.monotonic() < deadline and held == [], held
+            time.sleep(0.01)
         assert held == []
         run(lambda: os.setxattr(mp, UPDATE, b"blocked"), granted).join(30)
         assert len(granted) == 1 and isinstance(granted[0], OSError), granted

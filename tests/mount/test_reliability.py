@@ -537,7 +537,7 @@ def test_updater_killed_mid_batch(dirs: Mounted) -> None:
     pid = dirs.pid
     n = dirs.checkpoint("applied in two goes")          # durable before the updater starts
     expected = snapshot(dirs.source)
-    wait_dead(pid)                                      # the updater died after 7 records
+    wait_dead(pid, timeout=60)                          # the updater died after 7 records
     dirs.pid = None
     from fusejournal.shadow import Shadow
     from fusejournal.updater import read_cursor

@@ -842,18 +842,15 @@ def test_random_lost_periods(tmp_path_factory, data):
         env.close()
 
 
-def test_many_files_resync_quickly(env):
+def test_many_files_resync_only_what_changed(env):
     env.dirs(b"big", b"other")
     for i in range(2000):
         env.put(b"big/f%04d" % i, b"%d" % i)
     env.seed()
     env.write(b"big/f0007", 0, b"changed")
     env.rename(b"big/f0010", b"other/f0010")
-    t = time.monotonic()
     recs = resync(env.src, env.shadow, env.intents)
-    elapsed = time.monotonic() - t
-    assert len(recs) < 20
-    assert elapsed < 5
+    assert len(recs) < 20                 # only what changed (its speed: bench/, not a test)
     env.intents = []
     apply_records(env.shadow, 1, recs)
     assert env.shadow.verify_matches(env.src) == []

@@ -398,14 +398,14 @@ async def test_writers_wait_for_room_while_the_streamer_runs_not_while_it_is_pau
 
 async def test_streamed_entries_are_synced_once_writers_stop(tmp_path: Path) -> None:
     store, olog, streamer, cp = setup(tmp_path)
-    streamer.sync_interval = 0.05
+    streamer.sync_interval = 3600.0               # (no clock can pass it during the step)
     streamer.sync_bytes = 1 << 30
     for r in writes(3):
         store.append(r)
     streamer._synced_at = time.monotonic()       # (as if it had just synced)
     assert await streamer.step()
     assert olog._dirty                            # written, not yet synced
-    await trio.sleep(0.06)
+    streamer._synced_at -= 3601                   # the interval has passed
     assert not await streamer.step()              # nothing to take: it syncs instead
     assert not olog._dirty and streamer._unsynced == 0
 

@@ -1012,27 +1012,21 @@ def test_interrupted_by_a_reboot_is_refused(env):
         env.updater.run_once()
 
 
-# ------------------------------------------------------------------ performance
+# ------------------------------------------------------------------ many large writes
 
-def test_write_throughput(env):
-    """Writes must apply quickly (target >= 200 MB/s; asserted loosely)."""
+def test_many_large_writes_in_one_batch_apply_exactly(env):
+    """512 writes of 128 KiB over 8 files in one batch, applied in one pass (its speed is
+    bench/'s to measure, docs/performance.md; not timed here)."""
     r = env.rec
     for i in range(8):
         r.create(b"f%d" % i)
     env.sync()
     chunk = os.urandom(128 << 10)
-    total = 0
     for j in range(64):
         for i in range(8):
             r.write(b"f%d" % i, j * len(chunk), chunk)
-            total += len(chunk)
     recs = env.rec.take()
-    t0 = time.perf_counter()                          # the apply pass only: no syncfs, no decoding
     assert apply_records(env.shadow, 2, recs) == len(recs)
-    dt = time.perf_counter() - t0
-    rate = total / dt / 1e6
-    print(f"applied {total >> 20} MiB in {dt:.3f}s: {rate:.0f} MB/s")
-    assert rate > 50
     env.shadow.set_applied(2)
     updater_mod.clear_cursor(env.shadow)
     env.check()
