@@ -4,6 +4,18 @@ Every mount is started with the real CLI in its own process (the daemon never
 shares a process or a trio loop with the test), polled until ready by the
 CLI itself, and torn down in a ``finally`` even if the test failed:
 ``fusermount3 -u -z`` and SIGKILL of the daemon if it is still alive.
+
+Tests wait on state, never on time: CI runs them three files at a time on two
+cores and a disk they share, where a sleep of 0.3 s proves nothing and a
+"< 0.2 s" fails.  Something held is waited for by what says it is held: a
+fault point's ``FLAG.reached`` file (fusejournal/faults.py), a group's epoch
+moving, a thread waiting on a FUSE request (:func:`wait_in_fuse_request`).  A
+count that follows a disk's speed gets a disk that does not (``fast_source``:
+the original on a tmpfs).  A scenario whose premise the machine's timing can
+miss (a seed that ends before the changes it should see) is made again, a few
+times, not assumed.  A wait that gives up says why (``Mounted.diagnose``: the
+status, and the daemon's task tree and log after ``SIGUSR1``).  Speed is
+bench/'s, never an assertion here.
 """
 
 from __future__ import annotations

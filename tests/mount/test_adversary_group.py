@@ -1007,7 +1007,9 @@ def test_a_member_unmounted_in_the_middle_of_a_group_checkpoint(group: Group) ->
             while g.epoch() == e0:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
-            time.sleep(0.2)                             # (b's task reaches its hold)
+            while not flag.with_name(flag.name + ".reached").exists():   # b's task at its hold
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
             subprocess.run(["fusermount3", "-u", os.fspath(b)], check=True, capture_output=True)
             out, err = proc.communicate(timeout=90)
         finally:

@@ -80,8 +80,8 @@ def test_updater_process_killed_is_restarted_and_resumes(dirs: Mounted, tmp_path
     child = dirs.status()["updater_pid"]
     if point.startswith("updater.mid_batch"):
         _until(lambda: (c := _cursor(dirs)) is not None and c.index == 7, what="the updater held mid-batch")
-    else:
-        time.sleep(0.5)               # held at the point (pause): nothing more happens
+    else:                             # held at the point (pause): nothing more happens
+        _until(lambda: Path(os.fspath(pause) + ".reached").exists(), what="the updater held")
     assert dirs.status()["shadow_checkpoint"] == n - 1
     os.kill(child, signal.SIGKILL)     # the worst moment: the updater alone dies
     pause.unlink()                     # the next one is not held
