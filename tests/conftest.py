@@ -33,6 +33,16 @@ from pathlib import Path
 import pytest
 
 FJ = [sys.executable, "-m", "fusejournal.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fj_as_nobody(*args: object) -> subprocess.CompletedProcess:
+    """``fusejournal ARGS`` as uid/gid 65534 with no supplementary groups (another user),
+    run from ``/`` with this checkout importable; output captured, never raises."""
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *FJ,
+                           *map(os.fspath, args)],  # type: ignore[arg-type]
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.fspath(ROOT)}, cwd="/")
 
 
 def can_mount() -> bool:

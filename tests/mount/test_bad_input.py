@@ -16,11 +16,10 @@ import pytest
 from fusejournal import layout
 from fusejournal.log import _FILE_HEADER
 
-from conftest import FJ, Mounted, fj, is_mounted, needs_fuse
+from conftest import Mounted, fj, fj_as_nobody, is_mounted, needs_fuse
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def refused(r: subprocess.CompletedProcess, code: int | None = None, *words: str) -> str:
@@ -270,13 +269,6 @@ def test_checkpoint_and_wait_arguments_on_a_live_mount(area: Path) -> None:
 
 # ------------------------------------------------------------------ another user
 
-def _as_nobody(*args: os.PathLike | str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.fspath(ROOT)}
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *FJ,
-                           *map(os.fspath, args)], capture_output=True, text=True, timeout=60,
-                          env=env, cwd="/")
-
-
 def test_log_fsck_status_as_another_user(area: Path) -> None:
     m = Mounted(area / "src", area / "mnt", area / "j", area / "s")
     try:
@@ -291,7 +283,7 @@ def test_log_fsck_status_as_another_user(area: Path) -> None:
         if p == Path("/"):
             break
         os.chmod(p, os.stat(p).st_mode | 0o011)
-    r = _as_nobody("--version")
+    r = fj_as_nobody("--version")
     if r.returncode != 0:
         pytest.skip(f"the interpreter is not usable by another user: {r.stderr.strip()}")
     mode0 = os.stat(area / "j").st_mode
@@ -300,7 +292,7 @@ def test_log_fsck_status_as_another_user(area: Path) -> None:
         os.chmod(area / "j", mode)
         for cmd in (["log", area / "j"], ["fsck", area / "j"], ["fsck", area / "j", "--repair"],
                     ["status", area / "j"], ["wait", area / "j"], ["browse", area / "j", area / "mnt"]):
-            r = _as_nobody(*cmd)
+            r = fj_as_nobody(*cmd)
             msg = refused(r)
             if cmd[0] in ("log", "fsck", "status", "wait"):
                 assert "permission denied" in msg, msg

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, fj, needs_fuse
+from conftest import Mounted, fj, fj_as_nobody, needs_fuse
 from snapshot import assert_same, snapshot
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -548,12 +548,6 @@ print(json.dumps(out))
 CONTROL_NAMES = ["checkpoint", "shadow_checkpoint", "status", "journal", "pid", "requests", "nonsense"]
 
 
-def _fj_as_nobody(*args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.fspath(Path(__file__).resolve().parents[2])}
-    return subprocess.run([*SETPRIV, sys.executable, "-m", "fusejournal.cli", *map(os.fspath, args)],
-                          capture_output=True, text=True, timeout=60, env=env, cwd="/")
-
-
 def test_other_user_cannot_read_the_control_attributes(world: Mounted) -> None:
     """Root's journaling mount is ``allow_other`` (the application may run as another
     user), so other users reach its root; the control attributes (the journal's path, the
@@ -574,7 +568,7 @@ def test_other_user_cannot_read_the_control_attributes(world: Mounted) -> None:
         for cmd in (["status", world.mountpoint], ["wait", world.mountpoint, "--timeout", "5"],
                     ["checkpoint", world.mountpoint, "--label", "theirs"], ["log", world.mountpoint],
                     ["umount", world.mountpoint]):
-            r = _fj_as_nobody(*cmd)
+            r = fj_as_nobody(*cmd)
             if r.returncode != 0 and "No module named" in r.stderr:
                 pytest.skip(f"the interpreter is not usable by another user: {r.stderr.strip()}")
             assert r.returncode == 3, (cmd, r.returncode, r.stderr)
@@ -604,20 +598,20 @@ def test_the_owner_of_the_mount_root_reads_and_checkpoints(world: Mounted) -> No
         assert got.pop("nonsense") == "ENODATA"
         assert got.pop("listed") == [] and got.pop("listing") == []
         assert got == {name: "ok" for name in CONTROL_NAMES if name != "nonsense"}, got
-        r = _fj_as_nobody("checkpoint", world.mountpoint, "--label", "owner's")
+        r = fj_as_nobody("checkpoint", world.mountpoint, "--label", "owner's")
         if r.returncode != 0 and "No module named" in r.stderr:
             pytest.skip(f"the interpreter is not usable by another user: {r.stderr.strip()}")
         assert r.returncode == 0 and r.stdout.strip() == "2", r.stderr
-        r = _fj_as_nobody("wait", world.mountpoint, "--timeout", "30")
+        r = fj_as_nobody("wait", world.mountpoint, "--timeout", "30")
         assert r.returncode == 0, r.stderr
-        r = _fj_as_nobody("status", "--json", world.mountpoint)
+        r = fj_as_nobody("status", "--json", world.mountpoint)
         assert r.returncode == 0, r.stderr
         st = json.loads(r.stdout)
         assert st["last_checkpoint"] == 2 and st["shadow_checkpoint"] == 2
         assert st["journal"] == os.fspath(world.journal)
-        r = _fj_as_nobody("status", world.mountpoint)
+        r = fj_as_nobody("status", world.mountpoint)
         assert r.returncode == 0 and "last_checkpoint: 2" in r.stdout, r.stderr
-        r = _fj_as_nobody("log", world.mountpoint)
+        r = fj_as_nobody("log", world.mountpoint)
         assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "permission denied" in r.stderr, r.stderr
         assert as_nobody(CONTROL_READS, world.mountpoint)["update_permission"] == "ok"   # the 3rd
