@@ -41,6 +41,11 @@ shadow before mounting, with the application stopped.  Now (docs/design.md,
    ``MAX_ROUNDS`` whatever the estimate, the next set is taken, always right
    after a round that succeeded without skips: ``replay_after``, the log's
    last checkpoint when that round began, is where step 4's replay starts.
+   When ``SKIP_ROUNDS`` rounds in a row each skipped a file (an application
+   renaming files all the time), no round is such a base: the next set is
+   taken anyway, once its estimate is at most ``STALL_BUDGET_S`` (or after
+   ``MAX_ROUNDS``), and that final round compares contents under the halt
+   (``final_compare``: no replay; longer, exact).
 4. **Final round: under the halt, all but contents; then the replay.**  The
    seed asks for a checkpoint itself (label ``seed complete``), unless one is
    asked first.  Inside its halt, after the temporary store was taken and the
@@ -130,6 +135,9 @@ MAX_ROUNDS = 20
 STALL_ROUNDS = 3
 #: ... if its estimate is at most this (a longer final halt waits for MAX_ROUNDS)
 STALL_BUDGET_S = 1.0
+#: rounds in a row that each skipped a file (moved while read) before a final round that
+#: compares contents under the halt, having no round to replay from (step 3)
+SKIP_ROUNDS = 10
 #: the copy cursor is made durable this often (seconds, entries)
 PERSIST_S = 5.0
 PERSIST_ENTRIES = 10_000
@@ -413,6 +421,7 @@ class SeedingTask:
         self.replay_after: int | None = None
         self.final_defer: Deferred | None = None
         self.final_batch: Batch | None = None     # the final round's records, made in the halt
+        self.final_compare = False                # it compares contents (no replay base)
         self.final_stats: dict[str, int] = {}
         # changes that reached the original without a record (resyncflag.py), counted: set by
         # the daemon; the replay cannot hold them, so such a final round compares contents
@@ -657,6 +666,7 @@ class SeedingTask:
         # failed replay): the shadow's files then show the original's size and mtime with
         # other contents, so the next round compares every file it reaches
         distrust = bool(self.doc.get("final_attempted"))
+        skipping = 0          # rounds in a row that succeeded but skipped a file (no replay base)
         while not self.done:
             # the records since this round began are in the checkpoints after this one (a
             # checkpoint taken but not yet appended holds only earlier records: harmless)
@@ -682,14 +692,28 @@ class SeedingTask:
             # of it: a set of at most FINAL_MAX objects is enough.
             small = len(intents) <= FINAL_MAX and (
                 self.olog is not None or (est is not None and est <= FINAL_BUDGET_S))
-            if ready is not None and (small or self.rounds >= MAX_ROUNDS or stalled):
-                if not small:
+            # An application that renames files all the time can make every round skip one
+            # (moved while read): no round is then a base for the replay.  After SKIP_ROUNDS
+            # such rounds in a row (a round without a skip usually comes long before) the
+            # final round compares contents under the halt instead (no replay: longer,
+            # exact), when the rounds' time per object (distrusting rounds read contents
+            # too) puts it within STALL_BUDGET_S, or after MAX_ROUNDS whatever it says.
+            compare = (ready is None and skipping >= SKIP_ROUNDS and len(intents) <= FINAL_MAX
+                       and (self.rounds >= MAX_ROUNDS or (est is not None and est <= STALL_BUDGET_S)))
+            if compare or (ready is not None and (small or self.rounds >= MAX_ROUNDS or stalled)):
+                if compare:
+                    log.warning("seed: %d rounds in a row skipped a file that moved while it was "
+                                "read: the last %d object(s) are reconciled under the halt, "
+                                "contents compared (estimated %.3f s)", skipping, len(intents),
+                                est or 0.0)
+                elif not small:
                     log.warning("seed: not converging after %d rounds: the last %d object(s) are "
                                 "reconciled under the halt anyway (estimated %.3f s%s)", self.rounds,
                                 len(intents), est or 0.0,
                                 ", file contents replayed after it" if self.olog is not None else "")
                 self.final_intents = intents
                 self.replay_after = ready
+                self.final_compare = compare
                 if self.olog is not None and not self.doc.get("final_attempted"):
                     self.doc["final_attempted"] = True       # survives a kill (no fsync needed:
                     await self._in_thread(self.persist, False)   # the shadow is not synced either)
@@ -724,6 +748,7 @@ class SeedingTask:
                 raise
             except Exception as e:
                 carry = intents
+                skipping = 0                         # (ready is None for a failure's own reason)
                 if _space_error(e):
                     self.waiting = f"waiting for space on the shadow's filesystem ({self.shadow.root}): {e}"
                     log.warning("seed: %s", self.waiting)
@@ -745,13 +770,16 @@ class SeedingTask:
             failures = 0
             # a round that skipped a file is no base for the final round's replay: another
             # round (distrusting) first
-            distrust = round_stats.get("skipped", 0) > 0
+            skipped = round_stats.get("skipped", 0)
+            distrust = skipped > 0
+            skipping = skipping + 1 if skipped else 0
             self.replay_after = None if distrust else log_base
             self.replay_unjournaled = unjournaled
             self.rounds += 1
             per_object = (time.monotonic() - t0) / max(1, len(intents))
-            log.info("seed: round %d: %d object(s) reconciled in %.3f s", self.rounds, len(intents),
-                     time.monotonic() - t0)
+            log.info("seed: round %d: %d object(s) reconciled in %.3f s%s", self.rounds, len(intents),
+                     time.monotonic() - t0,
+                     f" ({skipped} file(s) skipped: moved while read)" if skipped else "")
             fault("seed.round")
 
     async def _trigger(self) -> bool:
@@ -794,7 +822,8 @@ class SeedingTask:
         t0 = time.monotonic()
         self.state = "final"
         intents: list[Intent] = list(self.final_intents)
-        defer = Deferred() if self.olog is not None else None
+        compare = self.final_compare
+        defer = Deferred() if self.olog is not None and not compare else None
         if defer is not None and self.unjournaled() != self.replay_unjournaled:
             log.warning("seed: a change since the last round reached the original without a "
                         "record: the final round compares the contents under the halt")
@@ -805,7 +834,7 @@ class SeedingTask:
             self.dirty = len(intents)
             batch = await trio.to_thread.run_sync(plan_records, self.source_fd, self.shadow, intents,
                                                   self.started_ns, self.spill_dir, stop,
-                                                  defer, stats)
+                                                  defer, stats, compare)
             if deadline is not None and time.monotonic() > deadline:
                 batch.close()
                 raise Stopped()

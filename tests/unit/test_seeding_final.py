@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fusejournal import sysc
+from fusejournal import seeding, sysc
 from fusejournal.activity import Intent
 from fusejournal.log import Marker, OrderedLog
 from fusejournal.records import (
@@ -448,4 +448,99 @@ def test_round_skips_a_file_that_moves_while_read_then_distrusts(
         reconcile(fd, sh, unique(dirty + orig.new_period()), started, None, distrust=True)
         assert_exact(sh, fd, orig)
     finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------- rounds that always skip
+
+def _skewed_shadow_file(sh: Shadow, orig: Orig, rel: str) -> None:
+    """The shadow's copy of ``rel`` gets other bytes with the original's size and mtime
+    (a round cut short by a move had written part of it and set them)."""
+    st = os.lstat(orig.root / rel)
+    p = sh.root / "inodes" / str(st.st_ino)
+    with open(p, "r+b") as f:
+        f.write(b"XXXX")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_final_round_that_compares_needs_no_replay_base(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No round was a base for the replay (each skipped a file): the final round compares
+    contents under the halt (``final_compare``), so a file the shadow holds with the
+    original's size and mtime but other bytes is made exact, with nothing to replay."""
+    orig, sh, fd, started = seeded(tmp_path, 2 * MiB)
+    olog = OrderedLog(tmp_path / "log")
+    olog.open()
+    try:
+        orig.new_period()
+        _skewed_shadow_file(sh, orig, "d1/s1")
+        orig.rename("d1/s1", "d0/s1-moved")                  # reached through its directories
+        orig.write("d0/big", 7, b"after the last round")
+        olog.append(orig.records, _marker(1))
+        task = _task(sh, fd, tmp_path, olog)
+        task.final_intents = unique(orig.new_period())
+        task.replay_after = None                             # no round to replay from
+        task.final_compare = True
+        task.state = "ready"
+        reads = counting_reads(monkeypatch)
+        trio.run(task.at_halt)
+        assert task.final_pending, "the final round did not run"
+        assert reads[0] > 0                                  # contents compared, under the halt
+        trio.run(task.complete, 1, time.time_ns())
+        assert sh.applied == 1 and task.done
+        assert_exact(sh, fd, orig)
+    finally:
+        olog.close()
+        os.close(fd)
+
+
+def test_rounds_that_always_skip_end_in_a_final_round_that_compares(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every round skips a file (an application that renames a file all the time, here
+    while each round reads it): none is a base for the replay, and the seed used to
+    converge for ever.  After SKIP_ROUNDS such rounds the final round is taken comparing
+    contents; the shadow is then exact."""
+    orig, sh, fd, started = seeded(tmp_path, 2 * MiB)
+    olog = OrderedLog(tmp_path / "log")
+    olog.open()
+    try:
+        names = ["d0/s2", "d1/s2-moved"]
+        task = _task(sh, fd, tmp_path, olog)
+        # the periods are the test's (Orig records the intents of its own changes)
+        monkeypatch.setattr(seeding, "read_periods", lambda directory, after, upto: orig.new_period())
+        real = seeding.reconcile
+        rounds: list[bool] = []
+
+        def skipping(*args: object) -> int:
+            """The round, during which the file moves: it is skipped (its copy left with
+            other bytes under the original's size and mtime) and dirty again."""
+            rounds.append(bool(args[8]))                     # distrust
+            n = real(*args)                                  # type: ignore[arg-type]
+            _skewed_shadow_file(sh, orig, names[0])
+            orig.rename(names[0], names[1])
+            names.reverse()
+            stats = args[7]
+            assert isinstance(stats, dict)
+            stats["skipped"] = stats.get("skipped", 0) + 1
+            return n
+        monkeypatch.setattr(seeding, "reconcile", skipping)
+        skipping(fd, sh, [], started, None, lambda: False, None, {}, False, True)   # the copy's end
+        rounds.clear()
+        finals: list[tuple[bool, int | None]] = []
+
+        async def checkpoint(label: str) -> None:
+            finals.append((task.final_compare, task.replay_after))
+            await task.at_halt()
+            await task.complete(1, time.time_ns())
+        task.checkpoint = checkpoint
+
+        async def converge() -> None:
+            with trio.fail_after(60):                        # (for ever, before)
+                await task._converge()
+        trio.run(converge)
+        assert finals == [(True, None)] and task.done
+        assert len(rounds) == seeding.SKIP_ROUNDS and rounds[1:] == [True] * (len(rounds) - 1)
+        assert_exact(sh, fd, orig)
+    finally:
+        olog.close()
         os.close(fd)
