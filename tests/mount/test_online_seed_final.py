@@ -51,6 +51,17 @@ def build(src: Path) -> None:
         (src / "d" / f"s{i:02d}").write_bytes(b"small %d;" % i * 100)
 
 
+def fresh(m: Mounted, attempt: int) -> None:
+    """The scenario's start: the source built; after a first attempt (unmounted first),
+    a new source, journal and shadow."""
+    if attempt:
+        m.umount()
+        for p in (m.source, m.journal, m.shadow):
+            shutil.rmtree(p)
+        m.source.mkdir()
+    build(m.source)
+
+
 def slot_data(k: int) -> bytes:
     return (MAGIC + struct.pack("<Q", k)) * (SLOT // 12) + bytes(SLOT % 12)
 
@@ -155,12 +166,7 @@ def test_large_files_written_up_to_and_during_the_final_checkpoint(dirs: Mounted
     # short round and the final halt: then it has no file to defer, which proves nothing
     # here, and the whole seed is made again (at most 3 times).
     for attempt in range(3):
-        if attempt:
-            dirs.umount()
-            for p in (dirs.source, dirs.journal, dirs.shadow):
-                shutil.rmtree(p)
-            dirs.source.mkdir()
-        build(dirs.source)
+        fresh(dirs, attempt)
         dirs.mount("--seed-wait", "0", "--keep-last", "5")
         with Writers(dirs.mountpoint) as w:
             first = wait_complete(dirs)
@@ -191,16 +197,10 @@ def test_kill_before_the_replay_then_remount_is_exact(dirs: Mounted, tmp_path: P
     """Killed after the final halt, before the contents are replayed: nothing is claimed
     (seeding.json stays, no applied.json); the next mount converges again, comparing every
     file it reaches, and its first complete checkpoint is exact."""
-    build(dirs.source)
     # (a seed whose rounds all skip a file takes a final round that compares contents and
     # has nothing to replay: no kill comes; then the scenario again, at most 3 times)
     for attempt in range(3):
-        if attempt:
-            dirs.umount()
-            for p in (dirs.source, dirs.journal, dirs.shadow):
-                shutil.rmtree(p)
-            dirs.source.mkdir()
-            build(dirs.source)
+        fresh(dirs, attempt)
         dirs.mount("--seed-wait", "0", env={"FUSEJOURNAL_FAULT": "seed.replay"})
         pid = dirs.pid
         assert pid
