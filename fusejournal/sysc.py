@@ -6,9 +6,11 @@ All functions raise :class:`OSError` with the right errno on failure.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import struct
+import time
 
 
 def _load_libc() -> ctypes.CDLL:
@@ -166,11 +168,28 @@ def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int = 
     fh.handle_bytes = len(handle)
     fh.handle_type = handle_type
     ctypes.memmove(fh.f_handle, handle, len(handle))
-    fd: int = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags)
-    if fd < 0:
+    for pause in _REUSE_PAUSES:
+        fd: int = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags)
+        if fd >= 0:
+            return fd
         err = ctypes.get_errno()
-        raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
-    return fd
+        if err != errno.ENOMEM or pause is None:
+            raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
+        time.sleep(pause)
+    raise AssertionError("unreachable: the last pause is None")
+
+
+#: The pauses between tries of open_by_handle_at that failed with ENOMEM.  ENOMEM there
+#: rarely means memory: when the handle's object is gone and a create elsewhere on the
+#: filesystem is reusing its inode number, the kernel finds that number's new inode still
+#: I_CREATING, find_inode_fast() answers -ESTALE, iget_locked() turns that into NULL and
+#: ext4's __ext4_iget() reports NULL as -ENOMEM (kernel 6.18: 450 of 400,000 tries, three
+#: threads creating beside them; tests/unit/test_sysc_handles.py makes that race).  The create
+#: finishes within microseconds to milliseconds, and the next try gets the true answer
+#: (ESTALE: the generation differs).  So ENOMEM is tried again, about 50 ms in all, and
+#: only then raised.  A handler on the FUSE loop may wait this long, rarely: the same
+#: loop already waits on the disk in every system call.
+_REUSE_PAUSES: tuple[float | None, ...] = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.03, None)
 
 
 # The barrier before the halt: opening a FUSE inode the kernel has cached, by its node id.
