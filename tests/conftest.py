@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,6 +186,20 @@ def wait_in_fuse_request(tid: int, timeout: float = 30) -> None:
             wchan = "(gone)"
 
 
+def wait_reached(flag: Path, what: str, timeout: float = 30,
+                 check: Callable[[], object] | None = None) -> None:
+    """Until the daemon is held at the fault point paused on ``flag`` (faults.py writes
+    ``FLAG.reached`` when it gets there).  ``check`` runs at every poll and may fail the
+    wait early (a thread or a process that ended instead of being held)."""
+    reached = Path(os.fspath(flag) + ".reached")
+    deadline = time.monotonic() + timeout
+    while not reached.exists():
+        if check is not None:
+            check()
+        assert time.monotonic() < deadline, f"timed out waiting for {what} ({reached.name} never appeared)"
+        time.sleep(0.01)
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
@@ -194,10 +209,7 @@ def _read(path: Path) -> str:
 
 def daemon_errors(journal: Path, log: str = "daemon.log") -> list[str]:
     """The ERROR (and CRITICAL) lines of a journal's daemon.log (or another log in it)."""
-    try:
-        text = (journal / log).read_text(errors="replace")
-    except OSError:
-        return []
+    text = _read(journal / log)
     return [line for line in text.splitlines() if " ERROR " in line or " CRITICAL " in line]
 
 

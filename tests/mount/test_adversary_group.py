@@ -35,7 +35,7 @@ from test_groups import UP, Group, _in_background, group, remount_with_fault  # 
 
 from fusejournal.group import CommitLog
 
-from conftest import FJ, alive, can_mount, fj, force_unmount, is_mounted, watch_daemon_logs
+from conftest import FJ, alive, can_mount, fj, force_unmount, is_mounted, wait_reached, watch_daemon_logs
 from snapshot import assert_same, snapshot
 
 pytestmark = [pytest.mark.mount,
@@ -1007,9 +1007,7 @@ def test_a_member_unmounted_in_the_middle_of_a_group_checkpoint(group: Group) ->
             while g.epoch() == e0:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
-            while not flag.with_name(flag.name + ".reached").exists():   # b's task at its hold
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            wait_reached(flag, "b's task at its hold")
             subprocess.run(["fusermount3", "-u", os.fspath(b)], check=True, capture_output=True)
             out, err = proc.communicate(timeout=90)
         finally:

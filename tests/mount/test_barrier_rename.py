@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from test_online_seed_nonroot import mount_nocap
 
-from conftest import Mounted, checkpoint_and_compare, needs_fuse
+from conftest import Mounted, checkpoint_and_compare, needs_fuse, wait_reached
 
 pytestmark = [needs_fuse, pytest.mark.mount]
 
@@ -75,12 +74,12 @@ def test_a_checkpoint_survives_a_rename_during_the_barrier(dirs: Mounted, tmp_pa
         trigger = subprocess.Popen(["setfattr", "-n", "user.fusejournal.update_permission",
                                     "-v", case, str(dirs.mountpoint)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        reached = Path(str(pause) + ".reached")
-        deadline = time.monotonic() + 30
-        while not reached.exists():
-            assert time.monotonic() < deadline, "the barrier never opened by path"
-            assert trigger.poll() is None, trigger.communicate()
-            time.sleep(0.01)
+        tr = trigger
+
+        def still_waiting() -> None:
+            assert tr.poll() is None, tr.communicate()
+
+        wait_reached(pause, "the barrier to open by path", check=still_waiting)
         CASES[case](d, fd)                      # while the barrier's thread waits
         closed = case == "atomic save"
         pause.unlink()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, fj, is_mounted, needs_fuse
+from conftest import Mounted, fj, is_mounted, needs_fuse, wait_reached
 
 # the source on a tmpfs: a sync's duration is the policy's input, not a shared disk's
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.usefixtures("fast_source")]
@@ -155,7 +155,6 @@ def test_a_stalled_inline_sync_sends_the_next_ones_to_workers(dirs: Mounted, tmp
     dirs.mount(env={**POLICY, "FUSEJOURNAL_FSYNC_INLINE_US": STALL_LIMIT_US,
                     "FUSEJOURNAL_FAULT": "fsync_inline:20:pause",
                     "FUSEJOURNAL_FAULT_PAUSE": os.fspath(flag)})
-    reached = Path(os.fspath(flag) + ".reached")
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -174,11 +173,10 @@ def test_a_stalled_inline_sync_sends_the_next_ones_to_workers(dirs: Mounted, tmp
     t = threading.Thread(target=syncer)
     t.start()
     try:
-        deadline = time.monotonic() + 60
-        while not reached.exists():
-            assert time.monotonic() < deadline, "the 20th inline sync was never reached"
+        def syncing() -> None:
             assert not errors, errors
-            time.sleep(0.01)
+
+        wait_reached(flag, "the 20th inline sync", timeout=60, check=syncing)
         stop.set()
         time.sleep(0.5)                     # 25 × the limit: the average goes over it at once
     finally:

@@ -31,7 +31,7 @@ import pytest
 
 from fusejournal.fs import SYNC_THREADS  # (the daemon runs this checkout)
 
-from conftest import Mounted, alive, is_mounted, needs_fuse
+from conftest import Mounted, alive, is_mounted, needs_fuse, wait_reached
 from test_fsync_inline import LIMIT_US, _dir_syncs, _sync_loop
 
 pytestmark = [needs_fuse, pytest.mark.mount, pytest.mark.usefixtures("fast_source"),   # (test_fsync_inline.py)
@@ -60,13 +60,6 @@ def _held_sync(path: Path, result: list[object]) -> threading.Thread:
     t = threading.Thread(target=run)
     t.start()
     return t
-
-
-def _wait_for(path: Path, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def test_syncs_not_run_inline_go_to_the_sync_threads(dirs: Mounted) -> None:
@@ -146,7 +139,7 @@ def test_a_held_sync_holds_only_its_caller(dirs: Mounted, tmp_path: Path) -> Non
     result: list[object] = []
     t = _held_sync(dirs.mountpoint / "sub", result)
     try:
-        _wait_for(Path(os.fspath(flag) + ".reached"), "the first sync never reached its thread")
+        wait_reached(flag, "the first sync on its thread")
         # the mount serves everything else while that sync is held
         (dirs.mountpoint / "other").write_bytes(b"o" * 10000)
         assert (dirs.mountpoint / "other").read_bytes() == b"o" * 10000
@@ -200,7 +193,7 @@ def test_sigterm_answers_a_held_sync_and_a_remount_is_exact(dirs: Mounted, tmp_p
     result: list[object] = []
     t = _held_sync(dirs.mountpoint / "db", result)
     try:
-        _wait_for(Path(os.fspath(flag) + ".reached"), "the first sync never reached its thread")
+        wait_reached(flag, "the first sync on its thread")
         os.kill(pid, signal.SIGTERM)
         t.join(30)
         assert not t.is_alive(), "the held sync was not answered at SIGTERM"

@@ -21,7 +21,7 @@ import pytest
 from fusejournal.shadow import Shadow
 from fusejournal.updater import read_cursor
 
-from conftest import Mounted, fj, is_mounted, needs_fuse
+from conftest import Mounted, fj, is_mounted, needs_fuse, wait_reached
 from snapshot import assert_same, snapshot
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -92,7 +92,7 @@ def test_full_shadow_disk_is_waited_out_and_resumed(tmp_path: Path, small_fs: Pa
         for i in range(6):
             (mnt / f"f{i}.bin").write_bytes(os.urandom(400 * 1024))
         n = m.checkpoint("full")
-        _until(lambda: Path(os.fspath(pause) + ".reached").exists(), what="the updater's first batch")
+        wait_reached(pause, "the updater's first batch")
         # ... then something else fills the disk: the log holds the checkpoint, the
         # shadow has room for two of the six files
         filler = _fill(small_fs, MiB)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from conftest import FJ, alive, can_mount, fj, force_unmount, is_mounted, watch_daemon_logs
+from conftest import FJ, alive, can_mount, fj, force_unmount, is_mounted, wait_reached, watch_daemon_logs
 from snapshot import assert_same, snapshot
 
 pytestmark = [pytest.mark.mount,
@@ -283,10 +283,7 @@ def slow_member_checkpoint(g: Group, fault: str, hold_s: float = 0.5) -> dict:
             time.sleep(0.01)
         t = threading.Thread(target=lambda: result.setdefault("id", g.checkpoint("a", "slow b")))
         t.start()
-        reached = flag.with_name(flag.name + ".reached")     # (faults.py: b is paused now)
-        deadline = time.monotonic() + 30
-        while not reached.exists() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_reached(flag, "b paused in its halt")
         time.sleep(hold_s)
         flag.unlink()
         t.join(30)
@@ -347,11 +344,10 @@ def _held_in_flight(g: Group) -> tuple[Path, threading.Thread, int]:
     remount_with_fault(g, "b", "halt.in_operation:1:pause")
     fd = os.open(b / "f", os.O_WRONLY)                       # (not gated: no O_TRUNC)
     t, _ = _in_background(lambda: os.close(os.open(b / "held", os.O_CREAT | os.O_WRONLY, 0o644)))
-    reached = Path(os.fspath(flag) + ".reached")
-    deadline = time.monotonic() + 30
-    while not reached.exists():
-        assert time.monotonic() < deadline and t.is_alive(), "the create was not held"
-        time.sleep(0.01)
+    def in_flight() -> None:
+        assert t.is_alive(), "the create ended instead of being held"
+
+    wait_reached(flag, "the create held", check=in_flight)
     assert t.is_alive()                                     # in flight, not done
     return flag, t, fd
 

@@ -11,12 +11,11 @@ import errno
 import os
 import stat
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, needs_fuse
+from conftest import Mounted, needs_fuse, wait_reached
 from snapshot import assert_same, snapshot
 
 pytestmark = [needs_fuse, pytest.mark.mount]
@@ -50,11 +49,10 @@ def test_halt_timeout_fails_with_ebusy_and_loses_nothing(dirs: Mounted, tmp_path
 
     held_th = run(lambda: os.mkdir(mp / "sub" / "held"), held)   # the first mutating operation
     try:
-        reached = Path(os.fspath(pause) + ".reached")
-        deadline = time.monotonic() + 30
-        while not reached.exists():              # the mkdir is in flight, held
-            assert time.monotonic() < deadline and held == [], held
-            time.sleep(0.01)
+        def not_done() -> None:
+            assert held == [], held
+
+        wait_reached(pause, "the mkdir in flight, held", check=not_done)
         assert held == []
         run(lambda: os.setxattr(mp, UPDATE, b"blocked"), granted).join(30)
         assert len(granted) == 1 and isinstance(granted[0], OSError), granted

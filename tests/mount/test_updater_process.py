@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mounted, alive, needs_fuse
+from conftest import Mounted, alive, needs_fuse, wait_reached
 from snapshot import assert_same, snapshot
 
 pytestmark = needs_fuse
@@ -81,7 +81,7 @@ def test_updater_process_killed_is_restarted_and_resumes(dirs: Mounted, tmp_path
     if point.startswith("updater.mid_batch"):
         _until(lambda: (c := _cursor(dirs)) is not None and c.index == 7, what="the updater held mid-batch")
     else:                             # held at the point (pause): nothing more happens
-        _until(lambda: Path(os.fspath(pause) + ".reached").exists(), what="the updater held")
+        wait_reached(pause, "the updater held")
     assert dirs.status()["shadow_checkpoint"] == n - 1
     os.kill(child, signal.SIGKILL)     # the worst moment: the updater alone dies
     pause.unlink()                     # the next one is not held
