@@ -176,6 +176,21 @@ def _handler(fn: Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _T]]
 _CAP_FSETID = 1 << 4
 
 
+_DOTS = (b".", b"..")      # every listing's first two entries (readdir)
+_UNLINKED = b"\0unlinked"  # _linked_path's "no link": no path holds a NUL
+
+
+def _linked_path(fd: int, with_path: bool) -> bytes | None:
+    """The original's path of an open file now (``/proc/self/fd``: it follows renames),
+    or None if not asked for or not readable; _UNLINKED if the file has no link left."""
+    try:
+        if os.fstat(fd).st_nlink == 0:
+            return _UNLINKED
+        return os.readlink(f"/proc/self/fd/{fd}").encode() if with_path else None
+    except OSError:
+        return None
+
+
 def _timed(sync: Callable[[int], None], fd: int) -> int:
     """Run ``sync(fd)`` (on a worker thread); how long it took, in nanoseconds."""
     t0 = time.monotonic_ns()
@@ -612,6 +627,16 @@ class Operations(pyfuse3.Operations):
             return os.fstat(h.fd), h.inode_id
         return st, self._fuse_ino(st.st_ino)
 
+    def _reply_dots(self, h: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> bool:
+        """The entries ``.`` and ``..`` (indexes 0 and 1) from ``start_id`` on; False when
+        the reply is full.  (With READDIRPLUS the kernel takes no lookup for them:
+        fuse_direntplus_link skips them.)"""
+        for i in range(start_id, 2):
+            st, fino = self._dot_entry(h, _DOTS[i])
+            if not pyfuse3.readdir_reply(token, _DOTS[i], self._attr(st, fino), i + 1):
+                return False
+        return True
+
     @_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         h = self.dir_handles[fh]
@@ -623,11 +648,8 @@ class Operations(pyfuse3.Operations):
             return self._readdir_plain(h, start_id, token)
         names = h.names
         reply = pyfuse3.readdir_reply
-        for i in range(start_id, min(2, len(names))):
-            # the kernel takes no lookup for . and .. (fuse_direntplus_link skips them)
-            st, fino = self._dot_entry(h, names[i])
-            if not reply(token, names[i], self._attr(st, fino), i + 1):
-                return
+        if not self._reply_dots(h, start_id, token):
+            return
         # the loop below runs once per entry of every listing: names looked up once
         dfd, parent, dev, root_ino = h.fd, h.inode_id, self.dev, self.root_ino
         stat_at, attr, listed = os.stat, self._attr, self.inodes.listed
@@ -667,10 +689,8 @@ class Operations(pyfuse3.Operations):
                         kinds[os.fsencode(e.name)] = (e.inode(), _S_IFREG)
             h.kinds = kinds
         reply, kinds, attrs = pyfuse3.readdir_reply, h.kinds, pyfuse3.EntryAttributes
-        for i in range(start_id, min(2, len(names))):
-            st, fino = self._dot_entry(h, names[i])
-            if not reply(token, names[i], self._attr(st, fino), i + 1):
-                return
+        if not self._reply_dots(h, start_id, token):
+            return
         dfd, dev, root_ino = h.fd, self.dev, self.root_ino
         for i in range(max(start_id, 2), len(names)):
             name = names[i]
@@ -896,14 +916,9 @@ class Operations(pyfuse3.Operations):
                 handle.setdefault(fino, fh)
         out = []
         for fino, fh in handle.items():
-            fd = self.files[fh].fd
-            try:
-                if os.fstat(fd).st_nlink == 0:
-                    continue
-                path = os.readlink(f"/proc/self/fd/{fd}").encode() if with_paths else None
-            except OSError:
-                path = None
-            out.append((fino, path))
+            path = _linked_path(self.files[fh].fd, with_paths)
+            if path is not _UNLINKED:
+                out.append((fino, path))
         return out
 
     def barrier_path(self, fino: int) -> bytes | None:
@@ -913,13 +928,8 @@ class Operations(pyfuse3.Operations):
         left (the last one's release wrote its pages back) or it has no link."""
         for fh, f in self._writable.items():
             if f == fino and fh in self.files:
-                fd = self.files[fh].fd
-                try:
-                    if os.fstat(fd).st_nlink == 0:
-                        return None
-                    return os.readlink(f"/proc/self/fd/{fd}").encode()
-                except OSError:
-                    return None
+                path = _linked_path(self.files[fh].fd, True)
+                return None if path is _UNLINKED else path
         return None
 
     def _barrier_open(self, inode: int) -> pyfuse3.FileInfo:
