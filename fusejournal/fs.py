@@ -992,7 +992,7 @@ class Operations(pyfuse3.Operations):
             if store is None:
                 if ctx is not None:
                     self._kill_privs(h.inode, h.fd, ctx)
-                n = os.pwrite(h.fd, buf, off)
+                n = self._pwrite(h.fd, buf, off)
                 h.inode.unsynced += n
                 return n
             store.check_space(len(buf))
@@ -1001,7 +1001,7 @@ class Operations(pyfuse3.Operations):
                 act.touch(h.inode.ino, h.fd, False)
             if ctx is not None:
                 self._kill_privs(h.inode, h.fd, ctx)
-            n = os.pwrite(h.fd, buf, off)
+            n = self._pwrite(h.fd, buf, off)
             h.inode.unsynced += n          # for the next FSYNC (fusejournal/syncpolicy.py)
             try:
                 st = os.fstat(h.fd)
@@ -1103,6 +1103,26 @@ class Operations(pyfuse3.Operations):
         elif node is not None:
             os.chmod(node.proc, stat.S_IMODE(mode) & ~drop)
         return R.ATTR_MODE
+
+    def _pwrite(self, fd: int, buf: bytes, off: int) -> int:
+        """``pwrite`` to the original.  With the writeback cache the kernel owns a
+        regular file's mtime: it takes it at ``write(2)`` and sends it in a SETATTR
+        when it writes the inode back, which may reach the daemon *before* the WRITE
+        of the pages (fuse_flush: write_inode_now queues the WRITEs, then sends the
+        SETATTR).  So the WRITE keeps the original's mtime as it was, and the
+        original's mtime is only ever the kernel's (docs/design.md, "Writeback cache";
+        before, 199 of 200 small files showed another mtime once the kernel forgot
+        them).  A daemon that may not set the file's times (not its owner) lets the
+        pwrite's own mtime stand, as without the writeback cache."""
+        if not self.enable_writeback_cache:
+            return os.pwrite(fd, buf, off)
+        mtime_ns = os.fstat(fd).st_mtime_ns
+        n = os.pwrite(fd, buf, off)
+        try:
+            utimens_path_fd(fd, None, mtime_ns)
+        except PermissionError:
+            pass
+        return n
 
     def _kill_privs(self, node: Inode, fd: int, ctx: pyfuse3.RequestContext) -> None:
         """Before a write by ``ctx``'s caller, with FUSE_HANDLE_KILLPRIV_V2 granted: what
