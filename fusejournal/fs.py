@@ -1112,16 +1112,20 @@ class Operations(pyfuse3.Operations):
         SETATTR).  So the WRITE keeps the original's mtime as it was, and the
         original's mtime is only ever the kernel's (docs/design.md, "Writeback cache";
         before, 199 of 200 small files showed another mtime once the kernel forgot
-        them).  A daemon that may not set the file's times (not its owner) lets the
-        pwrite's own mtime stand, as without the writeback cache."""
+        them).  Once the pwrite is done nothing here raises: a daemon that may not
+        set the file's times (not its owner), or whose utimensat fails otherwise,
+        lets the pwrite's own mtime stand, as without the writeback cache, and the
+        write is recorded with the mtime the original has."""
         if not self.enable_writeback_cache:
             return os.pwrite(fd, buf, off)
         mtime_ns = os.fstat(fd).st_mtime_ns
         n = os.pwrite(fd, buf, off)
         try:
             utimens_path_fd(fd, None, mtime_ns)
-        except PermissionError:
-            pass
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EACCES):
+                log.warning("write: the original's mtime could not be kept (%s): the kernel's "
+                            "next SETATTR of its times sets it", e)
         return n
 
     def _kill_privs(self, node: Inode, fd: int, ctx: pyfuse3.RequestContext) -> None:

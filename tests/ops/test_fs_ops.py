@@ -194,3 +194,29 @@ async def test_handle_lookup_of_a_forgotten_inode_is_estale_not_an_error(ops: Op
         await ops.lookup(987654, b"name", CTX)
     assert e.value.errno == errno.ESTALE
     assert [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_writeback_cache_write_keeps_the_originals_mtime(ops: Operations, monkeypatch) -> None:
+    """With the writeback cache the kernel owns the mtime: a WRITE leaves the original's
+    as it was (the kernel's SETATTR sets it), and records that mtime.  A utimensat that
+    fails after the pwrite fails nothing: the write is answered and recorded, with the
+    mtime the original then has."""
+    import fusejournal.fs as fsmod
+    ops.enable_writeback_cache = True
+    fi, _ = await ops.create(ROOT, b"f", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, CTX)
+    os.utime(ops.src / "f", ns=(1_000_000_000, 2_000_000_007))       # the kernel's SETATTR
+    taken(ops)
+    assert await ops.write(fi.fh, 0, b"hello") == 5
+    st = os.stat(ops.src / "f")
+    assert st.st_mtime_ns == 2_000_000_007 and st.st_size == 5
+    assert taken(ops) == [R.Write(st.st_ino, 0, 2_000_000_007, b"hello")]
+
+    def fails(*_a: object) -> None:
+        raise OSError(errno.EIO, "injected")
+    monkeypatch.setattr(fsmod, "utimens_path_fd", fails)
+    assert await ops.write(fi.fh, 5, b"world") == 5
+    st = os.stat(ops.src / "f")
+    assert (ops.src / "f").read_bytes() == b"helloworld"
+    assert taken(ops) == [R.Write(st.st_ino, 5, st.st_mtime_ns, b"world")]
+    assert st.st_mtime_ns != 2_000_000_007                              # the pwrite's own
+    await ops.release(fi.fh)
