@@ -992,7 +992,8 @@ class Operations(pyfuse3.Operations):
             if store is None:
                 if ctx is not None:
                     self._kill_privs(h.inode, h.fd, ctx)
-                n = self._pwrite(h.fd, buf, off)
+                n = (self._pwrite_keeping_mtime(h.fd, buf, off) if self.enable_writeback_cache
+                     else os.pwrite(h.fd, buf, off))
                 h.inode.unsynced += n
                 return n
             store.check_space(len(buf))
@@ -1001,7 +1002,8 @@ class Operations(pyfuse3.Operations):
                 act.touch(h.inode.ino, h.fd, False)
             if ctx is not None:
                 self._kill_privs(h.inode, h.fd, ctx)
-            n = self._pwrite(h.fd, buf, off)
+            n = (self._pwrite_keeping_mtime(h.fd, buf, off) if self.enable_writeback_cache
+                 else os.pwrite(h.fd, buf, off))
             h.inode.unsynced += n          # for the next FSYNC (fusejournal/syncpolicy.py)
             try:
                 st = os.fstat(h.fd)
@@ -1104,9 +1106,9 @@ class Operations(pyfuse3.Operations):
             os.chmod(node.proc, stat.S_IMODE(mode) & ~drop)
         return R.ATTR_MODE
 
-    def _pwrite(self, fd: int, buf: bytes, off: int) -> int:
-        """``pwrite`` to the original.  With the writeback cache the kernel owns a
-        regular file's mtime: it takes it at ``write(2)`` and sends it in a SETATTR
+    def _pwrite_keeping_mtime(self, fd: int, buf: bytes, off: int) -> int:
+        """``pwrite`` to the original, with the writeback cache.  The kernel owns a
+        regular file's mtime then: it takes it at ``write(2)`` and sends it in a SETATTR
         when it writes the inode back, which may reach the daemon *before* the WRITE
         of the pages (fuse_flush: write_inode_now queues the WRITEs, then sends the
         SETATTR).  So the WRITE keeps the original's mtime as it was, and the
@@ -1116,8 +1118,6 @@ class Operations(pyfuse3.Operations):
         set the file's times (not its owner), or whose utimensat fails otherwise,
         lets the pwrite's own mtime stand, as without the writeback cache, and the
         write is recorded with the mtime the original has."""
-        if not self.enable_writeback_cache:
-            return os.pwrite(fd, buf, off)
         mtime_ns = os.fstat(fd).st_mtime_ns
         n = os.pwrite(fd, buf, off)
         try:

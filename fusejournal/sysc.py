@@ -168,15 +168,14 @@ def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int = 
     fh.handle_bytes = len(handle)
     fh.handle_type = handle_type
     ctypes.memmove(fh.f_handle, handle, len(handle))
-    for pause in _REUSE_PAUSES:
-        fd: int = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags)
-        if fd >= 0:
-            return fd
+    tried = 0
+    while (fd := _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), flags)) < 0:
         err = ctypes.get_errno()
-        if err != errno.ENOMEM or pause is None:
+        if err != errno.ENOMEM or tried == len(_REUSE_PAUSES):
             raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
-        time.sleep(pause)
-    raise AssertionError("unreachable: the last pause is None")
+        time.sleep(_REUSE_PAUSES[tried])
+        tried += 1
+    return int(fd)
 
 
 #: The pauses between tries of open_by_handle_at that failed with ENOMEM.  ENOMEM there
@@ -189,7 +188,7 @@ def open_by_handle(mount_fd: int, handle_type: int, handle: bytes, flags: int = 
 #: (ESTALE: the generation differs).  So ENOMEM is tried again, about 50 ms in all, and
 #: only then raised.  A handler on the FUSE loop may wait this long, rarely: the same
 #: loop already waits on the disk in every system call.
-_REUSE_PAUSES: tuple[float | None, ...] = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.03, None)
+_REUSE_PAUSES = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.03)
 
 
 # The barrier before the halt: opening a FUSE inode the kernel has cached, by its node id.

@@ -196,13 +196,16 @@ async def test_handle_lookup_of_a_forgotten_inode_is_estale_not_an_error(ops: Op
     assert [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def test_writeback_cache_write_keeps_the_originals_mtime(ops: Operations, monkeypatch) -> None:
+async def test_writeback_cache_write_keeps_the_originals_mtime(tmp_path: Path, monkeypatch) -> None:
     """With the writeback cache the kernel owns the mtime: a WRITE leaves the original's
     as it was (the kernel's SETATTR sets it), and records that mtime.  A utimensat that
     fails after the pwrite fails nothing: the write is answered and recorded, with the
     mtime the original then has."""
     import fusejournal.fs as fsmod
-    ops.enable_writeback_cache = True
+    (tmp_path / "src").mkdir()
+    fd = os.open(tmp_path / "src", os.O_RDONLY | os.O_DIRECTORY)
+    ops = Operations(fd, store=TempStore(None), halt=Halt(), writeback=True)
+    ops.src = tmp_path / "src"
     fi, _ = await ops.create(ROOT, b"f", stat.S_IFREG | 0o644, os.O_RDWR | os.O_CREAT, CTX)
     os.utime(ops.src / "f", ns=(1_000_000_000, 2_000_000_007))       # the kernel's SETATTR
     taken(ops)
@@ -220,3 +223,5 @@ async def test_writeback_cache_write_keeps_the_originals_mtime(ops: Operations, 
     assert taken(ops) == [R.Write(st.st_ino, 5, st.st_mtime_ns, b"world")]
     assert st.st_mtime_ns != 2_000_000_007                              # the pwrite's own
     await ops.release(fi.fh)
+    ops.close_all()
+    os.close(fd)
