@@ -53,7 +53,7 @@ def grant(m: Mounted, label: str) -> None:
 def try_checkpoint(m: Mounted, label: str = "t") -> int | None:
     """Trigger a checkpoint; the confirmed id, or None if the setxattr failed."""
     try:
-        os.setxattr(m.mountpoint, b"user.fusejournal.update_permission", label.encode())
+        grant(m, label)
     except OSError:
         return None
     return int(os.getxattr(m.mountpoint, b"user.fusejournal.checkpoint"))
