@@ -7,9 +7,11 @@ at checkpoint N.  How (details in docs/updater.md):
 2. **validate** every record of it (records_check.py) before applying any:
    paths must be relative, free of ``.``/``..``/empty components and NUL
    bytes; inode keys must be positive ints.  A corrupt or crafted batch
-   stops the updater before it, with the shadow untouched.
-3. **Apply** the records in order (second pass), writing the staging cursor
-   ``(N, next index)`` after each one.  With history, the pre-images of a
+   stops the updater before it, with the shadow untouched.  The same pass
+   finds the *superseded* writes: those a later write of the batch, to the
+   same object at the same offset, replaces whole (superseded.py).
+3. **Apply** the records in order (second pass), except superseded writes,
+   writing the staging cursor ``(N, next index)`` after each one.  With history, the pre-images of a
    record are written before it is applied; those of a run of consecutive
    writes and creations together, before the first of them (``_apply_run``).  Paths are resolved component by
    component from an fd of tree/ with ``O_NOFOLLOW|O_DIRECTORY``, and the
@@ -69,6 +71,7 @@ from .records import (
 from .records_check import check_record, validate_record, validate_records
 from .shadow import Shadow
 from .staging import CURSOR, Cursor, StagingCursor, boot_id, clear_cursor, read_cursor
+from .superseded import Superseded
 from .treewalk import O_DIR as _O_DIR
 from .treewalk import O_WRITE as _O_WRITE
 from .treewalk import ParentCache, fd_cache_size
@@ -598,8 +601,13 @@ def _apply_run(ap: _Applier, checkpoint: int, run: Sequence[tuple[int, Record]],
     return len(run)
 
 
+def _check_and_note(checkpoint: int, superseded: Superseded, index: int, rec: Record) -> None:
+    check_record(checkpoint, index, rec)
+    superseded.note(index, rec)
+
+
 def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], start: int = 0,
-                  history: HistoryWriter | None = None) -> int:
+                  history: HistoryWriter | None = None, superseded: Superseded | None = None) -> int:
     """Apply the records of ``checkpoint`` to ``shadow``'s tree, in order.
 
     The first ``start`` records were applied by an earlier, interrupted run:
@@ -611,8 +619,11 @@ def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], st
 
     Each record is validated just before it is applied; validate the whole
     batch first (:func:`validate_records`) so that a bad batch changes
-    nothing.  Returns the number of records applied (``start`` excluded).
-    Raises UpdaterError naming the checkpoint and record index.
+    nothing.  Records whose index is in ``superseded`` (found in that pass,
+    superseded.py) are writes a later write of the batch replaces: they are
+    neither applied nor counted.  Returns the number of records applied
+    (``start`` excluded).  Raises UpdaterError naming the checkpoint and
+    record index.
     """
     ap = _Applier(shadow, checkpoint)
     applied = 0
@@ -629,6 +640,8 @@ def apply_records(shadow: Shadow, checkpoint: int, records: Iterable[Record], st
             if index < start:
                 ap.note(rec)
                 continue
+            if superseded is not None and index in superseded:
+                continue            # a later write of the batch sets these bytes (superseded.py)
             if history is not None and isinstance(rec, RUN_TYPES):
                 run.append((index, rec))
                 run_bytes += len(rec.data) if type(rec) is Write else 64
@@ -783,10 +796,12 @@ class Updater:
                 cursor = None
             self._current = n
             fault("updater.before_batch")
-            # one pass: CorruptLog, or UpdaterError for a bad record: stop before this checkpoint
-            self.olog.verify(info, functools.partial(check_record, n))
+            # one pass: CorruptLog, or UpdaterError for a bad record: stop before this checkpoint;
+            # the same pass finds the writes a later write of the batch replaces
+            superseded = Superseded(getattr(info.marker, "operations", 0))
+            self.olog.verify(info, functools.partial(_check_and_note, n, superseded))
             with self.browse_gate.updating():
-                apply_records(shadow, n, self.olog.records(info), start, self.history)
+                apply_records(shadow, n, self.olog.records(info), start, self.history, superseded)
                 self.history.finish(n, getattr(info.marker, "time_ns", 0), getattr(info.marker, "label", ""))
                 fault("updater.before_applied")
                 shadow.set_applied(n, getattr(info.marker, "time_ns", None))

@@ -51,6 +51,7 @@ from fusejournal.records import (
     symlink_record,
 )
 from fusejournal.shadow import Shadow, ShadowError
+from fusejournal.superseded import Superseded
 from fusejournal.updater import Cursor, Updater, UpdaterError, apply_records, read_cursor
 
 from snapshot import assert_same
@@ -240,6 +241,14 @@ class FakeLog:
         return iter(batch) if isinstance(batch, list) else decode(batch)
 
 
+def superseded_indices(records: list) -> set[int]:
+    """The indices of ``records`` the updater skips (superseded.py)."""
+    sup = Superseded(len(records))
+    for i, rec in enumerate(records):
+        sup.note(i, rec)
+    return {i for i in range(len(records)) if i in sup}
+
+
 class Env:
     """An original tree, its recorder, a seeded shadow, a fake log and an updater."""
 
@@ -276,7 +285,13 @@ class Env:
         records = self.rec.take()
         n = self.log.add(records)
         if kill is not None and records:
+            skipped = superseded_indices(records)       # never applied: never killed in
             k, where = kill[0] % len(records), kill[1]
+            while k in skipped:
+                k = (k + 1) % len(records)
+            at = k                  # the cursor is not moved past superseded writes alone
+            while at - 1 in skipped:
+                at -= 1
             real = updater_mod._Applier.apply_one
 
             def apply_one(ap, rec, index):
@@ -288,7 +303,7 @@ class Env:
             with mock.patch.object(updater_mod._Applier, "apply_one", apply_one):
                 with pytest.raises(KeyboardInterrupt):     # a kill past the batch's end is a test bug
                     self.updater.run_once()
-                assert read_cursor(self.shadow).index == k
+                assert read_cursor(self.shadow).index == at
             self.updater.close()            # what the killed process's exit would have closed
             self.updater = Updater(self.log, self.shadow)
         assert self.updater.run_once() == n
@@ -900,12 +915,16 @@ def _mixed_tree(r: Recorder) -> None:
 
 @pytest.fixture
 def mixed_records(tmp_path_factory):
-    """Build the mixed batch once, on a scratch tree, to know how many records it has."""
+    """Build the mixed batch once, on a scratch tree, to know how many records it has
+    and which of them are superseded writes (never applied, so never killed in)."""
     base = tmp_path_factory.mktemp("mixed")
     e = Env(base, _mixed_tree)
     try:
         _mixed_ops(e.rec)
-        return len(e.rec.take())
+        recs = e.rec.take()
+        skipped = superseded_indices(recs)
+        assert skipped, "the mixed batch has a superseded write (e/b2's first bytes)"
+        return len(recs), skipped
     finally:
         e.close()
 
@@ -937,8 +956,9 @@ def _mixed_ops(r: Recorder) -> None:
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_resume_after_kill_at_every_record(tmp_path, mixed_records, where, no_flush):
     """Kill the updater just before/after the effect of record k (the cursor
-    still says k), or in the finishing step, then resume with a new updater."""
-    n = mixed_records
+    still says k), or in the finishing step, then resume with a new updater.
+    A superseded write is never applied: the batch goes through without a kill."""
+    n, skipped = mixed_records
     real_apply, real_finish = updater_mod._Applier.apply_one, updater_mod._Applier.finish
     for k in range(n + 1):
         base = tmp_path / f"k{k}"
@@ -964,11 +984,18 @@ def test_resume_after_kill_at_every_record(tmp_path, mixed_records, where, no_fl
 
             with mock.patch.object(updater_mod._Applier, "apply_one", apply_one), \
                     mock.patch.object(updater_mod._Applier, "finish", finish):
+                if k in skipped:
+                    assert e.updater.run_once() == cp
+                    e.check()
+                    continue
                 with pytest.raises(KeyboardInterrupt):
                     e.updater.run_once()
             assert e.shadow.applied == 0
             cur = read_cursor(e.shadow)
-            assert cur is not None and cur.checkpoint == cp and cur.index == k
+            at = k                  # the cursor is not moved past superseded writes alone
+            while at - 1 in skipped:
+                at -= 1
+            assert cur is not None and cur.checkpoint == cp and cur.index == at
             # a fresh updater (a restarted daemon) resumes
             assert Updater(e.log, e.shadow).run_once() == cp
             e.check()
