@@ -544,15 +544,18 @@ def _scan_log(directory: Path) -> _LogScan:
     return scan
 
 
-def _iter_batches(path: Path, info: CheckpointInfo) -> Iterator[tuple[int, bytes]]:
-    """(offset, raw record bytes) of each BATCH entry of ``info``, all checked."""
+def _iter_batches(path: Path, info: CheckpointInfo, start: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(offset, raw record bytes) of each BATCH entry of ``info``, all checked; from the
+    entry at ``start`` (an offset a pass over the checkpoint reported) if given."""
     seg, cp = info.start.segment, info.marker.checkpoint
+    if start is not None and not info.start.offset <= start < info.end.offset:
+        raise LogError(f"checkpoint {cp}: offset {start} is outside it")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise LogError(f"checkpoint {cp}: segment {path.name} no longer exists (pruned?)") from None
     try:
-        pos, end = info.start.offset, info.end.offset
+        pos, end = (info.start.offset if start is None else start), info.end.offset
         while True:
             try:
                 e = _read_entry(fd, pos, end, check_payload=False)
@@ -580,11 +583,14 @@ def _iter_batches(path: Path, info: CheckpointInfo) -> Iterator[tuple[int, bytes
 
 
 def _verify(path: Path, info: CheckpointInfo,
-            each: Callable[[int, Record], None] | None = None) -> None:
+            each: Callable[[int, Record], None] | None = None,
+            chunk: Callable[[int, int], None] | None = None) -> None:
     seg, cp, m = info.start.segment, info.marker.checkpoint, info.marker
     ops = raw_bytes = 0
     for offset, raw in _iter_batches(path, info):
         raw_bytes += len(raw)
+        if chunk is not None:
+            chunk(offset, ops)
         try:
             if each is None:
                 ops += sum(1 for _ in decode(raw))
@@ -858,17 +864,21 @@ class OrderedLog:
     def _path(self, info: CheckpointInfo) -> Path:
         return self.directory / format_segment_name(info.start.segment)
 
-    def verify(self, info: CheckpointInfo, each: Callable[[int, Record], None] | None = None) -> None:
+    def verify(self, info: CheckpointInfo, each: Callable[[int, Record], None] | None = None,
+               chunk: Callable[[int, int], None] | None = None) -> None:
         """Check every entry of a checkpoint: checksums, lz4 frames, record
         decoding, and the marker's counts.  Raises :class:`CorruptLog`.
 
         ``each(index, record)``, if given, is called on every decoded record in
         the same pass (the updater validates the batch with it); what it
-        raises propagates."""
-        _verify(self._path(info), info, each)
+        raises propagates.  ``chunk(offset, index)``, if given, is called
+        before the records of each entry: its offset in the segment (for
+        :meth:`records`' ``start``) and the index of its first record."""
+        _verify(self._path(info), info, each, chunk)
 
-    def records(self, info: CheckpointInfo) -> Iterator[Record]:
-        """The checkpoint's records, in order, one chunk in memory at a time.
+    def records(self, info: CheckpointInfo, start: int | None = None) -> Iterator[Record]:
+        """The checkpoint's records, in order, one chunk in memory at a time;
+        from the entry at offset ``start`` (one :meth:`verify` reported) if given.
 
         Each chunk is checked (checksum, frame, decoding) before any of its
         records is yielded, but a later chunk may still raise
@@ -876,7 +886,7 @@ class OrderedLog:
         :meth:`verify` first when all-or-nothing matters.
         """
         seg, cp = info.start.segment, info.marker.checkpoint
-        for offset, raw in _iter_batches(self._path(info), info):
+        for offset, raw in _iter_batches(self._path(info), info, start):
             try:
                 recs = list(decode(raw))
             except RecordError as e:

@@ -68,26 +68,30 @@ class Superseded:
         self.count = 0
         self.bytes = 0
 
-    def note(self, index: int, rec: Record) -> None:
-        """Account for record ``index`` of the batch; call on every record, in order."""
+    def note(self, index: int, rec: Record) -> int | None:
+        """Account for record ``index`` of the batch; call on every record, in order.
+        Returns the index of the earlier write this one supersedes, if any."""
         t = type(rec)
         if t is Write:
             w: Write = rec      # type: ignore[assignment]
             key = (w.ino, self._gen.get(w.ino, 0), w.offset)
             n = len(w.data)
             prev = self._last.get(key)
+            self._last[key] = (index, n)
             if prev is not None and n >= prev[1]:
                 self._set(prev[0])
                 self.count += 1
                 self.bytes += prev[1]
-            elif prev is None and len(self._last) >= self._window:
+                return prev[0]
+            if prev is None and len(self._last) > self._window:
                 self._forget()
-            self._last[key] = (index, n)
+                self._last[key] = (index, n)
         elif t is Mknod or t is Symlink:
             ino = rec.ino       # type: ignore[union-attr]
             if len(self._gen) >= self._window:
                 self._forget()
             self._gen[ino] = self._gen.get(ino, 0) + 1
+        return None
 
     def _forget(self) -> None:
         """Start the window empty (generations go with the writes they tell apart)."""

@@ -113,13 +113,14 @@ class ForwardedLog:
     def checkpoints(self, after: int) -> list[CheckpointInfo]:
         return [i for i in self.infos if i.marker.checkpoint > after]
 
-    def verify(self, info: CheckpointInfo, each: Callable[[int, Record], None] | None = None) -> None:
+    def verify(self, info: CheckpointInfo, each: Callable[[int, Record], None] | None = None,
+               chunk: Callable[[int, int], None] | None = None) -> None:
         if self.on_batch is not None:
             self.on_batch(info)                  # every batch before this one has landed
-        self.reader.verify(info, each)
+        self.reader.verify(info, each, chunk)
 
-    def records(self, info: CheckpointInfo) -> Iterator[Record]:
-        return self.reader.records(info)
+    def records(self, info: CheckpointInfo, start: int | None = None) -> Iterator[Record]:
+        return self.reader.records(info, start)
 
 
 # ------------------------------------------------------------------ the loop

@@ -5,6 +5,7 @@ when it does.  Pure units first, then batches applied by the real updater."""
 from __future__ import annotations
 
 import stat
+import time
 from unittest import mock
 
 import pytest
@@ -12,6 +13,7 @@ from test_history import History
 from test_updater import Env, superseded_indices
 
 from fusejournal import updater as updater_mod
+from fusejournal.log import LogError, Marker, OrderedLog
 from fusejournal.records import Mknod, Setattr, Symlink, Unlink, Write
 from fusejournal.superseded import Superseded
 
@@ -198,3 +200,126 @@ def test_the_updater_computes_it_from_the_verify_pass(env):
     env.check()
     assert set(seen) == set(range(len(records))) - superseded_indices(records)
     assert superseded_indices(records) == {0, 1, 2, 3}
+
+
+# ------------------------------------------------------------------ one pass when the batch fits
+
+def _count_reads(env, monkeypatch) -> list[int]:
+    """How many times the batch is read (FakeLog's verify reads it once through records)."""
+    real = env.log.records
+    reads: list[int] = []
+
+    def counting(info):
+        reads.append(info.marker.checkpoint)
+        return real(info)
+    monkeypatch.setattr(env.log, "records", counting)
+    return reads
+
+
+def test_a_batch_that_fits_is_applied_from_the_verify_pass(env, monkeypatch):
+    reads = _count_reads(env, monkeypatch)
+    env.rec.write(b"f", 0, b"one")
+    env.rec.create(b"h", 0o640, b"two")
+    env.sync()
+    assert reads == [1]                             # verify only: applied from what it kept
+
+
+def test_a_batch_over_the_budget_is_read_again(env, monkeypatch):
+    reads = _count_reads(env, monkeypatch)
+    monkeypatch.setattr(updater_mod, "KEEP_BYTES", 3000)
+    for i in range(4):
+        env.rec.write(b"g", i * 1000, b"%d" % i * 1000)   # 4 x (1000 + 256) > 3000
+    env.sync()
+    assert reads == [1, 1]
+
+
+def test_superseded_writes_free_their_place_in_the_budget(env, monkeypatch):
+    """200 rewrites of one 16 KiB page: 3.2 MB of records, but only the last is kept."""
+    reads = _count_reads(env, monkeypatch)
+    monkeypatch.setattr(updater_mod, "KEEP_BYTES", 64 << 10)
+    for i in range(200):
+        env.rec.write(b"g", 4096, bytes([i]) * 16384)
+    env.sync()
+    assert reads == [1]
+
+
+def test_the_verify_pass_keeps_none_for_superseded_writes():
+    sup = Superseded(4)
+    first = updater_mod._VerifyPass(1, sup, budget=10 << 20)
+    recs = [w(5, 0, b"a" * 100), w(6, 0, b"b"), w(5, 0, b"c" * 100), w(5, 0, b"d" * 100)]
+    for i, r in enumerate(recs):
+        first(i, r)
+    assert first.kept == [None, recs[1], None, recs[3]]
+    assert first.kept_bytes == 2 * updater_mod._RECORD_OVERHEAD + 1 + 100
+
+
+def test_resume_after_kills_when_the_batch_is_read_again(tmp_path, monkeypatch):
+    """The kill-and-resume test above with nothing kept: the second pass reads the log."""
+    monkeypatch.setattr(updater_mod, "KEEP_BYTES", 0)
+    test_resumed_after_a_kill_at_every_applied_record(tmp_path)
+
+
+class RealLog:
+    """Env's log as a real OrderedLog, in entries of about 4 KiB (many per batch)."""
+
+    def __init__(self, directory) -> None:
+        self.olog = OrderedLog(directory, chunk_bytes=4096)
+        self.olog.open()
+        self.starts: list[int | None] = []
+
+    def add(self, records) -> int:
+        n = self.olog.last_checkpoint + 1
+        self.olog.append(records, Marker(n, "t", time.time_ns(), 0, 0, 0))
+        return n
+
+    def checkpoints(self, after):
+        return self.olog.checkpoints(after)
+
+    def verify(self, info, each=None, chunk=None):
+        self.olog.verify(info, each, chunk)
+
+    def records(self, info, start=None):
+        self.starts.append(start)
+        return self.olog.records(info, start)
+
+
+@pytest.fixture
+def real(tmp_path):
+    (tmp_path / "e").mkdir()
+    e = Env(tmp_path / "e", lambda r: r.create(b"g", 0o600, b"g" * 100))
+    e.log = RealLog(tmp_path / "log")
+    e.updater.close()
+    e.updater = updater_mod.Updater(e.log, e.shadow)
+    yield e
+    e.log.olog.close()
+    e.close()
+
+
+def test_past_the_budget_the_log_is_read_again_from_that_entry(real, monkeypatch):
+    monkeypatch.setattr(updater_mod, "KEEP_BYTES", 20 << 10)
+    for i in range(40):                         # 40 x 1.5 KiB at distinct offsets: ~70 KiB kept
+        real.rec.write(b"g", i * 2000, bytes([i]) * 1500)
+    real.rec.write(b"g", 0, b"z" * 1500)        # and one superseded write, in the kept part
+    real.sync()
+    assert len(real.log.starts) == 1 and real.log.starts[0] is not None
+    info = real.log.olog.checkpoints(0)[-1]
+    assert info.start.offset < real.log.starts[0] < info.end.offset
+    everything = list(real.log.olog.records(info))
+    again = list(real.log.olog.records(info, real.log.starts[0]))
+    assert everything[-len(again):] == again and 0 < len(again) < len(everything)
+
+
+def test_a_batch_that_fits_is_never_read_again(real):
+    for i in range(10):
+        real.rec.write(b"g", 0, bytes([i]) * 3000)
+    real.sync()
+    assert real.log.starts == []
+
+
+def test_records_refuses_a_start_outside_the_checkpoint(real):
+    real.rec.write(b"g", 0, b"x")
+    real.sync()
+    info = real.log.olog.checkpoints(0)[-1]
+    for bad in (info.start.offset - 1, info.end.offset, 10**12):
+        with pytest.raises(LogError, match="outside"):
+            list(real.log.olog.records(info, bad))
