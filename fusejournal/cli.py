@@ -798,7 +798,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", "-f", action="store_true", help="stay attached")
     m.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="FUSE mount options")
     m.add_argument("--memory-limit", type=_size, default=64 << 20, metavar="SIZE",
-                   help="temporary store memory before spilling to the journal (default 64M)")
+                   help="temporary store memory before spilling to the journal, and what the "
+                        "updater keeps of a batch between its passes (default 64M)")
     m.add_argument("--halt-timeout", type=_positive_float, default=5.0, metavar="S",
                    help="longest a halt may wait for in-flight operations (default 5)")
     m.add_argument("--segment-limit", type=_size, default=64 << 20, metavar="SIZE",

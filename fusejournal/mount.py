@@ -167,7 +167,7 @@ class Daemon:
                             f"shadow (`fusejournal mount --reseed`, application stopped)")
 
         self.store = TempStore(self.journal.spill_dir, memory_limit=cfg.memory_limit)
-        self.updater = Updater(self.olog, self.shadow,
+        self.updater = Updater(self.olog, self.shadow, keep_bytes=cfg.memory_limit,
                                retention=retention_policy(cfg.keep_last, cfg.keep_within,
                                                           (os.fspath(cfg.group), cfg.member)
                                                           if cfg.group is not None and cfg.member else None))

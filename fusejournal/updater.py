@@ -763,9 +763,12 @@ class Updater:
 
     def __init__(self, olog: LogSource, shadow: Shadow,
                  committed: Callable[[Marker], bool | None] | None = None,
-                 retention: Policy | None = None) -> None:
+                 retention: Policy | None = None, keep_bytes: int | None = None) -> None:
         self.olog = olog
         self.shadow = shadow
+        #: what the verify pass keeps of a batch for the apply pass (None: KEEP_BYTES);
+        #: the mount's --memory-limit
+        self.keep_bytes = keep_bytes
         #: a consistency group member's rule (fusejournal/member.py): marker ->
         #: True apply, False skip (its group checkpoint aborted), None stop here
         self.committed = committed
@@ -868,7 +871,7 @@ class Updater:
             # one pass: CorruptLog, or UpdaterError for a bad record: stop before this checkpoint;
             # the same pass finds the writes a later write of the batch replaces
             superseded = Superseded(getattr(info.marker, "operations", 0))
-            first = _VerifyPass(n, superseded)
+            first = _VerifyPass(n, superseded, self.keep_bytes)
             self.olog.verify(info, first, first.chunk)
             with self.browse_gate.updating():
                 apply_records(shadow, n, first.records(self.olog, info), start, self.history, superseded)

@@ -269,7 +269,7 @@ def main(argv: list[str]) -> int:
         rule = _group_rule(*cfg["group"]) if cfg.get("group") else None
         keep_last, keep_within = cfg.get("retention") or (None, None)
         # a group member's retention is decided on the group checkpoints (groupretention.py)
-        updater = Updater(flog, shadow, committed=rule,
+        updater = Updater(flog, shadow, committed=rule, keep_bytes=cfg.get("keep_bytes"),
                           retention=retention_policy(keep_last, keep_within, cfg.get("group")))
         UpdaterLoop(updater, flog, shadow, sock).run()
     except (BrokenPipeError, ConnectionResetError):

@@ -186,7 +186,9 @@ class UpdateTask:
                    "journal": os.path.abspath(self.journal) if self.journal is not None else None,
                    "group": list(self.group) if self.group else None, "debug": self.debug,
                    # the mount's retention policy (history.py), which the child's updater prunes by
-                   "retention": [self.updater.history.policy.keep_last, self.updater.history.policy.keep_within]}
+                   "retention": [self.updater.history.policy.keep_last, self.updater.history.policy.keep_within],
+                   # what its verify pass may keep of a batch (the mount's --memory-limit)
+                   "keep_bytes": self.updater.keep_bytes}
             # from the trio thread: PR_SET_PDEATHSIG follows the thread that forks
             proc = subprocess.Popen([sys.executable, "-m", "fusejournal.updaterproc", json.dumps(cfg)],
                                     pass_fds=(theirs.fileno(),) + ((claim,) if claim >= 0 else ()),
