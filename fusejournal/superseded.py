@@ -5,7 +5,7 @@ current 8 KiB page again at every commit until the page is full, SQLite and
 other databases rewrite their hot pages, an editor saves a file twice.  In
 10 s of pgbench (scale 10, 4 clients) 69–81 % of the batch's WRITE records,
 61–76 % of its bytes, were rewritten later in the same batch at the same
-offset (docs/design.md, "Superseded writes").  Only the last write of a range
+offset (docs/design.md, "Less work per batch").  Only the last write of a range
 decides what the shadow holds at the checkpoint, so the updater skips a
 write when a *later* write of the same batch, to the same object at the same
 offset, is at least as long.
@@ -41,10 +41,10 @@ Why skipping keeps the shadow exact (promise 1):
 
 Memory: one bit per record of the batch (the marker's count), and at most
 :data:`WINDOW` tracked (key, generation, offset) entries (about 12 MB when
-full, measured with tracemalloc).  When the window
-is full it starts empty again: writes tracked before are no longer skipped
-(fewer writes skipped, never a wrong one).  A repeated page is almost always
-rewritten soon after, so the window keeps what matters.
+full, measured with tracemalloc).  When the window is full it starts empty
+again: writes tracked before are no longer skipped (fewer writes skipped,
+never a wrong one).  A repeated page is almost always rewritten soon after,
+so the window keeps what matters.
 """
 
 from __future__ import annotations

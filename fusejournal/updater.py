@@ -12,9 +12,11 @@ at checkpoint N.  How (details in docs/updater.md):
    same object at the same offset, replaces whole (superseded.py).
 3. **Apply** the records in order, except superseded writes, writing the
    staging cursor ``(N, next index)`` after each one: the records the verify
-   pass kept (at most :data:`KEEP_BYTES`), or else a second pass over the log.  With history, the pre-images of a
-   record are written before it is applied; those of a run of consecutive
-   writes and creations together, before the first of them (``_apply_run``).  Paths are resolved component by
+   pass kept (at most the mount's ``--memory-limit``, :class:`_VerifyPass`),
+   then a second pass over the rest of the log.  With history, the
+   pre-images of a record are written before it is applied; those of a run
+   of consecutive writes and creations together, before the first of them
+   (``_apply_run``).  Paths are resolved component by
    component from an fd of tree/ with ``O_NOFOLLOW|O_DIRECTORY``, and the
    final operation is done relative to the parent fd without following
    symlinks: nothing outside tree/ and inodes/ is ever touched.
