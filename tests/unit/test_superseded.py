@@ -4,11 +4,14 @@ when it does.  Pure units first, then batches applied by the real updater."""
 
 from __future__ import annotations
 
+import os
 import stat
 import time
 from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_history import History
 from test_updater import Env, superseded_indices
 
@@ -323,3 +326,54 @@ def test_records_refuses_a_start_outside_the_checkpoint(real):
     for bad in (info.start.offset - 1, info.end.offset, 10**12):
         with pytest.raises(LogError, match="outside"):
             list(real.log.olog.records(info, bad))
+
+
+# ------------------------------------------------------------------ rewrites at random
+
+NAMES = [b"a", b"b", b"c"]
+
+
+@settings(max_examples=int(os.environ.get("FJ_RANDOM_EXAMPLES", "60")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(data=st.data())
+def test_random_rewrites_every_checkpoint_restores(tmp_path_factory, data):
+    """Mostly writes at a few offsets and lengths (so that many are superseded), with
+    truncates, renames over names, links, unlinks and files created again under a name
+    between them; checkpoints at random, some with a kill after an applied record.
+    The shadow equals the original at every checkpoint, and every retained checkpoint
+    rebuilt through the reverse batches equals it as it was then."""
+    base = tmp_path_factory.mktemp("rewrites")
+    h = History(base, lambda r: (r.create(b"a", 0o644, b"seed" * 1000),))
+    r = h.e.rec
+    draw = data.draw
+    try:
+        for _ in range(draw(st.integers(1, 40), label="ops")):
+            files = [n for n in NAMES if os.path.lexists(r.p(n))]
+            op = draw(st.sampled_from(["write"] * 6 + ["truncate", "rename", "link", "unlink", "create"]))
+            if op == "write" and files:
+                size = draw(st.sampled_from([1, 100, 4096, 8192]))
+                r.write(draw(st.sampled_from(files)), draw(st.sampled_from([0, 100, 4096, 8192])),
+                        bytes([draw(st.integers(0, 255))]) * size)
+            elif op == "truncate" and files:
+                r.truncate(draw(st.sampled_from(files)), draw(st.sampled_from([0, 50, 5000, 20000])))
+            elif op == "rename" and files:
+                old, new = draw(st.sampled_from(files)), draw(st.sampled_from(NAMES))
+                if old != new:
+                    r.rename(old, new)
+            elif op == "link" and files:
+                new = draw(st.sampled_from(NAMES))
+                if not os.path.lexists(r.p(new)):
+                    r.link(draw(st.sampled_from(files)), new)
+            elif op == "unlink" and len(files) > 1:
+                r.unlink(draw(st.sampled_from(files)))
+            elif op == "create":
+                name = draw(st.sampled_from(NAMES))
+                if not os.path.lexists(r.p(name)):
+                    r.create(name, 0o644, b"new" * draw(st.integers(0, 3000)))
+            if draw(st.integers(0, 6), label="checkpoint?") == 0:
+                h.sync(draw(st.none() | st.tuples(st.integers(0, 40), st.just("after")), label="kill"))
+        h.sync()
+        h.check_all()
+    finally:
+        h.e.close()
